@@ -1,0 +1,41 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spgd_jax import metrics
+
+
+def _pair(seed=0, shape=(2, 32, 32, 3), noise=0.1):
+    rng = np.random.default_rng(seed)
+    ref = rng.uniform(-1, 1, shape).astype(np.float32)
+    x = np.clip(ref + noise * rng.standard_normal(shape), -1, 1).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(ref)
+
+
+def test_psnr_matches_numpy_definition_on_unit_range():
+    x, ref = _pair()
+    a, b = (np.asarray(x) + 1) / 2, (np.asarray(ref) + 1) / 2
+    mse = ((a - b) ** 2).reshape(2, -1).mean(axis=1)
+    np.testing.assert_allclose(metrics.psnr(x, ref), 10 * np.log10(1.0 / mse), rtol=1e-5)
+
+
+def test_ssim_is_one_for_identical_and_lower_for_noisy():
+    x, ref = _pair()
+    np.testing.assert_allclose(metrics.ssim(ref, ref), 1.0, atol=1e-5)
+    assert np.all(np.asarray(metrics.ssim(x, ref)) < 0.99)
+
+
+def test_lpips_zero_for_identical_and_grows_with_noise():
+    small, ref = _pair(noise=0.05)
+    large, _ = _pair(noise=0.4)
+    np.testing.assert_allclose(metrics.lpips(ref, ref), 0.0, atol=1e-6)
+    d_small, d_large = np.asarray(metrics.lpips(small, ref)), np.asarray(metrics.lpips(large, ref))
+    assert d_small.shape == (2,)
+    assert np.all(d_small > 0) and np.all(d_large > d_small)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    x, ref = _pair()
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.psnr(x[:, :16], ref)
