@@ -1,0 +1,52 @@
+"""Unconditional sampling: Euler steps of the probability-flow ODE on the EDM schedule (SPEC section 2).
+
+x_{i+1} = x_i + (1 - t_{i+1}/t_i) * (D(x_i; t_i) - x_i), i = 0..T-1; T denoiser evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from spgd_jax.loop import SampleResult, check_trajectory_every, run_schedule
+from spgd_jax.schedule import check_schedule, edm_sigmas, euler_step
+
+__all__ = ["EulerConfig", "get_step_fn", "euler"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EulerConfig:
+    """Unconditional Euler sampler settings: the EDM schedule and an optional x0_hat trajectory every k steps."""
+
+    steps: int = 100
+    sigma_max: float = 100.0
+    sigma_min: float = 0.1
+    rho: float = 7.0
+    trajectory_every: int = 0
+
+    def __post_init__(self):
+        check_schedule(self.steps, self.sigma_max, self.sigma_min, self.rho)
+        check_trajectory_every(self.trajectory_every)
+
+
+def get_step_fn(denoiser):
+    """The per-image Euler step for loop.run_schedule."""
+
+    def step(x, sigma, coefficient, _, __):
+        x0_hat = denoiser(x[None], sigma[None])[0]
+        return euler_step(x, x0_hat, coefficient), x0_hat
+
+    return step
+
+
+def euler(
+    denoiser: Callable[[jax.Array, jax.Array], jax.Array],
+    x_init: jax.Array,
+    config: EulerConfig,
+    progress: Callable[[int], None] | None = None,
+) -> SampleResult:
+    """Unconditional sample from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I)."""
+    sigmas = edm_sigmas(config.steps, config.sigma_max, config.sigma_min, config.rho)
+    return run_schedule(get_step_fn(denoiser), x_init, sigmas, None, None, config.trajectory_every, progress)
