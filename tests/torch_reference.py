@@ -2,7 +2,9 @@
 
 It is the reference the Flax port (``spgd_jax.unet``) and the converter are
 tested against. It is written from guided-diffusion's ``unet.py`` and
-``script_util.create_model`` (openai/guided-diffusion) and reproduces their
+``script_util.create_model`` (openai/guided-diffusion, final version: channel
+multipliers may be fractional, e.g. 0.5 for 512px, channels int(mult * width))
+and reproduces their
 ``state_dict`` key names, tensor shapes and float32 numerics exactly:
 
 - GroupNorm with 32 groups, eps 1e-5, computed in float32;
@@ -29,7 +31,7 @@ NUM_CLASSES = 1000
 
 # guided-diffusion's create_model default channel multipliers, by image size.
 DEFAULT_CHANNEL_MULT = {
-    512: (1, 1, 2, 2, 4, 4),
+    512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
     128: (1, 1, 2, 3, 4),
     64: (1, 2, 3, 4),
@@ -205,13 +207,13 @@ class UNetModel(nn.Module):
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb_dim)
 
-        ch, ds = model_channels, 1
-        skip_channels = [ch]
+        ch = input_ch = int(channel_mult[0] * model_channels)
+        ds, skip_channels = 1, [ch]
         self.input_blocks = nn.ModuleList([EmbedSequential(_conv3x3(in_channels, ch))])
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                layers = [res(ch, mult * model_channels)]
-                ch = mult * model_channels
+                layers = [res(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
                 if ds in attention_ds:
                     layers.append(attn(ch, num_heads))
                 self.input_blocks.append(EmbedSequential(*layers))
@@ -227,8 +229,8 @@ class UNetModel(nn.Module):
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                layers = [res(ch + skip_channels.pop(), mult * model_channels)]
-                ch = mult * model_channels
+                layers = [res(ch + skip_channels.pop(), int(mult * model_channels))]
+                ch = int(mult * model_channels)
                 if ds in attention_ds:
                     layers.append(attn(ch, num_heads_upsample))
                 if level and i == num_res_blocks:
@@ -236,7 +238,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(EmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), _conv3x3(model_channels, out_channels))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), _conv3x3(input_ch, out_channels))
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 

@@ -1,0 +1,54 @@
+"""``python -m convert CHECKPOINT.pt --config ffhq256 --out weights/ffhq256 [--overwrite]``
+
+Converts a guided-diffusion (ADM) PyTorch state dict into an spgd_jax checkpoint
+directory (orbax params + config.json). ``--config`` is a name from
+``spgd_jax.unet.CONFIGS`` or a JSON file holding ``UNetConfig.to_dict()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from convert.guided_diffusion import convert
+from spgd_jax.unet import CONFIGS, UNetConfig
+
+
+def resolve_config(name_or_path: str) -> UNetConfig:
+    """A CONFIGS name, or a path to a JSON file of UNetConfig.to_dict()."""
+    if name_or_path in CONFIGS:
+        return CONFIGS[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"--config {name_or_path!r} is neither a known config ({', '.join(sorted(CONFIGS))}) "
+                         f"nor an existing JSON file")
+    try:
+        return UNetConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"--config {path}: not a valid UNetConfig JSON: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[1])
+    parser.add_argument("checkpoint", type=Path, help="guided-diffusion .pt state dict (e.g. ffhq_10m.pt)")
+    parser.add_argument("--config", required=True,
+                        help=f"model config: one of {', '.join(sorted(CONFIGS))}, or a JSON file")
+    parser.add_argument("--out", required=True, type=Path, help="output checkpoint directory (must not exist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    try:
+        out = convert(args.checkpoint, resolve_config(args.config), args.out, overwrite=args.overwrite)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
