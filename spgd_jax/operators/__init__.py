@@ -1,0 +1,25 @@
+"""Degradation operators (forward models) for image restoration, SPGD/DPS/DAPS conventions.
+
+An ``Operator`` bundles a forward model ``forward(x, params)`` acting on ONE image (H, W, C)
+in [-1, 1], ``init_params(key, batch, image_size)`` for per-image parameters (masks, motion
+kernels; leading batch axis), the reference's measurement noise ``sigma_y`` and
+``measure(key, x, params, sigma_y=None)`` over NHWC batches. ``get(task, image_size)``
+builds the registered tasks (``TASKS``); any differentiable JAX function of (x, params) can
+be used as a forward model instead. The building blocks are exported for direct use.
+"""
+
+from ._blur import blur, gaussian_kernel
+from ._inpaint import box_mask, inpaint, random_mask
+from ._motion import motion_kernel, motion_kernel_from_rng, motion_kernels
+from ._operator import Operator
+from ._pointwise import hdr, phase_retrieval
+from ._registry import TASKS, get, options
+from ._resize import downsample, resize, resize_matrix
+
+__all__ = [
+    "Operator", "TASKS", "get", "options",
+    "blur", "gaussian_kernel", "motion_kernel", "motion_kernel_from_rng", "motion_kernels",
+    "inpaint", "random_mask", "box_mask",
+    "resize", "resize_matrix", "downsample",
+    "phase_retrieval", "hdr",
+]
