@@ -99,7 +99,13 @@ def _check_measurements(forward, y, params, batch: int, x_shape: tuple[int, ...]
                 f"leading batch axis B = {batch} (y.shape[0])"
             )
     one_params = jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p)[1:], jnp.result_type(p)), params)
-    out = jax.eval_shape(forward, jax.ShapeDtypeStruct(x_shape, jnp.float32), one_params)
+    try:
+        out = jax.eval_shape(forward, jax.ShapeDtypeStruct(x_shape, jnp.float32), one_params)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"forward fails on one image of x_shape {x_shape} with one image's params ({error}); "
+            "pass x_shape = the shape of one restored image and params with a leading batch axis"
+        ) from error
     if out.shape != y.shape[1:]:
         raise ValueError(
             f"forward maps one image of x_shape {x_shape} to {out.shape}, but y has per-image shape {y.shape[1:]}; "

@@ -1,0 +1,272 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sampler_toys import (
+    PRIOR_VAR,
+    SHAPE,
+    conv_denoiser,
+    counting,
+    gaussian_denoiser,
+    matrix_forward,
+    random_problem,
+)
+from spgd_jax.loop import run_schedule
+from spgd_jax.sampling import sample
+from spgd_jax.spgd import SPGDConfig, adm_update, get_warmup_fn, learning_rates, spgd
+
+TINY = SPGDConfig(lr=0.5, steps=4, warmup=3)
+CONV = conv_denoiser()  # one object: sample() compiles once per shape for it
+
+
+# ---------------------------------------------------------------- independent NumPy references (float64)
+
+
+def numpy_adm(grads, beta, mode):
+    """Update directions for a sequence of raw gradients (H, W, C), SPEC 3.2 / the reference code."""
+
+    def cosine(a, b, axis):
+        return np.sum(a * b, axis) / (np.maximum(np.linalg.norm(a, axis=axis), 1e-8) * np.maximum(np.linalg.norm(b, axis=axis), 1e-8))
+
+    directions, m = [], None
+    for j, g in enumerate(grads):
+        if mode == "off":
+            directions.append(g)
+            continue
+        if j == 0:
+            m = g
+        else:
+            cos = cosine(g.ravel(), m.ravel(), 0) if mode == "paper" else np.mean(cosine(g, m, -1))
+            alpha = (1 + cos) / 2
+            m = alpha * beta * m + (1 - alpha * beta) * g
+        directions.append(m)
+    return directions
+
+
+def numpy_spgd(x_init, matrices, y, config):
+    """SPEC section 3 for D(x; s) = x v/(v+s^2) and A = M vec(x): one image at a time, float64."""
+    T, N = config.steps, config.warmup
+    t = [(config.sigma_max ** (1 / config.rho) + i / (T - 1) * (config.sigma_min ** (1 / config.rho) - config.sigma_max ** (1 / config.rho))) ** config.rho for i in range(T)] + [0.0]
+    out = []
+    for x, M, yb in zip(np.asarray(x_init, np.float64), np.asarray(matrices, np.float64), np.asarray(y, np.float64)):
+        for i in range(T):
+            c = PRIOR_VAR / (PRIOR_VAR + t[i] ** 2)
+            eta = config.lr * (1 + (i / T) * (config.lr_min_ratio - 1))
+            grads = []
+            for j in range(N):
+                grads.append((2 * c * M.T @ (M @ (c * x.ravel()) - yb)).reshape(x.shape))
+                direction = numpy_adm(grads, config.beta, config.adm)[-1]
+                x_eval, x = x, x - eta * direction
+            x = x + (1 - t[i + 1] / t[i]) * (c * x_eval - x_eval)
+        out.append(x)
+    return np.stack(out)
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(steps=1), "steps"),
+        (dict(adm="momentum"), r"'paper', 'off', 'reference_cosine'"),
+        (dict(lr=0.0), "lr"),
+        (dict(lr=-1.0), "lr"),
+        (dict(warmup=0), "warmup"),
+        (dict(beta=1.0), "beta"),
+        (dict(lr_min_ratio=1.5), "lr_min_ratio"),
+        (dict(trajectory_every=-2), "trajectory_every"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SPGDConfig(**{"lr": 1.0, **kwargs})
+    with pytest.raises(TypeError, match="lr"):
+        SPGDConfig()
+
+
+def test_learning_rate_decay():
+    config = SPGDConfig(lr=2.0, steps=100)
+    lrs = learning_rates(config)
+    np.testing.assert_allclose(lrs, [2.0 * (1 + (i / 100) * (0.01 - 1)) for i in range(100)], rtol=1e-14)
+    assert lrs[0] == 2.0 and np.isclose(lrs[-1], 2.0 * (0.01 + 0.99 / 100))
+
+
+# ---------------------------------------------------------------- ADM and the warm-up
+
+
+@pytest.mark.parametrize("mode", ["paper", "reference_cosine", "off"])
+def test_adm_matches_numpy_for_three_steps(mode):
+    grads = np.random.default_rng(1).standard_normal((3,) + SHAPE)
+    grads[1] = -0.5 * grads[0] + 0.3 * grads[1]  # a partly opposed gradient: alpha well below 1
+    expected = numpy_adm(list(grads), 0.9, mode)
+    momentum = jnp.zeros(SHAPE)
+    for j in range(3):
+        direction, momentum = adm_update(jnp.asarray(grads[j], jnp.float32), momentum, jnp.int32(j), 0.9, mode)
+        np.testing.assert_allclose(direction, expected[j], rtol=1e-5, atol=1e-6)
+    if mode != "off":
+        assert not np.allclose(expected[2], grads[2], atol=1e-2)  # ADM really smooths
+
+
+def test_reference_cosine_matches_torch_cosine_similarity():
+    torch = pytest.importorskip("torch")
+    g, m = np.random.default_rng(2).standard_normal((2,) + SHAPE).astype(np.float32)
+    direction, _ = adm_update(jnp.asarray(g), jnp.asarray(m), jnp.int32(1), 0.9, "reference_cosine")
+    # the reference code: NCHW gradients, cosine_similarity over dim=1, mean over (H, W)
+    tg, tm = (torch.from_numpy(a).permute(2, 0, 1)[None] for a in (g, m))
+    alpha = (torch.cosine_similarity(tg, tm, dim=1).mean(dim=(1, 2)) + 1) / 2
+    expected = (alpha * 0.9) * tm + (1 - alpha * 0.9) * tg
+    np.testing.assert_allclose(direction, expected[0].permute(1, 2, 0).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_proposition_4_1_warmup_never_increases_the_likelihood():
+    """beta = 0, lr <= 1/L: L(x) = ||M c x - y||^2 has a 2 c^2 ||M||_2^2 -Lipschitz gradient."""
+    matrices, _, y, _ = random_problem(1, m=20)
+    sigma = 1.5
+    c = PRIOR_VAR / (PRIOR_VAR + sigma**2)
+    lipschitz = 2 * c**2 * np.linalg.norm(np.asarray(matrices[0], np.float64), 2) ** 2
+    x = jnp.asarray(np.random.default_rng(3).standard_normal(SHAPE) * 3, jnp.float32)
+
+    def likelihood(x):
+        return float(np.sum((np.asarray(matrices[0]) @ (c * np.asarray(x).ravel()) - np.asarray(y[0])) ** 2))
+
+    def warm_up(lr):
+        config = SPGDConfig(lr=1.0, warmup=8, beta=0.0)
+        warmup = jax.jit(get_warmup_fn(gaussian_denoiser, matrix_forward, config))
+        state = warmup(x, jnp.float32(sigma), jnp.float32(lr), y[0], matrices[0])
+        return np.append(np.asarray(state.losses), likelihood(state.x))
+
+    losses = warm_up(1.0 / lipschitz)
+    np.testing.assert_allclose(losses[0], likelihood(x), rtol=1e-5)
+    assert np.all(np.diff(losses) <= 1e-6 * losses[:-1]), losses
+    assert losses[-1] < 0.9 * losses[0]
+    assert np.any(np.diff(warm_up(3.0 / lipschitz)) > 0)  # beyond 2/L the guarantee (and this test) fails
+
+
+def test_warmup_and_euler_match_numpy_reference():
+    matrices, _, y, x_init = random_problem(2)
+    for adm in ("paper", "off"):
+        config = dataclasses.replace(TINY, adm=adm, steps=5, warmup=3, lr=2.0)
+        result = jax.jit(lambda x: spgd(gaussian_denoiser, matrix_forward, y, x, config, matrices))(x_init)
+        np.testing.assert_allclose(result.x, numpy_spgd(x_init, matrices, y, config), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- batching, jit, determinism, NFEs
+
+
+def test_batched_equals_per_image_in_any_order():
+    denoiser = CONV
+    matrices, _, y, _ = random_problem(3)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    run = lambda keys, y, mats: sample(denoiser, matrix_forward, y, keys, TINY, mats, x_shape=SHAPE).x
+    batched = run(keys, y, matrices)
+    for b in range(3):
+        np.testing.assert_allclose(run(keys[b : b + 1], y[b : b + 1], matrices[b : b + 1])[0], batched[b], rtol=1e-5, atol=1e-5)
+    order = np.array([2, 0, 1])
+    np.testing.assert_allclose(run(keys[order], y[order], matrices[order]), batched[order], rtol=1e-5, atol=1e-5)
+
+
+def test_jit_and_no_jit_agree_and_same_key_same_bits():
+    matrices, _, y, _ = random_problem(2)
+    key, config = jax.random.PRNGKey(4), dataclasses.replace(TINY, steps=2, warmup=2)
+    first = sample(CONV, matrix_forward, y, key, config, matrices, x_shape=SHAPE)
+    second = sample(CONV, matrix_forward, y, key, config, matrices, x_shape=SHAPE)
+    assert np.array_equal(first.x, second.x)
+    with jax.disable_jit():
+        eager = sample(CONV, matrix_forward, y, key, config, matrices, x_shape=SHAPE)
+    np.testing.assert_allclose(eager.x, first.x, rtol=1e-5, atol=1e-5)
+    other = sample(CONV, matrix_forward, y, jax.random.PRNGKey(5), config, matrices, x_shape=SHAPE)
+    assert not np.allclose(other.x, first.x)
+
+
+def test_exactly_t_times_n_denoiser_evaluations():
+    record = []
+    matrices, _, y, x_init = random_problem(2)
+    config = SPGDConfig(lr=0.5, steps=3, warmup=4)
+    jax.jit(lambda x: spgd(counting(gaussian_denoiser, record), matrix_forward, y, x, config, matrices))(x_init).x.block_until_ready()
+    jax.effects_barrier()
+    sigmas = [(100 ** (1 / 7) + i / 2 * (0.1 ** (1 / 7) - 100 ** (1 / 7))) ** 7 for i in range(3)]
+    assert len(record) == 3 * 4 * 2  # T * N per image
+    np.testing.assert_allclose(sorted(record), sorted(sigmas * 4 * 2), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- trajectory, divergence, progress
+
+
+def test_trajectory_does_not_change_the_result():
+    matrices, _, y, x_init = random_problem(2)
+    run = lambda every: jax.jit(
+        lambda x: spgd(CONV, matrix_forward, y, x, dataclasses.replace(TINY, steps=5, trajectory_every=every), matrices)
+    )(x_init)
+    plain, every_one, every_two = run(0), run(1), run(2)
+    assert plain.trajectory is None and every_two.trajectory.shape == (2, 3) + SHAPE
+    assert np.array_equal(plain.x, every_one.x) and np.array_equal(plain.x, every_two.x)
+    np.testing.assert_array_equal(every_two.trajectory, every_one.trajectory[:, ::2])
+
+
+def test_loop_flags_a_nan_with_its_step_and_freezes_only_that_image():
+    steps = 5
+    poison = jnp.array([-1, 3, -1, 0])  # image b becomes NaN at outer step poison[b]
+
+    def step_fn(x, sigma, coefficient, i, poison_step):
+        x_next = x + 1.0
+        return jnp.where(i == poison_step, jnp.nan, x_next), x_next
+
+    result = run_schedule(step_fn, jnp.zeros((4, 2, 2, 1)), np.linspace(5.0, 0.0, steps + 1), jnp.arange(steps), poison)
+    np.testing.assert_array_equal(result.diverged_step, [-1, 3, -1, 0])
+    np.testing.assert_array_equal(result.diverged, [False, True, False, True])
+    np.testing.assert_array_equal(result.x[:, 0, 0, 0], [5.0, 3.0, 5.0, 0.0])  # the last finite states
+
+
+def test_spgd_divergence_is_confined_to_its_image():
+    matrices, _, y, x_init = random_problem(3)
+    matrices = matrices.at[1].multiply(1e4)  # image 1: a huge operator norm, the step size is far beyond 2/L
+    config = dataclasses.replace(TINY, lr=5.0, steps=6)
+    run = jax.jit(lambda x, y, m: spgd(gaussian_denoiser, matrix_forward, y, x, config, m))
+    result = run(x_init, y, matrices)
+    assert result.diverged.tolist() == [False, True, False] and result.diverged_step[1] >= 0
+    assert np.all(np.isfinite(result.x))
+    for b in (0, 2):
+        alone = run(x_init[b : b + 1], y[b : b + 1], matrices[b : b + 1])
+        np.testing.assert_allclose(result.x[b], alone.x[0], rtol=1e-6, atol=1e-6)
+
+
+def test_progress_called_once_per_outer_step_without_changing_the_result():
+    calls = []
+    matrices, _, y, _ = random_problem(2)
+    key = jax.random.PRNGKey(0)
+    with_progress = sample(gaussian_denoiser, matrix_forward, y, key, TINY, matrices, x_shape=SHAPE, progress=calls.append)
+    jax.effects_barrier()
+    assert sorted(calls) == list(range(TINY.steps))
+    plain = sample(gaussian_denoiser, matrix_forward, y, key, TINY, matrices, x_shape=SHAPE)
+    assert np.array_equal(with_progress.x, plain.x)
+
+
+# ---------------------------------------------------------------- the public entry point
+
+
+def test_sample_rejects_bad_inputs_clearly():
+    matrices, _, y, _ = random_problem(2)
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="x_shape"):
+        sample(gaussian_denoiser, matrix_forward, y, key, TINY, matrices, x_shape=(4, 4, 3))
+    with pytest.raises(ValueError, match="leading batch axis"):
+        sample(gaussian_denoiser, matrix_forward, y, key, TINY, matrices[:1], x_shape=SHAPE)
+    with pytest.raises(ValueError, match="batch of 2 keys"):
+        sample(gaussian_denoiser, matrix_forward, y, jax.random.split(key, 3), TINY, matrices, x_shape=SHAPE)
+    with pytest.raises(TypeError, match="SPGDConfig, DPSConfig, EulerConfig"):
+        sample(gaussian_denoiser, matrix_forward, y, key, {"lr": 1.0}, matrices, x_shape=SHAPE)
+
+
+def test_sample_is_differentiable_in_y():
+    """With adm='off' and linear D and A, y -> x is affine: the gradient equals a finite difference."""
+    matrices, _, y, _ = random_problem(1)
+    config = dataclasses.replace(TINY, adm="off")
+    key = jax.random.PRNGKey(0)
+    direction = jax.random.normal(jax.random.PRNGKey(1), y.shape)
+    g = lambda y: jnp.sum(sample(gaussian_denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE).x)
+    grad = jax.grad(g)(y)
+    np.testing.assert_allclose(jnp.vdot(grad, direction), g(y + direction) - g(y), rtol=1e-3, atol=1e-4)
