@@ -144,6 +144,11 @@ class UNetConfig:
         if not mult or any(isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in mult):
             raise ValueError(f"channel_mult must be a non-empty tuple of positive numbers, got {mult!r}")
         object.__setattr__(self, "channel_mult", mult)
+        if self.image_size % 2 ** (len(mult) - 1):
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 2**{len(mult) - 1} "
+                f"(one halving per channel_mult level after the first)"
+            )
 
         res = self.attention_resolutions
         if isinstance(res, str):
@@ -157,11 +162,6 @@ class UNetConfig:
             )
         object.__setattr__(self, "attention_resolutions", res)
 
-        if self.image_size % 2 ** (len(mult) - 1):
-            raise ValueError(
-                f"image_size {self.image_size} must be divisible by 2**{len(mult) - 1} "
-                f"(one halving per channel_mult level after the first)"
-            )
         for ch in self.level_channels:
             if ch % NORM_GROUPS:
                 raise ValueError(
