@@ -52,7 +52,8 @@ def sample(
     if not isinstance(config, CONFIG_TYPES):
         names = ", ".join(t.__name__ for t in CONFIG_TYPES)
         raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
-    if not (isinstance(x_shape, (tuple, list)) and len(x_shape) == 3 and all(isinstance(d, int) and d > 0 for d in x_shape)):
+    shape_ok = isinstance(x_shape, (tuple, list)) and len(x_shape) == 3
+    if not (shape_ok and all(isinstance(d, int) and d > 0 for d in x_shape)):
         raise ValueError(f"x_shape must be (H, W, C) of one image, three positive ints, got {x_shape!r}")
     return _sample(denoiser, forward, y, key, config, params, tuple(x_shape), progress)
 
@@ -60,6 +61,8 @@ def sample(
 @functools.partial(jax.jit, static_argnums=(0, 1, 4, 6, 7))
 def _sample(denoiser, forward, y, key, config, params, x_shape, progress) -> SampleResult:
     if isinstance(config, EulerConfig):
+        if forward is not None or y is not None:
+            raise ValueError("EulerConfig samples unconditionally: pass forward=None and y=None (and a batch of keys)")
         return euler(denoiser, initial_noise(key, None, x_shape, config.sigma_max), config, progress)
     if forward is None or y is None:
         raise ValueError(f"{type(config).__name__} needs a forward operator and measurements y; got None")

@@ -41,13 +41,14 @@ class SPGDConfig:
     steps: T outer steps. warmup: N warm-up iterations per outer step (N = 1 with adm='off' is the
     paper's "baseline"). beta: ADM base momentum. lr_min_ratio: eta_i = lr * (1 + (i/T)(lr_min_ratio - 1)).
     sigma_max, sigma_min, rho: the EDM schedule. trajectory_every: k > 0 also returns x0_hat every k outer
-    steps (0 = off). adm:
-      'paper'            m_0 = g_0, m_j = a_j beta m_{j-1} + (1 - a_j beta) g_j with a_j = (1 + cos(g_j, m_{j-1}))/2,
-                         the cosine over the whole image (Eq. 13); the update uses m_j.
-      'off'              the update uses the raw gradient g_j. This is what the reference code does (it computes
-                         the smoothed gradient and discards it), so 'off' reproduces the reference code exactly.
-      'reference_cosine' a_j from the reference code's cosine: over the channel axis at each pixel, then
-                         averaged over the pixels (one a_j per image); the update uses m_j.
+    steps (0 = off). adm, with cos(a, b) = a.b / (max(|a|, 1e-8) max(|b|, 1e-8)) as torch's cosine_similarity:
+      'paper'            m_0 = g_0, m_j = a_j beta m_{j-1} + (1 - a_j beta) g_j, a_j = (1 + cos(g_j, m_{j-1})) / 2
+                         with the cosine over the whole image (Eq. 13); the update x^{j+1} = x^j - eta_i m_j.
+      'off'              the update uses the raw gradient: x^{j+1} = x^j - eta_i g_j. The reference code computes
+                         m_j and discards it, so 'off' reproduces the reference code's updates.
+      'reference_cosine' m_j as in 'paper' but a_j = (1 + mean over pixels (h, w) of cos(g_j[h, w, :],
+                         m_{j-1}[h, w, :])) / 2, the reference code's cosine (torch dim=1 of NCHW: over channels),
+                         one a_j per image; the update uses m_j.
     """
 
     lr: float
@@ -87,11 +88,14 @@ def learning_rates(config: SPGDConfig) -> np.ndarray:
 
 
 def _cosine(a: jax.Array, b: jax.Array, axis) -> jax.Array:
-    norms = jnp.maximum(jnp.linalg.norm(a, axis=axis), COSINE_EPS) * jnp.maximum(jnp.linalg.norm(b, axis=axis), COSINE_EPS)
-    return jnp.sum(a * b, axis=axis) / norms
+    norm_a = jnp.maximum(jnp.linalg.norm(a, axis=axis), COSINE_EPS)
+    norm_b = jnp.maximum(jnp.linalg.norm(b, axis=axis), COSINE_EPS)
+    return jnp.sum(a * b, axis=axis) / (norm_a * norm_b)
 
 
-def adm_update(grad: jax.Array, momentum: jax.Array, j: jax.Array, beta: float, mode: str) -> tuple[jax.Array, jax.Array]:
+def adm_update(
+    grad: jax.Array, momentum: jax.Array, j: jax.Array, beta: float, mode: str
+) -> tuple[jax.Array, jax.Array]:
     """Adaptive directional momentum for ONE image (H, W, C): returns (update direction, new momentum m_j).
 
     j is the warm-up iteration (m_0 = g_0 at j = 0); see SPGDConfig for the modes.

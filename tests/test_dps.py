@@ -20,7 +20,9 @@ def numpy_dps_step(x, M, y, sigma, sigma_next, zeta):
     return x + (1 - sigma_next / sigma) * (x0_hat - x) - zeta * grad
 
 
-@pytest.mark.parametrize("kwargs, error", [(dict(zeta=0.0), ValueError), (dict(zeta=1.0, steps=1), ValueError), (dict(zeta="1"), TypeError)])
+@pytest.mark.parametrize(
+    "kwargs, error", [(dict(zeta=0.0), ValueError), (dict(zeta=1.0, steps=1), ValueError), (dict(zeta="1"), TypeError)]
+)
 def test_config_validation(kwargs, error):
     with pytest.raises(error, match="zeta|steps"):
         DPSConfig(**kwargs)
@@ -31,8 +33,10 @@ def test_one_dps_step_matches_numpy():
     x = np.random.default_rng(0).standard_normal(SHAPE) * 2
     step = jax.jit(get_step_fn(gaussian_denoiser, matrix_forward, DPSConfig(zeta=0.7)))
     sigma, sigma_next = 2.0, 1.5
-    x_next, x0_hat = step(jnp.asarray(x, jnp.float32), jnp.float32(sigma), jnp.float32(1 - sigma_next / sigma), None, (y[0], matrices[0]))
-    expected = numpy_dps_step(x, np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64), sigma, sigma_next, 0.7)
+    coefficient = jnp.float32(1 - sigma_next / sigma)
+    x_next, x0_hat = step(jnp.asarray(x, jnp.float32), jnp.float32(sigma), coefficient, None, (y[0], matrices[0]))
+    matrix, y64 = np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64)
+    expected = numpy_dps_step(x, matrix, y64, sigma, sigma_next, 0.7)
     np.testing.assert_allclose(x_next, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(x0_hat, x * PRIOR_VAR / (PRIOR_VAR + sigma**2), rtol=1e-6)
 
@@ -47,7 +51,8 @@ def test_dps_run_matches_numpy_and_uses_t_evaluations_per_image():
     for b in range(2):
         x = np.asarray(x_init[b], np.float64)
         for i in range(6):
-            x = numpy_dps_step(x, np.asarray(matrices[b], np.float64), np.asarray(y[b], np.float64), sigmas[i], sigmas[i + 1], 0.3)
+            matrix, y64 = np.asarray(matrices[b], np.float64), np.asarray(y[b], np.float64)
+            x = numpy_dps_step(x, matrix, y64, sigmas[i], sigmas[i + 1], 0.3)
         np.testing.assert_allclose(result.x[b], x, rtol=1e-4, atol=1e-5)
     assert len(record) == 6 * 2
     assert not result.diverged.any()
@@ -69,5 +74,6 @@ def test_sample_dispatches_dps_with_trajectory_and_batched_keys():
     result = sample(gaussian_denoiser, matrix_forward, y, keys, config, matrices, x_shape=SHAPE)
     assert result.x.shape == (2,) + SHAPE and result.trajectory.shape == (2, 3) + SHAPE
     x_init = 100.0 * jax.vmap(lambda k: jax.random.normal(k, SHAPE))(keys)
-    direct = dps(gaussian_denoiser, matrix_forward, y, x_init, dataclasses.replace(config, trajectory_every=0), matrices)
+    without_trajectory = dataclasses.replace(config, trajectory_every=0)
+    direct = dps(gaussian_denoiser, matrix_forward, y, x_init, without_trajectory, matrices)
     np.testing.assert_allclose(result.x, direct.x, rtol=1e-5, atol=1e-6)

@@ -29,7 +29,8 @@ def numpy_adm(grads, beta, mode):
     """Update directions for a sequence of raw gradients (H, W, C), SPEC 3.2 / the reference code."""
 
     def cosine(a, b, axis):
-        return np.sum(a * b, axis) / (np.maximum(np.linalg.norm(a, axis=axis), 1e-8) * np.maximum(np.linalg.norm(b, axis=axis), 1e-8))
+        clamped_norm = lambda v: np.maximum(np.linalg.norm(v, axis=axis), 1e-8)
+        return np.sum(a * b, axis) / (clamped_norm(a) * clamped_norm(b))
 
     directions, m = [], None
     for j, g in enumerate(grads):
@@ -49,7 +50,8 @@ def numpy_adm(grads, beta, mode):
 def numpy_spgd(x_init, matrices, y, config):
     """SPEC section 3 for D(x; s) = x v/(v+s^2) and A = M vec(x): one image at a time, float64."""
     T, N = config.steps, config.warmup
-    t = [(config.sigma_max ** (1 / config.rho) + i / (T - 1) * (config.sigma_min ** (1 / config.rho) - config.sigma_max ** (1 / config.rho))) ** config.rho for i in range(T)] + [0.0]
+    hi, lo = config.sigma_max ** (1 / config.rho), config.sigma_min ** (1 / config.rho)
+    t = [(hi + i / (T - 1) * (lo - hi)) ** config.rho for i in range(T)] + [0.0]
     out = []
     for x, M, yb in zip(np.asarray(x_init, np.float64), np.asarray(matrices, np.float64), np.asarray(y, np.float64)):
         for i in range(T):
@@ -164,7 +166,8 @@ def test_batched_equals_per_image_in_any_order():
     run = lambda keys, y, mats: sample(denoiser, matrix_forward, y, keys, TINY, mats, x_shape=SHAPE).x
     batched = run(keys, y, matrices)
     for b in range(3):
-        np.testing.assert_allclose(run(keys[b : b + 1], y[b : b + 1], matrices[b : b + 1])[0], batched[b], rtol=1e-5, atol=1e-5)
+        alone = run(keys[b : b + 1], y[b : b + 1], matrices[b : b + 1])[0]
+        np.testing.assert_allclose(alone, batched[b], rtol=1e-5, atol=1e-5)
     order = np.array([2, 0, 1])
     np.testing.assert_allclose(run(keys[order], y[order], matrices[order]), batched[order], rtol=1e-5, atol=1e-5)
 
@@ -186,7 +189,8 @@ def test_exactly_t_times_n_denoiser_evaluations():
     record = []
     matrices, _, y, x_init = random_problem(2)
     config = SPGDConfig(lr=0.5, steps=3, warmup=4)
-    jax.jit(lambda x: spgd(counting(gaussian_denoiser, record), matrix_forward, y, x, config, matrices))(x_init).x.block_until_ready()
+    run = jax.jit(lambda x: spgd(counting(gaussian_denoiser, record), matrix_forward, y, x, config, matrices))
+    run(x_init).x.block_until_ready()
     jax.effects_barrier()
     sigmas = [(100 ** (1 / 7) + i / 2 * (0.1 ** (1 / 7) - 100 ** (1 / 7))) ** 7 for i in range(3)]
     assert len(record) == 3 * 4 * 2  # T * N per image
@@ -238,7 +242,9 @@ def test_progress_called_once_per_outer_step_without_changing_the_result():
     calls = []
     matrices, _, y, _ = random_problem(2)
     key = jax.random.PRNGKey(0)
-    with_progress = sample(gaussian_denoiser, matrix_forward, y, key, TINY, matrices, x_shape=SHAPE, progress=calls.append)
+    with_progress = sample(
+        gaussian_denoiser, matrix_forward, y, key, TINY, matrices, x_shape=SHAPE, progress=calls.append
+    )
     jax.effects_barrier()
     assert sorted(calls) == list(range(TINY.steps))
     plain = sample(gaussian_denoiser, matrix_forward, y, key, TINY, matrices, x_shape=SHAPE)
