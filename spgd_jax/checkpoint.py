@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import jax
@@ -70,9 +70,10 @@ def save(path: str | Path, params: dict, config: UNetConfig, overwrite: bool = F
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     check_params(params, config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     old = tmp.with_name(tmp.name + "-old")
     try:
+        tmp.mkdir()
         params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)
         _orbax().save(tmp / PARAMS_DIR, params)
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -118,9 +119,13 @@ def load(path: str | Path) -> tuple[dict, UNetConfig]:
     return jax.tree_util.tree_map(jnp.asarray, params), config
 
 
-def load_denoiser(path: str | Path):
-    """Checkpoint directory -> ``Denoiser`` D(x (B,H,W,C) in [-1,1], sigma (B,)) -> x0_hat (B,H,W,C)."""
+def load_denoiser(path: str | Path, class_labels=None, dtype: str | None = None):
+    """Checkpoint directory -> ``Denoiser`` D(x (B,H,W,C) in [-1,1], sigma (B,)) -> x0_hat (B,H,W,C).
+
+    class_labels ((B,) ints, class-conditional models only) and dtype ('float32' | 'bfloat16'
+    compute dtype override) are passed to ``spgd_jax.denoiser.make_denoiser``.
+    """
     from spgd_jax.denoiser import make_denoiser
 
     params, config = load(path)
-    return make_denoiser(UNet(config), params)
+    return make_denoiser(UNet(config), params, class_labels=class_labels, dtype=dtype)

@@ -16,7 +16,10 @@ and reproduces their
 - class-conditional label embedding, learned-sigma (6 output channels).
 
 Layout is PyTorch's: images NCHW, float32, timesteps (B,) float (fractional
-timesteps allowed), labels (B,) int64. Only the test-suite imports this module.
+timesteps allowed), labels (B,) int64. Where guided-diffusion computes in float32
+(GroupNorm, softmax, timestep embedding) a float64 model stays in float64, so
+``model.double()`` gives the tests a high-precision ground truth.
+Only the test-suite imports this module.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ DEFAULT_CHANNEL_MULT = {
 }
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """guided-diffusion's ``.float()``, except that float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm(32 groups) evaluated in float32 whatever the input dtype."""
 
@@ -45,14 +53,18 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(32, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(_upcast(x)).type(x.dtype)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (B,) -> (B, dim): [cos(t f_0..f_{h-1}), sin(t f_0..f_{h-1})], f_i = P^(-i/h)."""
+    """Sinusoidal embedding (B,) -> (B, dim): [cos(t f_0..f_{h-1}), sin(t f_0..f_{h-1})], f_i = P^(-i/h).
+
+    The frequencies are float32 (as in guided-diffusion) even for float64 timesteps.
+    """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    angles = timesteps.float()[:, None] * freqs[None, :]
+    timesteps = _upcast(timesteps)
+    angles = timesteps[:, None] * freqs.to(timesteps.dtype)[None, :]
     emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -158,7 +170,7 @@ class AttentionBlock(nn.Module):
             q, k, v = qkv.reshape(b * self.heads, 3 * ch, t).split(ch, dim=1)
         s = ch ** -0.25
         logits = torch.einsum("nct,ncs->nts", q * s, k * s)
-        weights = torch.softmax(logits.float(), dim=-1).type(logits.dtype)
+        weights = torch.softmax(_upcast(logits), dim=-1).type(logits.dtype)
         return torch.einsum("nts,ncs->nct", weights, v).reshape(b, -1, t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,7 +260,7 @@ class UNetModel(nn.Module):
         if y is not None:
             emb = emb + self.label_emb(y)
         skips = []
-        h = x.float()
+        h = _upcast(x)
         for block in self.input_blocks:
             h = block(h, emb)
             skips.append(h)
@@ -310,3 +322,9 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
         elif isinstance(module, nn.Embedding):
             normal(module.weight, 1.0)
     return model
+
+
+def from_config(config, seed: int) -> UNetModel:
+    """Randomized reference model for a ``spgd_jax.unet.UNetConfig`` (its create_model fields)."""
+    fields = {k: v for k, v in config.to_dict().items() if k != "dtype"}
+    return randomize_(create_model(**fields), seed)
