@@ -22,6 +22,9 @@ Compute dtype: ``config.dtype`` 'float32' (default) or 'bfloat16'. With
 matmuls and element-wise ops in bfloat16 like guided-diffusion's use_fp16, while
 GroupNorm and the attention softmax are computed in float32 and the time
 embedding and the output head stay float32. Parameters are always float32.
+'float32' leaves convolutions and matmuls at JAX's default precision, which on
+recent NVIDIA GPUs is TF32; wrap calls in ``jax.default_matmul_precision("highest")``
+for true float32 arithmetic there.
 
 Parameter naming (the checkpoint converter depends on it)
 ---------------------------------------------------------
