@@ -6,7 +6,6 @@ Every parameter is random (zero-initialised ones included), so each layer matter
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -173,32 +172,77 @@ def test_converted_ffhq256_matches_torch(tmp_path):
 
 
 # -- cross-check of the reference itself against deepinv's copy of guided-diffusion ----
+# deepinv (needs torchvision; not in CI) ships guided-diffusion's UNetModel as DiffUNet, with one
+# change: attention via F.scaled_dot_product_attention (same maths, different float32 rounding).
+
+DEEPINV_TOL = 1e-6
+
+
+def _deepinv():
+    return pytest.importorskip("deepinv.models.diffunet", exc_type=ImportError)
+
+
+def _load_theirs_into_ours(theirs, ours, extra=()):
+    """Key names and shapes must match exactly (apart from ``extra`` keys of theirs)."""
+    state, expected = theirs.state_dict(), ours.state_dict()
+    assert set(state) - set(expected) == set(extra)
+    assert set(expected) <= set(state)
+    for key, value in expected.items():
+        assert state[key].shape == value.shape, key
+    ours.load_state_dict({k: v for k, v in state.items() if k not in extra}, strict=True)
 
 
 def test_reference_matches_deepinv_diffunet():
-    """deepinv's DiffUNet (FFHQ 256 config) is a near-verbatim copy of guided-diffusion's UNetModel.
-
-    Runs only where deepinv imports (it needs torchvision; not in CI). deepinv's state dict
-    holds two extra buffers (its DDPM schedule), not part of guided-diffusion's.
-    """
-    models = pytest.importorskip("deepinv.models", exc_type=ImportError)
-    theirs = tr.randomize_(models.DiffUNet(large_model=False, pretrained=None).eval(), seed=4)
+    """DiffUNet(large_model=False) is the FFHQ 256 model (ffhq_10m.pt); its state dict holds two
+    extra buffers (its DDPM schedule) that guided-diffusion's does not."""
+    dm = _deepinv()
+    theirs = tr.randomize_(dm.DiffUNet(large_model=False, pretrained=None).eval(), seed=4)
     ours = tr.create_model(
         image_size=256, num_channels=128, num_res_blocks=1, attention_resolutions=(16,), num_heads=4,
         num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True)
-    state = theirs.state_dict()
-    buffers = {"sqrt_alphas_cumprod", "sqrt_1m_alphas_cumprod"}
-    assert set(state) - set(ours.state_dict()) == buffers
-    assert set(ours.state_dict()) <= set(state)
-    for key, value in ours.state_dict().items():
-        assert state[key].shape == value.shape, key
-    ours.load_state_dict({k: v for k, v in state.items() if k not in buffers}, strict=True)
-
+    _load_theirs_into_ours(theirs, ours, extra={"sqrt_alphas_cumprod", "sqrt_1m_alphas_cumprod"})
     rng = np.random.default_rng(3)
     x = torch.from_numpy(rng.standard_normal((2, 3, 64, 64)).astype(np.float32))
     t = torch.tensor([3.5, 901.0])
     with torch.no_grad():
         expected = theirs.forward_diffusion(x, t)
         got = ours(x, t)
-    assert math.isfinite(float(expected.abs().max()))
-    assert rel_err(got.numpy(), expected.numpy()) <= 1e-6
+    assert rel_err(got.numpy(), expected.numpy()) <= DEEPINV_TOL
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+@pytest.mark.parametrize("heads", [(2, -1), (1, 16)])  # (num_heads, num_head_channels)
+def test_reference_attention_matches_deepinv(new_order, heads):
+    dm = _deepinv()
+    theirs = tr.randomize_(dm.AttentionBlock(64, heads[0], heads[1], use_new_attention_order=new_order), 5)
+    ours = tr.AttentionBlock(64, heads[0], heads[1], new_order)
+    _load_theirs_into_ours(theirs, ours)
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((2, 64, 4, 4)).astype(np.float32))
+    with torch.no_grad():
+        assert rel_err(ours(x).numpy(), theirs(x).numpy()) <= DEEPINV_TOL
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+@pytest.mark.parametrize("cout,resample", [(64, None), (32, None), (32, "up"), (32, "down")])
+def test_reference_resblock_matches_deepinv(scale_shift, cout, resample):
+    dm = _deepinv()
+    theirs = tr.randomize_(dm.ResBlock(32, 128, 0.0, out_channels=cout, use_scale_shift_norm=scale_shift,
+                                       up=resample == "up", down=resample == "down"), 6)
+    ours = tr.ResBlock(32, 128, cout, 0.0, scale_shift, resample)
+    _load_theirs_into_ours(theirs, ours)
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.standard_normal((2, 32, 8, 8)).astype(np.float32))
+    emb = torch.from_numpy(rng.standard_normal((2, 128)).astype(np.float32))
+    with torch.no_grad():
+        assert rel_err(ours(x, emb).numpy(), theirs(x, emb).numpy()) <= DEEPINV_TOL
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_reference_resample_matches_deepinv(direction):
+    dm = _deepinv()
+    theirs = dm.Upsample(32, True) if direction == "up" else dm.Downsample(32, True)
+    ours = tr.Upsample(32) if direction == "up" else tr.Downsample(32)
+    _load_theirs_into_ours(tr.randomize_(theirs, 7), ours)
+    x = torch.from_numpy(np.random.default_rng(6).standard_normal((2, 32, 8, 8)).astype(np.float32))
+    with torch.no_grad():
+        assert rel_err(ours(x).numpy(), theirs(x).numpy()) <= DEEPINV_TOL

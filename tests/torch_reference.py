@@ -168,10 +168,10 @@ class AttentionBlock(nn.Module):
             q, k, v = (z.reshape(b * self.heads, ch, t) for z in qkv.chunk(3, dim=1))
         else:  # channel axis = [head0 (q|k|v) | head1 (q|k|v) | ...]
             q, k, v = qkv.reshape(b * self.heads, 3 * ch, t).split(ch, dim=1)
-        s = ch ** -0.25
-        logits = torch.einsum("nct,ncs->nts", q * s, k * s)
+        s = 1 / math.sqrt(math.sqrt(ch))
+        logits = torch.einsum("bct,bcs->bts", q * s, k * s)
         weights = torch.softmax(_upcast(logits), dim=-1).type(logits.dtype)
-        return torch.einsum("nts,ncs->nct", weights, v).reshape(b, -1, t)
+        return torch.einsum("bts,bcs->bct", weights, v).reshape(b, -1, t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hh, ww = x.shape
