@@ -6,7 +6,6 @@ Every parameter is random (zero-initialised ones included), so each layer matter
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
