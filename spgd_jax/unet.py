@@ -71,6 +71,7 @@ __all__ = [
     "timestep_embedding",
     "flax_path",
     "torch_key",
+    "init_shapes",
     "param_count",
 ]
 
@@ -380,7 +381,8 @@ class ResBlock(nn.Module):
         h = _conv3(self.out_channels, dtype, "out_layers_3", zero=True)(h)
 
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=dtype, kernel_init=_torch_kernel_init, name="skip_connection")(x)
+            skip = nn.Conv(self.out_channels, (1, 1), dtype=dtype, kernel_init=_torch_kernel_init, name="skip_connection")
+            x = skip(x)
         return x + h
 
 
@@ -432,10 +434,8 @@ class _Block(nn.Module):
                 h = ResBlock(args[0], self.config, args[1], name=name)(h, emb, train)
             elif kind == "attn":
                 h = AttentionBlock(args[0], self.config, name=name)(h)
-            elif kind == "down":
-                h = _Resample(self.config, "down", name=name)(h)
-            else:
-                h = _Resample(self.config, "up", name=name)(h)
+            else:  # "down" or "up"
+                h = _Resample(self.config, kind, name=name)(h)
         return h
 
 
