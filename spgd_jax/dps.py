@@ -59,8 +59,8 @@ def get_step_fn(denoiser, forward, config: DPSConfig):
 
     def step(x, sigma, coefficient, _, image):
         y, params = image
-        (_, x0_hat), grad = residual_norm_and_grad(x, sigma, y, params)
-        return euler_step(x, x0_hat, coefficient) - config.zeta * grad, x0_hat
+        (norm, x0_hat), grad = residual_norm_and_grad(x, sigma, y, params)
+        return euler_step(x, x0_hat, coefficient) - config.zeta * grad, x0_hat, norm
 
     return step
 

@@ -17,8 +17,8 @@ from spgd_jax.schedule import euler_coefficients
 
 __all__ = ["SampleResult", "StepFn", "check_trajectory_every", "run_schedule"]
 
-# step_fn(x (H,W,C), sigma (), coefficient (), step_inputs, image_inputs) -> (x_next (H,W,C), x0_hat (H,W,C))
-# for ONE image at outer step i: sigma = t_i, coefficient = 1 - t_{i+1}/t_i, step_inputs = per_step[i]
+# step_fn(x (H,W,C), sigma (), coefficient (), step_inputs, image_inputs) -> (x_next (H,W,C), x0_hat (H,W,C), loss)
+# for ONE image (loss: the step's likelihood objective(s), any shape, or None) at outer step i: sigma = t_i, coefficient = 1 - t_{i+1}/t_i, step_inputs = per_step[i]
 # (shared by the batch), image_inputs = that image's slice of per_image.
 StepFn = Callable[[jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, jax.Array]]
 
@@ -33,12 +33,17 @@ class SampleResult(NamedTuple):
     trajectory:    (B, K, H, W, C) the Tweedie estimate x0_hat of outer steps 0, k, 2k, ... (K = ceil(T/k),
                    k = config.trajectory_every), or None when trajectory_every == 0. Entries after an
                    image's diverged_step are computed from its frozen state and carry no meaning.
+    losses:        the likelihood objective along the run, per image: (B, T, N) for SPGD
+                   (||A(D(x^j; t_i)) - y||^2 at warm-up iteration j of outer step i), (B, T) for DPS
+                   (||A(D(x_i; t_i)) - y||), None for the unconditional sampler. Entries after an
+                   image's diverged_step carry no meaning.
     """
 
     x: jax.Array
     diverged: jax.Array
     diverged_step: jax.Array
     trajectory: jax.Array | None
+    losses: jax.Array | None = None
 
 
 def check_trajectory_every(value: int) -> None:
@@ -77,9 +82,9 @@ def run_schedule(
         per_step,
     )
 
-    def outer_step(state: LoopState, xs) -> tuple[LoopState, None]:
+    def outer_step(state: LoopState, xs) -> tuple[LoopState, Any]:
         i, sigma, coefficient, step_inputs = xs
-        x_next, x0_hat = batch_step(state.x, sigma, coefficient, step_inputs, per_image)
+        x_next, x0_hat, loss = batch_step(state.x, sigma, coefficient, step_inputs, per_image)
         finite = jnp.all(jnp.isfinite(x_next), axis=tuple(range(1, x_next.ndim)))
         diverged_step = jnp.where((state.diverged_step < 0) & ~finite, i, state.diverged_step)
         frozen = (diverged_step >= 0).reshape((-1,) + (1,) * (x_next.ndim - 1))
@@ -91,7 +96,7 @@ def run_schedule(
             trajectory = trajectory.at[:, slot].set(jnp.where(i % trajectory_every == 0, x0_hat, keep))
         if progress is not None:
             jax.debug.callback(lambda step: progress(int(step)), i)
-        return LoopState(x, diverged_step, trajectory), None
+        return LoopState(x, diverged_step, trajectory), loss
 
     batch = x_init.shape[0]
     trajectory = None
@@ -99,5 +104,6 @@ def run_schedule(
         slots = -(-steps // trajectory_every)
         trajectory = jnp.zeros((batch, slots) + x_init.shape[1:], x_init.dtype)
     init = LoopState(x_init, jnp.full((batch,), -1, jnp.int32), trajectory)
-    final, _ = jax.lax.scan(outer_step, init, xs)
-    return SampleResult(final.x, final.diverged_step >= 0, final.diverged_step, final.trajectory)
+    final, losses = jax.lax.scan(outer_step, init, xs)
+    losses = None if losses is None else jnp.moveaxis(losses, 0, 1)  # (T, B, ...) -> (B, T, ...)
+    return SampleResult(final.x, final.diverged_step >= 0, final.diverged_step, final.trajectory, losses)

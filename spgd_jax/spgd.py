@@ -151,7 +151,7 @@ def get_step_fn(denoiser, forward, config: SPGDConfig):
     def step(x, sigma, coefficient, lr, image):
         y, params = image
         state = warmup(x, sigma, lr, y, params)
-        return state.x + coefficient * (state.x0_hat - state.x_eval), state.x0_hat
+        return state.x + coefficient * (state.x0_hat - state.x_eval), state.x0_hat, state.losses
 
     return step
 

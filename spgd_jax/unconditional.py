@@ -36,7 +36,7 @@ def get_step_fn(denoiser):
 
     def step(x, sigma, coefficient, _, __):
         x0_hat = denoiser(x[None], sigma[None])[0]
-        return euler_step(x, x0_hat, coefficient), x0_hat
+        return euler_step(x, x0_hat, coefficient), x0_hat, None
 
     return step
 

@@ -34,10 +34,12 @@ def test_one_dps_step_matches_numpy():
     step = jax.jit(get_step_fn(gaussian_denoiser, matrix_forward, DPSConfig(zeta=0.7)))
     sigma, sigma_next = 2.0, 1.5
     coefficient = jnp.float32(1 - sigma_next / sigma)
-    x_next, x0_hat = step(jnp.asarray(x, jnp.float32), jnp.float32(sigma), coefficient, None, (y[0], matrices[0]))
+    x_next, x0_hat, norm = step(jnp.asarray(x, jnp.float32), jnp.float32(sigma), coefficient, None, (y[0], matrices[0]))
     matrix, y64 = np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64)
     expected = numpy_dps_step(x, matrix, y64, sigma, sigma_next, 0.7)
     np.testing.assert_allclose(x_next, expected, rtol=1e-5, atol=1e-6)
+    c = PRIOR_VAR / (PRIOR_VAR + sigma**2)
+    np.testing.assert_allclose(norm, np.linalg.norm(matrix @ (c * x.ravel()) - y64), rtol=1e-5)
     np.testing.assert_allclose(x0_hat, x * PRIOR_VAR / (PRIOR_VAR + sigma**2), rtol=1e-6)
 
 
@@ -54,6 +56,7 @@ def test_dps_run_matches_numpy_and_uses_t_evaluations_per_image():
             matrix, y64 = np.asarray(matrices[b], np.float64), np.asarray(y[b], np.float64)
             x = numpy_dps_step(x, matrix, y64, sigmas[i], sigmas[i + 1], 0.3)
         np.testing.assert_allclose(result.x[b], x, rtol=1e-4, atol=1e-5)
+    assert result.losses.shape == (2, 6)
     assert len(record) == 6 * 2
     assert not result.diverged.any()
 
@@ -63,7 +66,7 @@ def test_zero_residual_gives_a_zero_gradient_not_nan():
     step = get_step_fn(gaussian_denoiser, lambda x0, _: x0, DPSConfig(zeta=1.0))
     sigma = jnp.float32(1.0)
     y = x * PRIOR_VAR / (PRIOR_VAR + 1.0)  # = A(D(x)) exactly
-    x_next, x0_hat = step(x, sigma, jnp.float32(0.5), None, (y, None))
+    x_next, x0_hat, _ = step(x, sigma, jnp.float32(0.5), None, (y, None))
     np.testing.assert_allclose(x_next, x + 0.5 * (x0_hat - x))
 
 

@@ -52,19 +52,22 @@ def numpy_spgd(x_init, matrices, y, config):
     T, N = config.steps, config.warmup
     hi, lo = config.sigma_max ** (1 / config.rho), config.sigma_min ** (1 / config.rho)
     t = [(hi + i / (T - 1) * (lo - hi)) ** config.rho for i in range(T)] + [0.0]
-    out = []
+    out, losses = [], []
     for x, M, yb in zip(np.asarray(x_init, np.float64), np.asarray(matrices, np.float64), np.asarray(y, np.float64)):
+        image_losses = np.zeros((T, N))
         for i in range(T):
             c = PRIOR_VAR / (PRIOR_VAR + t[i] ** 2)
             eta = config.lr * (1 + (i / T) * (config.lr_min_ratio - 1))
             grads = []
             for j in range(N):
+                image_losses[i, j] = np.sum((M @ (c * x.ravel()) - yb) ** 2)
                 grads.append((2 * c * M.T @ (M @ (c * x.ravel()) - yb)).reshape(x.shape))
                 direction = numpy_adm(grads, config.beta, config.adm)[-1]
                 x_eval, x = x, x - eta * direction
             x = x + (1 - t[i + 1] / t[i]) * (c * x_eval - x_eval)
         out.append(x)
-    return np.stack(out)
+        losses.append(image_losses)
+    return np.stack(out), np.stack(losses)
 
 
 # ---------------------------------------------------------------- config
@@ -153,7 +156,10 @@ def test_warmup_and_euler_match_numpy_reference():
     for adm in ("paper", "off"):
         config = dataclasses.replace(TINY, adm=adm, steps=5, warmup=3, lr=2.0)
         result = jax.jit(lambda x: spgd(gaussian_denoiser, matrix_forward, y, x, config, matrices))(x_init)
-        np.testing.assert_allclose(result.x, numpy_spgd(x_init, matrices, y, config), rtol=1e-4, atol=1e-5)
+        expected_x, expected_losses = numpy_spgd(x_init, matrices, y, config)
+        np.testing.assert_allclose(result.x, expected_x, rtol=1e-4, atol=1e-5)
+        assert result.losses.shape == (2, config.steps, config.warmup)
+        np.testing.assert_allclose(result.losses, expected_losses, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- batching, jit, determinism, NFEs
@@ -217,7 +223,7 @@ def test_loop_flags_a_nan_with_its_step_and_freezes_only_that_image():
 
     def step_fn(x, sigma, coefficient, i, poison_step):
         x_next = x + 1.0
-        return jnp.where(i == poison_step, jnp.nan, x_next), x_next
+        return jnp.where(i == poison_step, jnp.nan, x_next), x_next, None
 
     result = run_schedule(step_fn, jnp.zeros((4, 2, 2, 1)), np.linspace(5.0, 0.0, steps + 1), jnp.arange(steps), poison)
     np.testing.assert_array_equal(result.diverged_step, [-1, 3, -1, 0])
