@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 
-import dm_pix
 import jax
 import jax.numpy as jnp
 
@@ -34,12 +33,16 @@ def _to_unit(x: jax.Array) -> jax.Array:
 def psnr(x: jax.Array, reference: jax.Array) -> jax.Array:
     """PSNR in dB of x against reference, both (B, H, W, C) in [-1, 1]; returns (B,)."""
     _check_pair(x, reference)
+    import dm_pix  # imported on use: `import spgd_jax` works without the metrics dependencies
+
     return dm_pix.psnr(_to_unit(reference), _to_unit(x))
 
 
 def ssim(x: jax.Array, reference: jax.Array) -> jax.Array:
     """SSIM (Gaussian window 11, std 1.5) of x against reference on [0, 1]; returns (B,)."""
     _check_pair(x, reference)
+    import dm_pix
+
     return dm_pix.ssim(_to_unit(reference), _to_unit(x))
 
 
