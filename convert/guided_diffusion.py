@@ -20,6 +20,7 @@ Dense kernel (I, O); GroupNorm weight/bias -> scale/bias; Embedding weight
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,8 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """Load a guided-diffusion ``.pt`` file as {key: float32 numpy array}.
 
     Accepts a raw state dict ({key: tensor}, as ``th.save(model.state_dict())`` writes
-    it) or a dict holding one under ``"state_dict"``, ``"model"`` or ``"ema"``.
+    it) or a dict holding one under ``"state_dict"``, ``"model"`` or ``"ema"``; a
+    ``"module."`` prefix on every key (DataParallel) is dropped. Tensors become float32.
     Loads with ``weights_only=True``: a file that needs pickled code is refused, never run.
     """
     import torch  # the converter's only torch use; the rest of the package never imports it
@@ -67,13 +69,18 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if code is None:  # torch's safe unpickler also wraps plain garbage
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint "
+                             f"({detail.group(1) if detail else str(e).splitlines()[0]})") from None
         raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor state dict (it needs pickled Python "
-            f"objects, which could run arbitrary code). Re-save it as a state dict in a trusted "
-            f"environment: torch.save(model.state_dict(), 'clean.pt'). Detail: {str(e).splitlines()[0]}"
+            f"refusing to load {path}: it is not a plain tensor state dict; it refers to Python code "
+            f"({code.group(1)}), which unpickling would run. If you trust the file, re-save its weights "
+            f"as a state dict: torch.save(model.state_dict(), 'clean.pt')"
         ) from None
-    except RuntimeError as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+    except Exception as e:  # truncated or foreign files raise EOFError, IndexError, RuntimeError...
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model", "ema"):
             if isinstance(obj.get(wrapper), dict):
@@ -81,6 +88,8 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict ({{name: tensor}}); got {type(obj).__name__}")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from a DataParallel wrapper
+        obj = {k[len("module."):]: v for k, v in obj.items()}
     return {k: v.detach().to(torch.float32).numpy() for k, v in obj.items()}
 
 

@@ -75,7 +75,8 @@ def save(path: str | Path, params: dict, config: UNetConfig, overwrite: bool = F
     try:
         tmp.mkdir()
         params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)
-        _orbax().save(tmp / PARAMS_DIR, params)
+        with _orbax() as writer:
+            writer.save(tmp / PARAMS_DIR, params)
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if path.exists():  # overwrite: move the old one aside, put the new one in place, then delete
             path.rename(old)
@@ -111,7 +112,8 @@ def load(path: str | Path) -> tuple[dict, UNetConfig]:
     if not params_dir.is_dir():
         raise ValueError(f"{path} is not a complete spgd_jax checkpoint: {PARAMS_DIR}/ is missing")
     try:
-        params = _orbax().restore(params_dir.absolute())
+        with _orbax() as reader:
+            params = reader.restore(params_dir.absolute())
     except Exception as e:  # orbax/tensorstore raise many kinds; all mean the same to the user
         raise ValueError(f"could not read the params in {params_dir} (corrupt or partial checkpoint?): "
                          f"{type(e).__name__}: {e}") from None
