@@ -393,7 +393,11 @@ def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNe
     resume_step = mngr.latest_step()
     if resume_step is not None:
         old = mngr.restore(resume_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        _check_resumable(old, meta)
+        try:
+            _check_resumable(old, meta)
+        except ValueError:
+            mngr.close()
+            raise
         meta.update({k: old[k] for k in ("train_seconds", "hardware", "train_loss", "val_loss")})
     hardware = hardware_description()
     if hardware not in meta["hardware"]:
@@ -401,7 +405,7 @@ def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNe
     (run / "validation_split.txt").write_text("".join(n + "\n" for n in val_names))
 
     size = model_config.image_size
-    train_images, train_names = data.load_folder(data_dir, train_names, size, cache_dir, log)
+    train_images, _ = data.load_folder(data_dir, train_names, size, cache_dir, log)
     val_images, _ = data.load_folder(data_dir, val_names, size, cache_dir, log)
     val = make_validation(val_images, linear_schedule())
 
