@@ -36,6 +36,8 @@ def param_shapes(config: UNetConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def check_params(params: dict, config: UNetConfig) -> None:
     """Raise one ValueError listing every missing, unexpected and mis-shaped entry of ``params``."""
+    if isinstance(params, dict) and set(params) == {"params"}:
+        raise TypeError("pass the params collection itself (variables['params']), not the variables dict")
     expected = param_shapes(config)
     got = {path: tuple(np.shape(leaf)) for path, leaf in traverse_util.flatten_dict(params).items()}
     missing = ["/".join(p) for p in expected if p not in got]

@@ -158,6 +158,8 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path, tiny_params):
 def test_save_rejects_params_that_do_not_fit_the_config(tmp_path, tiny_params):
     with pytest.raises(ValueError, match="params do not match the config"):
         checkpoint.save(tmp_path / "ckpt", tiny_params, CONFIGS["tiny16_plain"])
+    with pytest.raises(TypeError, match=r"variables\['params'\]"):
+        checkpoint.save(tmp_path / "ckpt", {"params": tiny_params}, TINY)
     assert leftovers(tmp_path, set()) == []
 
 
