@@ -18,7 +18,7 @@ from spgd_jax.schedule import euler_coefficients
 __all__ = ["SampleResult", "StepFn", "check_trajectory_every", "run_schedule"]
 
 # step_fn(x (H,W,C), sigma (), coefficient (), step_inputs, image_inputs) -> (x_next (H,W,C), x0_hat (H,W,C), loss)
-# for ONE image (loss: the step's likelihood objective(s), any shape, or None) at outer step i: sigma = t_i, coefficient = 1 - t_{i+1}/t_i, step_inputs = per_step[i]
+# for ONE image (loss: the step's likelihood objective(s), any pytree of arrays, or None) at outer step i: sigma = t_i, coefficient = 1 - t_{i+1}/t_i, step_inputs = per_step[i]
 # (shared by the batch), image_inputs = that image's slice of per_image.
 StepFn = Callable[[jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, jax.Array]]
 
@@ -37,6 +37,9 @@ class SampleResult(NamedTuple):
                    (||A(D(x^j; t_i)) - y||^2 at warm-up iteration j of outer step i), (B, T) for DPS
                    (||A(D(x_i; t_i)) - y||), None for the unconditional sampler. Entries after an
                    image's diverged_step carry no meaning.
+    diagnostics:   SPGD with config.diagnostics only (else None): {name: (B, T) float32} gradient angles in
+                   degrees per outer step, see spgd_jax.diagnostics. Entries after an image's diverged_step
+                   carry no meaning.
     """
 
     x: jax.Array
@@ -44,6 +47,7 @@ class SampleResult(NamedTuple):
     diverged_step: jax.Array
     trajectory: jax.Array | None
     losses: jax.Array | None = None
+    diagnostics: dict[str, jax.Array] | None = None
 
 
 def check_trajectory_every(value: int) -> None:
@@ -105,5 +109,5 @@ def run_schedule(
         trajectory = jnp.zeros((batch, slots) + x_init.shape[1:], x_init.dtype)
     init = LoopState(x_init, jnp.full((batch,), -1, jnp.int32), trajectory)
     final, losses = jax.lax.scan(outer_step, init, xs)
-    losses = None if losses is None else jnp.moveaxis(losses, 0, 1)  # (T, B, ...) -> (B, T, ...)
+    losses = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), losses)  # (T, B, ...) -> (B, T, ...)
     return SampleResult(final.x, final.diverged_step >= 0, final.diverged_step, final.trajectory, losses)

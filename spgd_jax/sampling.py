@@ -18,7 +18,7 @@ from spgd_jax.loop import SampleResult
 from spgd_jax.spgd import SPGDConfig, spgd
 from spgd_jax.unconditional import EulerConfig, euler
 
-__all__ = ["sample", "initial_noise", "CONFIG_TYPES"]
+__all__ = ["sample", "initial_noise", "check_x_shape", "CONFIG_TYPES"]
 
 CONFIG_TYPES = (SPGDConfig, DPSConfig, EulerConfig)
 
@@ -52,10 +52,15 @@ def sample(
     if not isinstance(config, CONFIG_TYPES):
         names = ", ".join(t.__name__ for t in CONFIG_TYPES)
         raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
+    return _sample(denoiser, forward, y, key, config, params, check_x_shape(x_shape), progress)
+
+
+def check_x_shape(x_shape) -> tuple[int, int, int]:
+    """x_shape as a tuple; ValueError unless (H, W, C), three positive ints."""
     shape_ok = isinstance(x_shape, (tuple, list)) and len(x_shape) == 3
     if not (shape_ok and all(isinstance(d, int) and d > 0 for d in x_shape)):
         raise ValueError(f"x_shape must be (H, W, C) of one image, three positive ints, got {x_shape!r}")
-    return _sample(denoiser, forward, y, key, config, params, tuple(x_shape), progress)
+    return tuple(x_shape)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 4, 6, 7))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spgd_jax import diagnostics as diag
 from spgd_jax.loop import SampleResult, check_trajectory_every, run_schedule
 from spgd_jax.schedule import check_schedule, edm_sigmas
 
@@ -41,7 +42,9 @@ class SPGDConfig:
     steps: T outer steps. warmup: N warm-up iterations per outer step (N = 1 with adm='off' is the
     paper's "baseline"). beta: ADM base momentum. lr_min_ratio: eta_i = lr * (1 + (i/T)(lr_min_ratio - 1)).
     sigma_max, sigma_min, rho: the EDM schedule. trajectory_every: k > 0 also returns x0_hat every k outer
-    steps (0 = off). adm, with cos(a, b) = a.b / (max(|a|, 1e-8) max(|b|, 1e-8)) as torch's cosine_similarity:
+    steps (0 = off). diagnostics: also return gradient angles per outer step (SampleResult.diagnostics,
+    see spgd_jax.diagnostics; the result is unchanged).
+    adm, with cos(a, b) = a.b / (max(|a|, 1e-8) max(|b|, 1e-8)) as torch's cosine_similarity:
       'paper'            m_0 = g_0, m_j = a_j beta m_{j-1} + (1 - a_j beta) g_j, a_j = (1 + cos(g_j, m_{j-1})) / 2
                          with the cosine over the whole image (Eq. 13); the update x^{j+1} = x^j - eta_i m_j.
       'off'              the update uses the raw gradient: x^{j+1} = x^j - eta_i g_j. The reference code computes
@@ -61,9 +64,12 @@ class SPGDConfig:
     rho: float = 7.0
     adm: str = "paper"
     trajectory_every: int = 0
+    diagnostics: bool = False
 
     def __post_init__(self):
         check_schedule(self.steps, self.sigma_max, self.sigma_min, self.rho)
+        if not isinstance(self.diagnostics, bool):
+            raise TypeError(f"SPGDConfig.diagnostics must be True or False, got {self.diagnostics!r}")
         for name in ("lr", "beta", "lr_min_ratio"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
@@ -120,6 +126,7 @@ class WarmupState(NamedTuple):
     x_eval: jax.Array  # the last point where the likelihood was evaluated
     x0_hat: jax.Array  # D(x_eval; t_i)
     losses: jax.Array  # (N,) L(x^j) for the iterations done so far
+    tracker: diag.Tracker | None  # gradient angles (config.diagnostics) or None
 
 
 def get_warmup_fn(denoiser, forward, config: SPGDConfig):
@@ -135,10 +142,15 @@ def get_warmup_fn(denoiser, forward, config: SPGDConfig):
         def warmup_step(j, state: WarmupState) -> WarmupState:
             (loss, x0_hat), grad = likelihood_and_grad(state.x, sigma, y, params)
             direction, momentum = adm_update(grad, state.momentum, j, config.beta, config.adm)
-            return WarmupState(state.x - lr * direction, momentum, state.x, x0_hat, state.losses.at[j].set(loss))
+            tracker = state.tracker
+            if tracker is not None:
+                tracker = diag.track(tracker, j, grad, direction, x0_hat - state.x)
+            return WarmupState(state.x - lr * direction, momentum, state.x, x0_hat, state.losses.at[j].set(loss),
+                               tracker)
 
         zeros = jnp.zeros_like(x)
-        init = WarmupState(x, zeros, x, zeros, jnp.zeros((config.warmup,), x.dtype))
+        tracker = diag.init_tracker(x) if config.diagnostics else None
+        init = WarmupState(x, zeros, x, zeros, jnp.zeros((config.warmup,), x.dtype), tracker)
         return jax.lax.fori_loop(0, config.warmup, warmup_step, init)
 
     return warmup
@@ -151,7 +163,10 @@ def get_step_fn(denoiser, forward, config: SPGDConfig):
     def step(x, sigma, coefficient, lr, image):
         y, params = image
         state = warmup(x, sigma, lr, y, params)
-        return state.x + coefficient * (state.x0_hat - state.x_eval), state.x0_hat, state.losses
+        losses = state.losses
+        if state.tracker is not None:
+            losses = (losses, diag.step_means(state.tracker, config.warmup))
+        return state.x + coefficient * (state.x0_hat - state.x_eval), state.x0_hat, losses
 
     return step
 
@@ -164,9 +179,18 @@ def spgd(
     config: SPGDConfig,
     params: Any = None,
     progress: Callable[[int], None] | None = None,
+    lr: jax.Array | float | None = None,
 ) -> SampleResult:
-    """SPGD from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.sampling.sample."""
+    """SPGD from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.sampling.sample.
+
+    lr: a scalar that replaces config.lr and may be traced (spgd_jax.sweep vmaps over it); either way
+    eta_i = float32(lr) * float32(eta_i / lr), so a traced lr gives the bits of the same static one."""
     sigmas = edm_sigmas(config.steps, config.sigma_max, config.sigma_min, config.rho)
-    lrs = jnp.asarray(learning_rates(config), dtype=jnp.float32)
+    decay = jnp.asarray(learning_rates(dataclasses.replace(config, lr=1.0)), jnp.float32)
+    lrs = jnp.asarray(config.lr if lr is None else lr, jnp.float32) * decay
     step = get_step_fn(denoiser, forward, config)
-    return run_schedule(step, x_init, sigmas, lrs, (y, params), config.trajectory_every, progress)
+    result = run_schedule(step, x_init, sigmas, lrs, (y, params), config.trajectory_every, progress)
+    if config.diagnostics:
+        losses, angles = result.losses
+        result = result._replace(losses=losses, diagnostics=angles)
+    return result

@@ -1,0 +1,133 @@
+"""The image batch across all devices: each device restores its own slice, with no communication.
+
+    from spgd_jax import sharding
+    result = sharding.sample_sharded(denoiser, op.forward, y, key, config, params, x_shape=(64, 64, 3))
+
+Images are independent in every sampler (an image's result depends only on its key, y_i and params_i),
+so the batch is split along its leading axis over a 1-D device mesh (axis "batch") with
+`jax.shard_map`; the network's parameters are replicated. A batch that does not divide evenly is
+padded with copies of its last image, and the padding is dropped from the result. The result equals
+`sampling.sample` with the same key, to float32 rounding of the network at a smaller per-device batch.
+
+Multi-host (several processes, e.g. one per GPU host): call `jax.distributed.initialize()` in every
+process first; `batch_mesh()` then spans every device of every process, each process passes its own
+images (the same number in every process) and gets back the results for those images. Per-image keys
+come from `jax.random.fold_in(key, jax.process_index())`, so give every process the same key.
+
+Training (data parallel) uses the same mesh: put the batch with `shard_batch(batch, mesh)`, the
+parameters and optimiser state with `replicate(tree, mesh)`, and `jax.jit` the step: XLA then splits
+the batch over the devices and averages the gradients across them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from spgd_jax.loop import SampleResult
+from spgd_jax.sampling import sample
+
+__all__ = ["BATCH_AXIS", "batch_mesh", "shard_batch", "replicate", "map_images", "image_keys", "sample_sharded"]
+
+BATCH_AXIS = "batch"
+
+
+def batch_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh with axis "batch" over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def _local_devices(mesh: Mesh) -> int:
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf (B_local, ...) -> a global array split along its leading axis over the mesh.
+
+    B_local (this process's rows) must be a multiple of this process's devices in the mesh;
+    map_images pads for you.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    local = _local_devices(mesh)
+
+    def put(leaf):
+        leaf = np.asarray(leaf)
+        if leaf.ndim == 0 or leaf.shape[0] % local:
+            raise ValueError(f"a leaf of shape {leaf.shape} cannot be split over {local} devices: its leading "
+                             f"(batch) axis must be a multiple of {local}; pad the batch (map_images does)")
+        return jax.make_array_from_process_local_data(sharding, leaf)
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf copied whole onto every device of the mesh (parameters, optimiser state)."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def _pad(leaf: np.ndarray, size: int) -> np.ndarray:
+    extra = size - leaf.shape[0]
+    return np.concatenate([leaf, np.repeat(leaf[-1:], extra, axis=0)]) if extra else leaf
+
+
+def map_images(fn: Callable, *args: Any, mesh: Mesh | None = None, out_axis: int = 0) -> Any:
+    """fn(*args) with every leaf of args split along its leading (image) axis over the mesh's devices.
+
+    fn must treat images independently (each device sees only its slice) and return a pytree whose
+    every leaf has the image axis at out_axis. Returns this process's rows as NumPy arrays.
+    """
+    mesh = batch_mesh() if mesh is None else mesh
+    leaves = jax.tree_util.tree_leaves(args)
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"every input needs the same leading image axis; got leading sizes {sorted(sizes, key=str)}")
+    (batch,) = sizes
+    local = _local_devices(mesh)
+    padded = -(-batch // local) * local
+    args = shard_batch(jax.tree_util.tree_map(lambda a: _pad(np.asarray(a), padded), args), mesh)
+    spec = PartitionSpec(*([None] * out_axis + [BATCH_AXIS]))
+    out = jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec(BATCH_AXIS), out_specs=spec, check_vma=False)(*args)
+    out = multihost_utils.global_array_to_host_local_array(out, mesh, spec)
+    index = (slice(None),) * out_axis + (slice(0, batch),)
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[index], out)
+
+
+def image_keys(key: jax.Array, batch: int) -> jax.Array:
+    """The raw per-image keys (B, ...) uint32 that `sample` draws from one typed key, for this process."""
+    if jax.process_count() > 1:
+        key = jax.random.fold_in(key, jax.process_index())
+    return jax.random.key_data(jax.random.split(key, batch))
+
+
+def sample_sharded(
+    denoiser: Callable[[jax.Array, jax.Array], jax.Array],
+    forward: Callable[[jax.Array, Any], jax.Array],
+    y: jax.Array,
+    key: jax.Array,
+    config: Any,
+    params: Any = None,
+    *,
+    x_shape: tuple[int, int, int],
+    mesh: Mesh | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SampleResult:
+    """spgd_jax.sample with the batch split over the mesh (default: all devices); arguments as sample.
+
+    key: one key (split into one per image as sample does) or a batch of keys. Returns a SampleResult
+    of NumPy arrays for this process's images. progress may be called once per device and step.
+    """
+    key = jnp.asarray(key)
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # raw uint32 keys (jax.random.PRNGKey)
+    keys = image_keys(key, np.shape(y)[0]) if key.ndim == 0 else jax.random.key_data(key)
+
+    def restore(y, keys, params):
+        return sample(denoiser, forward, y, keys, config, params, x_shape=x_shape, progress=progress)
+
+    return map_images(restore, y, keys, params, mesh=mesh)
