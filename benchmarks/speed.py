@@ -170,13 +170,15 @@ def is_oom(error: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def largest_batch(memory: dict[int, float], limit: float, multiple: int, cap: int) -> int:
+def largest_batch(memory: dict[int, float], fixed: float, limit: float, multiple: int, cap: int) -> int:
     """Largest batch (a multiple of `multiple`, <= cap) whose memory fits in `limit` bytes.
 
-    memory: {batch: bytes} for at least two batches; bytes are taken as linear in the batch
-    (a fit through the two largest batches). Returns 0 when not even `multiple` fits.
+    memory: {batch: bytes} measured for one or more batches; bytes are taken as linear in the
+    batch: through the two largest batches, or through `fixed` bytes at batch 0 (the weights)
+    when only one was measured. Returns 0 when not even `multiple` fits.
     """
-    (b0, m0), (b1, m1) = sorted(memory.items())[-2:]
+    points = sorted(memory.items())[-2:]
+    (b0, m0), (b1, m1) = points if len(points) == 2 else [(0, fixed)] + points
     per_image = max((m1 - m0) / (b1 - b0), 1.0)
     fits = math.floor((limit - (m1 - per_image * b1)) / per_image)
     return max(0, min(fits, cap) // multiple * multiple)
@@ -458,51 +460,67 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
         per_image_run = last["run_s"] / last["batch"]
         return last["trace_s"] + last["compile_s"] + (1 + preset.repeats) * per_image_run * batch
 
-    # Priority order: batch 1 and 16 (the targets), then 4 (first two dtypes interleaved).
-    order = sorted(preset.batches, key=lambda b: (b not in (1, 16), b))
-    plan = [(dtype, batch) for batch in order for dtype in preset.dtypes]
-    if compile_workers > 1:  # compile everything first, in parallel; then run one at a time
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    limit = (stats or {}).get("bytes_limit") or (preset.memory_limit_gib or 0) * GIB
+    result["memory_limit_bytes"] = limit
+    params_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(unet_params))
+
+    def largest(dtype: str) -> int | None:
+        """The largest batch expected to fit (None: nothing to go on), from this dtype's rows so far."""
+        measured = {r["batch"]: r["xla_bytes"] for r in result["rows"]
+                    if r["dtype"] == dtype and r.get("status") == "ok" and r.get("xla_bytes")}
+        if not measured or not limit:
+            return None
+        return largest_batch(measured, params_bytes, 0.92 * limit, preset.batch_multiple, preset.batch_cap)
+
+    def run_largest(dtype: str) -> None:
+        candidate, tried = largest(dtype), []
+        while True:
+            done = [r["batch"] for r in result["rows"] if r["dtype"] == dtype and r.get("status") == "ok"]
+            if candidate is None or candidate <= max(done, default=0) or len(tried) == 2:
+                note = "no memory estimate" if candidate is None else f"estimate {candidate}, tried {tried}"
+                result["skipped"].append(f"jax {dtype} largest batch: {note}")
+                return
+            if deadline.left() < estimate(dtype, candidate):
+                result["skipped"].append(f"jax {dtype} largest batch {candidate}: time budget")
+                return
+            row = run_item(compile_item(lower_item(dtype, candidate)))
+            row["largest_batch_search"] = {"memory_limit_bytes": limit, "attempt": len(tried) + 1}
+            record(row)
+            tried.append(candidate)
+            if row["status"] == "ok":
+                return
+            candidate = int(candidate * 0.8) // preset.batch_multiple * preset.batch_multiple
+
+    # Priority: batches 1 and 16 (the targets), the largest bfloat16 batch, other batches, the
+    # largest float32 batch. Time-budgeted: an item that would overrun is skipped and listed.
+    fixed = [(d, b) for b in preset.batches if b in (1, 16) for d in preset.dtypes]
+    fixed += [(d, b) for b in preset.batches if b not in (1, 16) for d in preset.dtypes]
+    if compile_workers > 1:  # compile all fixed-batch programs first, in parallel; then run one at a time
         from concurrent.futures import ThreadPoolExecutor
 
-        items = [lower_item(dtype, batch) for dtype, batch in plan]
+        items = [lower_item(dtype, batch) for dtype, batch in fixed]
         start = time.perf_counter()
         with ThreadPoolExecutor(compile_workers) as pool:
             items = list(pool.map(compile_item, items))
         result["parallel_compile_wall_s"] = time.perf_counter() - start
         for item in items:
             record(run_item(item))
-    else:
-        for dtype, batch in plan:
-            if deadline.left() < estimate(dtype, batch):
-                result["skipped"].append(f"jax {dtype} b{batch}: time budget")
-                continue
-            record(run_item(compile_item(lower_item(dtype, batch))))
-
+        fixed = []
+    first_dtypes = sorted(preset.dtypes, key=lambda d: d != "bfloat16")
+    plan = [item for item in fixed if item[1] in (1, 16)]
     if preset.largest_batch:
-        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-        limit = stats.get("bytes_limit") if stats else None
-        limit = limit or (preset.memory_limit_gib or 0) * GIB
-        result["memory_limit_bytes"] = limit
-        for dtype in sorted(preset.dtypes, key=lambda d: d != "bfloat16"):  # bf16 first: its target
-            measured = {r["batch"]: r["xla_bytes"] for r in result["rows"]
-                        if r["dtype"] == dtype and r.get("status") == "ok" and r.get("xla_bytes")}
-            if len(measured) < 2 or not limit:
-                result["skipped"].append(f"jax {dtype} largest batch: no memory estimates")
-                continue
-            candidate = largest_batch(measured, 0.92 * limit, preset.batch_multiple, preset.batch_cap)
-            for attempt in range(2):
-                if candidate <= max(measured):
-                    result["skipped"].append(f"jax {dtype} largest batch: estimate {candidate} <= measured batches")
-                    break
-                if deadline.left() < estimate(dtype, candidate):
-                    result["skipped"].append(f"jax {dtype} largest batch {candidate}: time budget")
-                    break
-                row = run_item(compile_item(lower_item(dtype, candidate)))
-                row["largest_batch_search"] = {"estimate_from": measured, "attempt": attempt + 1}
-                record(row)
-                if row["status"] == "ok":
-                    break
-                candidate = int(candidate * 0.8) // preset.batch_multiple * preset.batch_multiple
+        plan.append((first_dtypes[0], "largest"))
+    plan += [item for item in fixed if item[1] not in (1, 16)]
+    if preset.largest_batch:
+        plan += [(d, "largest") for d in first_dtypes[1:]]
+    for dtype, batch in plan:
+        if batch == "largest":
+            run_largest(dtype)
+        elif deadline.left() < estimate(dtype, batch):
+            result["skipped"].append(f"jax {dtype} b{batch}: time budget")
+        else:
+            record(run_item(compile_item(lower_item(dtype, batch))))
     info["host"]["loadavg_end"] = loadavg()
     write_json(out, result)
 

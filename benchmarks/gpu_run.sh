@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU speed benchmark in ONE call: ffhq256 UNet (random weights), 256x256, T=100, N=5.
+# JAX sampler at batch 1, 4, 16 and the largest batch that fits, float32 and bfloat16; the PyTorch
+# baseline at batch 1 and 16 (reference and tuned variants); the float32 cross-check.
+# See benchmarks/speed.py for the method. Writes 6 files to $OUT (default benchmarks/results):
+#   speed_<device>.json / .md / .png, gpu_run.log, torch.json, jax.json (the phases' raw rows).
+#
+#   device tool:  run(command="bash benchmarks/gpu_run.sh", timeout_s=540)   (carry: nothing)
+#   here, on a CPU, the same code path at toy size:  PRESET=gpu-smoke OUT=/tmp/smoke bash benchmarks/gpu_run.sh
+#
+# Knobs (environment): PRESET (gpu-ffhq256), TORCH_BUDGET_S (90), JAX_BUDGET_S (270: rows that would
+# overrun are skipped and listed), COMPILE_WORKERS (1: >1 compiles the fixed-batch JAX programs in
+# parallel threads first), MEM_FRACTION (0.92, JAX's share of GPU memory), XLA_FLAGS_EXTRA, PYTHON.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+PRESET=${PRESET:-gpu-ffhq256}
+PY=${PYTHON:-python3}
+TORCH_BUDGET_S=${TORCH_BUDGET_S:-90}
+JAX_BUDGET_S=${JAX_BUDGET_S:-270}
+WORK=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -n "${XLA_FLAGS_EXTRA:-}" ] && export XLA_FLAGS="${XLA_FLAGS:-} $XLA_FLAGS_EXTRA"
+speed() { "$PY" benchmarks/speed.py --preset "$PRESET" --work "$WORK" --out "$OUT" "$@"; }
+export -f speed
+export PY PRESET WORK OUT
+
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
+  "$PY" -c "import jax, flax, torch, spgd_jax; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| torch', torch.__version__, torch.cuda.is_available())" \
+    || echo "IMPORT CHECK FAILED (see above); continuing"
+  # PyTorch first, in its own process (JAX kept off the GPU there), so it has the GPU's memory.
+  JAX_PLATFORMS=cpu timeout $((TORCH_BUDGET_S + 60)) bash -c 'speed --phase torch --budget-s "$0"' "$TORCH_BUDGET_S" \
+    || echo "torch phase exited with $?"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.92} timeout $((JAX_BUDGET_S + 60)) \
+    bash -c 'speed --phase jax --budget-s "$0" --compile-workers "$1"' "$JAX_BUDGET_S" "${COMPILE_WORKERS:-1}" \
+    || echo "jax phase exited with $?"
+  speed --phase report || echo "report phase exited with $?"
+  cp "$WORK"/torch.json "$WORK"/jax.json "$OUT"/ 2>/dev/null
+  date -u
+} 2>&1 | tee "$OUT/gpu_run.log"
