@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["NAMES", "Tracker", "angle", "track", "init_tracker", "step_means", "plot_angles", "save_gif"]
+__all__ = ["NAMES", "Tracker", "angle", "track", "init_tracker", "step_means", "plot_angles", "save_figure",
+           "save_gif"]
 
 NAMES = ("likelihood_vs_denoising", "likelihood_consecutive", "smoothed_consecutive", "denoising_consecutive")
 _LABELS = {
@@ -100,13 +101,10 @@ def plot_angles(path: str | os.PathLike, diagnostics: dict, title: str = "") -> 
     diagnostics: SampleResult.diagnostics, {name: (B, T)}; NaNs are skipped. Leave out images that diverged
     (their entries after divergence are meaningless). Atomic: the file appears complete or not at all.
     """
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axis = figure.subplots()
     for name in NAMES:
         values = np.asarray(diagnostics[name], dtype=np.float64)
         if values.size == 0 or np.all(np.isnan(values)):
@@ -117,22 +115,29 @@ def plot_angles(path: str | os.PathLike, diagnostics: dict, title: str = "") -> 
             low, high = np.nanpercentile(values, [10, 90], axis=0)
             axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     axis.axhline(90, color="grey", linewidth=0.8, linestyle=":")
+    axis.xaxis.get_major_locator().set_params(integer=True)
     axis.set_xlabel("outer step i")
     axis.set_ylabel("angle (degrees)")
     axis.set_ylim(0, 180)
-    axis.legend(fontsize=8, loc="best")
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=8, loc="best")
+    else:
+        axis.text(0.5, 0.5, "no finite values to show", ha="center", va="center", transform=axis.transAxes)
     if title:
         axis.set_title(title)
+    save_figure(figure, path)
+
+
+def save_figure(figure, path: str | os.PathLike) -> None:
+    """Writes a matplotlib Figure as PNG atomically: the file appears complete or not at all."""
     figure.tight_layout()
-    tmp = _atomic_target(path)
+    tmp = _atomic_target(Path(path))
     try:
         figure.savefig(tmp, format="png")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        plt.close(figure)
 
 
 def save_gif(path: str | os.PathLike, frames: np.ndarray, duration_ms: int = 80, min_size: int = 128) -> None:

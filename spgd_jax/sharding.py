@@ -21,7 +21,8 @@ the batch over the devices and averages the gradients across them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spgd_jax.loop import SampleResult
 from spgd_jax.sampling import sample
+from spgd_jax.sweep import check_lrs, sweep_lr
 
 __all__ = ["BATCH_AXIS", "batch_mesh", "shard_batch", "replicate", "map_images", "image_keys", "sample_sharded"]
 
@@ -76,11 +78,18 @@ def _pad(leaf: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([leaf, np.repeat(leaf[-1:], extra, axis=0)]) if extra else leaf
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(fn: Callable, mesh: Mesh, out_axis: int) -> Callable:
+    spec = PartitionSpec(*([None] * out_axis + [BATCH_AXIS]))
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec(BATCH_AXIS), out_specs=spec, check_vma=False))
+
+
 def map_images(fn: Callable, *args: Any, mesh: Mesh | None = None, out_axis: int = 0) -> Any:
     """fn(*args) with every leaf of args split along its leading (image) axis over the mesh's devices.
 
     fn must treat images independently (each device sees only its slice) and return a pytree whose
-    every leaf has the image axis at out_axis. Returns this process's rows as NumPy arrays.
+    every leaf has the image axis at out_axis. Returns this process's rows as NumPy arrays. The
+    compiled computation is reused for the same fn object, mesh and shapes.
     """
     mesh = batch_mesh() if mesh is None else mesh
     leaves = jax.tree_util.tree_leaves(args)
@@ -91,8 +100,8 @@ def map_images(fn: Callable, *args: Any, mesh: Mesh | None = None, out_axis: int
     local = _local_devices(mesh)
     padded = -(-batch // local) * local
     args = shard_batch(jax.tree_util.tree_map(lambda a: _pad(np.asarray(a), padded), args), mesh)
+    out = _compiled(fn, mesh, out_axis)(*args)
     spec = PartitionSpec(*([None] * out_axis + [BATCH_AXIS]))
-    out = jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec(BATCH_AXIS), out_specs=spec, check_vma=False)(*args)
     out = multihost_utils.global_array_to_host_local_array(out, mesh, spec)
     index = (slice(None),) * out_axis + (slice(0, batch),)
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[index], out)
@@ -116,18 +125,32 @@ def sample_sharded(
     x_shape: tuple[int, int, int],
     mesh: Mesh | None = None,
     progress: Callable[[int], None] | None = None,
+    lrs: Sequence[float] | None = None,
 ) -> SampleResult:
     """spgd_jax.sample with the batch split over the mesh (default: all devices); arguments as sample.
 
-    key: one key (split into one per image as sample does) or a batch of keys. Returns a SampleResult
-    of NumPy arrays for this process's images. progress may be called once per device and step.
+    key: one key (split into one per image as sample does) or a batch of keys. lrs: optional SPGD
+    learning rates: runs spgd_jax.sweep_lr instead, and every array gets a leading axis L. Returns a
+    SampleResult of NumPy arrays for this process's images. progress may be called once per device
+    (and learning rate) for each outer step.
     """
     key = jnp.asarray(key)
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)  # raw uint32 keys (jax.random.PRNGKey)
     keys = image_keys(key, np.shape(y)[0]) if key.ndim == 0 else jax.random.key_data(key)
 
-    def restore(y, keys, params):
-        return sample(denoiser, forward, y, keys, config, params, x_shape=x_shape, progress=progress)
+    lrs = None if lrs is None else check_lrs(lrs)
+    restore = _per_device(denoiser, forward, config, tuple(x_shape), progress, lrs)
+    return map_images(restore, y, keys, params, mesh=mesh, out_axis=0 if lrs is None else 1)
 
-    return map_images(restore, y, keys, params, mesh=mesh)
+
+@functools.lru_cache(maxsize=8)
+def _per_device(denoiser, forward, config, x_shape, progress, lrs) -> Callable:
+    """One function object per setting, so that map_images reuses its compiled computation."""
+
+    def restore(y, keys, params):
+        if lrs is None:
+            return sample(denoiser, forward, y, keys, config, params, x_shape=x_shape, progress=progress)
+        return sweep_lr(denoiser, forward, y, keys, config, lrs, params, x_shape=x_shape, progress=progress)
+
+    return restore

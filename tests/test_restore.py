@@ -1,41 +1,37 @@
-"""The restore CLI end to end on a tiny random-weight prior (16 px): outputs, refusals, reproducibility."""
+"""The restore CLI end to end on a tiny random-weight prior (16 px): outputs, refusals, reproducibility.
+
+More refusals and recoveries: test_robustness.py; diagnostics, sweeps and videos: test_diagnostics.py.
+"""
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from spgd_jax import checkpoint, restore
-from spgd_jax.unet import CONFIGS, UNet
-
-FAST = ["--steps", "3", "--warmup", "2", "--quiet"]
+from cli_helpers import FAST, random_faces, temporary_files, tiny_weights
+from spgd_jax import restore
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    config = CONFIGS["tiny16"]
-    params = UNet(config).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))["params"]
-    return str(checkpoint.save(tmp_path_factory.mktemp("w") / "tiny16", params, config))
+    return tiny_weights(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("faces")
-    rng = np.random.default_rng(0)
-    for name in ("a", "b", "c"):
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{name}.png")
-    return folder
+    return random_faces(tmp_path_factory.mktemp("faces"))
+
+
+def run(faces, weights, out, *extra):
+    return restore.main(["--task", "inpaint", "--input", str(faces), "--weights", weights, "--out", str(out),
+                         *FAST, *extra])
 
 
 @pytest.fixture(scope="module")
 def first_run(weights, faces, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "inpaint"
-    code = restore.main(["--task", "inpaint", "--input", str(faces), "--weights", weights, "--out", str(out),
-                         "--batch-size", "2", *FAST])
-    assert code == 0
+    assert run(faces, weights, out) == 0
     return out
 
 
@@ -50,30 +46,56 @@ def test_writes_every_output(first_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["name"] for r in metrics["images"]] == ["a", "b", "c"]
     for record in metrics["images"]:
-        assert np.isfinite([record["psnr"], record["ssim"]]).all()
+        assert np.isfinite([record["psnr"], record["ssim"], record["residual_rms"]]).all()
         assert "lpips" not in record  # undefined below 32 px
+        assert record["diverged"] is False
     config = json.loads((out / "config.json").read_text())
     assert config["task"] == "inpaint" and config["sampler_config"]["steps"] == 3
     assert config["sampler_config"]["warmup"] == 2 and config["sampler_config"]["lr"] == 2.5
-    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+    assert temporary_files(out) == []
 
 
 def test_existing_outputs_are_not_overwritten(first_run, faces, weights):
     before = (first_run / "grid.png").read_bytes()
     with pytest.raises(SystemExit, match="already exist.*--overwrite"):
-        restore.main(["--task", "inpaint", "--input", str(faces), "--weights", weights, "--out", str(first_run), *FAST])
+        run(faces, weights, first_run)
     assert (first_run / "grid.png").read_bytes() == before
 
 
 def test_measurement_file_reproduces_the_run(first_run, weights, tmp_path):
     out = tmp_path / "again"
     code = restore.main(["--task", "inpaint", "--measurement", str(first_run / "measurement.npz"),
-                         "--weights", weights, "--out", str(out), "--batch-size", "2", *FAST])
+                         "--weights", weights, "--out", str(out), *FAST])
     assert code == 0
     for name in ("a", "b", "c"):
         np.testing.assert_array_equal(np.asarray(Image.open(out / "restored" / f"{name}.png")),
                                       np.asarray(Image.open(first_run / "restored" / f"{name}.png")))
-    assert json.loads((out / "metrics.json").read_text())["mean_std_over_finite_images"] == {}
+    again, first = (json.loads((o / "metrics.json").read_text()) for o in (out, first_run))
+    assert set(again["mean_std_over_finite_images"]) == {"residual_rms"}  # no ground truth: no PSNR
+    assert [r["residual_rms"] for r in again["images"]] == [r["residual_rms"] for r in first["images"]]
+
+
+def _results(out):
+    """Everything a run computed: restored and measurement pictures, y and operator params, metric values."""
+    pngs = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+    with np.load(out / "measurement.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    return pngs, arrays, json.loads((out / "metrics.json").read_text())["images"]
+
+
+def test_same_seed_same_bits_other_seed_differs(first_run, faces, weights, tmp_path):
+    assert run(faces, weights, tmp_path / "same") == 0
+    pngs, arrays, records = _results(tmp_path / "same")
+    first_pngs, first_arrays, first_records = _results(first_run)
+    assert pngs == first_pngs and records == first_records  # metric values as float64 from the float32 results
+    assert arrays.keys() == first_arrays.keys()
+    for k in arrays:
+        np.testing.assert_array_equal(arrays[k], first_arrays[k])
+    assert run(faces, weights, tmp_path / "other", "--seed", "1") == 0
+    _, other_arrays, other_records = _results(tmp_path / "other")
+    assert not np.array_equal(other_arrays["y"], arrays["y"])
+    assert not np.array_equal(other_arrays["param_mask"], arrays["param_mask"])
+    assert [r["residual_rms"] for r in other_records] != [r["residual_rms"] for r in records]
 
 
 @pytest.mark.parametrize(
@@ -105,6 +127,7 @@ def test_unwritable_output_folder(weights, faces, tmp_path):
     blocker.write_text("x")
     with pytest.raises(SystemExit, match="cannot write to output folder"):
         restore.main(["--task", "sr4", "--input", str(faces), "--weights", weights, "--out", str(blocker / "out"), *FAST])
+    assert not (blocker.parent / "out").exists()
 
 
 def test_measurement_picture_shows_fourier_data_on_a_log_scale():

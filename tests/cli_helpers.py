@@ -1,0 +1,38 @@
+"""Shared inputs for the restore CLI tests: one tiny random-weight prior per test session.
+
+The weights live at one path per session, so every test module that uses them gets the same loaded
+denoiser from restore's cache, and runs with the same settings reuse one compiled sampler.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from spgd_jax import checkpoint
+from spgd_jax.unet import CONFIGS, UNet
+
+FAST = ["--steps", "3", "--warmup", "2", "--batch-size", "2", "--quiet"]  # one compiled call for every such run
+
+
+def tiny_weights(tmp_path_factory) -> str:
+    """A tiny16 checkpoint (random weights, 16 px), written once per session."""
+    path = tmp_path_factory.getbasetemp() / "tiny16-weights"
+    if not path.exists():
+        config = CONFIGS["tiny16"]
+        params = UNet(config).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))["params"]
+        checkpoint.save(path, params, config)
+    return str(path)
+
+
+def random_faces(folder, names=("a", "b", "c"), shape=(20, 24, 3)):
+    """Random RGB PNGs (not square, not 16 px: loading crops and resizes them)."""
+    rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{name}.png")
+    return folder
+
+
+def temporary_files(folder):
+    """Leftover temporary files (hidden names) anywhere below folder."""
+    return sorted(str(p) for p in folder.rglob(".*"))
