@@ -34,6 +34,7 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import jax
@@ -251,7 +252,7 @@ def _load_measurement(path: str, task: str):
             made_for = str(data["task"]) if "task" in data.files else None
     except FileNotFoundError:
         _fail(f"measurement file {path} does not exist")
-    except (OSError, ValueError, KeyError, EOFError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         _fail(f"{path} is not a measurement .npz written by spgd_jax.restore (needs an array 'y'): {error}")
     if made_for is not None and made_for != task:
         _fail(f"{path} is a measurement of task {made_for!r}, not {task!r}; pass --task {made_for}")
@@ -320,7 +321,8 @@ def _residual_rms(operator, x: np.ndarray, y: np.ndarray, op_params) -> np.ndarr
     """(B,) sqrt(mean((A(x_b) - y_b)^2)): how well each restoration explains its measurement."""
     forward = jax.vmap(operator.forward) if op_params else jax.vmap(lambda image: operator.forward(image, None))
     predicted = forward(jnp.asarray(x), *([op_params] if op_params else []))
-    return np.sqrt(np.mean((np.asarray(predicted) - y) ** 2, axis=tuple(range(1, np.ndim(y)))))
+    residual = np.asarray(predicted, np.float64) - np.asarray(y, np.float64)
+    return np.sqrt(np.mean(residual**2, axis=tuple(range(1, np.ndim(y)))))
 
 
 def _write_run(folder: Path, names, run: dict, truth, y, op_params, operator, config, args, lr) -> dict:

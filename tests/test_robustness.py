@@ -1,0 +1,262 @@
+"""Bad input never crashes deep inside JAX and never loses work (the restore CLI, tiny 16 px prior).
+
+Every refusal is a SystemExit whose message names the problem and the fix. Runs that sample use the
+settings of cli_helpers.FAST, so they share one compiled sampler with test_restore.py.
+Refusing pickled code in .pt files is tested where they are read: test_convert.py.
+"""
+
+import contextlib
+import io
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_helpers import FAST, temporary_files, tiny_weights
+from spgd_jax import restore
+
+NOT_QUIET = [a for a in FAST if a != "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return tiny_weights(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def modes(tmp_path_factory):
+    """One 16 px image in each of greyscale, RGBA, palette and 16-bit greyscale."""
+    folder = tmp_path_factory.mktemp("modes")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)).save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P").save(folder / "palette.png")
+    Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16)).save(folder / "sixteen.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def modes_run(weights, modes, tmp_path_factory):
+    """(out folder, stderr) of a run on the four images, with notices shown."""
+    out = tmp_path_factory.mktemp("modes-run") / "out"
+    stderr = io.StringIO()  # capsys is per test; this fixture is per module
+    with contextlib.redirect_stderr(stderr):
+        assert restore.main(["--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(out),
+                             *NOT_QUIET]) == 0
+    return out, stderr.getvalue()
+
+
+def cli(*arguments):
+    return restore.main([*arguments])
+
+
+# ------------------------------------------------------------------ option values
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--adm", "bogus"], "invalid choice: 'bogus'"),
+    (["--sampler", "ddim"], "invalid choice: 'ddim'"),
+    (["--lr", "fast"], "'fast' is not a number or a comma-separated list"),
+    (["--lr", "1,2,1"], "lists a learning rate twice"),
+    (["--steps", "many"], "invalid int value"),
+])
+def test_malformed_option_values_are_argparse_errors(arguments, message, weights, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli("--task", "sr4", "--weights", weights, *arguments)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--lr", "1,0"], "lr must be > 0"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--steps", "1"], "steps"),
+    (["--beta", "1.5"], r"beta must be in \[0, 1\)"),
+    (["--sigma-y", "-0.1"], "sigma_y must be >= 0"),
+    (["--sampler", "dps", "--diagnostics"], "--diagnostics records SPGD's warm-up gradients"),
+    (["--sampler", "dps", "--zeta", "0"], "zeta must be > 0"),
+])
+def test_out_of_range_values_are_clear_errors(arguments, message, weights, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        cli("--task", "sr4", "--weights", weights, "--out", str(tmp_path / "out"), "--quiet", *arguments)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ images
+
+
+def test_other_image_modes_are_converted_with_notices(modes_run):
+    out, stderr = modes_run
+    for name, mode in (("grey", "L"), ("rgba", "RGBA"), ("palette", "P"), ("sixteen", "I;16")):
+        assert any(f"{name}.png: {mode}" in line and "RGB" in line for line in stderr.splitlines()), (name, stderr)
+        restored = Image.open(out / "restored" / f"{name}.png")
+        assert restored.mode == "RGB" and restored.size == (16, 16)
+
+
+def test_corrupt_or_truncated_image_is_named_and_nothing_is_written(weights, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "good.png")
+    (folder / "bad.png").write_bytes((folder / "good.png").read_bytes()[:40])
+    with pytest.raises(SystemExit, match=r"bad.png is not a readable image.*re-export it"):
+        cli("--task", "inpaint", "--input", str(folder), "--weights", weights, "--out", str(tmp_path / "out"), *FAST)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def _measurement(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, task, message", [
+    ("other task", "sr4", r"is a measurement of task 'inpaint', not 'sr4'; pass --task inpaint"),
+    ("wrong size", "sr4", r"each measurement has shape \(8, 8, 3\), but task 'sr4' with a 16 px model makes \(4, 4, 3\)"),
+    ("no mask", "inpaint", r"holds operator parameters \[\], but task 'inpaint' at 16 px needs \['mask'\]"),
+    ("mask size", "inpaint", r"parameter 'mask' has shape \(2, 8, 8, 1\), task 'inpaint' at 16 px needs \(2, 16, 16"),
+    ("not npz", "sr4", "not a measurement .npz written by spgd_jax.restore"),
+])
+def test_measurement_that_does_not_fit_is_refused(case, task, message, weights, tmp_path):
+    y16 = np.zeros((2, 16, 16, 3), np.float32)
+    path = {
+        "other task": lambda p: _measurement(p, y=y16, task=np.asarray("inpaint")),
+        "wrong size": lambda p: _measurement(p, y=np.zeros((2, 8, 8, 3), np.float32)),
+        "no mask": lambda p: _measurement(p, y=y16),
+        "mask size": lambda p: _measurement(p, y=y16, param_mask=np.ones((2, 8, 8, 1), np.float32)),
+        "not npz": lambda p: (p.write_bytes(b"PK\x03\x04 broken"), str(p))[1],
+    }[case](tmp_path / "m.npz")
+    with pytest.raises(SystemExit, match=message):
+        cli("--task", task, "--measurement", path, "--weights", weights, "--out", str(tmp_path / "out"), *FAST)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ weights
+
+
+def _damaged(weights, tmp_path, how):
+    path = tmp_path / "w"
+    shutil.copytree(weights, path)
+    if how == "other config":
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "num_channels": 2 * config["num_channels"]}))
+    elif how == "corrupt params":
+        for p in (path / "params").rglob("*"):
+            if p.is_file() and p.name != "_METADATA":
+                p.write_bytes(b"garbage")
+    elif how == "partial":
+        shutil.rmtree(path / "params")
+    return path
+
+
+@pytest.mark.parametrize("how, message", [
+    ("other config", "params do not match the config"),
+    ("corrupt params", "corrupt or partial checkpoint"),
+    ("partial", "params/ is missing"),
+])
+def test_broken_weights_are_refused_before_any_work(how, message, weights, tmp_path):
+    path = _damaged(weights, tmp_path, how)
+    with pytest.raises(SystemExit, match=f"cannot load weights from {path}: .*{message}"):
+        cli("--task", "sr4", "--weights", str(path), "--out", str(tmp_path / "out"), *FAST)
+    assert not (tmp_path / "out").exists()
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_pytorch_file_as_weights_is_refused_unread_with_the_convert_command(tmp_path):
+    marker = tmp_path / "code-ran"
+    pt = tmp_path / "model.pt"
+    pt.write_bytes(pickle.dumps({"trap": _RunsCodeWhenUnpickled(marker)}))
+    with pytest.raises(SystemExit, match=r"is a file; it needs a checkpoint directory.*python -m convert .*model.pt"):
+        cli("--task", "sr4", "--weights", str(pt), "--out", str(tmp_path / "out"), *FAST)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ divergence
+
+
+def test_a_diverging_image_is_flagged_and_the_others_are_written(modes_run, weights, tmp_path, capsys):
+    out, _ = modes_run
+    with np.load(out / "measurement.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["y"][1] = 3e38  # a residual beyond float32: image 1's gradient overflows at once
+    poisoned = _measurement(tmp_path / "poisoned.npz", **arrays)
+    assert cli("--task", "inpaint", "--measurement", poisoned, "--weights", weights, "--out", str(tmp_path / "o"),
+               *FAST) == 0
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    names = [str(n) for n in arrays["names"]]
+    assert [r["diverged"] for r in metrics["images"]] == [False, True, False, False]
+    assert metrics["images"][1]["diverged_at_step"] == 0
+    assert all("diverged_at_step" not in r for i, r in enumerate(metrics["images"]) if i != 1)
+    finite = [r["residual_rms"] for i, r in enumerate(metrics["images"]) if i != 1]
+    np.testing.assert_allclose(metrics["mean_std_over_finite_images"]["residual_rms"]["mean"], np.mean(finite),
+                               rtol=1e-6)
+    for name in names:  # every image is written, the diverged one as its last finite state
+        assert Image.open(tmp_path / "o" / "restored" / f"{name}.png").size == (16, 16)
+    err = capsys.readouterr().err
+    assert f"warning: {names[1]} diverged" in err and "at outer step 0" in err and "smaller --lr" in err
+    assert err.count("warning:") == 1
+
+
+# ------------------------------------------------------------------ Ctrl-C
+
+
+def _interrupt_inside(monkeypatch, owner, name):
+    """Makes owner.name write a few bytes into its stream, then raise KeyboardInterrupt (as Ctrl-C would)."""
+
+    def interrupted(*args, **kwargs):
+        stream = next(a for a in (*args, *kwargs.values()) if hasattr(a, "write"))
+        stream.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+def test_ctrl_c_while_writing_leaves_only_complete_files(modes, weights, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _interrupt_inside(monkeypatch, np, "savez")  # measurement.npz, written after the measurement pictures
+    with pytest.raises(KeyboardInterrupt):
+        cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(out), *FAST)
+    monkeypatch.undo()
+    assert temporary_files(out) == []
+    assert not (out / "measurement.npz").exists()
+    written = sorted(p for p in out.rglob("*") if p.is_file())
+    assert written and all(p.suffix == ".png" for p in written)
+    for path in written:
+        Image.open(path).load()  # complete files only
+
+    out2 = tmp_path / "out2"
+    _interrupt_inside(monkeypatch, Image.Image, "save")  # inside the very first PNG
+    with pytest.raises(KeyboardInterrupt):
+        cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(out2), *FAST)
+    assert temporary_files(out2) == [] and not [p for p in out2.rglob("*") if p.is_file()]
+
+
+def test_ctrl_c_while_sampling_leaves_no_output_folder(modes, weights, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(restore.sharding, "sample_sharded", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(tmp_path / "a" / "b"), *FAST)
+    assert not (tmp_path / "a" / "b").exists()
+
+
+def test_command_line_entry_reports_an_interrupt(monkeypatch, capsys):
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(restore, "main", interrupted)
+    assert restore._entry() == 130
+    assert "interrupted" in capsys.readouterr().err
