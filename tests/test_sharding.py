@@ -1,0 +1,104 @@
+"""The image batch split over devices gives the single-device results.
+
+Four CPU devices need XLA_FLAGS before JAX starts, so that part runs in a subprocess: the samplers
+on toy problems (an uneven batch of 5 over 4 devices; equal to float32 rounding, as the toy
+convolution rounds differently at another batch size, see test_spgd's batching test), then the
+restore CLI with the tiny UNet, whose outputs must equal the same run on one device here bit for bit.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from cli_helpers import FAST, random_faces, tiny_weights
+from sampler_toys import SHAPE, gaussian_denoiser, matrix_forward, random_problem
+from spgd_jax import restore, sharding
+from spgd_jax.spgd import SPGDConfig
+
+FOUR_DEVICES = textwrap.dedent("""
+    import sys
+    import dataclasses
+    import jax
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from sampler_toys import SHAPE, conv_denoiser, matrix_forward, random_problem
+    from spgd_jax import restore, sharding
+    from spgd_jax.dps import DPSConfig
+    from spgd_jax.sampling import sample
+    from spgd_jax.spgd import SPGDConfig
+    from spgd_jax.sweep import sweep_lr
+
+    assert jax.device_count() == 4, jax.devices()
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    denoiser = conv_denoiser()
+    matrices, _, y, _ = random_problem(5)  # 5 images: padded to 8, 2 per device
+    key = jax.random.key(7)
+    for config in (SPGDConfig(lr=1.0, steps=4, warmup=3, diagnostics=True, trajectory_every=2),
+                   DPSConfig(zeta=0.5, steps=4)):
+        single = sample(denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE)
+        split = sharding.sample_sharded(denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE)
+        assert single.x.devices() == {jax.devices()[0]}
+        jax.tree_util.tree_map(close, split, jax.device_get(single))
+        np.testing.assert_array_equal(split.diverged_step, single.diverged_step)
+    lrs = [0.5, 2.0]
+    single = sweep_lr(denoiser, matrix_forward, y, key, config := SPGDConfig(lr=1.0, steps=4, warmup=3), lrs,
+                      matrices, x_shape=SHAPE)
+    split = sharding.sample_sharded(denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE, lrs=lrs)
+    jax.tree_util.tree_map(close, split, jax.device_get(single))
+    try:
+        sharding.shard_batch(np.zeros((5, 2)), sharding.batch_mesh())
+        raise AssertionError("5 rows over 4 devices were accepted")
+    except ValueError as error:
+        assert "multiple of 4" in str(error), error
+    assert restore.main(sys.argv[2:]) == 0
+    print("four devices: OK")
+""")
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    return tiny_weights(tmp_path_factory), random_faces(tmp_path_factory.mktemp("faces"), names=("a", "b", "c", "d", "e"))
+
+
+def _cli_arguments(weights, faces, out):
+    return ["--task", "inpaint", "--input", str(faces), "--weights", weights, "--out", str(out), *FAST]
+
+
+def test_four_devices_equal_one(cli_inputs, tmp_path):
+    weights, faces = cli_inputs
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    tests = Path(__file__).parent
+    done = subprocess.run(
+        [sys.executable, "-c", FOUR_DEVICES, str(tests), *_cli_arguments(weights, faces, tmp_path / "four")],
+        env=env, capture_output=True, text=True, timeout=900, cwd=tests.parent,
+    )
+    assert done.returncode == 0 and "four devices: OK" in done.stdout, done.stderr[-4000:]
+
+    assert restore.main(_cli_arguments(weights, faces, tmp_path / "one")) == 0
+    four, one = tmp_path / "four", tmp_path / "one"
+    assert len(json.loads((four / "config.json").read_text())["devices"]) == 4
+    assert len(json.loads((one / "config.json").read_text())["devices"]) == jax.local_device_count()
+    pngs = sorted(p.relative_to(one) for p in one.rglob("*.png"))
+    assert len(pngs) == 2 * 5 + 1
+    for path in pngs:
+        assert (four / path).read_bytes() == (one / path).read_bytes(), path
+    records = [json.loads((o / "metrics.json").read_text())["images"] for o in (four, one)]
+    assert records[0] == records[1]  # every metric of every image, to the last bit of float32
+
+
+def test_map_images_on_this_process_pads_and_checks_inputs():
+    matrices, _, y, _ = random_problem(3)
+    mesh = sharding.batch_mesh()
+    config = SPGDConfig(lr=1.0, steps=3, warmup=2)
+    result = sharding.sample_sharded(gaussian_denoiser, matrix_forward, y, jax.random.key(0), config, matrices,
+                                     x_shape=SHAPE, mesh=mesh)
+    assert isinstance(result.x, np.ndarray) and result.x.shape == (3,) + SHAPE
+    with pytest.raises(ValueError, match="same leading image axis"):
+        sharding.map_images(lambda a, b: a, y, matrices[:2], mesh=mesh)
