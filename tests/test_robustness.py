@@ -28,13 +28,14 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def modes(tmp_path_factory):
-    """One 16 px image in each of greyscale, RGBA, palette and 16-bit greyscale."""
+    """One 16 px image in each of greyscale, RGBA, palette and 16-bit greyscale, and a wide 20x40 RGB one."""
     folder = tmp_path_factory.mktemp("modes")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / "grey.png")
     Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)).save(folder / "rgba.png")
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P").save(folder / "palette.png")
     Image.fromarray(rng.integers(0, 65536, (16, 16), dtype=np.uint16)).save(folder / "sixteen.png")
+    Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)).save(folder / "wide.png")
     return folder
 
 
@@ -89,10 +90,15 @@ def test_out_of_range_values_are_clear_errors(arguments, message, weights, tmp_p
 # ------------------------------------------------------------------ images
 
 
-def test_other_image_modes_are_converted_with_notices(modes_run):
+def test_other_modes_and_sizes_are_converted_with_notices(modes_run):
     out, stderr = modes_run
+    notices = [line for line in stderr.splitlines() if line.startswith("notice: ")]
     for name, mode in (("grey", "L"), ("rgba", "RGBA"), ("palette", "P"), ("sixteen", "I;16")):
-        assert any(f"{name}.png: {mode}" in line and "RGB" in line for line in stderr.splitlines()), (name, stderr)
+        assert any(f"{name}.png: {mode}" in line and "RGB" in line for line in notices), (name, stderr)
+    assert any("wide.png: 40x20 centre-cropped to 20x20" in line for line in notices)
+    assert any("wide.png: resized from 20x20 to 16x16" in line for line in notices)
+    assert len(notices) == 6
+    for name in ("grey", "rgba", "palette", "sixteen", "wide"):
         restored = Image.open(out / "restored" / f"{name}.png")
         assert restored.mode == "RGB" and restored.size == (16, 16)
 
@@ -196,7 +202,7 @@ def test_a_diverging_image_is_flagged_and_the_others_are_written(modes_run, weig
                *FAST) == 0
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     names = [str(n) for n in arrays["names"]]
-    assert [r["diverged"] for r in metrics["images"]] == [False, True, False, False]
+    assert [r["diverged"] for r in metrics["images"]] == [False, True, False, False, False]
     assert metrics["images"][1]["diverged_at_step"] == 0
     assert all("diverged_at_step" not in r for i, r in enumerate(metrics["images"]) if i != 1)
     finite = [r["residual_rms"] for i, r in enumerate(metrics["images"]) if i != 1]
