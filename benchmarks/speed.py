@@ -95,14 +95,16 @@ class Preset:
 
 
 CPU_NOTE = (
-    "JAX trails on this CPU because of how XLA:CPU compiles convolutions inside loops: in the sampler's "
-    "lax.scan / fori_loop body XLA folds the kernel transposes of the backward (input-gradient) "
-    "convolutions into the convolutions themselves (dim_labels b01f_01oi->b01f: 39 of the 78 "
-    "convolutions of the 32px UNet's forward + backward), and XLA:CPU runs only HWIO (01io) kernels "
-    "through Eigen (ir_emission_utils.cc, PotentiallyImplementedAsEigenConvolution), the rest as "
-    "unoptimised elemental loops. The same forward + backward unrolled outside any loop (all 01io) ran "
-    "about 4x faster per NFE here than in a hand-written scan/fori_loop (about 130 vs 520 ms at batch 4). "
-    "GPUs (cuDNN, its own layouts) are the target platform."
+    "JAX trails on this CPU because of XLA:CPU, in loops: JAX's transpose rule emits each backward "
+    "(input-gradient) convolution with the kernel's in/out dimensions swapped (dim_labels "
+    "b01f_01oi->b01f: 39 of the 78 convolutions of the 32px UNet's forward + backward). XLA:CPU runs only "
+    "HWIO (01io) kernels through Eigen, and its ConvCanonicalization pass, which would insert the "
+    "transposes, walks only the entry computation (xla/service/cpu/conv_canonicalization.cc), so inside "
+    "the sampler's lax.scan / fori_loop body these convolutions run as unoptimised elemental loops. The "
+    "same forward + backward unrolled in the entry computation (all 01io) ran about 4x faster per NFE here "
+    "than in a hand-written scan/fori_loop (about 130 vs 520 ms at batch 4). GPUs (cuDNN) are the target "
+    "platform; a CPU fix would be a custom_vjp convolution whose backward uses an explicitly transposed "
+    "HWIO kernel."
 )
 
 PRESETS = {
