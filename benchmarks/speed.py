@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -344,12 +345,12 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
     device = jax.devices()[0]
     info = {
         "jax": jax.__version__,
-        "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
+        "jaxlib": importlib.metadata.version("jaxlib"),
         "flax": flax.__version__,
         "backend": jax.default_backend(),
         "device": getattr(device, "device_kind", str(device)),
         "device_count": jax.device_count(),
-        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+        "jax_default_matmul_precision": getattr(jax.config, "jax_default_matmul_precision", "n/a"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
@@ -370,7 +371,11 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
     op = operators.get("inpaint", xc.unet.image_size)
     config = SPGDConfig(lr=LR, steps=xc.steps, warmup=xc.warmup, adm="off")
     for precision in preset.xcheck_precisions:
-        reference = np.load(work / f"xcheck_{precision}.npz")["x"]
+        saved = work / f"xcheck_{precision}.npz"
+        if not saved.is_file():
+            result["skipped"].append(f"cross-check ({precision}): no PyTorch output ({saved})")
+            continue
+        reference = np.load(saved)["x"]
 
         @jax.jit
         def run_xcheck(p, x_t, y, mask):
@@ -455,7 +460,7 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
                 row["device_peak_bytes_so_far"] = stats["peak_bytes_in_use"]
         row["loadavg_after"] = loadavg()
         row["precision"] = "bfloat16 compute" if row["dtype"] == "bfloat16" else (
-            f"float32, jax_default_matmul_precision={jax.config.jax_default_matmul_precision}")
+            f"float32, jax_default_matmul_precision={info['jax_default_matmul_precision']}")
         print(f"[jax] {row['dtype']} b{row['batch']}: {row.get('status')} compile {row.get('compile_s', float('nan')):.1f} s"
               f", run {row.get('run_s', float('nan')):.3f} s for {preset.timed_steps} outer steps", flush=True)
         return row
@@ -542,7 +547,24 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
 # -- report ---------------------------------------------------------------------------------------
 
 
+_HOST_STUB = {"cpu": "n/a", "cpu_count": "n/a", "python": "n/a", "loadavg_1_5_15min": None}
+_INFO_STUBS = {
+    "torch": {"device": "n/a", "torch": "n/a", "cuda": None, "default_flags": {}, "host": _HOST_STUB},
+    "jax": {"device": "n/a", "backend": "n/a", "jax": "n/a", "jaxlib": "n/a", "flax": "n/a",
+            "jax_default_matmul_precision": "n/a", "XLA_FLAGS": "", "host": _HOST_STUB},
+}
+
+
+def load_phase(path: Path, phase: str) -> dict:
+    """A phase's results, or an empty stand-in naming the problem when the phase wrote none."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"info": _INFO_STUBS[phase], "rows": [], "xcheck": {}, "skipped": [f"{phase} phase: no results ({path})"]}
+
+
 def device_label(jax_info: dict) -> str:
+    if jax_info.get("backend") not in ("cpu", "gpu", "cuda", "rocm"):
+        return "unknown"
     if jax_info.get("backend") == "cpu":
         return f"cpu-{jax_info['host']['cpu_count']}core"
     kind = jax_info.get("device", "gpu").lower()
@@ -567,8 +589,8 @@ def derive(row: dict, preset: Preset) -> dict:
 
 
 def report(preset_name: str, preset: Preset, work: Path, out: Path, label: str | None) -> Path:
-    torch_result = json.loads((work / "torch.json").read_text())
-    jax_result = json.loads((work / "jax.json").read_text())
+    torch_result = load_phase(work / "torch.json", "torch")
+    jax_result = load_phase(work / "jax.json", "jax")
     label = label or device_label(jax_result["info"])
     rows = [derive(r, preset) for r in torch_result["rows"] + jax_result["rows"]]
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -717,7 +739,8 @@ def plot(s: dict, path: Path) -> None:
     ax.set_ylabel(f"images / s (T={s['work']['T']}, N={s['work']['N']})")
     ax.set_title(f"SPGD speed, {s['work']['unet']['image_size']}px, {s['label']}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if series:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -106,7 +106,13 @@ def spgd(
 
 def precision_flags() -> dict:
     """PyTorch's precision and algorithm-selection settings as they stand."""
-    return {
+    newer = {  # the fp32_precision settings of newer PyTorch releases, where present
+        f"{name}.fp32_precision": getattr(module, "fp32_precision")
+        for name, module in (("torch.backends.cuda.matmul", torch.backends.cuda.matmul),
+                             ("torch.backends.cudnn.conv", getattr(torch.backends.cudnn, "conv", None)))
+        if hasattr(module, "fp32_precision")
+    }
+    return newer | {
         "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
         "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision(),

@@ -22,7 +22,7 @@ from spgd_jax.schedule import edm_sigmas
 from spgd_jax.spgd import SPGDConfig, spgd
 from spgd_jax.unet import CONFIGS, UNet
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
 from benchmarks import speed, torch_spgd  # noqa: E402
 
 
