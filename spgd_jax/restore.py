@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--task", required=True, choices=operators.TASKS, help="degradation to undo")
     parser.add_argument("--input", help="image file, folder or glob (default: matplotlib's Grace Hopper photo)")
-    parser.add_argument("--measurement", help="restore this measurement (.npz written by this tool) instead of degrading --input")
+    parser.add_argument("--measurement",
+                        help="restore this measurement (.npz written by this tool) instead of degrading --input")
     parser.add_argument("--weights", help="checkpoint directory (default: the embedded 64 px face prior)")
     parser.add_argument("--out", help="output folder (default: restored-TASK)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zeta", type=float, help="DPS step size (default: the task's)")
     parser.add_argument("--sigma-y", type=float, help="measurement noise std in [-1, 1] units (default: the task's)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for operator, noise and sampler")
-    parser.add_argument("--batch-size", type=int, help="images restored per compiled call (default 4 per device)")
+    parser.add_argument("--batch-size", type=int,
+                        help="images per compiled call (default 4 per device; a sweep holds one copy per rate)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="SPGD: record gradient angles per step (the paper's Figure 2) -> diagnostics.png")
     parser.add_argument("--video", action="store_true", help="write an animated GIF of x0_hat per image -> video/")
@@ -215,7 +217,8 @@ def _prepare_out(out: Path, planned: list[Path], overwrite: bool) -> bool:
     existing = [p for p in planned if p.exists()]
     if existing and not overwrite:
         shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
-        _fail(f"{len(existing)} output file(s) already exist ({shown}); pass --overwrite to replace them or choose another --out")
+        _fail(f"{len(existing)} output file(s) already exist ({shown}); pass --overwrite to replace them "
+              "or choose another --out")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -230,8 +233,10 @@ def _measurement_picture(y: np.ndarray, size: int) -> np.ndarray:
     """A (size, size, 3) picture in [-1, 1] of one measurement: images as they are (upsampled by
     nearest neighbour when smaller), anything else (e.g. Fourier magnitudes) on a log scale."""
     y = np.asarray(y, dtype=np.float32)
-    if y.ndim != 3 or y.shape[-1] != 3:
-        y = np.broadcast_to(y.reshape(y.shape[0], -1, 1)[..., :1], (y.shape[0], y.shape[0], 3)) if y.ndim >= 2 else np.zeros((size, size, 3), np.float32)
+    if y.ndim < 2:
+        y = np.zeros((size, size, 3), np.float32)
+    elif y.ndim != 3 or y.shape[-1] != 3:
+        y = np.broadcast_to(y.reshape(y.shape[0], -1, 1)[..., :1], (y.shape[0], y.shape[0], 3))
     y = np.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
     if y.min() < -1.5 or y.max() > 1.5:  # not an image in [-1, 1]: show log magnitude
         y = np.log1p(np.abs(y))
@@ -248,7 +253,8 @@ def _load_measurement(path: str, task: str):
         with np.load(path, allow_pickle=False) as data:
             y = np.asarray(data["y"], dtype=np.float32)
             params = {key[len("param_"):]: data[key] for key in data.files if key.startswith("param_")}
-            names = [str(n) for n in data["names"]] if "names" in data.files else [f"image{i:03d}" for i in range(len(y))]
+            default_names = [f"image{i:03d}" for i in range(len(y))]
+            names = [str(n) for n in data["names"]] if "names" in data.files else default_names
             made_for = str(data["task"]) if "task" in data.files else None
     except FileNotFoundError:
         _fail(f"measurement file {path} does not exist")
@@ -329,7 +335,8 @@ def _write_run(folder: Path, names, run: dict, truth, y, op_params, operator, co
     """One run's restored/, metrics.json, diagnostics and videos in folder; returns its metric summary."""
     x, diverged, diverged_step = run["x"], run["diverged"], run["diverged_step"]
     per_image = [{"name": name, "diverged": bool(flag)} for name, flag in zip(names, diverged)]
-    hint = "a smaller --zeta" if args.sampler == "dps" else f"a smaller --lr (this run: {config.lr if lr is None else lr:g})"
+    rate = config.lr if lr is None else lr
+    hint = "a smaller --zeta" if args.sampler == "dps" else f"a smaller --lr (this run: {rate:g})"
     for record, flag, step in zip(per_image, diverged, diverged_step):
         if flag:
             record["diverged_at_step"] = int(step)
@@ -355,7 +362,7 @@ def _write_run(folder: Path, names, run: dict, truth, y, op_params, operator, co
         angles = {k: np.asarray(v) for k, v in run["diagnostics"].items()}
         _write_npz(folder / "diagnostics.npz", names=np.asarray(names), diverged_step=diverged_step, **angles)
         diagnostics.plot_angles(folder / "diagnostics.png", {k: v[~diverged] for k, v in angles.items()},
-                                title=f"{args.task}, SPGD, lr {config.lr if lr is None else lr:g}")
+                                title=f"{args.task}, SPGD, lr {rate:g}")
     _write_json(folder / "metrics.json", {
         **({} if lr is None else {"lr": lr}),
         "lpips": metrics.LPIPS_NAME,
@@ -449,7 +456,7 @@ def _write_outputs(out, folders, names, runs, truth, y, op_params, operator, con
         "task": args.task,
         "operator": {"sigma_y": operator.sigma_y, **dict(operator.settings)},
         "sampler": args.sampler,
-        "sampler_config": dataclasses.asdict(config),
+        "sampler_config": {**dataclasses.asdict(config), **({} if lrs is None else {"lr": list(lrs)})},
         "learning_rates": None if lrs is None else list(lrs),
         "weights": str(weights),
         "unet_config": unet_config.to_dict(),

@@ -59,7 +59,8 @@ def sweep_lr(
     learning rate for each outer step i.
     """
     if not isinstance(config, SPGDConfig):
-        raise TypeError(f"sweep_lr sweeps SPGD's learning rate: config must be an SPGDConfig, got {type(config).__name__}")
+        raise TypeError(f"sweep_lr sweeps SPGD's learning rate: config must be an SPGDConfig, "
+                        f"got {type(config).__name__}")
     lrs = jnp.asarray(check_lrs(lrs), jnp.float32)
     return _sweep(denoiser, forward, y, key, config, lrs, params, check_x_shape(x_shape), progress)
 

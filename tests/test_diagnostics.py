@@ -174,10 +174,10 @@ def test_plot_and_gif_are_written_atomically(tmp_path):
     sweep.plot_sweep(tmp_path / "sweep.png", [1, 2], [{"psnr": {"mean": 1.0, "std": 0.1}}] * 2, "t")
     frames = np.linspace(-1, 1, 5)[:, None, None, None] * np.ones((5, 16, 16, 3))
     diagnostics.save_gif(tmp_path / "video.gif", frames)
-    gif = Image.open(tmp_path / "video.gif")
-    assert gif.n_frames == 5 and gif.size == (128, 128) and gif.info["loop"] == 0
-    gif.seek(2)
-    np.testing.assert_allclose(np.asarray(gif.convert("RGB")), 128, atol=1)  # the middle frame: 0 -> grey
+    with Image.open(tmp_path / "video.gif") as gif:
+        assert gif.n_frames == 5 and gif.size == (128, 128) and gif.info["loop"] == 0
+        gif.seek(2)
+        np.testing.assert_allclose(np.asarray(gif.convert("RGB")), 128, atol=1)  # the middle frame: 0 -> grey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["angles.png", "sweep.png", "video.gif"]
     with pytest.raises(ValueError, match=r"\(K, H, W, 3\)"):
         diagnostics.save_gif(tmp_path / "bad.gif", frames[0])
@@ -210,7 +210,8 @@ def test_cli_sweep_writes_a_folder_per_rate_a_table_and_a_plot(sweep_run):
     assert Image.open(out / "sweep.png").size[0] > 0
     assert Image.open(out / "grid.png").size == (4 * 16, 3 * 16)  # input | measurement | lr 2.5 | lr 1e30
     config = json.loads((out / "config.json").read_text())
-    assert config["learning_rates"] == [2.5, 1e30] and config["sampler_config"]["diagnostics"] is True
+    assert config["learning_rates"] == config["sampler_config"]["lr"] == [2.5, 1e30]
+    assert config["sampler_config"]["diagnostics"] is True
     assert temporary_files(out) == []
 
 
@@ -223,9 +224,8 @@ def test_cli_diagnostics_and_videos(sweep_run):
             assert ((0 <= data[name]) & (data[name] <= 180)).all()
     assert Image.open(out / "lr-2.5" / "diagnostics.png").size == (700, 400)
     for folder in ("lr-2.5", "lr-1e+30"):
-        gif = Image.open(out / folder / "video" / "a.gif")
-        assert gif.size == (128, 128)
-        assert 1 <= gif.n_frames <= (4 if folder == "lr-2.5" else 1)  # x0_hat at 3 steps + result; diverged: result
+        with Image.open(out / folder / "video" / "a.gif") as gif:  # x0_hat at 3 steps + result; diverged: result
+            assert gif.size == (128, 128) and 1 <= gif.n_frames <= (4 if folder == "lr-2.5" else 1)
 
 
 def test_cli_sweep_refuses_to_overwrite_any_rate_folder(sweep_run, tmp_path):

@@ -126,7 +126,8 @@ def test_unwritable_output_folder(weights, faces, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(SystemExit, match="cannot write to output folder"):
-        restore.main(["--task", "sr4", "--input", str(faces), "--weights", weights, "--out", str(blocker / "out"), *FAST])
+        restore.main(["--task", "sr4", "--input", str(faces), "--weights", weights, "--out", str(blocker / "out"),
+                      *FAST])
     assert not (blocker.parent / "out").exists()
 
 

@@ -123,7 +123,7 @@ def _measurement(path, **arrays):
 
 @pytest.mark.parametrize("case, task, message", [
     ("other task", "sr4", r"is a measurement of task 'inpaint', not 'sr4'; pass --task inpaint"),
-    ("wrong size", "sr4", r"each measurement has shape \(8, 8, 3\), but task 'sr4' with a 16 px model makes \(4, 4, 3\)"),
+    ("wrong size", "sr4", r"measurement has shape \(8, 8, 3\), but task 'sr4' with a 16 px model makes \(4, 4, 3\)"),
     ("no mask", "inpaint", r"holds operator parameters \[\], but task 'inpaint' at 16 px needs \['mask'\]"),
     ("mask size", "inpaint", r"parameter 'mask' has shape \(2, 8, 8, 1\), task 'inpaint' at 16 px needs \(2, 16, 16"),
     ("not npz", "sr4", "not a measurement .npz written by spgd_jax.restore"),

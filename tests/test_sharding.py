@@ -20,6 +20,7 @@ import pytest
 from cli_helpers import FAST, random_faces, tiny_weights
 from sampler_toys import SHAPE, gaussian_denoiser, matrix_forward, random_problem
 from spgd_jax import restore, sharding
+from spgd_jax.sampling import sample
 from spgd_jax.spgd import SPGDConfig
 
 FOUR_DEVICES = textwrap.dedent("""
@@ -64,7 +65,8 @@ FOUR_DEVICES = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def cli_inputs(tmp_path_factory):
-    return tiny_weights(tmp_path_factory), random_faces(tmp_path_factory.mktemp("faces"), names=("a", "b", "c", "d", "e"))
+    faces = random_faces(tmp_path_factory.mktemp("faces"), names=("a", "b", "c", "d", "e"))
+    return tiny_weights(tmp_path_factory), faces
 
 
 def _cli_arguments(weights, faces, out):
@@ -100,5 +102,7 @@ def test_map_images_on_this_process_pads_and_checks_inputs():
     result = sharding.sample_sharded(gaussian_denoiser, matrix_forward, y, jax.random.key(0), config, matrices,
                                      x_shape=SHAPE, mesh=mesh)
     assert isinstance(result.x, np.ndarray) and result.x.shape == (3,) + SHAPE
+    alone = sample(gaussian_denoiser, matrix_forward, y, jax.random.key(0), config, matrices, x_shape=SHAPE)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, result, jax.device_get(alone))
     with pytest.raises(ValueError, match="same leading image axis"):
         sharding.map_images(lambda a, b: a, y, matrices[:2], mesh=mesh)
