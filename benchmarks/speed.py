@@ -92,33 +92,35 @@ class Preset:
     threads: int | None = None  # CPU threads for each framework (None: their defaults)
     xcheck_precisions: tuple[str, ...] = ("highest",)
     xcheck: CrossCheck = CrossCheck()
+    # (dtype, batch) pairs for 'nfe only' rows: timed_steps * warmup likelihood gradients (UNet forward +
+    # backward) as separate jitted calls, no loop; the sampler's ceiling on this device.
+    ceiling: tuple[tuple[str, int], ...] = ()
     notes: tuple[str, ...] = ()
 
 
 CPU_NOTE = (
-    "JAX trails on this CPU because of XLA:CPU, in loops: JAX's transpose rule emits each backward "
-    "(input-gradient) convolution with the kernel's in/out dimensions swapped (dim_labels "
-    "b01f_01oi->b01f: 39 of the 78 convolutions of the 32px UNet's forward + backward). XLA:CPU runs only "
-    "HWIO (01io) kernels through Eigen, and its ConvCanonicalization pass, which would insert the "
-    "transposes, walks only the entry computation (xla/service/cpu/conv_canonicalization.cc), so inside "
-    "the sampler's lax.scan / fori_loop body these convolutions run as unoptimised elemental loops. The "
-    "same forward + backward unrolled in the entry computation (all 01io) ran about 4x faster per NFE here "
-    "than in a hand-written scan/fori_loop (about 130 vs 520 ms at batch 4). GPUs (cuDNN) are the target "
-    "platform; a CPU fix would be a custom_vjp convolution whose backward uses an explicitly transposed "
-    "HWIO kernel."
+    "JAX trails on this CPU because of XLA:CPU, in loops. The `nfe only` row runs the same likelihood "
+    "gradients outside any loop at about PyTorch's rate, several times the sampler's NFE/s. Inside the "
+    "sampler's lax.scan / fori_loop body, JAX's transpose rule emits each backward (input-gradient) "
+    "convolution with the kernel's in/out dimensions swapped (dim_labels b01f_01oi->b01f: 39 of the 78 "
+    "convolutions of this UNet's forward + backward); XLA:CPU runs only HWIO (01io) kernels through "
+    "Eigen, and its ConvCanonicalization pass, which would insert the transposes, walks only the entry "
+    "computation (xla/service/cpu/conv_canonicalization.cc), so these run as unoptimised elemental loops. "
+    "GPUs (cuDNN) are the target platform; a CPU fix would be a custom_vjp convolution whose backward "
+    "uses an explicitly transposed HWIO kernel."
 )
 
 PRESETS = {
     "cpu-tiny": Preset(
         description="CPU, 32x32 UNet (BENCH32), T=10, N=2, one thread per framework",
         unet=BENCH32, steps=10, warmup=2, timed_steps=10, batches=(1, 4), dtypes=("float32",),
-        torch_batches=(1, 4), threads=1, notes=(CPU_NOTE,),
+        torch_batches=(1, 4), threads=1, ceiling=(("float32", 4),), notes=(CPU_NOTE,),
     ),
     "gpu-ffhq256": Preset(
         description="GPU, ffhq256 UNet (random weights), 256x256, T=100, N=5",
         unet=CONFIGS["ffhq256"], steps=100, warmup=5, timed_steps=4, batches=(1, 4, 16),
         dtypes=("float32", "bfloat16"), torch_batches=(1, 16), largest_batch=True,
-        xcheck_precisions=("highest", "default"),
+        xcheck_precisions=("highest", "default"), ceiling=(("bfloat16", 16), ("float32", 16)),
     ),
     # gpu_run.sh's code path at toy size, to test the script on a CPU.
     "gpu-smoke": Preset(
@@ -126,6 +128,7 @@ PRESETS = {
         unet=BENCH32, steps=4, warmup=2, timed_steps=2, batches=(1, 2), dtypes=("float32", "bfloat16"),
         torch_batches=(1, 2), largest_batch=True, batch_multiple=2, batch_cap=6, memory_limit_gib=4.0,
         repeats=1, threads=1, xcheck_precisions=("highest", "default"), xcheck=CrossCheck(steps=3, batch=2),
+        ceiling=(("bfloat16", 2),),
     ),
 }
 
@@ -408,21 +411,29 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
     config = SPGDConfig(lr=LR, steps=preset.timed_steps, warmup=preset.warmup)
     key = jax.random.key(SEED)
 
-    def lower(dtype: str, batch: int):
+    def lower(dtype: str, batch: int, variant: str):
+        """The whole sampler ('sample'), or one likelihood gradient without any loop ('nfe only')."""
         model = UNet(dataclasses.replace(preset.unet, dtype=dtype))
 
         def run(p, y, k, mask):
             denoiser = make_denoiser(model, p)
             return sample(denoiser, op.forward, y, k, config, {"mask": mask}, x_shape=(size, size, 3)).x
 
+        def nfe(p, y, x, mask):
+            denoiser = make_denoiser(model, p)
+            residual = lambda x: jax.vmap(op.forward)(denoiser(x, jnp.full((batch,), 5.0)), {"mask": mask}) - y
+            return jax.grad(lambda x: jnp.sum(residual(x) ** 2))(x)
+
         y = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
         mask = jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32)
-        return jax.jit(run).lower(unet_params, y, key, mask)
+        if variant == "sample":
+            return jax.jit(run).lower(unet_params, y, key, mask)
+        return jax.jit(nfe).lower(unet_params, y, y, mask)
 
-    def lower_item(dtype: str, batch: int) -> dict:
-        item = {"framework": "jax", "variant": "sample", "dtype": dtype, "batch": batch}
+    def lower_item(dtype: str, batch: int, variant: str = "sample") -> dict:
+        item = {"framework": "jax", "variant": variant, "dtype": dtype, "batch": batch}
         start = time.perf_counter()
-        item["lowered"] = lower(dtype, batch)
+        item["lowered"] = lower(dtype, batch, variant)
         item["trace_s"] = time.perf_counter() - start
         return item
 
@@ -444,12 +455,21 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
             row["status"] = "ok"
             inputs = make_inputs(row["batch"], size)
             y, mask = jax.device_put(inputs["y"]), jax.device_put(inputs["mask"])
+            if row["variant"] == "sample":
+                args, calls = (unet_params, y, key, mask), 1
+            else:  # as many gradients as the sampler rows' warm-up iterations, dispatched back to back
+                args, calls = (unet_params, y, jax.device_put(inputs["x_T"] / 20), mask), preset.timed_steps * preset.warmup
+
+            def timed_run():
+                outputs = [compiled(*args) for _ in range(calls)]
+                jax.block_until_ready(outputs)
+
             try:
-                jax.block_until_ready(compiled(unet_params, y, key, mask))  # untimed first run
+                timed_run()  # untimed first run
                 times = []
                 for _ in range(preset.repeats):
                     start = time.perf_counter()
-                    jax.block_until_ready(compiled(unet_params, y, key, mask))
+                    timed_run()
                     times.append(time.perf_counter() - start)
                 row["run_s"], row["run_s_all"] = min(times), times
             except Exception as error:  # noqa: BLE001
@@ -461,7 +481,7 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
         row["loadavg_after"] = loadavg()
         row["precision"] = "bfloat16 compute" if row["dtype"] == "bfloat16" else (
             f"float32, jax_default_matmul_precision={info['jax_default_matmul_precision']}")
-        print(f"[jax] {row['dtype']} b{row['batch']}: {row.get('status')} compile {row.get('compile_s', float('nan')):.1f} s"
+        print(f"[jax] {row['variant']} {row['dtype']} b{row['batch']}: {row.get('status')} compile {row.get('compile_s', float('nan')):.1f} s"
               f", run {row.get('run_s', float('nan')):.3f} s for {preset.timed_steps} outer steps", flush=True)
         return row
 
@@ -486,8 +506,8 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
 
     def largest(dtype: str) -> int | None:
         """The largest batch expected to fit (None: nothing to go on), from this dtype's rows so far."""
-        measured = {r["batch"]: r["xla_bytes"] for r in result["rows"]
-                    if r["dtype"] == dtype and r.get("status") == "ok" and r.get("xla_bytes")}
+        measured = {r["batch"]: r["xla_bytes"] for r in result["rows"] if r["dtype"] == dtype
+                    and r["variant"] == "sample" and r.get("status") == "ok" and r.get("xla_bytes")}
         if not measured or not limit:
             return None
         return largest_batch(measured, params_bytes, 0.92 * limit, preset.batch_multiple, preset.batch_cap)
@@ -495,7 +515,8 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
     def run_largest(dtype: str) -> None:
         candidate, tried = largest(dtype), []
         while True:
-            done = [r["batch"] for r in result["rows"] if r["dtype"] == dtype and r.get("status") == "ok"]
+            done = [r["batch"] for r in result["rows"]
+                    if r["dtype"] == dtype and r["variant"] == "sample" and r.get("status") == "ok"]
             if candidate is None or candidate <= max(done, default=0) or len(tried) == 2:
                 note = "no memory estimate" if candidate is None else f"estimate {candidate}, tried {tried}"
                 result["skipped"].append(f"jax {dtype} largest batch: {note}")
@@ -540,6 +561,11 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
             result["skipped"].append(f"jax {dtype} b{batch}: time budget")
         else:
             record(run_item(compile_item(lower_item(dtype, batch))))
+    for dtype, batch in preset.ceiling:  # lowest priority: the UNet's own rate, outside any loop
+        if deadline.left() < estimate(dtype, batch):
+            result["skipped"].append(f"jax nfe only {dtype} b{batch}: time budget")
+        else:
+            record(run_item(compile_item(lower_item(dtype, batch, "nfe only"))))
     info["host"]["loadavg_end"] = loadavg()
     write_json(out, result)
 
@@ -596,21 +622,21 @@ def report(preset_name: str, preset: Preset, work: Path, out: Path, label: str |
     ok = [r for r in rows if r.get("status") == "ok"]
     reference = {r["batch"]: r for r in ok if r["framework"] == "torch" and r["variant"] == "reference"}
     tuned = {r["batch"]: r for r in ok if r["framework"] == "torch" and r["variant"] == "tuned"}
-    for r in ok:
-        if r["framework"] == "jax":
-            for name, base in (("speedup_vs_torch_reference", reference), ("speedup_vs_torch_tuned", tuned)):
-                if r["batch"] in base:
-                    r[name] = r["images_per_s"] / base[r["batch"]]["images_per_s"]
+    sampler = [r for r in ok if r["framework"] == "jax" and r["variant"] == "sample"]
+    for r in sampler:
+        for name, base in (("speedup_vs_torch_reference", reference), ("speedup_vs_torch_tuned", tuned)):
+            if r["batch"] in base:
+                r[name] = r["images_per_s"] / base[r["batch"]]["images_per_s"]
 
     targets = []
     for batch, goal in ((1, 5.0), (16, 3.0)):
         for dtype in preset.dtypes:
-            r = next((r for r in ok if r["framework"] == "jax" and r["dtype"] == dtype and r["batch"] == batch), None)
+            r = next((r for r in sampler if r["dtype"] == dtype and r["batch"] == batch), None)
             if r and "speedup_vs_torch_reference" in r:
                 targets.append({"what": f"JAX {dtype} / PyTorch reference images/s at batch {batch}",
                                 "value": r["speedup_vs_torch_reference"], "goal": f">= {goal:g}x",
                                 "met": r["speedup_vs_torch_reference"] >= goal})
-    bf16 = [r for r in ok if r["framework"] == "jax" and r["dtype"] == "bfloat16"]
+    bf16 = [r for r in sampler if r["dtype"] == "bfloat16"]
     if bf16:
         best = min(bf16, key=lambda r: r["s_per_image"])
         targets.append({"what": f"JAX bfloat16 s/image at the best batch ({best['batch']})",
@@ -695,6 +721,10 @@ def markdown(s: dict) -> str:
         "frameworks' default flags (TF32 convolutions on NVIDIA GPUs; informational).",
         "",
         "## Timings",
+        "",
+        "Variants: JAX `sample` = spgd_jax.sample, the whole run in one compiled call; JAX `nfe only` = the same "
+        "number of likelihood gradients (UNet forward + backward) as separate compiled calls outside any loop, "
+        "the sampler's ceiling (its s/image: the run at that NFE rate).",
         "",
         "| framework | variant | dtype | batch | s/image | images/s | NFE/s | compile s | peak GiB | x torch ref | x torch tuned | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
