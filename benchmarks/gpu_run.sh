@@ -8,7 +8,7 @@
 #   device tool:  run(command="bash benchmarks/gpu_run.sh", timeout_s=540)   (carry: nothing)
 #   here, on a CPU, the same code path at toy size:  PRESET=gpu-smoke OUT=/tmp/smoke bash benchmarks/gpu_run.sh
 #
-# Knobs (environment): PRESET (gpu-ffhq256), TORCH_BUDGET_S (90), JAX_BUDGET_S (270: rows that would
+# Knobs (environment): PRESET (gpu-ffhq256), TORCH_BUDGET_S (120), JAX_BUDGET_S (270: rows that would
 # overrun are skipped and listed), COMPILE_WORKERS (1: >1 compiles the fixed-batch JAX programs in
 # parallel threads first), MEM_FRACTION (0.92, JAX's share of GPU memory), XLA_FLAGS_EXTRA, PYTHON.
 set -u -o pipefail
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 PRESET=${PRESET:-gpu-ffhq256}
 PY=${PYTHON:-python3}
-TORCH_BUDGET_S=${TORCH_BUDGET_S:-90}
+TORCH_BUDGET_S=${TORCH_BUDGET_S:-120}
 JAX_BUDGET_S=${JAX_BUDGET_S:-270}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
