@@ -250,7 +250,10 @@ def _measurement_picture(y: np.ndarray, size: int) -> np.ndarray:
 def _load_measurement(path: str, task: str):
     """(y (B, ...), params dict, names) from a measurement.npz written by this tool."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open(path, "rb") as stream:
+            data = np.load(stream, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("it holds one unnamed array")
             y = np.asarray(data["y"], dtype=np.float32)
             params = {key[len("param_"):]: data[key] for key in data.files if key.startswith("param_")}
             default_names = [f"image{i:03d}" for i in range(len(y))]

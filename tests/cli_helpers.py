@@ -33,6 +33,12 @@ def random_faces(folder, names=("a", "b", "c"), shape=(20, 24, 3)):
     return folder
 
 
+def picture(path) -> np.ndarray:
+    """The pixels of an image file, (H, W[, C]), with the file closed again."""
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
 def temporary_files(folder):
     """Leftover temporary files (hidden names) anywhere below folder."""
     return sorted(str(p) for p in folder.rglob(".*"))

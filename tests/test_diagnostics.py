@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_helpers import FAST, random_faces, temporary_files, tiny_weights
+from cli_helpers import FAST, picture, random_faces, temporary_files, tiny_weights
 from sampler_toys import PRIOR_VAR, SHAPE, conv_denoiser, gaussian_denoiser, matrix_forward, random_problem
 from spgd_jax import diagnostics, restore, sweep
 from spgd_jax.sampling import sample
@@ -170,7 +170,7 @@ def test_markdown_table_lists_each_rate_with_mean_std_and_divergence():
 def test_plot_and_gif_are_written_atomically(tmp_path):
     values = {name: np.random.default_rng(0).uniform(0, 180, (3, 7)) for name in diagnostics.NAMES}
     diagnostics.plot_angles(tmp_path / "angles.png", values, title="t")
-    assert Image.open(tmp_path / "angles.png").size == (700, 400)
+    assert picture(tmp_path / "angles.png").shape[:2] == (400, 700)
     sweep.plot_sweep(tmp_path / "sweep.png", [1, 2], [{"psnr": {"mean": 1.0, "std": 0.1}}] * 2, "t")
     frames = np.linspace(-1, 1, 5)[:, None, None, None] * np.ones((5, 16, 16, 3))
     diagnostics.save_gif(tmp_path / "video.gif", frames)
@@ -204,11 +204,11 @@ def test_cli_sweep_writes_a_folder_per_rate_a_table_and_a_plot(sweep_run):
         assert metrics["lr"] == float(folder[3:])
         assert [r["diverged"] for r in metrics["images"]] == [diverged] * 3
         for name in ("a", "b", "c"):
-            assert Image.open(out / folder / "restored" / f"{name}.png").size == (16, 16)
+            assert picture(out / folder / "restored" / f"{name}.png").shape == (16, 16, 3)
     table = (out / "sweep.md").read_text()
     assert "| 2.5 |" in table and "| 0 / 3 |" in table and "| 1e+30 | - | - | - | 3 / 3 |" in table
-    assert Image.open(out / "sweep.png").size[0] > 0
-    assert Image.open(out / "grid.png").size == (4 * 16, 3 * 16)  # input | measurement | lr 2.5 | lr 1e30
+    assert picture(out / "sweep.png").size > 0
+    assert picture(out / "grid.png").shape == (3 * 16, 4 * 16, 3)  # input | measurement | lr 2.5 | lr 1e30
     config = json.loads((out / "config.json").read_text())
     assert config["learning_rates"] == config["sampler_config"]["lr"] == [2.5, 1e30]
     assert config["sampler_config"]["diagnostics"] is True
@@ -222,7 +222,7 @@ def test_cli_diagnostics_and_videos(sweep_run):
         for name in diagnostics.NAMES:
             assert data[name].shape == (3, 3)  # 3 images, T = 3
             assert ((0 <= data[name]) & (data[name] <= 180)).all()
-    assert Image.open(out / "lr-2.5" / "diagnostics.png").size == (700, 400)
+    assert picture(out / "lr-2.5" / "diagnostics.png").shape[:2] == (400, 700)
     for folder in ("lr-2.5", "lr-1e+30"):
         with Image.open(out / folder / "video" / "a.gif") as gif:  # x0_hat at 3 steps + result; diverged: result
             assert gif.size == (128, 128) and 1 <= gif.n_frames <= (4 if folder == "lr-2.5" else 1)

@@ -7,9 +7,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from cli_helpers import FAST, random_faces, temporary_files, tiny_weights
+from cli_helpers import FAST, picture, random_faces, temporary_files, tiny_weights
 from spgd_jax import restore
 
 
@@ -39,9 +38,9 @@ def test_writes_every_output(first_run):
     out = first_run
     for name in ("a", "b", "c"):
         for sub in ("restored", "measurement"):
-            image = np.asarray(Image.open(out / sub / f"{name}.png"))
+            image = picture(out / sub / f"{name}.png")
             assert image.shape == (16, 16, 3)
-    grid = np.asarray(Image.open(out / "grid.png"))
+    grid = picture(out / "grid.png")
     assert grid.shape == (3 * 16, 3 * 16, 3)  # rows: images; columns: input | measurement | restored
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["name"] for r in metrics["images"]] == ["a", "b", "c"]
@@ -68,8 +67,8 @@ def test_measurement_file_reproduces_the_run(first_run, weights, tmp_path):
                          "--weights", weights, "--out", str(out), *FAST])
     assert code == 0
     for name in ("a", "b", "c"):
-        np.testing.assert_array_equal(np.asarray(Image.open(out / "restored" / f"{name}.png")),
-                                      np.asarray(Image.open(first_run / "restored" / f"{name}.png")))
+        np.testing.assert_array_equal(picture(out / "restored" / f"{name}.png"),
+                                      picture(first_run / "restored" / f"{name}.png"))
     again, first = (json.loads((o / "metrics.json").read_text()) for o in (out, first_run))
     assert set(again["mean_std_over_finite_images"]) == {"residual_rms"}  # no ground truth: no PSNR
     assert [r["residual_rms"] for r in again["images"]] == [r["residual_rms"] for r in first["images"]]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_helpers import FAST, temporary_files, tiny_weights
+from cli_helpers import FAST, picture, temporary_files, tiny_weights
 from spgd_jax import restore
 
 NOT_QUIET = [a for a in FAST if a != "--quiet"]
@@ -99,8 +99,7 @@ def test_other_modes_and_sizes_are_converted_with_notices(modes_run):
     assert any("wide.png: resized from 20x20 to 16x16" in line for line in notices)
     assert len(notices) == 6
     for name in ("grey", "rgba", "palette", "sixteen", "wide"):
-        restored = Image.open(out / "restored" / f"{name}.png")
-        assert restored.mode == "RGB" and restored.size == (16, 16)
+        assert picture(out / "restored" / f"{name}.png").shape == (16, 16, 3)
 
 
 def test_corrupt_or_truncated_image_is_named_and_nothing_is_written(weights, tmp_path):
@@ -116,6 +115,12 @@ def test_corrupt_or_truncated_image_is_named_and_nothing_is_written(weights, tmp
 # ------------------------------------------------------------------ measurements
 
 
+def _npy_bytes(array):
+    stream = io.BytesIO()
+    np.save(stream, array)
+    return stream.getvalue()
+
+
 def _measurement(path, **arrays):
     np.savez(path, **arrays)
     return str(path)
@@ -127,6 +132,7 @@ def _measurement(path, **arrays):
     ("no mask", "inpaint", r"holds operator parameters \[\], but task 'inpaint' at 16 px needs \['mask'\]"),
     ("mask size", "inpaint", r"parameter 'mask' has shape \(2, 8, 8, 1\), task 'inpaint' at 16 px needs \(2, 16, 16"),
     ("not npz", "sr4", "not a measurement .npz written by spgd_jax.restore"),
+    ("npy", "sr4", "not a measurement .npz written by spgd_jax.restore .*one unnamed array"),
 ])
 def test_measurement_that_does_not_fit_is_refused(case, task, message, weights, tmp_path):
     y16 = np.zeros((2, 16, 16, 3), np.float32)
@@ -136,6 +142,7 @@ def test_measurement_that_does_not_fit_is_refused(case, task, message, weights, 
         "no mask": lambda p: _measurement(p, y=y16),
         "mask size": lambda p: _measurement(p, y=y16, param_mask=np.ones((2, 8, 8, 1), np.float32)),
         "not npz": lambda p: (p.write_bytes(b"PK\x03\x04 broken"), str(p))[1],
+        "npy": lambda p: (p.write_bytes(_npy_bytes(y16)), str(p))[1],
     }[case](tmp_path / "m.npz")
     with pytest.raises(SystemExit, match=message):
         cli("--task", task, "--measurement", path, "--weights", weights, "--out", str(tmp_path / "out"), *FAST)
@@ -209,7 +216,7 @@ def test_a_diverging_image_is_flagged_and_the_others_are_written(modes_run, weig
     np.testing.assert_allclose(metrics["mean_std_over_finite_images"]["residual_rms"]["mean"], np.mean(finite),
                                rtol=1e-6)
     for name in names:  # every image is written, the diverged one as its last finite state
-        assert Image.open(tmp_path / "o" / "restored" / f"{name}.png").size == (16, 16)
+        assert picture(tmp_path / "o" / "restored" / f"{name}.png").shape == (16, 16, 3)
     err = capsys.readouterr().err
     assert f"warning: {names[1]} diverged" in err and "at outer step 0" in err and "smaller --lr" in err
     assert err.count("warning:") == 1
@@ -240,7 +247,7 @@ def test_ctrl_c_while_writing_leaves_only_complete_files(modes, weights, tmp_pat
     written = sorted(p for p in out.rglob("*") if p.is_file())
     assert written and all(p.suffix == ".png" for p in written)
     for path in written:
-        Image.open(path).load()  # complete files only
+        picture(path)  # complete files only
 
     out2 = tmp_path / "out2"
     _interrupt_inside(monkeypatch, Image.Image, "save")  # inside the very first PNG
