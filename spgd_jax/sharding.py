@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spgd_jax.loop import SampleResult
-from spgd_jax.sampling import sample
+from spgd_jax.sampling import check_x_shape, sample
 from spgd_jax.sweep import check_lrs, sweep_lr
 
 __all__ = ["BATCH_AXIS", "batch_mesh", "shard_batch", "replicate", "map_images", "image_keys", "sample_sharded"]
@@ -78,7 +78,7 @@ def _pad(leaf: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([leaf, np.repeat(leaf[-1:], extra, axis=0)]) if extra else leaf
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)  # each entry keeps its fn (and the network weights it holds) alive
 def _compiled(fn: Callable, mesh: Mesh, out_axis: int) -> Callable:
     spec = PartitionSpec(*([None] * out_axis + [BATCH_AXIS]))
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec(BATCH_AXIS), out_specs=spec, check_vma=False))
@@ -140,11 +140,11 @@ def sample_sharded(
     keys = image_keys(key, np.shape(y)[0]) if key.ndim == 0 else jax.random.key_data(key)
 
     lrs = None if lrs is None else check_lrs(lrs)
-    restore = _per_device(denoiser, forward, config, tuple(x_shape), progress, lrs)
+    restore = _per_device(denoiser, forward, config, check_x_shape(x_shape), progress, lrs)
     return map_images(restore, y, keys, params, mesh=mesh, out_axis=0 if lrs is None else 1)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _per_device(denoiser, forward, config, x_shape, progress, lrs) -> Callable:
     """One function object per setting, so that map_images reuses its compiled computation."""
 
