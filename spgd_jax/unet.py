@@ -62,6 +62,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spgd_jax._conv import conv_general_dilated
+
 __all__ = [
     "UNetConfig",
     "UNet",
@@ -338,6 +340,7 @@ def _conv3(features: int, dtype: Any, name: str, strides: int = 1, zero: bool = 
         padding=((1, 1), (1, 1)),
         dtype=dtype,
         kernel_init=_zeros if zero else _torch_kernel_init,
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 
@@ -381,7 +384,8 @@ class ResBlock(nn.Module):
         h = _conv3(self.out_channels, dtype, "out_layers_3", zero=True)(h)
 
         if x.shape[-1] != self.out_channels:
-            skip = nn.Conv(self.out_channels, (1, 1), dtype=dtype, kernel_init=_torch_kernel_init, name="skip_connection")
+            skip = nn.Conv(self.out_channels, (1, 1), padding=((0, 0), (0, 0)), dtype=dtype, kernel_init=_torch_kernel_init,
+                           conv_general_dilated=conv_general_dilated, name="skip_connection")
             x = skip(x)
         return x + h
 
