@@ -14,7 +14,7 @@ The public API, end to end (images float32 in [-1, 1], NHWC):
 Everything here is a pure function of its inputs and works inside jit, vmap and grad.
 """
 
-from spgd_jax import metrics, operators
+from spgd_jax import diagnostics, metrics, operators, sharding
 from spgd_jax.checkpoint import load, load_denoiser, save
 from spgd_jax.denoiser import make_denoiser, vp_preconditioning
 from spgd_jax.dps import DPSConfig
@@ -23,6 +23,7 @@ from spgd_jax.presets import dps_config, spgd_config
 from spgd_jax.sampling import sample
 from spgd_jax.schedule import edm_sigmas
 from spgd_jax.spgd import SPGDConfig
+from spgd_jax.sweep import sweep_lr
 from spgd_jax.unconditional import EulerConfig
 from spgd_jax.unet import CONFIGS, UNet, UNetConfig
 
@@ -34,6 +35,7 @@ __all__ = [
     "SampleResult",
     "UNet",
     "UNetConfig",
+    "diagnostics",
     "dps_config",
     "edm_sigmas",
     "load",
@@ -43,6 +45,8 @@ __all__ = [
     "operators",
     "sample",
     "save",
+    "sharding",
     "spgd_config",
+    "sweep_lr",
     "vp_preconditioning",
 ]
