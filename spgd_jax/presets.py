@@ -44,30 +44,22 @@ TUNED_LR: dict[str, float] = {}
 TUNED_ZETA: dict[str, float] = {}
 
 
-def _check_task(task: str) -> None:
+def _config(config_type, task: str, defaults: dict, overrides: dict):
+    """config_type(**defaults) with the overrides that are not None; clear errors for unknown names."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; {config_type.__name__} takes {', '.join(sorted(fields))}")
+    return config_type(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 def spgd_config(task: str, **overrides) -> SPGDConfig:
     """SPGDConfig for `task` (T=100, N=5, beta=0.9, the task's lr), with any field overridden."""
-    _check_task(task)
-    fields = {f.name for f in dataclasses.fields(SPGDConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown SPGD setting(s) {', '.join(unknown)}; SPGDConfig takes {', '.join(sorted(fields))}")
-    settings = {"lr": TUNED_LR.get(task, PAPER_LR[task])}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    return SPGDConfig(**settings)
+    return _config(SPGDConfig, task, {"lr": TUNED_LR.get(task, PAPER_LR.get(task))}, overrides)
 
 
 def dps_config(task: str, **overrides) -> DPSConfig:
     """DPSConfig for `task` (500 steps: the NFEs of SPGD at T=100, N=5), with any field overridden."""
-    _check_task(task)
-    fields = {f.name for f in dataclasses.fields(DPSConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown DPS setting(s) {', '.join(unknown)}; DPSConfig takes {', '.join(sorted(fields))}")
-    settings = {"zeta": TUNED_ZETA.get(task, DPS_ZETA[task]), "steps": 500}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    return DPSConfig(**settings)
+    return _config(DPSConfig, task, {"zeta": TUNED_ZETA.get(task, DPS_ZETA.get(task)), "steps": 500}, overrides)

@@ -1,0 +1,28 @@
+import pytest
+
+from spgd_jax import DPSConfig, SPGDConfig, operators, presets
+
+
+def test_every_task_has_spgd_and_dps_defaults():
+    for task in operators.TASKS:
+        spgd = presets.spgd_config(task)
+        assert isinstance(spgd, SPGDConfig) and (spgd.steps, spgd.warmup, spgd.beta) == (100, 5, 0.9)
+        assert spgd.lr == presets.TUNED_LR.get(task, presets.PAPER_LR[task])
+        dps = presets.dps_config(task)
+        assert isinstance(dps, DPSConfig) and dps.steps == spgd.steps * spgd.warmup  # equal NFEs
+
+
+def test_paper_learning_rates():
+    assert (presets.PAPER_LR["inpaint"], presets.PAPER_LR["gauss_deblur"], presets.PAPER_LR["sr4"]) == (2.5, 1.5, 8.0)
+
+
+def test_overrides_apply_and_none_keeps_the_default():
+    config = presets.spgd_config("sr4", steps=20, lr=None, adm="off")
+    assert (config.steps, config.lr, config.adm) == (20, presets.spgd_config("sr4").lr, "off")
+
+
+def test_unknown_task_and_setting_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown task 'denoise'"):
+        presets.spgd_config("denoise")
+    with pytest.raises(ValueError, match="unknown setting.*momentum.*SPGDConfig takes"):
+        presets.spgd_config("sr4", momentum=0.9)
