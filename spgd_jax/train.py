@@ -183,6 +183,8 @@ class TrainConfig:
     val_every: int = 500            # steps between validation losses
     sample_every: int = 1000        # steps between sample grids
     checkpoint_minutes: float = 10.0
+    time_limit_minutes: float | None = None  # stop this session after this much training, then
+                                              # validate, sample, save (None: run to num_steps)
     num_samples: int = 16           # images in a sample grid (a square number)
     sample_steps: int = 50          # Euler steps (network evaluations) for the grid
 
@@ -194,6 +196,8 @@ class TrainConfig:
         if not self.lr > 0 or self.warmup_steps < 0 or not self.grad_clip > 0:
             raise ValueError(f"need lr > 0, warmup_steps >= 0, grad_clip > 0; got lr={self.lr}, "
                              f"warmup_steps={self.warmup_steps}, grad_clip={self.grad_clip}")
+        if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
+            raise ValueError(f"time_limit_minutes must be > 0 (or None), got {self.time_limit_minutes}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if int(np.sqrt(self.num_samples)) ** 2 != self.num_samples:
@@ -365,10 +369,15 @@ def _grid(x: np.ndarray) -> np.ndarray:
 
 def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNetConfig,
           tcfg: TrainConfig, cache_dir: str | os.PathLike | None = "data_cache",
-          split: data.Split = data.Split(), log: Callable[[str], None] | None = None) -> TrainState:
-    """Train (or resume) in `run` until tcfg.num_steps updates; returns the final state.
+          split: data.Split = data.Split(), log: Callable[[str], None] | None = None,
+          init: str | os.PathLike | None = None) -> TrainState:
+    """Train (or resume) in `run` until tcfg.num_steps updates (or tcfg.time_limit_minutes of
+    training in this call); returns the final state.
 
-    Writes checkpoints every tcfg.checkpoint_minutes and at the end (or on SIGINT/SIGTERM).
+    init: weights folder (spgd_jax.checkpoint format, e.g. an export) whose params start a NEW run,
+    as both the weights and their EMA, with a fresh optimiser; refused when `run` already holds
+    checkpoints (that run resumes instead). Writes checkpoints every tcfg.checkpoint_minutes and at
+    the end (or on SIGINT/SIGTERM).
     """
     run = Path(run)
     progress = Progress(tcfg.num_steps, tcfg.log_every)
@@ -389,8 +398,21 @@ def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNe
     meta = {"model": model_config.to_dict(), "train": dataclasses.asdict(tcfg),
             "data": str(Path(data_dir).resolve()), "split": dataclasses.asdict(split),
             "num_train": len(train_names), "num_val": len(val_names),
-            "train_seconds": 0.0, "hardware": [], "train_loss": None, "val_loss": None}
+            "train_seconds": 0.0, "hardware": [], "train_loss": None, "val_loss": None, "init": None}
     resume_step = mngr.latest_step()
+    if init is not None:
+        if resume_step is not None:
+            mngr.close()
+            raise ValueError(f"{str(run)!r} already holds checkpoints (step {resume_step}): it resumes from them, "
+                             f"so --init cannot apply; drop --init, or use a new --run folder")
+        init_params, init_config = checkpoint.load(init)
+        if init_config.to_dict() != model_config.to_dict():
+            mngr.close()
+            diff = {k: (v, model_config.to_dict().get(k)) for k, v in init_config.to_dict().items()
+                    if model_config.to_dict().get(k) != v}
+            raise ValueError(f"--init weights {str(init)!r} have another architecture (weights, run): {diff}; "
+                             f"pass the matching --model/--set options")
+        meta["init"] = str(Path(init).resolve())
     if resume_step is not None:
         old = mngr.restore(resume_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         try:
@@ -398,7 +420,8 @@ def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNe
         except ValueError:
             mngr.close()
             raise
-        meta.update({k: old[k] for k in ("train_seconds", "hardware", "train_loss", "val_loss")})
+        meta.update({k: old[k] for k in ("train_seconds", "hardware", "train_loss", "val_loss", "init")
+                     if k in old})
     hardware = hardware_description()
     if hardware not in meta["hardware"]:
         meta["hardware"].append(hardware)
@@ -413,8 +436,12 @@ def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNe
                   tuple(devices))
     replicated, sharded = fns.replicated, fns.sharded
     if resume_step is None:
-        state = jax.device_put(init_state(UNet(model_config), make_optimizer(tcfg),
-                                          jax.random.PRNGKey(tcfg.seed)), replicated)
+        state = init_state(UNet(model_config), make_optimizer(tcfg), jax.random.PRNGKey(tcfg.seed))
+        if init is not None:
+            state = state._replace(params=init_params, ema_params=jax.tree.map(jnp.copy, init_params),
+                                   opt_state=make_optimizer(tcfg).init(init_params))
+            log(f"initialised from {init}")
+        state = jax.device_put(state, replicated)
     else:
         state = _restore_state(mngr, resume_step, model_config, tcfg, replicated)
         log(f"resumed from {run / 'checkpoints'} at step {resume_step}")
@@ -450,8 +477,10 @@ def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNe
                                                                       - segment_start, 1), **values}) + "\n")
         metrics_file.flush()
 
+    deadline = None if tcfg.time_limit_minutes is None else time.monotonic() + 60 * tcfg.time_limit_minutes
     try:
         while step < tcfg.num_steps and stop["signal"] is None:
+            last = step + 1 == tcfg.num_steps or (deadline is not None and time.monotonic() > deadline)
             images = jax.device_put(train_images[batch_indices(tcfg.seed, step, len(train_images),
                                                                tcfg.batch_size)], sharded)
             state, metrics = step_fn(state, images)
@@ -462,23 +491,23 @@ def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNe
                 first_step, interval_start = False, time.monotonic()
             else:
                 interval_losses.append(metrics["loss"])
-            if interval_losses and (step % tcfg.log_every == 0 or step == tcfg.num_steps or progress.tty):
+            if interval_losses and (step % tcfg.log_every == 0 or last or progress.tty):
                 loss = float(np.mean([float(v) for v in interval_losses]))
                 now = time.monotonic()
                 ips = len(interval_losses) * tcfg.batch_size / max(now - interval_start, 1e-9)
                 progress.update(step, loss, ips, float(lr_fn(step - 1)))
-                if step % tcfg.log_every == 0 or step == tcfg.num_steps:
+                if step % tcfg.log_every == 0 or last:
                     meta["train_loss"] = loss
                     record(loss=loss, images_per_s=round(ips, 2), grad_norm=float(metrics["grad_norm"]))
                 interval_start, interval_losses = time.monotonic(), []
-            if step % tcfg.val_every == 0 or step == tcfg.num_steps:
+            if step % tcfg.val_every == 0 or last:
                 meta["val_loss"] = validation_loss(loss_batch, state.ema_params, val, tcfg.batch_size,
                                                    lambda x: jax.device_put(x, sharded))
                 record(val_loss=meta["val_loss"])
                 log(f"step {step}: validation loss (EMA weights, {len(val.images)} images) "
                     f"{meta['val_loss']:.5f}")
                 interval_start = time.monotonic()
-            if step % tcfg.sample_every == 0 or step == tcfg.num_steps:
+            if step % tcfg.sample_every == 0 or last:
                 grid = _grid(np.asarray(sample_fn(state.ema_params, jax.random.PRNGKey(1))))
                 (run / "samples").mkdir(exist_ok=True)
                 save_png(run / "samples" / f"step_{step:08d}.png", grid)
@@ -486,6 +515,10 @@ def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNe
             if time.monotonic() - last_save_time > 60 * tcfg.checkpoint_minutes:
                 save()
                 last_save_time = interval_start = time.monotonic()
+            if last and step < tcfg.num_steps:
+                log(f"time limit of {tcfg.time_limit_minutes:g} min reached at step {step}; run the same "
+                    f"command to continue")
+                break
         if mngr.latest_step() != step:
             save()
         if stop["signal"] is not None:
@@ -681,11 +714,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a model (UNetConfig) or training (TrainConfig) field; JSON values, "
                         "e.g. --set num_channels=32 --set channel_mult=[1,2,2] --set batch_size=64")
     p.add_argument("--cache-dir", default="data_cache", help="where decoded images are cached (.npy)")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="start a new run from these weights (e.g. weights/default64): params and EMA, "
+                        "fresh optimiser")
     a = p.parse_args(argv)
     try:
         model_config, tcfg = _configs(a)
-        train(a.data, a.run, model_config, tcfg, cache_dir=a.cache_dir)
-    except ValueError as e:
+        train(a.data, a.run, model_config, tcfg, cache_dir=a.cache_dir, init=a.init)
+    except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     return 0
 

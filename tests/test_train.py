@@ -224,6 +224,40 @@ def test_export_writes_ema_weights_and_card(runs, tmp_path):
         train.export(runs["tmp"] / "a", tmp_path / "w4", step=3)
 
 
+def test_init_starts_a_new_run_from_weights(runs, tmp_path):
+    train.export(runs["tmp"] / "a", tmp_path / "w")
+    start, _ = checkpoint.load(tmp_path / "w")
+    tcfg = train.TrainConfig(num_steps=1, **TINY_TRAIN)
+    state = train.train(runs["folder"], tmp_path / "c", TINY_E2E, tcfg, runs["tmp"] / "cache",
+                        log=lambda m: None, init=tmp_path / "w")
+    # One Adam update moves each weight by at most about the learning rate (here in its warm-up).
+    moved = max(float(np.max(np.abs(np.asarray(p) - np.asarray(q))))
+                for p, q in zip(jax.tree.leaves(state.params), jax.tree.leaves(start), strict=True))
+    assert 0 < moved <= 1.01 * tcfg.lr
+    fresh = train.train(runs["folder"], tmp_path / "d", TINY_E2E, tcfg, runs["tmp"] / "cache", log=lambda m: None)
+    assert not _leaves_equal(fresh.params, state.params)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train.train(runs["folder"], tmp_path / "c", TINY_E2E, tcfg, runs["tmp"] / "cache", log=lambda m: None,
+                    init=tmp_path / "w")
+    with pytest.raises(ValueError, match="another architecture"):
+        train.train(runs["folder"], tmp_path / "e", UNetConfig(**{**TINY_E2E.to_dict(), "num_channels": 64}), tcfg,
+                    runs["tmp"] / "cache", log=lambda m: None, init=tmp_path / "w")
+
+
+def test_time_limit_stops_early_with_validation_and_checkpoint(runs, tmp_path):
+    tcfg = train.TrainConfig(num_steps=1000, time_limit_minutes=1e-4, **TINY_TRAIN)
+    messages = []
+    state = train.train(runs["folder"], tmp_path / "run", TINY_E2E, tcfg, runs["tmp"] / "cache", log=messages.append)
+    step = int(state.step)
+    assert 1 <= step < 1000
+    assert any("time limit" in m for m in messages)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [step]
+    assert step in [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    with pytest.raises(ValueError, match="time_limit_minutes"):
+        train.TrainConfig(time_limit_minutes=0)
+
+
 def test_two_devices_match_one(runs, tmp_path):
     """Data parallel over 2 host devices gives the 1-device result (up to reduction order)."""
     code = (
