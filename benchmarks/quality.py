@@ -1,19 +1,31 @@
 """Restoration quality of the default prior on held-out faces: the paper's Tables 1-3.
 
-    python benchmarks/quality.py --table 1            # SPGD, DPS (equal NFE), classical per task
-    python benchmarks/quality.py --table 2            # warm-up x ADM ablation (inpaint, sr4)
-    python benchmarks/quality.py --table 3            # N in {1, 2, 5, 10} at T = 100 (inpaint)
+Three stages, so that the sampling can run on a lent GPU (JAX only) and the scoring here:
 
-Images: the first --count names of the fixed validation split (weights/validation_split.txt;
-never trained on), centre-cropped and resized to the model's size. Every image gets its own
-operator parameters, noise and sampler key from --seed, the same for every method. Writes
-benchmarks/results/quality_table{N}_{device}.json and .md: mean and std over images of
-PSNR, SSIM (dm-pix) and LPIPS (AlexNet v0.1).
+    python benchmarks/quality.py images   --out val64.npz              # ground truth: split images, uint8
+    python benchmarks/quality.py generate --images val64.npz --out Q   # sample (JAX only; GPU or CPU)
+    python benchmarks/quality.py score    --images val64.npz --run Q   # metrics -> benchmarks/results/
+
+Images: the first TEST + TUNE names of the fixed validation split (weights/validation_split.txt;
+never trained on), centre-cropped and resized to the model's size, stored as uint8. Images
+0..TEST-1 are the test set of every table; images TEST.. tune the step sizes: Table 1 runs SPGD
+over learning rates and DPS over zetas on all images, picks per task the value with the best mean
+PSNR on the tuning images alone, and reports the test images at that value. Tables 2 and 3 and the
+bfloat16 check then use the picked learning rate. Every image gets its own operator parameters,
+noise and sampler key from --seed, the same for every method and value.
+
+generate writes Q/manifest.json and one Q/<job>.npz per job: the test images' restorations at
+the picked value (uint8) and the PSNR of every image at every value. It compiles every program
+ahead of time (params are arguments; threads), then waits for --weights to appear if it does not
+exist yet (so it can compile while the prior is still training), and runs the jobs in order of
+importance within --budget-s. score computes PSNR, SSIM (dm-pix) and LPIPS (AlexNet v0.1) with
+mean and std over the test images, the classical baselines, and writes quality_*_{tag}.json/.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -28,131 +40,365 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spgd_jax import checkpoint, images, metrics, operators, presets  # noqa: E402
-from spgd_jax.baselines import classical  # noqa: E402
+from spgd_jax import checkpoint, images, operators, presets  # noqa: E402
 from spgd_jax.denoiser import make_denoiser  # noqa: E402
-from spgd_jax.sampling import sample  # noqa: E402
-from spgd_jax.unet import UNet  # noqa: E402
+from spgd_jax.dps import DPSConfig, dps  # noqa: E402
+from spgd_jax.sampling import initial_noise  # noqa: E402
+from spgd_jax.spgd import SPGDConfig, spgd  # noqa: E402
+from spgd_jax.unet import UNet, UNetConfig  # noqa: E402
 
 TABLE1_TASKS = ("inpaint", "gauss_deblur", "motion_deblur", "sr4")
+TABLE2_TASKS = ("inpaint", "sr4")
+TABLE3_TASKS = ("inpaint",)
+# Sweep grids, as multiples of the task's default (presets: paper lr, DPS release zeta).
+LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+ZETA_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 
-def load_validation(data: Path, split: Path, count: int, size: int, skip: int = 0) -> tuple[np.ndarray, list[str]]:
-    """(count, size, size, 3) in [-1, 1]: validation images skip .. skip+count-1 of the split file."""
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One sampler run over the images. values: absolute sweep values (lr or zeta), or None to use
+    the value picked by job `tuned_by`; runs on all images when it sweeps, else on the test set."""
+
+    name: str
+    table: str
+    row: str
+    task: str
+    config: SPGDConfig | DPSConfig
+    values: tuple[float, ...] | None = None
+    tuned_by: str | None = None
+    dtype: str = "float32"
+
+
+def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS) -> list[Job]:
+    """Every job of Tables 1-3 and the bfloat16 check, most important first."""
+    jobs = []
+    for task in tasks:
+        config = presets.spgd_config(task, steps=steps, warmup=warmup)
+        jobs.append(Job(f"t1_spgd_{task}", "1", "SPGD", task, config,
+                        values=tuple(config.lr * f for f in LR_FACTORS)))
+    for task in tasks:
+        config = presets.dps_config(task, steps=steps * warmup)
+        jobs.append(Job(f"t1_dps_{task}", "1", f"DPS ({steps * warmup} steps, equal NFE)", task, config,
+                        values=tuple(config.zeta * f for f in ZETA_FACTORS)))
+    for task in tasks:
+        jobs.append(Job(f"bf16_spgd_{task}", "bf16", "SPGD bfloat16", task,
+                        presets.spgd_config(task, steps=steps, warmup=warmup), tuned_by=f"t1_spgd_{task}",
+                        dtype="bfloat16"))
+    for task in (t for t in TABLE2_TASKS if t in tasks):
+        for label, n, adm in (("no warm-up, no ADM", 1, "off"), ("ADM only", 1, "paper"),
+                              ("warm-up only", warmup, "off")):
+            jobs.append(Job(f"t2_{task}_n{n}_{adm}", "2", label, task,
+                            presets.spgd_config(task, steps=steps, warmup=n, adm=adm), tuned_by=f"t1_spgd_{task}"))
+    for task in (t for t in TABLE3_TASKS if t in tasks):
+        for n in (2, 10):
+            jobs.append(Job(f"t3_{task}_n{n}", "3", f"N = {n}", task,
+                            presets.spgd_config(task, steps=steps, warmup=n), tuned_by=f"t1_spgd_{task}"))
+    return jobs
+
+
+# -- ground truth and measurements ----------------------------------------------------------------
+
+def load_split_images(data: Path, split: Path, count: int, size: int) -> tuple[np.ndarray, list[str]]:
+    """uint8 (count, size, size, 3): the first `count` images of the split file, preprocessed."""
     if not data.is_dir():
         raise SystemExit(f"error: data folder {data} does not exist; pass --data (the face folders)")
-    names = [n for n in split.read_text().split("\n") if n.strip()][skip : skip + count]
+    names = [n for n in split.read_text().split("\n") if n.strip()][:count]
     if len(names) < count:
-        raise SystemExit(f"error: {split} lists {len(names)} images after skipping {skip}, fewer than --count {count}")
-    return np.stack([images.load_image(data / n, size) for n in names]), names
+        raise SystemExit(f"error: {split} lists {len(names)} images, fewer than {count}")
+    return np.stack([images.to_uint8(images.load_image(data / n, size)) for n in names]), names
+
+
+def read_images(path: Path, count: int) -> tuple[np.ndarray, list[str]]:
+    """Ground truth from an `images` npz: (x in [-1, 1] float32 (count, S, S, 3), names)."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist; make it with `python benchmarks/quality.py images`")
+    with np.load(path) as f:
+        x, names = f["images"], [str(n) for n in f["names"]]
+    if len(x) < count:
+        raise SystemExit(f"error: {path} holds {len(x)} images; need --test + --tune = {count}")
+    return x[:count].astype(np.float32) / 127.5 - 1.0, names[:count]
 
 
 def degrade(task: str, x: np.ndarray, seed: int):
-    """(operator, params, y) with per-image parameters and noise from `seed`."""
+    """(operator, params, y): per-image operator parameters and noise from `seed` (image k's depend
+    only on k and the seed, so a subset of the images gets the same measurements)."""
     operator = operators.get(task, x.shape[1])
     key_params, key_noise = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
     params = operator.init_params(key_params, len(x), x.shape[1])
     return operator, params, operator.measure(key_noise, jnp.asarray(x), params)
 
 
-def restore(method, denoiser, operator, params, y, x_shape, seed: int, batch: int) -> np.ndarray:
-    """Restored images (B, H, W, C); method is a sampler config or 'classical'."""
-    if method == "classical":
-        return np.asarray(jax.jit(jax.vmap(classical(operator, x_shape[0])))(y, params))
-    key = jax.random.fold_in(jax.random.key(seed), 2)
-    keys = jax.random.split(key, len(y))  # one key per image: results do not depend on the batching
-    out = []
-    for start in range(0, len(y), batch):
-        part = slice(start, start + batch)
-        result = sample(denoiser, operator.forward, y[part], keys[part], method,
-                        jax.tree_util.tree_map(lambda a: a[part], params), x_shape=x_shape)
-        out.append(np.asarray(result.x))
-    return np.concatenate(out)
+def image_keys(seed: int, count: int) -> jax.Array:
+    """One sampler key per image."""
+    return jax.random.split(jax.random.fold_in(jax.random.key(seed), 2), count)
 
 
-def score(restored: np.ndarray, x: np.ndarray) -> dict[str, dict[str, float]]:
-    values = metrics.all_metrics(jnp.asarray(restored), jnp.asarray(x))
+def psnr(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """PSNR (dB) per image of x (..., B, H, W, C) in [-1, 1] (clipped) against reference (B, H, W, C)."""
+    mse = np.mean((np.clip(x, -1, 1) - reference) ** 2, axis=(-3, -2, -1))
+    return 10 * np.log10(4.0 / np.maximum(mse, 1e-12))
+
+
+# -- generate -------------------------------------------------------------------------------------
+
+def make_program(unet_config: UNetConfig, operator, config, x_shape, dtype: str):
+    """jit((unet_params, y, op_params, keys, values (L,)) -> (x (L, B, H, W, C), diverged (L, B)))."""
+    model = UNet(unet_config)
+
+    def program(unet_params, y, op_params, keys, values):
+        denoiser = make_denoiser(model, unet_params, dtype=dtype)
+        x_init = initial_noise(keys, None, x_shape, config.sigma_max)
+        if isinstance(config, SPGDConfig):
+            run = lambda v: spgd(denoiser, operator.forward, y, x_init, config, op_params, lr=v)
+        else:
+            run = lambda v: dps(denoiser, operator.forward, y, x_init, config, op_params, zeta=v)
+        result = jax.vmap(run)(values)
+        return result.x, result.diverged
+
+    return jax.jit(program)
+
+
+def generate(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    log = lambda text: print(f"[{time.monotonic() - started:6.1f} s] {text}", flush=True)
+    n_test, n_all = args.test, args.test + args.tune
+    x, names = read_images(Path(args.images), n_all)
+    weights = Path(args.weights)
+    unet_config = UNetConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else \
+        checkpoint.load_config(weights)
+    size = unet_config.image_size
+    if x.shape[1] != size:
+        raise SystemExit(f"error: the images are {x.shape[1]} px, the model {size} px")
+    x_shape = (size, size, 3)
+    tasks = tuple(args.tasks.split(",")) if args.tasks else TABLE1_TASKS
+    jobs = [j for j in plan(args.steps, args.warmup, tasks) if not args.tables or j.table in args.tables.split(",")]
+    measurements = {task: degrade(task, x, args.seed) for task in tasks}
+    keys = image_keys(args.seed, n_all)
+    abstract = jax.eval_shape(lambda: UNet(unet_config).init(
+        jax.random.key(0), jnp.zeros((1,) + x_shape), jnp.zeros((1,)))["params"])
+
+    def compile_job(job: Job):
+        operator, op_params, y = measurements[job.task]
+        count = n_all if job.values else n_test
+        sub = lambda a: a[:count]
+        lowered = make_program(unet_config, operator, job.config, x_shape, job.dtype).lower(
+            abstract, sub(y), jax.tree.map(sub, op_params), keys[:count],
+            jax.ShapeDtypeStruct((len(job.values) if job.values else 1,), jnp.float32))
+        return lowered.compile()
+
+    log(f"compiling {len(jobs)} programs with {args.compile_workers} threads")
+    with concurrent.futures.ThreadPoolExecutor(args.compile_workers) as pool:
+        futures = {job.name: pool.submit(compile_job, job) for job in jobs}
+        compiled = {}
+        for job in jobs:
+            try:
+                compiled[job.name] = futures[job.name].result()
+            except Exception as error:  # report and go on: one broken job must not lose the others
+                log(f"{job.name}: compile FAILED: {type(error).__name__}: {error}")
+    log("compiled")
+    while not (weights / checkpoint.CONFIG_FILE).exists():
+        if time.monotonic() - started > args.budget_s:
+            raise SystemExit(f"error: no weights at {weights} within the budget")
+        time.sleep(2)
+    time.sleep(1)
+    unet_params, loaded_config = checkpoint.load(weights)
+    if loaded_config != unet_config:
+        raise SystemExit(f"error: {weights} holds another architecture than the compiled one")
+    log(f"loaded {weights}")
+
+    manifest = {"weights": str(weights), "unet_config": unet_config.to_dict(), "seed": args.seed,
+                "test": n_test, "tune": args.tune, "names": names, "device": str(jax.devices()[0]),
+                "jax": jax.__version__, "steps": args.steps, "warmup": args.warmup, "jobs": {}}
+    picked: dict[str, float] = {}
+    rate = None  # seconds per (image x value x NFE), from the jobs run so far
+    for job in jobs:
+        if job.name not in compiled:
+            continue
+        if job.values is None and job.tuned_by not in picked:
+            log(f"{job.name}: skipped ({job.tuned_by} did not run)")
+            continue
+        values = job.values or (picked[job.tuned_by],)
+        count = n_all if job.values else n_test
+        nfe = job.config.steps * (job.config.warmup if isinstance(job.config, SPGDConfig) else 1)
+        work = count * len(values) * nfe
+        left = args.budget_s - (time.monotonic() - started)
+        if rate is not None and rate * work > left:
+            log(f"{job.name}: skipped (needs ~{rate * work:.0f} s, {left:.0f} s left)")
+            continue
+        operator, op_params, y = measurements[job.task]
+        sub = lambda a: a[:count]
+        t0 = time.perf_counter()
+        restored, diverged = compiled[job.name](unet_params, sub(y), jax.tree.map(sub, op_params), keys[:count],
+                                                jnp.asarray(values, jnp.float32))
+        restored, diverged = np.asarray(restored), np.asarray(diverged)
+        seconds = time.perf_counter() - t0
+        rate = seconds / work if rate is None else min(rate, seconds / work)
+        scores = psnr(restored, x[:count])  # (L, count)
+        best = int(np.argmax(np.mean(scores[:, n_test:], axis=1))) if job.values else 0
+        if job.values:
+            picked[job.name] = float(values[best])
+        np.savez_compressed(out / f"{job.name}.npz", restored=images.to_uint8(restored[best, :n_test]),
+                            restored_float_psnr=scores[best, :n_test], psnr=scores, diverged=diverged,
+                            values=np.asarray(values))
+        config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
+        manifest["jobs"][job.name] = {"table": job.table, "row": job.row, "task": job.task, "dtype": job.dtype,
+                                      "config": config, "values": list(values), "picked": float(values[best]),
+                                      "tuned_by": job.tuned_by, "seconds": seconds, "nfe_per_image": nfe}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        tune_note = f", tuning PSNR by value {np.round(np.mean(scores[:, n_test:], 1), 2).tolist()}" if job.values else ""
+        log(f"{job.name}: value {values[best]:g}, test PSNR {np.mean(scores[best, :n_test]):.2f} dB, "
+            f"{int(diverged[best].sum())} diverged ({seconds:.1f} s{tune_note})")
+    return 0
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+def make_images(args) -> int:
+    size = checkpoint.load_config(args.weights).image_size
+    x, names = load_split_images(Path(args.data), Path(args.split), args.count, size)
+    np.savez(args.out, images=x, names=np.asarray(names))
+    print(f"wrote {len(x)} images of {size} px to {args.out}")
+    return 0
+
+
+# -- score ----------------------------------------------------------------------------------------
+
+def _summary(values: dict) -> dict:
     return {k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in values.items()}
 
 
-def rows_for_table(table: int, tasks: list[str], steps: int, warmup: int):
-    """[(row label, task, method)] for the table."""
+def score(args) -> int:
+    from spgd_jax import metrics
+    from spgd_jax.baselines import classical
+
+    run = Path(args.run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    n_test = manifest["test"]
+    x, names = read_images(Path(args.images), n_test)
+    if names != manifest["names"][:n_test]:
+        raise SystemExit("error: --images holds other images than the run used")
+    reference = jnp.asarray(x)
     rows = []
-    if table == 1:
-        for task in tasks:
-            rows.append(("SPGD", task, presets.spgd_config(task, steps=steps, warmup=warmup)))
-            rows.append((f"DPS ({steps * warmup} steps, equal NFE)", task, presets.dps_config(task, steps=steps * warmup)))
-            rows.append(("classical", task, "classical"))
-    elif table == 2:
-        for task in tasks:
-            for label, n, adm in (("no warm-up, no ADM", 1, "off"), ("ADM only", 1, "paper"),
-                                  ("warm-up only", warmup, "off"), ("warm-up + ADM", warmup, "paper")):
-                rows.append((label, task, presets.spgd_config(task, steps=steps, warmup=n, adm=adm)))
-    else:
-        for task in tasks:
-            for n in (1, 2, 5, 10):
-                rows.append((f"N = {n}", task, presets.spgd_config(task, steps=steps, warmup=n)))
-    return rows
+    for name, job in manifest["jobs"].items():
+        with np.load(run / f"{name}.npz") as f:
+            restored = f["restored"].astype(np.float32) / 127.5 - 1.0
+            float_psnr, diverged = f["restored_float_psnr"], f["diverged"]
+        picked = job["values"].index(job["picked"])
+        rows.append({"job": name, **{k: job[k] for k in ("table", "row", "task", "dtype", "picked", "config",
+                                                           "seconds", "nfe_per_image")},
+                     "diverged": int(diverged[picked, :n_test].sum()),
+                     "psnr_float": float(np.mean(float_psnr)),
+                     **_summary(metrics.all_metrics(jnp.asarray(restored), reference))})
+    for task in sorted({r["task"] for r in rows if r["table"] == "1"}, key=TABLE1_TASKS.index):
+        operator, params, y = degrade(task, x, manifest["seed"])
+        restored = jax.jit(jax.vmap(classical(operator, x.shape[1])))(y, params)
+        rows.append({"job": f"t1_classical_{task}", "table": "1", "row": "classical", "task": task,
+                     **_summary(metrics.all_metrics(jnp.clip(restored, -1, 1), reference))})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {k: manifest[k] for k in ("weights", "seed", "test", "tune", "device", "jax", "steps", "warmup")}
+    meta["lpips"] = metrics.LPIPS_NAME
+    stem = out / f"quality_{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "tuning": _tuning(run, manifest)},
+                                                    indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(rows, meta, _tuning(run, manifest)))
+    print(stem.with_suffix(".md").read_text())
+    return 0
+
+
+def _tuning(run: Path, manifest: dict) -> list[dict]:
+    """Per swept job: mean PSNR on the tuning images and the test images at every value."""
+    n_test, out = manifest["test"], []
+    for name, job in manifest["jobs"].items():
+        if job["tuned_by"] is None:
+            with np.load(run / f"{name}.npz") as f:
+                scores, diverged = f["psnr"], f["diverged"]
+            out.append({"job": name, "task": job["task"], "row": job["row"], "values": job["values"],
+                        "picked": job["picked"], "tune_psnr": np.mean(scores[:, n_test:], 1).round(3).tolist(),
+                        "test_psnr": np.mean(scores[:, :n_test], 1).round(3).tolist(),
+                        "diverged": diverged.sum(1).tolist()})
+    return out
+
+
+def _cell(r: dict, metric: str, spec: str) -> str:
+    return f"{r[metric]['mean']:{spec}} ± {r[metric]['std']:{spec}}"
+
+
+def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
+    lines = [f"# Restoration quality of `{meta['weights']}` on {meta['test']} held-out faces", "",
+             f"Test images: validation split 0-{meta['test'] - 1}; step sizes picked by mean PSNR on images "
+             f"{meta['test']}-{meta['test'] + meta['tune'] - 1}. PSNR (dB) / SSIM / {meta['lpips']}: mean ± std over "
+             f"the test images (restorations saved as 8-bit). Seed {meta['seed']}; sampled on {meta['device']} "
+             f"(jax {meta['jax']}); SPGD T = {meta['steps']}, N = {meta['warmup']}.", ""]
+    titles = {"1": "Table 1: SPGD, DPS at equal NFE, classical baselines",
+              "2": f"Table 2: warm-up x ADM (T = {meta['steps']})",
+              "3": f"Table 3: warm-up iterations N (T = {meta['steps']})",
+              "bf16": "bfloat16 compute (float32 params) against float32, SPGD"}
+    for table in ("1", "2", "3", "bf16"):
+        chosen = [r for r in rows if r["table"] == table]
+        if table == "2":
+            chosen += [{**r, "row": "warm-up + ADM"} for r in rows if r["table"] == "1" and r["row"] == "SPGD"
+                       and r["task"] in TABLE2_TASKS]
+        if table == "3":
+            chosen += [{**r, "row": "N = 1"} for r in rows if r["table"] == "2" and r["row"] == "ADM only"
+                       and r["task"] in TABLE3_TASKS]
+            chosen += [{**r, "row": f"N = {meta['warmup']}"} for r in rows if r["table"] == "1"
+                       and r["row"] == "SPGD" and r["task"] in TABLE3_TASKS]
+        if table == "bf16":
+            chosen += [{**r, "row": "SPGD float32"} for r in rows if r["table"] == "1" and r["row"] == "SPGD"]
+        if not chosen:
+            continue
+        lines += [f"## {titles[table]}", "", "| task | method | step size | PSNR | SSIM | LPIPS | PSNR (float) | diverged | s |",
+                  "|---|---|---:|---|---|---|---:|---:|---:|"]
+        for r in sorted(chosen, key=lambda r: (TABLE1_TASKS.index(r["task"]), r["row"])):
+            step = f"{r['picked']:g}" if "picked" in r else "-"
+            extra = (f"{r['psnr_float']:.3f} | {r['diverged']} | {r['seconds']:.0f}" if "picked" in r else "- | - | -")
+            lines.append(f"| {r['task']} | {r['row']} | {step} | {_cell(r, 'psnr', '.2f')} | {_cell(r, 'ssim', '.3f')} | "
+                         f"{_cell(r, 'lpips', '.3f')} | {extra} |")
+        lines.append("")
+    lines += ["## Step-size sweeps (mean PSNR, dB)", "", "| job | values | tuning images | test images | picked |",
+              "|---|---|---|---|---:|"]
+    for t in tuning:
+        lines.append(f"| {t['job']} | {', '.join(f'{v:g}' for v in t['values'])} | "
+                     f"{', '.join(f'{v:.2f}' for v in t['tune_psnr'])} | {', '.join(f'{v:.2f}' for v in t['test_psnr'])} "
+                     f"| {t['picked']:g} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", type=int, choices=(1, 2, 3), default=1)
-    parser.add_argument("--tasks", help="comma-separated tasks (default: the table's)")
-    parser.add_argument("--weights", default=str(REPO / "weights" / "default64"))
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "faces"))
-    parser.add_argument("--split", default=str(REPO / "weights" / "validation_split.txt"))
-    parser.add_argument("--count", type=int, default=50)
-    parser.add_argument("--skip", type=int, default=0, help="start at this image of the split")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=25)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--tag", default="cpu", help="device name for the file names")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    p = sub.add_parser("images", help="write the ground-truth images (uint8 npz)")
+    p.add_argument("--weights", default=str(REPO / "weights" / "default64"), help="for the image size")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "faces"))
+    p.add_argument("--split", default=str(REPO / "weights" / "validation_split.txt"))
+    p.add_argument("--count", type=int, default=82)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("generate", help="run the samplers (JAX only)")
+    p.add_argument("--images", required=True)
+    p.add_argument("--weights", default=str(REPO / "weights" / "default64"),
+                   help="weights folder; may appear later (then --config gives the architecture)")
+    p.add_argument("--config", help="config.json of the architecture, when --weights does not exist yet")
+    p.add_argument("--out", required=True)
+    p.add_argument("--test", type=int, default=50)
+    p.add_argument("--tune", type=int, default=32)
+    p.add_argument("--tasks", help="comma-separated (default: inpaint,gauss_deblur,motion_deblur,sr4)")
+    p.add_argument("--tables", help="comma-separated subset of 1,2,3,bf16 (default: all)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip jobs that would end later than this")
+    p.add_argument("--compile-workers", type=int, default=4)
+    p = sub.add_parser("score", help="metrics and tables from a generate run")
+    p.add_argument("--images", required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--tag", required=True, help="file name tag, e.g. h200-50img")
     args = parser.parse_args(argv)
-
-    params_unet, unet_config = checkpoint.load(args.weights)
-    denoiser = make_denoiser(UNet(unet_config), params_unet)
-    size = unet_config.image_size
-    x, names = load_validation(Path(args.data), Path(args.split), args.count, size, args.skip)
-    default_tasks = {1: TABLE1_TASKS, 2: ("inpaint", "sr4"), 3: ("inpaint",)}[args.table]
-    tasks = args.tasks.split(",") if args.tasks else list(default_tasks)
-
-    records = []
-    for label, task, method in rows_for_table(args.table, tasks, args.steps, args.warmup):
-        operator, params, y = degrade(task, x, args.seed)
-        start = time.perf_counter()
-        restored = restore(method, denoiser, operator, params, y, (size, size, 3), args.seed, args.batch)
-        seconds = time.perf_counter() - start
-        record = {"row": label, "task": task, "seconds": seconds, **score(restored, x),
-                  "config": "classical" if method == "classical" else {"type": type(method).__name__, **dataclasses.asdict(method)}}
-        records.append(record)
-        print(f"{task:14s} {label:32s} PSNR {record['psnr']['mean']:.2f}  SSIM {record['ssim']['mean']:.3f}  "
-              f"LPIPS {record['lpips']['mean']:.3f}  ({seconds:.0f} s)", flush=True)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"quality_table{args.table}_{args.tag}"
-    meta = {"table": args.table, "weights": args.weights, "unet_config": unet_config.to_dict(), "images": names,
-            "count": args.count, "skip": args.skip, "seed": args.seed, "lpips": metrics.LPIPS_NAME,
-            "device": str(jax.devices()[0]), "jax": jax.__version__, "load_average": os.getloadavg()}
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": records}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(records, meta))
-    print(f"wrote {stem}.json and .md")
-    return 0
-
-
-def markdown(records, meta) -> str:
-    lines = [f"# Quality, table {meta['table']}: {meta['count']} validation faces at "
-             f"{meta['unet_config']['image_size']} px, seed {meta['seed']}",
-             "", f"PSNR (dB) / SSIM / {meta['lpips']}: mean ± std over images. Device: {meta['device']}.", "",
-             "| task | method | PSNR | SSIM | LPIPS | seconds |", "|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r['task']} | {r['row']} | {r['psnr']['mean']:.2f} ± {r['psnr']['std']:.2f} | "
-                     f"{r['ssim']['mean']:.3f} ± {r['ssim']['std']:.3f} | {r['lpips']['mean']:.3f} ± {r['lpips']['std']:.3f} | "
-                     f"{r['seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    return {"images": make_images, "generate": generate, "score": score}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ keyed by the file list and the size.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -96,16 +97,23 @@ def load_folder(folder: str | os.PathLike, names: list[str], size: int,
             if images.shape == (len(kept), size, size, 3):
                 log(f"loaded {len(kept)} cached images from {cache_npy}")
                 return images, kept
-    images, kept, skipped = [], [], []
-    for k, n in enumerate(names):
+    def decode(name: str) -> np.ndarray | ValueError:
         try:
-            images.append(to_uint8(load_image(root / n, size)))
-            kept.append(n)
+            return to_uint8(load_image(root / name, size))
         except ValueError as e:
-            skipped.append(n)
-            log(f"notice: skipping unreadable image: {e}")
-        if (k + 1) % 2000 == 0:
-            log(f"decoded {k + 1}/{len(names)} images")
+            return e
+
+    images, kept, skipped = [], [], []
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
+        for k, (n, result) in enumerate(zip(names, pool.map(decode, names))):
+            if isinstance(result, ValueError):
+                skipped.append(n)
+                log(f"notice: skipping unreadable image: {result}")
+            else:
+                images.append(result)
+                kept.append(n)
+            if (k + 1) % 5000 == 0:
+                log(f"decoded {k + 1}/{len(names)} images")
     if skipped:
         log(f"notice: skipped {len(skipped)} unreadable image(s) of {len(names)}")
     if not kept:

@@ -48,8 +48,8 @@ def _norm(residual: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
 
 
-def get_step_fn(denoiser, forward, config: DPSConfig):
-    """The per-image DPS step for loop.run_schedule."""
+def get_step_fn(denoiser, forward):
+    """The per-image DPS step for loop.run_schedule; its 4th argument is the step's zeta."""
 
     def residual_norm(x, sigma, y, params):
         x0_hat = denoiser(x[None], sigma[None])[0]
@@ -57,10 +57,10 @@ def get_step_fn(denoiser, forward, config: DPSConfig):
 
     residual_norm_and_grad = jax.value_and_grad(residual_norm, has_aux=True)
 
-    def step(x, sigma, coefficient, _, image):
+    def step(x, sigma, coefficient, zeta, image):
         y, params = image
         (norm, x0_hat), grad = residual_norm_and_grad(x, sigma, y, params)
-        return euler_step(x, x0_hat, coefficient) - config.zeta * grad, x0_hat, norm
+        return euler_step(x, x0_hat, coefficient) - zeta * grad, x0_hat, norm
 
     return step
 
@@ -73,8 +73,12 @@ def dps(
     config: DPSConfig,
     params: Any = None,
     progress: Callable[[int], None] | None = None,
+    zeta: jax.Array | float | None = None,
 ) -> SampleResult:
-    """DPS from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.sampling.sample."""
+    """DPS from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.sampling.sample.
+
+    zeta: a scalar that replaces config.zeta and may be traced (a sweep vmaps over it)."""
     sigmas = edm_sigmas(config.steps, config.sigma_max, config.sigma_min, config.rho)
-    step = get_step_fn(denoiser, forward, config)
-    return run_schedule(step, x_init, sigmas, None, (y, params), config.trajectory_every, progress)
+    zetas = jnp.full((config.steps,), config.zeta if zeta is None else zeta, jnp.float32)
+    step = get_step_fn(denoiser, forward)
+    return run_schedule(step, x_init, sigmas, zetas, (y, params), config.trajectory_every, progress)

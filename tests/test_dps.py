@@ -31,10 +31,10 @@ def test_config_validation(kwargs, error):
 def test_one_dps_step_matches_numpy():
     matrices, _, y, _ = random_problem(1)
     x = np.random.default_rng(0).standard_normal(SHAPE) * 2
-    step = jax.jit(get_step_fn(gaussian_denoiser, matrix_forward, DPSConfig(zeta=0.7)))
+    step = jax.jit(get_step_fn(gaussian_denoiser, matrix_forward))
     sigma, sigma_next = 2.0, 1.5
     coefficient = jnp.float32(1 - sigma_next / sigma)
-    x_next, x0_hat, norm = step(jnp.asarray(x, jnp.float32), jnp.float32(sigma), coefficient, None, (y[0], matrices[0]))
+    x_next, x0_hat, norm = step(jnp.asarray(x, jnp.float32), jnp.float32(sigma), coefficient, jnp.float32(0.7), (y[0], matrices[0]))
     matrix, y64 = np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64)
     expected = numpy_dps_step(x, matrix, y64, sigma, sigma_next, 0.7)
     np.testing.assert_allclose(x_next, expected, rtol=1e-5, atol=1e-6)
@@ -63,10 +63,10 @@ def test_dps_run_matches_numpy_and_uses_t_evaluations_per_image():
 
 def test_zero_residual_gives_a_zero_gradient_not_nan():
     x = jnp.ones(SHAPE)
-    step = get_step_fn(gaussian_denoiser, lambda x0, _: x0, DPSConfig(zeta=1.0))
+    step = get_step_fn(gaussian_denoiser, lambda x0, _: x0)
     sigma = jnp.float32(1.0)
     y = x * PRIOR_VAR / (PRIOR_VAR + 1.0)  # = A(D(x)) exactly
-    x_next, x0_hat, _ = step(x, sigma, jnp.float32(0.5), None, (y, None))
+    x_next, x0_hat, _ = step(x, sigma, jnp.float32(0.5), jnp.float32(1.0), (y, None))
     np.testing.assert_allclose(x_next, x + 0.5 * (x0_hat - x))
 
 
@@ -80,3 +80,13 @@ def test_sample_dispatches_dps_with_trajectory_and_batched_keys():
     without_trajectory = dataclasses.replace(config, trajectory_every=0)
     direct = dps(gaussian_denoiser, matrix_forward, y, x_init, without_trajectory, matrices)
     np.testing.assert_allclose(result.x, direct.x, rtol=1e-5, atol=1e-6)
+
+
+def test_traced_zeta_replaces_the_configs():
+    matrices, _, y, x_init = random_problem(2)
+    config = DPSConfig(zeta=0.3, steps=4)
+    static = dps(gaussian_denoiser, matrix_forward, y, x_init, config, matrices)
+    swept = jax.jit(jax.vmap(lambda z: dps(gaussian_denoiser, matrix_forward, y, x_init, DPSConfig(zeta=9.0, steps=4),
+                                           matrices, zeta=z).x))(jnp.asarray([0.1, 0.3], jnp.float32))
+    np.testing.assert_allclose(swept[1], static.x, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(swept[0], static.x)

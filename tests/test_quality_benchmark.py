@@ -1,0 +1,87 @@
+"""benchmarks/quality.py: its programs run the public sampler, its plan and its scoring helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spgd_jax import presets
+from spgd_jax.denoiser import make_denoiser
+from spgd_jax.sampling import sample
+from spgd_jax.unet import CONFIGS, UNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
+from benchmarks import quality  # noqa: E402
+
+CONFIG = CONFIGS["tiny16"]
+
+
+def _params():
+    params = UNet(CONFIG).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))["params"]
+    # guided-diffusion zero-initialises the output convolution; perturb every weight so the net matters
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_program_sweep_equals_the_public_sampler_at_each_value():
+    params = _params()
+    rng = np.random.default_rng(0)
+    x = np.clip(rng.normal(0, 0.5, (3, 16, 16, 3)), -1, 1).astype(np.float32)
+    operator, op_params, y = quality.degrade("inpaint", x, seed=0)
+    keys = quality.image_keys(0, 3)
+    for config, values in ((presets.spgd_config("inpaint", steps=3, warmup=2), (0.5, 2.0)),
+                           (presets.dps_config("inpaint", steps=4), (0.1, 0.4))):
+        program = quality.make_program(CONFIG, operator, config, (16, 16, 3), "float32")
+        swept, diverged = program(params, y, op_params, keys, jnp.asarray(values, jnp.float32))
+        assert swept.shape == (2, 3, 16, 16, 3) and diverged.shape == (2, 3)
+        denoiser = make_denoiser(UNet(CONFIG), params)
+        field = "lr" if hasattr(config, "lr") else "zeta"
+        for k, value in enumerate(values):
+            one = sample(denoiser, operator.forward, y, keys, dataclasses.replace(config, **{field: value}), op_params,
+                         x_shape=(16, 16, 3))
+            np.testing.assert_allclose(swept[k], one.x, rtol=1e-4, atol=1e-4)
+        assert not np.allclose(swept[0], swept[1])
+
+
+def test_measurements_and_keys_of_an_image_do_not_depend_on_the_image_count():
+    """score re-measures the test images alone for the classical baselines: they must get the
+    operator parameters, noise and keys that generate gave them among all the images."""
+    x = np.random.default_rng(1).uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)
+    for task in ("inpaint", "motion_deblur"):
+        _, params5, y5 = quality.degrade(task, x, seed=3)
+        _, params3, y3 = quality.degrade(task, x[:3], seed=3)
+        np.testing.assert_array_equal(np.asarray(y5)[:3], np.asarray(y3))
+        for a, b in zip(jax.tree.leaves(params5), jax.tree.leaves(params3), strict=True):
+            np.testing.assert_array_equal(np.asarray(a)[:3], np.asarray(b))
+    np.testing.assert_array_equal(jax.random.key_data(quality.image_keys(3, 5))[:3],
+                                  jax.random.key_data(quality.image_keys(3, 3)))
+
+
+def test_plan_orders_table1_first_and_ties_later_rows_to_its_sweeps():
+    jobs = quality.plan(steps=100, warmup=5)
+    names = [j.name for j in jobs]
+    assert names[:8] == [f"t1_{s}_{t}" for s in ("spgd", "dps") for t in quality.TABLE1_TASKS]
+    by_name = {j.name: j for j in jobs}
+    for job in jobs:
+        if job.values is None:
+            assert job.tuned_by in by_name and by_name[job.tuned_by].values
+    assert by_name["t1_spgd_sr4"].values == tuple(presets.PAPER_LR["sr4"] * f for f in quality.LR_FACTORS)
+    dps = by_name["t1_dps_inpaint"].config
+    assert dps.steps == 500  # equal NFE: T * N of SPGD
+    assert {j.config.warmup for j in jobs if j.table == "3"} == {2, 10}
+
+
+def test_psnr_helper_matches_dm_pix():
+    from spgd_jax import metrics
+
+    rng = np.random.default_rng(2)
+    ref = rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+    x = np.clip(ref + rng.normal(0, 0.1, ref.shape), -1, 1).astype(np.float32)
+    np.testing.assert_allclose(quality.psnr(x, ref), np.asarray(metrics.psnr(jnp.asarray(x), jnp.asarray(ref))),
+                               rtol=1e-4)

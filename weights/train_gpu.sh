@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One lent-GPU call: train the default prior for TRAIN_MIN minutes (a new run initialised from
+# weights/default64, or resuming RESUME_RUN), export its EMA weights, and meanwhile compile, then
+# run, the quality benchmark's samplers with the new weights (benchmarks/quality.py generate).
+# Everything comes back through $OUT as a tarball split into 15 MiB parts plus the log:
+#
+#   here, once:   python benchmarks/quality.py images --out .carry/val64.npz      # ground truth (82 faces)
+#                 faces as 64x64 JPEGs under .carry/faces64 (same relative names as ../shared/data/faces)
+#   device tool:  run(command="bash weights/train_gpu.sh", carry=[".carry"], timeout_s=480)
+#   back here:    cat $FILES/gpu_train.tgz.* | tar xz -C runs/gpu      # run/, weights/, quality/, logs
+#   on a CPU, the same code path at toy size:  SMOKE=1 OUT=/tmp/smoke bash weights/train_gpu.sh
+#
+# Knobs (environment): TRAIN_MIN (3.0), QUALITY_BUDGET_S (390, from the start), BATCH (256), LR (3e-4),
+# RESUME_RUN (a run folder to resume instead of --init), SMOKE (toy sizes for a CPU test).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/train_gpu_out}
+W=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+TRAIN_MIN=${TRAIN_MIN:-3.0}
+QUALITY_BUDGET_S=${QUALITY_BUDGET_S:-390}
+BATCH=${BATCH:-256}
+LR=${LR:-3e-4}
+DATA=.carry/faces64
+IMAGES=.carry/val64.npz
+QUALITY_ARGS=()
+if [ -n "${SMOKE:-}" ]; then
+  BATCH=8; QUALITY_ARGS=(--test 2 --tune 2 --steps 2 --warmup 2 --tasks inpaint,sr4)
+fi
+RUN=${RESUME_RUN:-$W/run}
+INIT=(--init weights/default64)
+[ -n "${RESUME_RUN:-}" ] && INIT=()
+cp weights/MODEL_CARD.md "$W/MODEL_CARD.md"
+
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+  python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)"
+  (
+    python3 -m spgd_jax.train --data "$DATA" --run "$RUN" --model default64 "${INIT[@]}" --cache-dir "$W/cache" \
+      --set batch_size="$BATCH" --set lr="$LR" --set warmup_steps=100 --set time_limit_minutes="$TRAIN_MIN" \
+      --set val_every=1000000 --set sample_every=1000000 --set checkpoint_minutes=1000 --set log_every=50 \
+      > "$W/train.log" 2>&1 || echo "training exited with $?"
+    python3 -m spgd_jax.train export --run "$RUN" --out "$W/weights" --card "$W/MODEL_CARD.md" \
+      >> "$W/train.log" 2>&1 || echo "export exited with $?"
+    # The EMA weights also as a plain npz (flax paths), readable whatever the orbax version here.
+    python3 -c "import sys, numpy as np; from flax.traverse_util import flatten_dict; from spgd_jax import checkpoint
+p, _ = checkpoint.load(sys.argv[1]); np.savez(sys.argv[2], **{'/'.join(k): np.asarray(v) for k, v in flatten_dict(p).items()})" \
+      "$W/weights" "$W/ema_params.npz" || echo "npz dump failed"
+  ) &
+  python3 benchmarks/quality.py generate --images "$IMAGES" --weights "$W/weights" --config weights/default64/config.json \
+    --out "$W/quality" --budget-s "$QUALITY_BUDGET_S" --compile-workers 6 "${QUALITY_ARGS[@]}" > "$W/quality.log" 2>&1 \
+    || echo "quality generate exited with $?"
+  wait
+  tail -n 25 "$W/train.log"; cat "$W/quality.log" | grep -v Warning
+  rm -rf "$W/cache"
+  date -u
+} 2>&1 | tee "$OUT/train_gpu.log"
+cp "$W/train.log" "$W/quality.log" "$OUT/" 2>/dev/null
+tar cz -C "$W" . | split -b 15m - "$OUT/gpu_train.tgz."
+ls -la "$OUT"
