@@ -5,7 +5,7 @@
 # Everything comes back through $OUT as a tarball split into 15 MiB parts plus the log:
 #
 #   here, once:   python benchmarks/quality.py images --out .carry/val64.npz      # ground truth (82 faces)
-#                 faces as 64x64 JPEGs in .carry/faces64.tar (faces64/<the names in ../shared/data/faces>)
+#                 faces as 64x64 JPEGs in .carry/faces64.tar.gz (faces64/<the names in ../shared/data/faces>)
 #   device tool:  run(command="bash weights/train_gpu.sh", carry=[".carry"], timeout_s=480)
 #   back here:    cat $FILES/gpu_train.tgz.* | tar xz -C runs/gpu      # run/, weights/, quality/, logs
 #   on a CPU, the same code path at toy size:  SMOKE=1 OUT=/tmp/smoke bash weights/train_gpu.sh
@@ -24,7 +24,7 @@ QUALITY_BUDGET_S=${QUALITY_BUDGET_S:-390}
 BATCH=${BATCH:-256}
 LR=${LR:-3e-4}
 DATA=.carry/faces64
-[ -d "$DATA" ] || tar xf .carry/faces64.tar -C .carry   # carried as one tar: the device counts disk blocks
+[ -d "$DATA" ] || tar xzf .carry/faces64.tar.gz -C .carry   # carried as one tar: the device counts disk blocks
 IMAGES=.carry/val64.npz
 QUALITY_ARGS=()
 if [ -n "${SMOKE:-}" ]; then
