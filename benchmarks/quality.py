@@ -70,17 +70,18 @@ class Job:
     dtype: str = "float32"
 
 
-def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS) -> list[Job]:
+def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS, lr_factors=LR_FACTORS,
+         zeta_factors=ZETA_FACTORS) -> list[Job]:
     """Every job of Tables 1-3 and the bfloat16 check, most important first."""
     jobs = []
     for task in tasks:
         config = presets.spgd_config(task, steps=steps, warmup=warmup)
         jobs.append(Job(f"t1_spgd_{task}", "1", "SPGD", task, config,
-                        values=tuple(config.lr * f for f in LR_FACTORS)))
+                        values=tuple(config.lr * f for f in lr_factors)))
     for task in tasks:
         config = presets.dps_config(task, steps=steps * warmup)
         jobs.append(Job(f"t1_dps_{task}", "1", f"DPS ({steps * warmup} steps, equal NFE)", task, config,
-                        values=tuple(config.zeta * f for f in ZETA_FACTORS)))
+                        values=tuple(config.zeta * f for f in zeta_factors)))
     for task in tasks:
         jobs.append(Job(f"bf16_spgd_{task}", "bf16", "SPGD bfloat16", task,
                         presets.spgd_config(task, steps=steps, warmup=warmup), tuned_by=f"t1_spgd_{task}",
@@ -174,7 +175,11 @@ def generate(args) -> int:
         raise SystemExit(f"error: the images are {x.shape[1]} px, the model {size} px")
     x_shape = (size, size, 3)
     tasks = tuple(args.tasks.split(",")) if args.tasks else TABLE1_TASKS
-    jobs = [j for j in plan(args.steps, args.warmup, tasks) if not args.tables or j.table in args.tables.split(",")]
+    jobs = [j for j in plan(args.steps, args.warmup, tasks, args.lr_factors, args.zeta_factors)
+            if (not args.tables or j.table in args.tables.split(","))
+            and (not args.jobs or any(j.name.startswith(p) for p in args.jobs.split(",")))]
+    if args.tune == 0 and any(j.values and len(j.values) > 1 for j in jobs):
+        raise SystemExit("error: sweeping needs tuning images: pass --tune > 0, or one factor per sweep")
     measurements = {task: degrade(task, x, args.seed) for task in tasks}
     keys = image_keys(args.seed, n_all)
     abstract = jax.eval_shape(lambda: UNet(unet_config).init(
@@ -237,7 +242,7 @@ def generate(args) -> int:
         seconds = time.perf_counter() - t0
         rate = seconds / work if rate is None else min(rate, seconds / work)
         scores = psnr(restored, x[:count])  # (L, count)
-        best = int(np.argmax(np.mean(scores[:, n_test:], axis=1))) if job.values else 0
+        best = int(np.argmax(np.mean(scores[:, n_test:], axis=1))) if len(values) > 1 else 0
         if job.values:
             picked[job.name] = float(values[best])
         np.savez_compressed(out / f"{job.name}.npz", restored=images.to_uint8(restored[best, :n_test]),
@@ -248,7 +253,7 @@ def generate(args) -> int:
                                       "config": config, "values": list(values), "picked": float(values[best]),
                                       "tuned_by": job.tuned_by, "seconds": seconds, "nfe_per_image": nfe}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        tune_note = f", tuning PSNR by value {np.round(np.mean(scores[:, n_test:], 1), 2).tolist()}" if job.values else ""
+        tune_note = f", tuning PSNR by value {np.round(np.mean(scores[:, n_test:], 1), 2).tolist()}" if args.tune else ""
         log(f"{job.name}: value {values[best]:g}, test PSNR {np.mean(scores[best, :n_test]):.2f} dB, "
             f"{int(diverged[best].sum())} diverged ({seconds:.1f} s{tune_note})")
     return 0
@@ -317,7 +322,7 @@ def _tuning(run: Path, manifest: dict) -> list[dict]:
             with np.load(run / f"{name}.npz") as f:
                 scores, diverged = f["psnr"], f["diverged"]
             out.append({"job": name, "task": job["task"], "row": job["row"], "values": job["values"],
-                        "picked": job["picked"], "tune_psnr": np.mean(scores[:, n_test:], 1).round(3).tolist(),
+                        "picked": job["picked"], "tune_psnr": np.mean(scores[:, n_test:], 1).round(3).tolist() if manifest["tune"] else None,
                         "test_psnr": np.mean(scores[:, :n_test], 1).round(3).tolist(),
                         "diverged": diverged.sum(1).tolist()})
     return out
@@ -362,8 +367,8 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
     lines += ["## Step-size sweeps (mean PSNR, dB)", "", "| job | values | tuning images | test images | picked |",
               "|---|---|---|---|---:|"]
     for t in tuning:
-        lines.append(f"| {t['job']} | {', '.join(f'{v:g}' for v in t['values'])} | "
-                     f"{', '.join(f'{v:.2f}' for v in t['tune_psnr'])} | {', '.join(f'{v:.2f}' for v in t['test_psnr'])} "
+        tune = ", ".join(f"{v:.2f}" for v in t["tune_psnr"]) if t["tune_psnr"] else "-"
+        lines.append(f"| {t['job']} | {', '.join(f'{v:g}' for v in t['values'])} | {tune} | {', '.join(f'{v:.2f}' for v in t['test_psnr'])} "
                      f"| {t['picked']:g} |")
     return "\n".join(lines) + "\n"
 
@@ -384,9 +389,13 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="config.json of the architecture, when --weights does not exist yet")
     p.add_argument("--out", required=True)
     p.add_argument("--test", type=int, default=50)
-    p.add_argument("--tune", type=int, default=32)
+    p.add_argument("--tune", type=int, default=32, help="tuning images (0: no sweeps, one factor each)")
     p.add_argument("--tasks", help="comma-separated (default: inpaint,gauss_deblur,motion_deblur,sr4)")
     p.add_argument("--tables", help="comma-separated subset of 1,2,3,bf16 (default: all)")
+    p.add_argument("--jobs", help="comma-separated job name prefixes, e.g. t1_spgd (default: all)")
+    factors = lambda text: tuple(float(v) for v in text.split(","))
+    p.add_argument("--lr-factors", type=factors, default=LR_FACTORS, help="SPGD sweep, x the preset lr")
+    p.add_argument("--zeta-factors", type=factors, default=ZETA_FACTORS, help="DPS sweep, x the preset zeta")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)

@@ -338,8 +338,8 @@ def _write_run(folder: Path, names, run: dict, truth, y, op_params, operator, co
     """One run's restored/, metrics.json, diagnostics and videos in folder; returns its metric summary."""
     x, diverged, diverged_step = run["x"], run["diverged"], run["diverged_step"]
     per_image = [{"name": name, "diverged": bool(flag)} for name, flag in zip(names, diverged)]
-    rate = config.lr if lr is None else lr
-    hint = "a smaller --zeta" if args.sampler == "dps" else f"a smaller --lr (this run: {rate:g})"
+    rate = getattr(config, "lr", None) if lr is None else lr  # None for DPS
+    hint = "a smaller --zeta" if rate is None else f"a smaller --lr (this run: {rate:g})"
     for record, flag, step in zip(per_image, diverged, diverged_step):
         if flag:
             record["diverged_at_step"] = int(step)

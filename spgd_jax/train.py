@@ -633,13 +633,17 @@ def _update_card(card: Path, meta: dict, out: Path) -> None:
         f"|---|---|",
         f"| weights | `{out.name}` (EMA, decay {t['ema_decay']}), {meta['num_params']:,} parameters, "
         f"{meta['weights_mb']:.1f} MB |",
+        *([f"| initialised from | `{meta['init']}` (its weights as weights and EMA, fresh optimiser) |"]
+          if meta.get("init") else []),
         f"| training updates | {meta['step']:,} at batch {t['batch_size']} "
         f"({meta['step'] * t['batch_size'] / meta['num_train']:.1f} epochs of {meta['num_train']:,} images) |",
         f"| optimiser | Adam, lr {t['lr']:g} (linear warm-up {t['warmup_steps']} steps), "
         f"grad clip {t['grad_clip']}, seed {t['seed']} |",
         f"| hardware | {'; '.join(meta['hardware'])} |",
-        f"| wall time | {hours:.1f} h of training |",
-        f"| final training loss | {meta['train_loss']:.4f} (mean of the last {t['log_every']} updates) |",
+        f"| wall time | {hours:.1f} h of training |" if hours >= 1 else
+        f"| wall time | {60 * hours:.1f} min of training |",
+        f"| final training loss | {meta['train_loss']:.4f} (mean of the last {t['log_every']} updates) |"
+        if meta["train_loss"] is not None else "| final training loss | not measured |",
         f"| final validation loss | {meta['val_loss']:.4f} (EMA weights, {meta['num_val']} held-out images, "
         f"fixed t and noise) |" if meta["val_loss"] is not None else "| final validation loss | not measured |",
         CARD_END])

@@ -54,6 +54,18 @@ def test_writes_every_output(first_run):
     assert temporary_files(out) == []
 
 
+def test_dps_sampler_writes_every_output(faces, weights, tmp_path):
+    out = tmp_path / "dps"
+    assert restore.main(["--task", "sr4", "--sampler", "dps", "--zeta", "0.2", "--steps", "4", "--input", str(faces),
+                         "--weights", weights, "--out", str(out), "--batch-size", "2", "--quiet"]) == 0
+    assert picture(out / "restored" / "a.png").shape == (16, 16, 3)
+    records = json.loads((out / "metrics.json").read_text())["images"]
+    assert len(records) == 3 and all(np.isfinite(r["psnr"]) for r in records)
+    config = json.loads((out / "config.json").read_text())
+    assert config["sampler"] == "dps" and config["sampler_config"]["zeta"] == 0.2
+    assert config["sampler_config"]["steps"] == 4
+
+
 def test_existing_outputs_are_not_overwritten(first_run, faces, weights):
     before = (first_run / "grid.png").read_bytes()
     with pytest.raises(SystemExit, match="already exist.*--overwrite"):

@@ -234,6 +234,10 @@ def test_init_starts_a_new_run_from_weights(runs, tmp_path):
     moved = max(float(np.max(np.abs(np.asarray(p) - np.asarray(q))))
                 for p, q in zip(jax.tree.leaves(state.params), jax.tree.leaves(start), strict=True))
     assert 0 < moved <= 1.01 * tcfg.lr
+    card = tmp_path / "card.md"
+    card.write_text(f"{train.CARD_BEGIN}\n{train.CARD_END}\n")
+    train.export(tmp_path / "c", tmp_path / "w_c", card)
+    assert f"| initialised from | `{(tmp_path / 'w').resolve()}`" in card.read_text()
     fresh = train.train(runs["folder"], tmp_path / "d", TINY_E2E, tcfg, runs["tmp"] / "cache", log=lambda m: None)
     assert not _leaves_equal(fresh.params, state.params)
     with pytest.raises(ValueError, match="already holds checkpoints"):

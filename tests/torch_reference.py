@@ -62,7 +62,7 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     The frequencies are float32 (as in guided-diffusion) even for float64 timesteps.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     timesteps = _upcast(timesteps)
     angles = timesteps[:, None] * freqs.to(timesteps.dtype)[None, :]
     emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
