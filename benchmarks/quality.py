@@ -194,16 +194,11 @@ def generate(args) -> int:
             jax.ShapeDtypeStruct((len(job.values) if job.values else 1,), jnp.float32))
         return lowered.compile()
 
+    # Compile every program in job order on a thread pool while waiting for the weights; each job
+    # runs as soon as its program is ready, so the first results do not wait for the last compile.
     log(f"compiling {len(jobs)} programs with {args.compile_workers} threads")
-    with concurrent.futures.ThreadPoolExecutor(args.compile_workers) as pool:
-        futures = {job.name: pool.submit(compile_job, job) for job in jobs}
-        compiled = {}
-        for job in jobs:
-            try:
-                compiled[job.name] = futures[job.name].result()
-            except Exception as error:  # report and go on: one broken job must not lose the others
-                log(f"{job.name}: compile FAILED: {type(error).__name__}: {error}")
-    log("compiled")
+    pool = concurrent.futures.ThreadPoolExecutor(args.compile_workers)
+    futures = {job.name: pool.submit(compile_job, job) for job in jobs}
     while not (weights / checkpoint.CONFIG_FILE).exists():
         if time.monotonic() - started > args.budget_s:
             raise SystemExit(f"error: no weights at {weights} within the budget")
@@ -220,8 +215,6 @@ def generate(args) -> int:
     picked: dict[str, float] = {}
     rate = None  # seconds per (image x value x NFE), from the jobs run so far
     for job in jobs:
-        if job.name not in compiled:
-            continue
         if job.values is None and job.tuned_by not in picked:
             log(f"{job.name}: skipped ({job.tuned_by} did not run)")
             continue
@@ -233,10 +226,19 @@ def generate(args) -> int:
         if rate is not None and rate * work > left:
             log(f"{job.name}: skipped (needs ~{rate * work:.0f} s, {left:.0f} s left)")
             continue
+        try:
+            program = futures[job.name].result(timeout=max(left, 0.0))
+        except concurrent.futures.TimeoutError:
+            log(f"{job.name}: skipped (not compiled within the budget)")
+            continue
+        except Exception as error:  # report and go on: one broken job must not lose the others
+            log(f"{job.name}: compile FAILED: {type(error).__name__}: {error}")
+            continue
+        log(f"{job.name}: compiled")
         operator, op_params, y = measurements[job.task]
         sub = lambda a: a[:count]
         t0 = time.perf_counter()
-        restored, diverged = compiled[job.name](unet_params, sub(y), jax.tree.map(sub, op_params), keys[:count],
+        restored, diverged = program(unet_params, sub(y), jax.tree.map(sub, op_params), keys[:count],
                                                 jnp.asarray(values, jnp.float32))
         restored, diverged = np.asarray(restored), np.asarray(diverged)
         seconds = time.perf_counter() - t0
@@ -256,6 +258,11 @@ def generate(args) -> int:
         tune_note = f", tuning PSNR by value {np.round(np.mean(scores[:, n_test:], 1), 2).tolist()}" if args.tune else ""
         log(f"{job.name}: value {values[best]:g}, test PSNR {np.mean(scores[best, :n_test]):.2f} dB, "
             f"{int(diverged[best].sum())} diverged ({seconds:.1f} s{tune_note})")
+    pool.shutdown(wait=False, cancel_futures=True)
+    if not all(f.done() for f in futures.values()):
+        log("leaving compilations still in flight")
+        sys.stdout.flush()
+        os._exit(0)  # a running XLA compilation cannot be cancelled; do not wait for it
     return 0
 
 
