@@ -255,7 +255,7 @@ def generate(args) -> int:
                                       "config": config, "values": list(values), "picked": float(values[best]),
                                       "tuned_by": job.tuned_by, "seconds": seconds, "nfe_per_image": nfe}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        tune_note = f", tuning PSNR by value {np.round(np.mean(scores[:, n_test:], 1), 2).tolist()}" if args.tune else ""
+        tune_note = f", tuning PSNR by value {np.round(np.mean(scores[:, n_test:], 1), 2).tolist()}" if job.values and args.tune else ""
         log(f"{job.name}: value {values[best]:g}, test PSNR {np.mean(scores[best, :n_test]):.2f} dB, "
             f"{int(diverged[best].sum())} diverged ({seconds:.1f} s{tune_note})")
     pool.shutdown(wait=False, cancel_futures=True)
