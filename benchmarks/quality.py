@@ -50,9 +50,9 @@ from spgd_jax.unet import UNet, UNetConfig  # noqa: E402
 TABLE1_TASKS = ("inpaint", "gauss_deblur", "motion_deblur", "sr4")
 TABLE2_TASKS = ("inpaint", "sr4")
 TABLE3_TASKS = ("inpaint",)
-# Sweep grids, as multiples of the task's default (presets: paper lr, DPS release zeta).
+# Sweep grids, as multiples of the task's preset (spgd_jax.presets: lr, zeta).
 LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
-ZETA_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
+ZETA_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ def test_every_task_has_spgd_and_dps_defaults():
         assert spgd.lr == presets.TUNED_LR.get(task, presets.PAPER_LR[task])
         dps = presets.dps_config(task)
         assert isinstance(dps, DPSConfig) and dps.steps == spgd.steps * spgd.warmup  # equal NFEs
+        assert dps.zeta == presets.TUNED_ZETA.get(task, presets.DPS_ZETA[task])
 
 
 def test_paper_learning_rates():
