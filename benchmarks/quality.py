@@ -312,6 +312,7 @@ def score(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: manifest[k] for k in ("weights", "seed", "test", "tune", "device", "jax", "steps", "warmup")}
+    meta["weights"] = args.weights_name or meta["weights"]
     meta["lpips"] = metrics.LPIPS_NAME
     stem = out / f"quality_{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "tuning": _tuning(run, manifest)},
@@ -351,6 +352,8 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
               "bf16": "bfloat16 compute (float32 params) against float32, SPGD"}
     for table in ("1", "2", "3", "bf16"):
         chosen = [r for r in rows if r["table"] == table]
+        if not chosen:  # the tables below borrow Table 1's rows; they need their own first
+            continue
         if table == "2":
             chosen += [{**r, "row": "warm-up + ADM"} for r in rows if r["table"] == "1" and r["row"] == "SPGD"
                        and r["task"] in TABLE2_TASKS]
@@ -361,8 +364,6 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
                        and r["row"] == "SPGD" and r["task"] in TABLE3_TASKS]
         if table == "bf16":
             chosen += [{**r, "row": "SPGD float32"} for r in rows if r["table"] == "1" and r["row"] == "SPGD"]
-        if not chosen:
-            continue
         lines += [f"## {titles[table]}", "", "| task | method | step size | PSNR | SSIM | LPIPS | PSNR (float) | diverged | s |",
                   "|---|---|---:|---|---|---|---:|---:|---:|"]
         for r in sorted(chosen, key=lambda r: (TABLE1_TASKS.index(r["task"]), r["row"])):
@@ -413,6 +414,7 @@ def main(argv=None) -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--tag", required=True, help="file name tag, e.g. h200-50img")
+    p.add_argument("--weights-name", help="how the tables name the weights (default: the path generate used)")
     args = parser.parse_args(argv)
     return {"images": make_images, "generate": generate, "score": score}[args.stage](args)
 
