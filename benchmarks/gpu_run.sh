@@ -10,7 +10,9 @@
 #
 # Knobs (environment): PRESET (gpu-ffhq256), TORCH_BUDGET_S (120), JAX_BUDGET_S (270: rows that would
 # overrun are skipped and listed), COMPILE_WORKERS (1: >1 compiles the fixed-batch JAX programs in
-# parallel threads first), MEM_FRACTION (0.92, JAX's share of GPU memory), XLA_FLAGS_EXTRA, PYTHON.
+# parallel threads first; on 2026-11-26 eight threads compiled six ffhq256 programs for over 5 minutes
+# and no row was recorded), MEM_FRACTION (0.92, JAX's share of GPU memory), FAST_COMPILE (1),
+# XLA_FLAGS_EXTRA, PYTHON.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -22,6 +24,14 @@ WORK=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Compile time: whole-sampler programs took minutes each to compile on an H200 (2026-11-26); XLA's
+# fusion autotuner is a known cause of slow GPU compiles (not yet measured here). FAST_COMPILE=1
+# (default) turns it off, if this XLA knows the flag; the results record XLA_FLAGS.
+if [ "${FAST_COMPILE:-1}" = 1 ]; then
+  flag=--xla_gpu_experimental_enable_fusion_autotuner=false
+  XLA_FLAGS="${XLA_FLAGS:-} $flag" "$PY" -c "import jax; jax.numpy.ones(1).block_until_ready()" >/dev/null 2>&1 \
+    && XLA_FLAGS_EXTRA="${XLA_FLAGS_EXTRA:-} $flag"
+fi
 [ -n "${XLA_FLAGS_EXTRA:-}" ] && export XLA_FLAGS="${XLA_FLAGS:-} $XLA_FLAGS_EXTRA"
 speed() { "$PY" benchmarks/speed.py --preset "$PRESET" --work "$WORK" --out "$OUT" "$@"; }
 export -f speed

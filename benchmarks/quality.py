@@ -211,7 +211,7 @@ def generate(args) -> int:
 
     manifest = {"weights": str(weights), "unet_config": unet_config.to_dict(), "seed": args.seed,
                 "test": n_test, "tune": args.tune, "names": names, "device": str(jax.devices()[0]),
-                "jax": jax.__version__, "steps": args.steps, "warmup": args.warmup, "jobs": {}}
+                "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": args.steps, "warmup": args.warmup, "jobs": {}}
     picked: dict[str, float] = {}
     rate = None  # seconds per (image x value x NFE), from the jobs run so far
     for job in jobs:

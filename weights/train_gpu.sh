@@ -38,6 +38,11 @@ RUN=${RESUME_RUN:-$W/run}
 INIT=(--init weights/default64)
 [ -n "${RESUME_RUN:-}" ] && INIT=()
 cp weights/MODEL_CARD.md "$W/MODEL_CARD.md"
+# XLA's fusion autotuner is a known cause of slow GPU compiles (not yet measured here): the quality
+# programs are compiled without it, if this XLA knows the flag.
+FLAG=--xla_gpu_experimental_enable_fusion_autotuner=false
+XLA_FLAGS="${XLA_FLAGS:-} $FLAG" python3 -c "import jax; jax.numpy.ones(1).block_until_ready()" >/dev/null 2>&1 \
+  && QUALITY_XLA_FLAGS="${XLA_FLAGS:-} $FLAG" || QUALITY_XLA_FLAGS="${XLA_FLAGS:-}"
 QUALITY_WEIGHTS=$W/weights
 [ "$TRAIN_MIN" = 0 ] && QUALITY_WEIGHTS=weights/default64
 
@@ -56,7 +61,8 @@ QUALITY_WEIGHTS=$W/weights
 p, _ = checkpoint.load(sys.argv[1]); np.savez(sys.argv[2], **{'/'.join(k): np.asarray(v) for k, v in flatten_dict(p).items()})" \
       "$W/weights" "$W/ema_params.npz" || echo "npz dump failed"
   ) &
-  python3 benchmarks/quality.py generate --images "$IMAGES" --weights "$QUALITY_WEIGHTS" \
+  echo "quality XLA_FLAGS: $QUALITY_XLA_FLAGS"
+  XLA_FLAGS="$QUALITY_XLA_FLAGS" python3 benchmarks/quality.py generate --images "$IMAGES" --weights "$QUALITY_WEIGHTS" \
     --config weights/default64/config.json --out "$W/quality" --budget-s "$QUALITY_BUDGET_S" \
     --compile-workers "${QUALITY_WORKERS:-6}" "${QUALITY_ARGS[@]}" > "$W/quality.log" 2>&1 \
     || echo "quality generate exited with $?"
