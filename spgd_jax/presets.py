@@ -40,7 +40,13 @@ DPS_ZETA = {
     "hdr": 0.3,
 }
 # Values tuned for the default 64 px prior on its validation split (empty: the paper's hold).
-TUNED_LR: dict[str, float] = {}
+# SPGD at the paper's lr 1.5 diverges on Gaussian deblurring with the 64 px default prior (10 of 10
+# faces); validation faces 0-1 give 25.0 / 26.9 / 28.1 / diverged dB at lr 0.075 / 0.225 / 0.6 / 1.5
+# (benchmarks/results/spgd_lr_probe.md). Inpainting (sweep on faces 50-81) and motion deblurring keep
+# the paper's values.
+TUNED_LR: dict[str, float] = {
+    "gauss_deblur": 0.6,
+}
 # DPS: the release's zetas (tuned for 1000 ancestral steps at 256 px) leave the 64 px default prior's
 # samples unguided (random inpainting, 500 EDM steps: 6.0 / 6.4 / 15.3 dB at zeta 0.05 / 0.25 / 1; 22.3 /
 # 23.3 / 22.5 dB at 2 / 5 / 12.5, mean of validation faces 1-2); 10x the release value is used for every
