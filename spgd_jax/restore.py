@@ -82,10 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="outer steps T (default 100 for SPGD, 500 for DPS: equal NFEs)")
     parser.add_argument("--warmup", type=int, help="SPGD warm-up iterations N per step (default 5)")
     parser.add_argument("--lr", type=_learning_rates,
-                        help="SPGD learning rate (default: the task's); several, comma-separated, run a sweep")
+                        help="SPGD learning rate (default: the task's, tuned for the default prior, else the "
+                             "paper's; spgd_jax.presets); several, comma-separated, run a sweep")
     parser.add_argument("--beta", type=float, help="SPGD ADM momentum (default 0.9)")
     parser.add_argument("--adm", choices=("paper", "off", "reference_cosine"), help="ADM variant (default paper)")
-    parser.add_argument("--zeta", type=float, help="DPS step size (default: the task's)")
+    parser.add_argument("--zeta", type=float, help="DPS step size (default: the task's, tuned for the default prior, else the "
+                             "DPS release's; spgd_jax.presets)")
     parser.add_argument("--sigma-y", type=float, help="measurement noise std in [-1, 1] units (default: the task's)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for operator, noise and sampler")
     parser.add_argument("--batch-size", type=int,
@@ -131,11 +133,12 @@ def _fail(message: str) -> None:
     raise SystemExit(f"error: {message}")
 
 
-def _sampler_config(args, task: str):
+def _sampler_config(args, task: str, tuned: bool):
+    """The sampler config of the arguments; tuned: the default prior's step sizes (else the paper's)."""
     if args.sampler == "spgd":
         if args.zeta is not None:
             _fail("--zeta is a DPS setting; use --lr with --sampler spgd")
-        config = presets.spgd_config(task, steps=args.steps, warmup=args.warmup, beta=args.beta, adm=args.adm,
+        config = presets.spgd_config(task, tuned, steps=args.steps, warmup=args.warmup, beta=args.beta, adm=args.adm,
                                      lr=args.lr[0] if args.lr else None, diagnostics=args.diagnostics)
         for lr in args.lr or ():
             dataclasses.replace(config, lr=lr)  # each rate passes SPGDConfig's checks
@@ -145,7 +148,7 @@ def _sampler_config(args, task: str):
                 _fail(f"{flag} is an SPGD setting; use --zeta and --steps with --sampler dps")
         if args.diagnostics:
             _fail("--diagnostics records SPGD's warm-up gradients; use it with --sampler spgd")
-        config = presets.dps_config(task, steps=args.steps, zeta=args.zeta)
+        config = presets.dps_config(task, tuned, steps=args.steps, zeta=args.zeta)
     if args.video:
         config = dataclasses.replace(config, trajectory_every=math.ceil(config.steps / VIDEO_FRAMES))
     return config
@@ -384,13 +387,13 @@ def main(argv: list[str] | None = None) -> int:
         _fail(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.measurement and args.input:
         _fail("give either --input (images to degrade) or --measurement (an existing measurement), not both")
+    weights = Path(args.weights) if args.weights else default_weights_path()
     try:
-        config = _sampler_config(args, task)
+        config = _sampler_config(args, task, tuned=weights.resolve() == default_weights_path().resolve())
     except (TypeError, ValueError) as error:
         _fail(str(error))
     lrs = args.lr if args.lr and len(args.lr) > 1 else None
 
-    weights = Path(args.weights) if args.weights else default_weights_path()
     denoiser, unet_config = _load_prior(weights)
     size = unet_config.image_size
     try:

@@ -27,3 +27,10 @@ def test_unknown_task_and_setting_are_clear_errors():
         presets.spgd_config("denoise")
     with pytest.raises(ValueError, match="unknown setting.*momentum.*SPGDConfig takes"):
         presets.spgd_config("sr4", momentum=0.9)
+
+
+def test_tuned_values_only_for_the_default_prior():
+    assert presets.spgd_config("gauss_deblur").lr == presets.TUNED_LR["gauss_deblur"]
+    assert presets.spgd_config("gauss_deblur", tuned=False).lr == presets.PAPER_LR["gauss_deblur"]
+    assert presets.dps_config("inpaint", tuned=False).zeta == presets.DPS_ZETA["inpaint"]
+    assert presets.dps_config("inpaint").zeta == presets.TUNED_ZETA["inpaint"]

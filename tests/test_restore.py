@@ -66,6 +66,19 @@ def test_dps_sampler_writes_every_output(faces, weights, tmp_path):
     assert config["sampler_config"]["steps"] == 4
 
 
+def test_step_sizes_tuned_for_the_default_prior_apply_only_to_it(faces, weights, tmp_path):
+    from spgd_jax import presets
+
+    parser = restore.build_parser()
+    args = parser.parse_args(["--task", "gauss_deblur"])
+    assert restore._sampler_config(args, "gauss_deblur", tuned=True).lr == presets.TUNED_LR["gauss_deblur"]
+    assert restore._sampler_config(args, "gauss_deblur", tuned=False).lr == presets.PAPER_LR["gauss_deblur"]
+    out = tmp_path / "deblur"  # other weights than the default prior: the paper's learning rate
+    assert restore.main(["--task", "gauss_deblur", "--input", str(faces), "--weights", weights, "--out", str(out),
+                         *FAST]) == 0
+    assert json.loads((out / "config.json").read_text())["sampler_config"]["lr"] == presets.PAPER_LR["gauss_deblur"]
+
+
 def test_existing_outputs_are_not_overwritten(first_run, faces, weights):
     before = (first_run / "grid.png").read_bytes()
     with pytest.raises(SystemExit, match="already exist.*--overwrite"):
