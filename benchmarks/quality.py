@@ -342,8 +342,10 @@ def _cell(r: dict, metric: str, spec: str) -> str:
 
 def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
     lines = [f"# Restoration quality of `{meta['weights']}` on {meta['test']} held-out faces", "",
-             f"Test images: validation split 0-{meta['test'] - 1}; step sizes picked by mean PSNR on images "
-             f"{meta['test']}-{meta['test'] + meta['tune'] - 1}. PSNR (dB) / SSIM / {meta['lpips']}: mean ± std over "
+             f"Test images: validation split 0-{meta['test'] - 1}; "
+             + (f"step sizes picked by mean PSNR on images {meta['test']}-{meta['test'] + meta['tune'] - 1}. "
+                if meta["tune"] else "step sizes: the presets (spgd_jax.presets), no sweep. ")
+             + f"PSNR (dB) / SSIM / {meta['lpips']}: mean ± std over "
              f"the test images (restorations saved as 8-bit). Seed {meta['seed']}; sampled on {meta['device']} "
              f"(jax {meta['jax']}); SPGD T = {meta['steps']}, N = {meta['warmup']}.", ""]
     titles = {"1": "Table 1: SPGD, DPS at equal NFE, classical baselines",
