@@ -336,6 +336,14 @@ def _tuning(run: Path, manifest: dict) -> list[dict]:
     return out
 
 
+def _step_size(r: dict) -> str:
+    """The picked lr or zeta; SPGD's lr schedule when it is not the paper's decay to 1 %."""
+    if "picked" not in r:
+        return "-"
+    ratio = r["config"].get("lr_min_ratio", 0.01)
+    return f"{r['picked']:g}" + ("" if ratio == 0.01 else " constant" if ratio == 1 else f" to x{ratio:g}")
+
+
 def _cell(r: dict, metric: str, spec: str) -> str:
     return f"{r[metric]['mean']:{spec}} ± {r[metric]['std']:{spec}}"
 
@@ -347,7 +355,8 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
                 if meta["tune"] else "step sizes: the presets (spgd_jax.presets), no sweep. ")
              + f"PSNR (dB) / SSIM / {meta['lpips']}: mean ± std over "
              f"the test images (restorations saved as 8-bit). Seed {meta['seed']}; sampled on {meta['device']} "
-             f"(jax {meta['jax']}); SPGD T = {meta['steps']}, N = {meta['warmup']}.", ""]
+             f"(jax {meta['jax']}); SPGD T = {meta['steps']}, N = {meta['warmup']}, its lr decaying linearly to "
+             f"1 % over the run unless marked constant.", ""]
     titles = {"1": "Table 1: SPGD, DPS at equal NFE, classical baselines",
               "2": f"Table 2: warm-up x ADM (T = {meta['steps']})",
               "3": f"Table 3: warm-up iterations N (T = {meta['steps']})",
@@ -369,7 +378,7 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
         lines += [f"## {titles[table]}", "", "| task | method | step size | PSNR | SSIM | LPIPS | PSNR (float) | diverged | s |",
                   "|---|---|---:|---|---|---|---:|---:|---:|"]
         for r in sorted(chosen, key=lambda r: (TABLE1_TASKS.index(r["task"]), r["row"])):
-            step = f"{r['picked']:g}" if "picked" in r else "-"
+            step = _step_size(r)
             extra = (f"{r['psnr_float']:.3f} | {r['diverged']} | {r['seconds']:.0f}" if "picked" in r else "- | - | -")
             lines.append(f"| {r['task']} | {r['row']} | {step} | {_cell(r, 'psnr', '.2f')} | {_cell(r, 'ssim', '.3f')} | "
                          f"{_cell(r, 'lpips', '.3f')} | {extra} |")

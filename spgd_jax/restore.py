@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=_learning_rates,
                         help="SPGD learning rate (default: the task's, tuned for the default prior, else the "
                              "paper's; spgd_jax.presets); several, comma-separated, run a sweep")
+    parser.add_argument("--lr-min-ratio", type=float,
+                        help="SPGD learning-rate decay: the last steps use about this fraction of --lr (default: the "
+                             "task's, tuned for the default prior, else the paper's 0.01; 1 = constant)")
     parser.add_argument("--beta", type=float, help="SPGD ADM momentum (default 0.9)")
     parser.add_argument("--adm", choices=("paper", "off", "reference_cosine"), help="ADM variant (default paper)")
     parser.add_argument("--zeta", type=float, help="DPS step size (default: the task's, tuned for the default prior, else the "
@@ -139,11 +142,13 @@ def _sampler_config(args, task: str, tuned: bool):
         if args.zeta is not None:
             _fail("--zeta is a DPS setting; use --lr with --sampler spgd")
         config = presets.spgd_config(task, tuned, steps=args.steps, warmup=args.warmup, beta=args.beta, adm=args.adm,
-                                     lr=args.lr[0] if args.lr else None, diagnostics=args.diagnostics)
+                                     lr=args.lr[0] if args.lr else None, lr_min_ratio=args.lr_min_ratio,
+                                     diagnostics=args.diagnostics)
         for lr in args.lr or ():
             dataclasses.replace(config, lr=lr)  # each rate passes SPGDConfig's checks
     else:
-        for flag, value in (("--warmup", args.warmup), ("--lr", args.lr), ("--beta", args.beta), ("--adm", args.adm)):
+        for flag, value in (("--warmup", args.warmup), ("--lr", args.lr), ("--lr-min-ratio", args.lr_min_ratio),
+                            ("--beta", args.beta), ("--adm", args.adm)):
             if value is not None:
                 _fail(f"{flag} is an SPGD setting; use --zeta and --steps with --sampler dps")
         if args.diagnostics:

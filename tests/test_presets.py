@@ -7,7 +7,9 @@ def test_every_task_has_spgd_and_dps_defaults():
     for task in operators.TASKS:
         spgd = presets.spgd_config(task)
         assert isinstance(spgd, SPGDConfig) and (spgd.steps, spgd.warmup, spgd.beta) == (100, 5, 0.9)
-        assert spgd.lr == presets.TUNED_LR.get(task, presets.PAPER_LR[task])
+        tuned = presets.TUNED_SPGD.get(task, {})
+        assert spgd.lr == tuned.get("lr", presets.PAPER_LR[task])
+        assert spgd.lr_min_ratio == tuned.get("lr_min_ratio", 0.01)
         dps = presets.dps_config(task)
         assert isinstance(dps, DPSConfig) and dps.steps == spgd.steps * spgd.warmup  # equal NFEs
         assert dps.zeta == presets.TUNED_ZETA.get(task, presets.DPS_ZETA[task])
@@ -30,7 +32,14 @@ def test_unknown_task_and_setting_are_clear_errors():
 
 
 def test_tuned_values_only_for_the_default_prior():
-    assert presets.spgd_config("gauss_deblur").lr == presets.TUNED_LR["gauss_deblur"]
-    assert presets.spgd_config("gauss_deblur", tuned=False).lr == presets.PAPER_LR["gauss_deblur"]
+    tuned = presets.spgd_config("gauss_deblur")
+    assert (tuned.lr, tuned.lr_min_ratio) == tuple(presets.TUNED_SPGD["gauss_deblur"][k] for k in ("lr", "lr_min_ratio"))
+    paper = presets.spgd_config("gauss_deblur", tuned=False)
+    assert (paper.lr, paper.lr_min_ratio) == (presets.PAPER_LR["gauss_deblur"], 0.01)
     assert presets.dps_config("inpaint", tuned=False).zeta == presets.DPS_ZETA["inpaint"]
     assert presets.dps_config("inpaint").zeta == presets.TUNED_ZETA["inpaint"]
+
+
+def test_overrides_win_over_tuned_values():
+    config = presets.spgd_config("gauss_deblur", lr=0.3, lr_min_ratio=0.5)
+    assert (config.lr, config.lr_min_ratio) == (0.3, 0.5)

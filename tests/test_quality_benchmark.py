@@ -72,6 +72,9 @@ def test_plan_orders_table1_first_and_ties_later_rows_to_its_sweeps():
         if job.values is None:
             assert job.tuned_by in by_name and by_name[job.tuned_by].values
     assert by_name["t1_spgd_sr4"].values == tuple(presets.PAPER_LR["sr4"] * f for f in quality.LR_FACTORS)
+    gauss = by_name["t1_spgd_gauss_deblur"]  # the sweep keeps the default prior's tuned schedule
+    assert gauss.config.lr_min_ratio == presets.TUNED_SPGD["gauss_deblur"]["lr_min_ratio"]
+    assert gauss.values == tuple(presets.TUNED_SPGD["gauss_deblur"]["lr"] * f for f in quality.LR_FACTORS)
     dps = by_name["t1_dps_inpaint"].config
     assert dps.steps == 500  # equal NFE: T * N of SPGD
     assert {j.config.warmup for j in jobs if j.table == "3"} == {2, 10}
@@ -85,3 +88,13 @@ def test_psnr_helper_matches_dm_pix():
     x = np.clip(ref + rng.normal(0, 0.1, ref.shape), -1, 1).astype(np.float32)
     np.testing.assert_allclose(quality.psnr(x, ref), np.asarray(metrics.psnr(jnp.asarray(x), jnp.asarray(ref))),
                                rtol=1e-4)
+
+
+def test_step_size_column_names_the_spgd_schedule():
+    spgd = lambda task: {"picked": 0.8, "config": dataclasses.asdict(presets.spgd_config(task))}
+    assert quality._step_size(spgd("inpaint")) == "0.8"  # the paper's decay
+    assert quality._step_size(spgd("gauss_deblur")) == "0.8 constant"  # the default prior's tuned schedule
+    half = {"picked": 2.0, "config": dataclasses.asdict(presets.spgd_config("sr4", lr_min_ratio=0.5))}
+    assert quality._step_size(half) == "2 to x0.5"
+    assert quality._step_size({"picked": 3.0, "config": dataclasses.asdict(presets.dps_config("sr4"))}) == "3"
+    assert quality._step_size({"task": "sr4"}) == "-"  # a classical baseline

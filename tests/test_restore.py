@@ -71,8 +71,10 @@ def test_step_sizes_tuned_for_the_default_prior_apply_only_to_it(faces, weights,
 
     parser = restore.build_parser()
     args = parser.parse_args(["--task", "gauss_deblur"])
-    assert restore._sampler_config(args, "gauss_deblur", tuned=True).lr == presets.TUNED_LR["gauss_deblur"]
+    assert restore._sampler_config(args, "gauss_deblur", tuned=True).lr == presets.TUNED_SPGD["gauss_deblur"]["lr"]
     assert restore._sampler_config(args, "gauss_deblur", tuned=False).lr == presets.PAPER_LR["gauss_deblur"]
+    args = parser.parse_args(["--task", "gauss_deblur", "--lr-min-ratio", "0.5"])
+    assert restore._sampler_config(args, "gauss_deblur", tuned=True).lr_min_ratio == 0.5
     out = tmp_path / "deblur"  # other weights than the default prior: the paper's learning rate
     assert restore.main(["--task", "gauss_deblur", "--input", str(faces), "--weights", weights, "--out", str(out),
                          *FAST]) == 0
@@ -129,6 +131,8 @@ def test_same_seed_same_bits_other_seed_differs(first_run, faces, weights, tmp_p
         (["--task", "sr4", "--input", "/nonexistent/*.png"], "no image file"),
         (["--task", "sr4", "--batch-size", "0"], "batch-size"),
         (["--task", "sr4", "--sampler", "dps", "--lr", "1"], "SPGD setting"),
+        (["--task", "sr4", "--sampler", "dps", "--lr-min-ratio", "1"], "--lr-min-ratio is an SPGD setting"),
+        (["--task", "sr4", "--lr-min-ratio", "2"], "lr_min_ratio must be in"),
         (["--task", "sr4", "--warmup", "0"], "warmup"),
         (["--task", "sr4", "--input", "x.png", "--measurement", "m.npz"], "not both"),
     ],
