@@ -6,6 +6,10 @@ Three stages, so that the sampling can run on a lent GPU (JAX only) and the scor
     python benchmarks/quality.py generate --images val64.npz --out Q   # sample (JAX only; GPU or CPU)
     python benchmarks/quality.py score    --images val64.npz --run Q   # metrics -> benchmarks/results/
 
+Jobs may be split over machines or sessions (--jobs) and their runs joined before scoring:
+
+    python benchmarks/quality.py merge --runs Q1 Q2 --out Q           # same images, seed, T and N
+
 Images: the first TEST + TUNE names of the fixed validation split (weights/validation_split.txt;
 never trained on), centre-cropped and resized to the model's size, stored as uint8. Images
 0..TEST-1 are the test set of every table; images TEST.. tune the step sizes: Table 1 runs SPGD
@@ -29,6 +33,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -253,7 +258,8 @@ def generate(args) -> int:
         config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
         manifest["jobs"][job.name] = {"table": job.table, "row": job.row, "task": job.task, "dtype": job.dtype,
                                       "config": config, "values": list(values), "picked": float(values[best]),
-                                      "tuned_by": job.tuned_by, "seconds": seconds, "nfe_per_image": nfe}
+                                      "tuned_by": job.tuned_by, "seconds": seconds, "nfe_per_image": nfe,
+                                      "device": manifest["device"], "jax": manifest["jax"], "tune": args.tune}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         tune_note = f", tuning PSNR by value {np.round(np.mean(scores[:, n_test:], 1), 2).tolist()}" if job.values and args.tune else ""
         log(f"{job.name}: value {values[best]:g}, test PSNR {np.mean(scores[best, :n_test]):.2f} dB, "
@@ -276,6 +282,64 @@ def make_images(args) -> int:
     return 0
 
 
+# -- merge ----------------------------------------------------------------------------------------
+
+MERGE_KEYS = ("unet_config", "seed", "test", "steps", "warmup")  # what makes two runs' rows comparable
+
+
+def _read_manifest(run: Path) -> dict:
+    path = run / "manifest.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist; pass folders written by `quality.py generate`")
+    return json.loads(path.read_text())
+
+
+def _job_info(manifest: dict, job: dict) -> dict:
+    """The job with its device, jax version and tuning-image count (older manifests keep them per run)."""
+    return {**job, **{k: job.get(k, manifest[k]) for k in ("device", "jax", "tune")}}
+
+
+def merge(args) -> int:
+    """One run from several generate runs that sampled other jobs on the same test images."""
+    runs, out = [Path(r) for r in args.runs], Path(args.out)
+    if out.exists():
+        raise SystemExit(f"error: {out} exists; pass a new folder as --out (merge never overwrites)")
+    manifests = [_read_manifest(r) for r in runs]
+    base = manifests[0]
+    jobs, source = {}, {}
+    for run, manifest in zip(runs, manifests):
+        for key in MERGE_KEYS:
+            if manifest[key] != base[key]:
+                raise SystemExit(f"error: {run} has {key} = {manifest[key]!r} but {runs[0]} has {base[key]!r}; "
+                                 "only runs over the same test images and settings can be merged")
+        if manifest["names"][:base["test"]] != base["names"][:base["test"]]:
+            raise SystemExit(f"error: {run} restored other test images than {runs[0]}")
+        for name, job in manifest["jobs"].items():
+            if name in jobs:
+                raise SystemExit(f"error: job {name} is in both {source[name]} and {run}; "
+                                 "pass --jobs to generate so that each job runs once")
+            jobs[name], source[name] = _job_info(manifest, job), run
+    out.mkdir(parents=True)
+    for name, run in source.items():
+        shutil.copy(run / f"{name}.npz", out / f"{name}.npz")
+    longest = max(manifests, key=lambda m: len(m["names"]))  # tuning images follow the test images
+    merged = {**base, "names": longest["names"], "tune": max(j["tune"] for j in jobs.values()),
+              "jobs": jobs, "merged_from": [str(r) for r in runs]}
+    (out / "manifest.json").write_text(json.dumps(merged, indent=1) + "\n")
+    print(f"merged {len(jobs)} jobs from {len(runs)} runs into {out}")
+    return 0
+
+
+def sampled_on(jobs: dict) -> str:
+    """Where the jobs were sampled: one device, or the jobs of each device."""
+    groups: dict[str, list[str]] = {}
+    for name, job in jobs.items():
+        groups.setdefault(f"{job['device']} (jax {job['jax']})", []).append(name)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{where} for {', '.join(names)}" for where, names in groups.items())
+
+
 # -- score ----------------------------------------------------------------------------------------
 
 def _summary(values: dict) -> dict:
@@ -287,7 +351,8 @@ def score(args) -> int:
     from spgd_jax.baselines import classical
 
     run = Path(args.run)
-    manifest = json.loads((run / "manifest.json").read_text())
+    manifest = _read_manifest(run)
+    manifest["jobs"] = {name: _job_info(manifest, job) for name, job in manifest["jobs"].items()}
     n_test = manifest["test"]
     x, names = read_images(Path(args.images), n_test)
     if names != manifest["names"][:n_test]:
@@ -311,7 +376,9 @@ def score(args) -> int:
                      **_summary(metrics.all_metrics(jnp.clip(restored, -1, 1), reference))})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {k: manifest[k] for k in ("weights", "seed", "test", "tune", "device", "jax", "steps", "warmup")}
+    meta = {k: manifest[k] for k in ("weights", "seed", "test", "steps", "warmup")}
+    meta["sampled_on"] = sampled_on(manifest["jobs"])
+    meta["tune"] = sorted({j["tune"] for j in manifest["jobs"].values() if len(j["values"]) > 1})
     meta["weights"] = args.weights_name or meta["weights"]
     meta["lpips"] = metrics.LPIPS_NAME
     stem = out / f"quality_{args.tag}"
@@ -330,7 +397,7 @@ def _tuning(run: Path, manifest: dict) -> list[dict]:
             with np.load(run / f"{name}.npz") as f:
                 scores, diverged = f["psnr"], f["diverged"]
             out.append({"job": name, "task": job["task"], "row": job["row"], "values": job["values"],
-                        "picked": job["picked"], "tune_psnr": np.mean(scores[:, n_test:], 1).round(3).tolist() if manifest["tune"] else None,
+                        "picked": job["picked"], "tune_psnr": np.mean(scores[:, n_test:], 1).round(3).tolist() if job["tune"] else None,
                         "test_psnr": np.mean(scores[:, :n_test], 1).round(3).tolist(),
                         "diverged": diverged.sum(1).tolist()})
     return out
@@ -348,14 +415,21 @@ def _cell(r: dict, metric: str, spec: str) -> str:
     return f"{r[metric]['mean']:{spec}} ± {r[metric]['std']:{spec}}"
 
 
+def _step_size_source(meta: dict) -> str:
+    """How the step sizes were chosen: meta['tune'] lists the tuning-image counts of the swept jobs."""
+    if not meta["tune"]:
+        return "step sizes: the presets (spgd_jax.presets), no sweep. "
+    first, last = meta["test"], meta["test"] + max(meta["tune"]) - 1
+    return (f"step sizes picked by mean PSNR on images {first}-{last} where the sweep table lists tuning images, "
+            "else the presets (spgd_jax.presets). ")
+
+
 def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
     lines = [f"# Restoration quality of `{meta['weights']}` on {meta['test']} held-out faces", "",
              f"Test images: validation split 0-{meta['test'] - 1}; "
-             + (f"step sizes picked by mean PSNR on images {meta['test']}-{meta['test'] + meta['tune'] - 1}. "
-                if meta["tune"] else "step sizes: the presets (spgd_jax.presets), no sweep. ")
+             + _step_size_source(meta)
              + f"PSNR (dB) / SSIM / {meta['lpips']}: mean ± std over "
-             f"the test images (restorations saved as 8-bit). Seed {meta['seed']}; sampled on {meta['device']} "
-             f"(jax {meta['jax']}); SPGD T = {meta['steps']}, N = {meta['warmup']}, its lr decaying linearly to "
+             f"the test images (restorations saved as 8-bit). Seed {meta['seed']}; sampled on {meta['sampled_on']}; SPGD T = {meta['steps']}, N = {meta['warmup']}, its lr decaying linearly to "
              f"1 % over the run unless marked constant.", ""]
     titles = {"1": "Table 1: SPGD, DPS at equal NFE, classical baselines",
               "2": f"Table 2: warm-up x ADM (T = {meta['steps']})",
@@ -420,14 +494,17 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=1e9, help="skip jobs that would end later than this")
     p.add_argument("--compile-workers", type=int, default=4)
-    p = sub.add_parser("score", help="metrics and tables from a generate run")
+    p = sub.add_parser("merge", help="join generate runs of other jobs on the same test images")
+    p.add_argument("--runs", nargs="+", required=True, help="generate output folders")
+    p.add_argument("--out", required=True, help="a new folder")
+    p = sub.add_parser("score", help="metrics and tables from a generate (or merge) run")
     p.add_argument("--images", required=True)
     p.add_argument("--run", required=True)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--tag", required=True, help="file name tag, e.g. h200-50img")
     p.add_argument("--weights-name", help="how the tables name the weights (default: the path generate used)")
     args = parser.parse_args(argv)
-    return {"images": make_images, "generate": generate, "score": score}[args.stage](args)
+    return {"images": make_images, "generate": generate, "merge": merge, "score": score}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from spgd_jax import presets
 from spgd_jax.denoiser import make_denoiser
@@ -98,3 +100,69 @@ def test_step_size_column_names_the_spgd_schedule():
     assert quality._step_size(half) == "2 to x0.5"
     assert quality._step_size({"picked": 3.0, "config": dataclasses.asdict(presets.dps_config("sr4"))}) == "3"
     assert quality._step_size({"task": "sr4"}) == "-"  # a classical baseline
+
+
+def _fake_run(folder: Path, names: list[str], test: int, tune: int, device: str, jobs: dict[str, float],
+              seed: int = 0) -> Path:
+    """A generate run: manifest.json and one npz per SPGD inpainting-like job, restoring with a fixed value."""
+    folder.mkdir()
+    manifest = {"weights": "w", "unet_config": CONFIG.to_dict(), "seed": seed, "test": test, "tune": tune,
+                "names": names, "device": device, "jax": "0.0", "steps": 3, "warmup": 2, "jobs": {}}
+    for name, value in jobs.items():
+        values = [value] if not tune else [value / 2, value]
+        restored = np.full((test, 32, 32, 3), 128, np.uint8)
+        scores = np.tile(np.arange(test + tune, dtype=np.float32), (len(values), 1))
+        np.savez(folder / f"{name}.npz", restored=restored, restored_float_psnr=scores[-1, :test], psnr=scores,
+                 diverged=np.zeros(scores.shape, bool), values=np.asarray(values))
+        config = {"type": "SPGDConfig", **dataclasses.asdict(presets.spgd_config("inpaint", steps=3, warmup=2))}
+        manifest["jobs"][name] = {"table": "1", "row": name, "task": "inpaint", "dtype": "float32", "config": config,
+                                  "values": values, "picked": value, "tuned_by": None, "seconds": 1.0,
+                                  "nfe_per_image": 6}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_merge_joins_runs_of_other_jobs_and_score_names_each_device(tmp_path, capsys):
+    names = [f"{k}.jpg" for k in range(4)]
+    x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", images=x, names=np.asarray(names))
+    cpu = _fake_run(tmp_path / "cpu", names[:2], 2, 0, "cpu:0", {"t1_spgd_inpaint": 2.5})
+    gpu = _fake_run(tmp_path / "gpu", names, 2, 2, "cuda:0", {"t1_dps_inpaint": 5.0})
+    merged = tmp_path / "merged"
+    assert quality.main(["merge", "--runs", str(cpu), str(gpu), "--out", str(merged)]) == 0
+    manifest = json.loads((merged / "manifest.json").read_text())
+    assert sorted(manifest["jobs"]) == ["t1_dps_inpaint", "t1_spgd_inpaint"]
+    assert manifest["names"] == names and manifest["tune"] == 2
+    assert manifest["jobs"]["t1_spgd_inpaint"]["device"] == "cpu:0"
+    assert manifest["jobs"]["t1_dps_inpaint"]["tune"] == 2
+    for name in manifest["jobs"]:
+        with np.load(merged / f"{name}.npz") as a, np.load((cpu if "spgd" in name else gpu) / f"{name}.npz") as b:
+            np.testing.assert_array_equal(a["psnr"], b["psnr"])
+
+    assert quality.main(["score", "--images", str(tmp_path / "images.npz"), "--run", str(merged),
+                         "--out", str(tmp_path / "results"), "--tag", "t"]) == 0
+    report = (tmp_path / "results" / "quality_t.md").read_text()
+    assert "cpu:0 (jax 0.0) for t1_spgd_inpaint; cuda:0 (jax 0.0) for t1_dps_inpaint" in report
+    assert "picked by mean PSNR on images 2-3 where the sweep table lists tuning images" in report
+    # the swept job's tuning PSNRs come from its own tuning images (2 and 3: mean 2.5); the other has none
+    assert "| t1_dps_inpaint | 2.5, 5 | 2.50, 2.50 | 0.50, 0.50 | 5 |" in report
+    assert "| t1_spgd_inpaint | 2.5 | - | 0.50 | 2.5 |" in report
+    rows = json.loads((tmp_path / "results" / "quality_t.json").read_text())["rows"]
+    assert {r["row"] for r in rows} == {"t1_spgd_inpaint", "t1_dps_inpaint", "classical"}
+
+
+def test_merge_refuses_runs_that_do_not_compare(tmp_path):
+    names = ["a.jpg", "b.jpg"]
+    one = _fake_run(tmp_path / "one", names, 2, 0, "cpu:0", {"t1_spgd_inpaint": 2.5})
+    again = _fake_run(tmp_path / "again", names, 2, 0, "cpu:0", {"t1_spgd_inpaint": 2.5})
+    seed = _fake_run(tmp_path / "seed", names, 2, 0, "cpu:0", {"t1_dps_inpaint": 5.0}, seed=1)
+    other = _fake_run(tmp_path / "other", ["a.jpg", "c.jpg"], 2, 0, "cpu:0", {"t1_dps_inpaint": 5.0})
+    cases = [((one, again), "job t1_spgd_inpaint is in both"), ((one, seed), "has seed = 1"),
+             ((one, other), "other test images"), ((one, tmp_path / "missing"), "manifest.json does not exist")]
+    for k, (runs, message) in enumerate(cases):
+        with pytest.raises(SystemExit, match=message):
+            quality.main(["merge", "--runs", *map(str, runs), "--out", str(tmp_path / f"m{k}")])
+        assert not (tmp_path / f"m{k}").exists()
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit, match="exists; pass a new folder"):
+        quality.main(["merge", "--runs", str(one), "--out", str(tmp_path / "taken")])
