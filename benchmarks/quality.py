@@ -58,12 +58,14 @@ TABLE3_TASKS = ("inpaint",)
 # Sweep grids, as multiples of the task's preset (spgd_jax.presets: lr, zeta).
 LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 ZETA_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+MEAN_SAMPLES = 4  # Table 1's posterior-mean row: SPGD samples averaged per image
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One sampler run over the images. values: absolute sweep values (lr or zeta), or None to use
-    the value picked by job `tuned_by`; runs on all images when it sweeps, else on the test set."""
+    the value picked by job `tuned_by`; runs on all images when it sweeps, else on the test set.
+    samples > 1: the restoration is the mean of that many samples per image (that many times the NFE)."""
 
     name: str
     table: str
@@ -73,6 +75,7 @@ class Job:
     values: tuple[float, ...] | None = None
     tuned_by: str | None = None
     dtype: str = "float32"
+    samples: int = 1
 
 
 def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS, lr_factors=LR_FACTORS,
@@ -87,6 +90,10 @@ def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS, lr_fact
         config = presets.dps_config(task, steps=steps * warmup)
         jobs.append(Job(f"t1_dps_{task}", "1", f"DPS ({steps * warmup} steps, equal NFE)", task, config,
                         values=tuple(config.zeta * f for f in zeta_factors)))
+    for task in tasks:
+        jobs.append(Job(f"t1_spgd_mean{MEAN_SAMPLES}_{task}", "1", f"SPGD, mean of {MEAN_SAMPLES} samples "
+                        f"({MEAN_SAMPLES}x NFE)", task, presets.spgd_config(task, steps=steps, warmup=warmup),
+                        tuned_by=f"t1_spgd_{task}", samples=MEAN_SAMPLES))
     for task in tasks:
         jobs.append(Job(f"bf16_spgd_{task}", "bf16", "SPGD bfloat16", task,
                         presets.spgd_config(task, steps=steps, warmup=warmup), tuned_by=f"t1_spgd_{task}",
@@ -148,19 +155,30 @@ def psnr(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 # -- generate -------------------------------------------------------------------------------------
 
-def make_program(unet_config: UNetConfig, operator, config, x_shape, dtype: str):
-    """jit((unet_params, y, op_params, keys, values (L,)) -> (x (L, B, H, W, C), diverged (L, B)))."""
+def make_program(unet_config: UNetConfig, operator, config, x_shape, dtype: str, samples: int = 1):
+    """jit((unet_params, y, op_params, keys, values (L,)) -> (x (L, B, H, W, C), diverged (L, B))).
+
+    samples > 1: x is the mean of that many samples per image (sample 0 from the image's key, the
+    same as with samples = 1; sample j from fold_in(key, j)); diverged if any of them diverged."""
     model = UNet(unet_config)
 
     def program(unet_params, y, op_params, keys, values):
         denoiser = make_denoiser(model, unet_params, dtype=dtype)
-        x_init = initial_noise(keys, None, x_shape, config.sigma_max)
-        if isinstance(config, SPGDConfig):
-            run = lambda v: spgd(denoiser, operator.forward, y, x_init, config, op_params, lr=v)
-        else:
-            run = lambda v: dps(denoiser, operator.forward, y, x_init, config, op_params, zeta=v)
-        result = jax.vmap(run)(values)
-        return result.x, result.diverged
+
+        def one_sample(sample_keys):
+            x_init = initial_noise(sample_keys, None, x_shape, config.sigma_max)
+            if isinstance(config, SPGDConfig):
+                run = lambda v: spgd(denoiser, operator.forward, y, x_init, config, op_params, lr=v)
+            else:
+                run = lambda v: dps(denoiser, operator.forward, y, x_init, config, op_params, zeta=v)
+            result = jax.vmap(run)(values)
+            return result.x, result.diverged
+
+        if samples == 1:
+            return one_sample(keys)
+        fold = lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(keys)
+        x, diverged = jax.lax.map(one_sample, jnp.stack([keys] + [fold(j) for j in range(1, samples)]))
+        return x.mean(axis=0), diverged.any(axis=0)
 
     return jax.jit(program)
 
@@ -194,7 +212,7 @@ def generate(args) -> int:
         operator, op_params, y = measurements[job.task]
         count = n_all if job.values else n_test
         sub = lambda a: a[:count]
-        lowered = make_program(unet_config, operator, job.config, x_shape, job.dtype).lower(
+        lowered = make_program(unet_config, operator, job.config, x_shape, job.dtype, job.samples).lower(
             abstract, sub(y), jax.tree.map(sub, op_params), keys[:count],
             jax.ShapeDtypeStruct((len(job.values) if job.values else 1,), jnp.float32))
         return lowered.compile()
@@ -225,7 +243,7 @@ def generate(args) -> int:
             continue
         values = job.values or (picked[job.tuned_by],)
         count = n_all if job.values else n_test
-        nfe = job.config.steps * (job.config.warmup if isinstance(job.config, SPGDConfig) else 1)
+        nfe = job.samples * job.config.steps * (job.config.warmup if isinstance(job.config, SPGDConfig) else 1)
         work = count * len(values) * nfe
         left = args.budget_s - (time.monotonic() - started)
         if rate is not None and rate * work > left:
@@ -258,7 +276,7 @@ def generate(args) -> int:
         config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
         manifest["jobs"][job.name] = {"table": job.table, "row": job.row, "task": job.task, "dtype": job.dtype,
                                       "config": config, "values": list(values), "picked": float(values[best]),
-                                      "tuned_by": job.tuned_by, "seconds": seconds, "nfe_per_image": nfe,
+                                      "tuned_by": job.tuned_by, "seconds": seconds, "nfe_per_image": nfe, "samples": job.samples,
                                       "device": manifest["device"], "jax": manifest["jax"], "tune": args.tune}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         tune_note = f", tuning PSNR by value {np.round(np.mean(scores[:, n_test:], 1), 2).tolist()}" if job.values and args.tune else ""

@@ -5,6 +5,7 @@
     python -m spgd_jax.restore --task sr4 --measurement runs/sr4/measurement.npz
     python -m spgd_jax.restore --task sr4 --lr 2,4,8,16         # a learning-rate sweep, one compiled call
     python -m spgd_jax.restore --task inpaint --diagnostics --video
+    python -m spgd_jax.restore --task gauss_deblur --samples 4  # the mean of 4 posterior samples
 
 Writes into --out: restored/NAME.png, measurement/NAME.png (a picture of y),
 measurement.npz (y and the operator's per-image parameters: feed it back with
@@ -15,7 +16,11 @@ residual RMS of A(x) - y always) and config.json (every setting used).
 outer step, spgd_jax.diagnostics); --video adds video/NAME.gif (x0_hat along
 the run). With several learning rates (--lr 0.5,1,2) each gets a folder
 lr-VALUE/ (restored/, metrics.json, diagnostics, videos), grid.png shows every
-rate side by side, and sweep.md / sweep.png compare them.
+rate side by side, and sweep.md / sweep.png compare them. With --samples K > 1
+each image is restored K times from independent noise: restored/ holds the mean
+of the samples (an estimate of the posterior mean: higher PSNR, smoother, K
+times the work), samples.npz every sample and std/NAME.png their per-pixel
+standard deviation (where the prior is unsure).
 
 The batch is split over all local devices (spgd_jax.sharding). Existing outputs
 are never replaced without --overwrite; every file is written atomically, so an
@@ -48,6 +53,7 @@ from spgd_jax.unet import UNet
 __all__ = ["main", "build_parser", "default_weights_path"]
 
 VIDEO_FRAMES = 50  # at most this many x0_hat frames (plus the result) per video
+STD_WHITE = 0.25  # std/NAME.png: a per-pixel std (mean over channels, [-1, 1] units) of this or more is white
 
 
 def default_weights_path() -> Path:
@@ -93,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "DPS release's; spgd_jax.presets)")
     parser.add_argument("--sigma-y", type=float, help="measurement noise std in [-1, 1] units (default: the task's)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for operator, noise and sampler")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="posterior samples per image (default 1); K > 1 writes their mean as the restoration, "
+                             "every sample to samples.npz and their per-pixel std to std/")
     parser.add_argument("--batch-size", type=int,
-                        help="images per compiled call (default 4 per device; a sweep holds one copy per rate)")
+                        help="samples per compiled call (default 4 per device; a sweep holds one copy per rate)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="SPGD: record gradient angles per step (the paper's Figure 2) -> diagnostics.png")
     parser.add_argument("--video", action="store_true", help="write an animated GIF of x0_hat per image -> video/")
@@ -217,6 +226,7 @@ def _planned_outputs(out: Path, names: list[str], folders: list[Path], args) -> 
         fixed += [folder / "metrics.json"] + [folder / "restored" / f"{name}.png" for name in names]
         fixed += [folder / n for n in ("diagnostics.png", "diagnostics.npz")] if args.diagnostics else []
         fixed += [folder / "video" / f"{name}.gif" for name in names] if args.video else []
+        fixed += [folder / "samples.npz"] + [folder / "std" / f"{n}.png" for n in names] if args.samples > 1 else []
     return fixed
 
 
@@ -322,6 +332,22 @@ def _restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, siz
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=1), *parts)
 
 
+def combine_samples(runs: dict, samples: int) -> dict:
+    """Runs of B * K items (image-major, leading axis L) -> runs of B images: x the mean of each image's
+    samples that did not diverge (of all K when every one did), diverged if every sample did, diverged_step
+    the first step a sample diverged at (-1: none did); with K > 1 also 'samples' (L, B, K, H, W, C) and
+    'diverged_samples' (L, B), how many of the K diverged."""
+    if samples == 1:
+        return runs
+    split = lambda a: a.reshape(a.shape[:1] + (-1, samples) + a.shape[2:])
+    x, diverged, step = split(runs["x"]), split(runs["diverged"]), split(runs["diverged_step"])
+    use = np.where(diverged.all(axis=2, keepdims=True), True, ~diverged)[..., None, None, None]
+    first = np.where(diverged, step, np.iinfo(np.int32).max).min(axis=2)
+    return {"x": np.sum(np.where(use, x, 0.0), axis=2) / np.sum(use, axis=2), "samples": x,
+            "diverged": diverged.all(axis=2), "diverged_step": np.where(diverged.any(axis=2), first, -1),
+            "diverged_samples": diverged.sum(axis=2)}
+
+
 def _summary(values: dict[str, np.ndarray], finite: np.ndarray) -> dict:
     return {k: {"mean": float(v[finite].mean()) if finite.any() else None,
                 "std": float(v[finite].std()) if finite.any() else None} for k, v in values.items()}
@@ -348,11 +374,21 @@ def _write_run(folder: Path, names, run: dict, truth, y, op_params, operator, co
     per_image = [{"name": name, "diverged": bool(flag)} for name, flag in zip(names, diverged)]
     rate = getattr(config, "lr", None) if lr is None else lr  # None for DPS
     hint = "a smaller --zeta" if rate is None else f"a smaller --lr (this run: {rate:g})"
-    for record, flag, step in zip(per_image, diverged, diverged_step):
-        if flag:
-            record["diverged_at_step"] = int(step)
-            print(f"warning: {record['name']}{'' if lr is None else f' at lr {lr:g}'} diverged (became NaN or inf) "
-                  f"at outer step {int(step)}; its image is the last finite state. Try {hint}.", file=sys.stderr)
+    where = "" if lr is None else f" at lr {lr:g}"
+    lost = run.get("diverged_samples", diverged.astype(int))  # how many of the image's samples diverged
+    for record, count, step in zip(per_image, lost, diverged_step):
+        if not count:
+            continue
+        record["diverged_at_step"] = int(step)
+        if args.samples == 1:
+            print(f"warning: {record['name']}{where} diverged (became NaN or inf) at outer step {int(step)}; "
+                  f"its image is the last finite state. Try {hint}.", file=sys.stderr)
+            continue
+        record["diverged_samples"] = int(count)
+        rest = (f"the restoration is the mean of the other {args.samples - count}" if count < args.samples
+                else "the restoration is the mean of their last finite states")
+        print(f"warning: {count} of {args.samples} samples of {record['name']}{where} diverged (became NaN or inf), "
+              f"the first at outer step {int(step)}; {rest}. Try {hint}.", file=sys.stderr)
     values = {"residual_rms": _residual_rms(operator, x, y, op_params)}
     if truth is not None:
         found = metrics.all_metrics(jnp.asarray(x), jnp.asarray(truth))
@@ -364,6 +400,8 @@ def _write_run(folder: Path, names, run: dict, truth, y, op_params, operator, co
     (folder / "restored").mkdir(parents=True, exist_ok=True)
     for name, image in zip(names, x):
         images.save_png(folder / "restored" / f"{name}.png", image)
+    if args.samples > 1:
+        _write_samples(folder, names, run["samples"], truth, per_image)
     if args.video:
         (folder / "video").mkdir(exist_ok=True)
         for b, name in enumerate(names):
@@ -376,6 +414,7 @@ def _write_run(folder: Path, names, run: dict, truth, y, op_params, operator, co
                                 title=f"{args.task}, SPGD, lr {rate:g}")
     _write_json(folder / "metrics.json", {
         **({} if lr is None else {"lr": lr}),
+        **({} if args.samples == 1 else {"samples": args.samples, "restored": "the mean of the samples"}),
         "lpips": metrics.LPIPS_NAME,
         "residual_rms": "sqrt(mean((A(x) - y)^2)) per image in [-1, 1] units; compare with sigma_y",
         "mean_std_over_finite_images": summary,
@@ -384,12 +423,34 @@ def _write_run(folder: Path, names, run: dict, truth, y, op_params, operator, co
     return summary
 
 
+def _write_samples(folder: Path, names, samples: np.ndarray, truth, per_image: list[dict]) -> None:
+    """samples.npz (every sample, (B, K, H, W, C) in [-1, 1]), std/NAME.png (per-pixel std of the samples,
+    mean over channels: black 0, white STD_WHITE or more) and, against the truth, each sample's PSNR."""
+    std = samples.std(axis=1).mean(axis=-1)  # (B, H, W)
+    _write_npz(folder / "samples.npz", samples=samples.astype(np.float32), std=std.astype(np.float32),
+               names=np.asarray(names))
+    (folder / "std").mkdir(exist_ok=True)
+    for name, image in zip(names, std):
+        gray = np.clip(image / STD_WHITE, 0.0, 1.0) * 2.0 - 1.0
+        images.save_png(folder / "std" / f"{name}.png", np.repeat(gray[..., None], 3, axis=-1))
+    for record, image_std in zip(per_image, std):
+        record["std_mean"] = float(image_std.mean())
+    if truth is not None:
+        for record, image_samples, reference in zip(per_image, samples, truth):
+            scores = metrics.psnr(jnp.asarray(image_samples), jnp.broadcast_to(reference, image_samples.shape))
+            record["sample_psnr"] = [float(v) for v in scores]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     task = args.task
     batch = 4 * jax.local_device_count() if args.batch_size is None else args.batch_size
     if batch < 1:
         _fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.samples < 1:
+        _fail(f"--samples must be >= 1, got {args.samples}")
+    if args.samples > 1 and (args.video or args.diagnostics):
+        _fail("--video and --diagnostics follow one sample's run; leave them out or use --samples 1")
     if args.measurement and args.input:
         _fail("give either --input (images to degrade) or --measurement (an existing measurement), not both")
     weights = Path(args.weights) if args.weights else default_weights_path()
@@ -430,10 +491,13 @@ def main(argv: list[str] | None = None) -> int:
     folders = _run_folders(out, lrs)
     created = _prepare_out(out, _planned_outputs(out, names, folders, args), args.overwrite)
     try:
-        runs = _restore(denoiser, operator, y, op_params, key_sample, config, lrs, min(batch, len(y)), size,
-                        f"{args.sampler} {task}", args.quiet)
+        repeat = lambda a: np.repeat(np.asarray(a), args.samples, axis=0)  # image-major: image b's samples in a row
+        batch = min(batch, len(y) * args.samples)
+        runs = _restore(denoiser, operator, repeat(y), {k: repeat(v) for k, v in op_params.items()}, key_sample,
+                        config, lrs, batch, size, f"{args.sampler} {task}", args.quiet)
+        runs = combine_samples(runs, args.samples)
         _write_outputs(out, folders, names, runs, truth, y, op_params, operator, config, lrs, args, weights,
-                       unet_config, min(batch, len(y)))
+                       unet_config, batch)
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()  # leave no empty folder behind an error or Ctrl-C
@@ -472,6 +536,7 @@ def _write_outputs(out, folders, names, runs, truth, y, op_params, operator, con
         "weights": str(weights),
         "unet_config": unet_config.to_dict(),
         "seed": args.seed,
+        "samples": args.samples,
         "batch_size": batch,
         "devices": [str(d) for d in jax.local_devices()],
         "input": None if args.measurement else (args.input or str(images.demo_image_path())),

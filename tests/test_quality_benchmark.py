@@ -51,6 +51,22 @@ def test_program_sweep_equals_the_public_sampler_at_each_value():
         assert not np.allclose(swept[0], swept[1])
 
 
+def test_program_mean_of_samples_averages_runs_from_folded_keys():
+    params = _params()
+    x = np.clip(np.random.default_rng(3).normal(0, 0.5, (3, 16, 16, 3)), -1, 1).astype(np.float32)
+    operator, op_params, y = quality.degrade("sr4", x, seed=0)
+    keys, values = quality.image_keys(0, 3), jnp.asarray([4.0, 8.0])
+    config = presets.spgd_config("sr4", steps=3, warmup=2)
+    single = quality.make_program(CONFIG, operator, config, (16, 16, 3), "float32")
+    first, _ = single(params, y, op_params, keys, values)
+    second, _ = single(params, y, op_params, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), values)
+    mean, diverged = quality.make_program(CONFIG, operator, config, (16, 16, 3), "float32", samples=2)(
+        params, y, op_params, keys, values)
+    assert mean.shape == (2, 3, 16, 16, 3) and diverged.shape == (2, 3)
+    assert not np.allclose(first, second)
+    np.testing.assert_allclose(mean, (first + second) / 2, rtol=1e-4, atol=1e-4)
+
+
 def test_measurements_and_keys_of_an_image_do_not_depend_on_the_image_count():
     """score re-measures the test images alone for the classical baselines: they must get the
     operator parameters, noise and keys that generate gave them among all the images."""
@@ -77,6 +93,9 @@ def test_plan_orders_table1_first_and_ties_later_rows_to_its_sweeps():
     gauss = by_name["t1_spgd_gauss_deblur"]  # the sweep keeps the default prior's tuned schedule
     assert gauss.config.lr_min_ratio == presets.TUNED_SPGD["gauss_deblur"]["lr_min_ratio"]
     assert gauss.values == tuple(presets.TUNED_SPGD["gauss_deblur"]["lr"] * f for f in quality.LR_FACTORS)
+    mean = by_name[f"t1_spgd_mean{quality.MEAN_SAMPLES}_sr4"]  # the posterior-mean row at SPGD's picked lr
+    assert mean.table == "1" and mean.tuned_by == "t1_spgd_sr4" and mean.samples == quality.MEAN_SAMPLES > 1
+    assert names.index(mean.name) < min(names.index(j.name) for j in jobs if j.table != "1")
     dps = by_name["t1_dps_inpaint"].config
     assert dps.steps == 500  # equal NFE: T * N of SPGD
     assert {j.config.warmup for j in jobs if j.table == "3"} == {2, 10}

@@ -135,6 +135,8 @@ def test_same_seed_same_bits_other_seed_differs(first_run, faces, weights, tmp_p
         (["--task", "sr4", "--lr-min-ratio", "2"], "lr_min_ratio must be in"),
         (["--task", "sr4", "--warmup", "0"], "warmup"),
         (["--task", "sr4", "--input", "x.png", "--measurement", "m.npz"], "not both"),
+        (["--task", "sr4", "--samples", "0"], "--samples must be >= 1"),
+        (["--task", "sr4", "--samples", "2", "--video"], "follow one sample's run"),
     ],
 )
 def test_bad_arguments_are_clear_errors(arguments, message, weights):
@@ -163,3 +165,40 @@ def test_measurement_picture_shows_fourier_data_on_a_log_scale():
     magnitudes = np.abs(np.random.default_rng(0).normal(size=(24, 24, 3))) * 50
     picture = restore._measurement_picture(magnitudes, 16)
     assert picture.shape == (16, 16, 3) and picture.min() >= -1 and picture.max() <= 1
+
+
+def test_samples_write_their_mean_std_and_each_sample(faces, weights, tmp_path):
+    from spgd_jax import images
+
+    out = tmp_path / "samples"
+    assert run(faces, weights, out, "--samples", "3") == 0
+    with np.load(out / "samples.npz") as data:
+        samples, std, names = data["samples"], data["std"], list(data["names"])
+    assert samples.shape == (3, 3, 16, 16, 3) and names == ["a", "b", "c"]
+    assert not np.allclose(samples[:, 0], samples[:, 1])  # independent noise per sample
+    np.testing.assert_allclose(std, samples.std(axis=1).mean(axis=-1), rtol=1e-5, atol=1e-6)
+    for b, name in enumerate(names):
+        np.testing.assert_array_equal(picture(out / "restored" / f"{name}.png"), images.to_uint8(samples[b].mean(0)))
+        assert picture(out / "std" / f"{name}.png").shape == (16, 16, 3)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == 3
+    for record, image_samples, image_std in zip(metrics["images"], samples, std):
+        assert len(record["sample_psnr"]) == 3 and record["std_mean"] == pytest.approx(float(image_std.mean()))
+        assert record["diverged"] is False
+    assert json.loads((out / "config.json").read_text())["samples"] == 3
+    assert picture(out / "grid.png").shape == (3 * 16, 3 * 16, 3)  # the grid shows the mean
+    assert temporary_files(out) == []
+
+
+def test_combine_samples_averages_the_samples_that_did_not_diverge():
+    x = np.arange(6, dtype=np.float32).reshape(1, 6, 1, 1, 1) * np.ones((1, 6, 2, 2, 3), np.float32)
+    diverged = np.array([[False, True, False, True, True, True]])  # image 0: sample 1; image 1: all three
+    step = np.array([[-1, 5, -1, 7, 4, 9]], np.int32)
+    combined = restore.combine_samples({"x": x, "diverged": diverged, "diverged_step": step}, 3)
+    np.testing.assert_allclose(combined["x"][0, :, 0, 0, 0], [(0 + 2) / 2, (3 + 4 + 5) / 3])
+    np.testing.assert_array_equal(combined["diverged"], [[False, True]])  # only when no sample is left
+    np.testing.assert_array_equal(combined["diverged_step"], [[5, 4]])
+    np.testing.assert_array_equal(combined["diverged_samples"], [[1, 3]])
+    assert combined["samples"].shape == (1, 2, 3, 2, 2, 3)
+    single = {"x": x, "diverged": diverged, "diverged_step": step}
+    assert restore.combine_samples(single, 1) is single
