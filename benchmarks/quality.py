@@ -235,7 +235,9 @@ def generate(args) -> int:
     manifest = {"weights": str(weights), "unet_config": unet_config.to_dict(), "seed": args.seed,
                 "test": n_test, "tune": args.tune, "names": names, "device": str(jax.devices()[0]),
                 "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": args.steps, "warmup": args.warmup, "jobs": {}}
-    picked: dict[str, float] = {}
+    # A one-value sweep picks its value without running, so later rows may run without it.
+    picked = {j.name: j.values[0] for j in plan(args.steps, args.warmup, tasks, args.lr_factors, args.zeta_factors)
+              if j.values and len(j.values) == 1}
     rate = None  # seconds per (image x value x NFE), from the jobs run so far
     for job in jobs:
         if job.values is None and job.tuned_by not in picked:

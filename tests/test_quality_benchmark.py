@@ -185,3 +185,26 @@ def test_merge_refuses_runs_that_do_not_compare(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(SystemExit, match="exists; pass a new folder"):
         quality.main(["merge", "--runs", str(one), "--out", str(tmp_path / "taken")])
+
+
+def test_generate_runs_later_rows_at_a_one_value_sweeps_value_without_running_it(tmp_path):
+    from spgd_jax import checkpoint
+
+    weights = tmp_path / "weights"
+    checkpoint.save(weights, _params(), CONFIG)
+    x = np.random.default_rng(4).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", images=x, names=np.asarray(["a.jpg", "b.jpg", "c.jpg"]))
+    out = tmp_path / "q"
+    assert quality.main(["generate", "--images", str(tmp_path / "images.npz"), "--weights", str(weights),
+                         "--out", str(out), "--test", "2", "--tune", "0", "--lr-factors", "1", "--zeta-factors", "1",
+                         "--steps", "2", "--warmup", "2", "--tasks", "sr4", "--jobs", "t1_spgd_mean",
+                         "--compile-workers", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    name = f"t1_spgd_mean{quality.MEAN_SAMPLES}_sr4"
+    assert list(manifest["jobs"]) == [name]  # t1_spgd_sr4 itself did not run
+    job = manifest["jobs"][name]
+    assert job["picked"] == presets.spgd_config("sr4").lr and job["samples"] == quality.MEAN_SAMPLES
+    assert job["nfe_per_image"] == quality.MEAN_SAMPLES * 2 * 2 and job["device"] == manifest["device"]
+    with np.load(out / f"{name}.npz") as f:
+        assert f["restored"].shape == (2, 16, 16, 3) and f["psnr"].shape == (1, 2)
+        np.testing.assert_allclose(f["restored_float_psnr"], f["psnr"][0])

@@ -11,8 +11,9 @@
 #   on a CPU, the same code path at toy size:  SMOKE=1 OUT=/tmp/smoke bash weights/train_gpu.sh
 #
 # Knobs (environment): TRAIN_MIN (3.0; 0: no training, the quality benchmark of weights/default64),
-# QUALITY_BUDGET_S (390, from the start), QUALITY_TABLES (1,bf16,2,3), QUALITY_WORKERS (6 compile
-# threads), BATCH (256), LR (3e-4), RESUME_RUN (a run folder to resume instead of --init), SMOKE (toy
+# QUALITY_BUDGET_S (390, from the start), QUALITY_TABLES (1,bf16,2,3), QUALITY_EXTRA (more generate
+# arguments, e.g. "--tune 0 --lr-factors 1 --zeta-factors 1 --jobs t1_dps_inpaint,t1_spgd_mean4": the
+# presets without sweeps, only these jobs), QUALITY_WORKERS (6 compile threads), BATCH (256), LR (3e-4), RESUME_RUN (a run folder to resume instead of --init), SMOKE (toy
 # sizes for a CPU test).
 # Seen on an H200 (2026-11-26, jax 0.11.2): 4,200-7,000 training images/s; compiling the 20 quality
 # programs took 380 s with 6 threads beside the training; one Table-1 sweep job then ran in 17 s.
@@ -31,6 +32,8 @@ DATA=.carry/faces64
 [ -d "$DATA" ] || tar xzf .carry/faces64.tar.gz -C .carry   # carried as one tar: the device counts disk blocks
 IMAGES=.carry/val64.npz
 QUALITY_ARGS=(--tables "${QUALITY_TABLES:-1,bf16,2,3}")
+read -r -a EXTRA <<< "${QUALITY_EXTRA:-}"
+QUALITY_ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
 if [ -n "${SMOKE:-}" ]; then
   BATCH=8; QUALITY_ARGS+=(--test 2 --tune 2 --steps 2 --warmup 2 --tasks inpaint,sr4)
 fi
