@@ -363,7 +363,9 @@ def sampled_on(jobs: dict) -> str:
 # -- score ----------------------------------------------------------------------------------------
 
 def _summary(values: dict) -> dict:
-    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in values.items()}
+    """Mean and std over the images of each metric, and the per-image values (for paired comparisons)."""
+    return {**{k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in values.items()},
+            "per_image": {k: np.asarray(v, np.float64).round(5).tolist() for k, v in values.items()}}
 
 
 def score(args) -> int:
@@ -402,9 +404,10 @@ def score(args) -> int:
     meta["weights"] = args.weights_name or meta["weights"]
     meta["lpips"] = metrics.LPIPS_NAME
     stem = out / f"quality_{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "tuning": _tuning(run, manifest)},
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "tuning": _tuning(run, manifest),
+                                                    "bars": quality_bars(rows)},
                                                     indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(rows, meta, _tuning(run, manifest)))
+    stem.with_suffix(".md").write_text(markdown(rows, meta, _tuning(run, manifest)) + bars_markdown(rows))
     print(stem.with_suffix(".md").read_text())
     return 0
 
@@ -483,6 +486,73 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
         tune = ", ".join(f"{v:.2f}" for v in t["tune_psnr"]) if t["tune_psnr"] else "-"
         lines.append(f"| {t['job']} | {', '.join(f'{v:g}' for v in t['values'])} | {tune} | {', '.join(f'{v:.2f}' for v in t['test_psnr'])} "
                      f"| {t['picked']:g} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- quality bars ---------------------------------------------------------------------------------
+
+CLASSICAL_MARGIN_DB = 1.5  # SPGD must beat the classical baseline by this much PSNR, with lower LPIPS
+DPS_TASKS_NEEDED = 3  # SPGD must match or beat DPS at equal NFE on this many Table-1 tasks
+
+
+def quality_bars(rows: list[dict]) -> list[dict]:
+    """Each Table-1 SPGD row (one sample; mean of samples) against the classical baseline, and the
+    one-sample row against DPS at equal NFE, on the same test images.
+
+    gain: mean over the images of the paired PSNR difference SPGD - other (dB); stderr: its standard
+    error; ahead: images where SPGD's PSNR is higher; met: gain >= CLASSICAL_MARGIN_DB with lower
+    mean LPIPS (classical), gain >= 0 (DPS)."""
+    by_job = {r["job"]: r for r in rows}
+    comparisons = []
+    for task in TABLE1_TASKS:
+        one_sample = f"t1_spgd_{task}"
+        pairs = [(job, f"t1_classical_{task}") for job in (one_sample, f"t1_spgd_mean{MEAN_SAMPLES}_{task}")]
+        for spgd_job, other_job in pairs + [(one_sample, f"t1_dps_{task}")]:
+            if spgd_job not in by_job or other_job not in by_job:
+                continue
+            ours, other = by_job[spgd_job], by_job[other_job]
+            diff = np.asarray(ours["per_image"]["psnr"]) - np.asarray(other["per_image"]["psnr"])
+            gain = float(diff.mean())
+            stderr = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+            against = "classical" if other["row"] == "classical" else "DPS"
+            lpips = (ours["lpips"]["mean"], other["lpips"]["mean"]) if "lpips" in ours else None
+            met = gain >= 0 if against == "DPS" else \
+                gain >= CLASSICAL_MARGIN_DB and (lpips is None or lpips[0] < lpips[1])
+            comparisons.append({"task": task, "spgd": ours["row"], "against": against, "gain": gain,
+                                "stderr": stderr, "ahead": int((diff > 0).sum()), "images": int(diff.size),
+                                "lpips": lpips, "met": bool(met)})
+    return comparisons
+
+
+def bars_markdown(rows: list[dict]) -> str:
+    """The quality-bar section of the report: one line per comparison and a verdict per bar."""
+    comparisons = quality_bars(rows)
+    if not comparisons:
+        return ""
+    lines = ["", "## Quality bars", "",
+             f"SPGD minus the other method on the same test images: PSNR gain in dB (mean of the paired "
+             f"per-image differences ± its standard error); ahead: images where SPGD's PSNR is higher. "
+             f"Bars: at least +{CLASSICAL_MARGIN_DB:g} dB over the classical baseline with lower LPIPS; "
+             f"at least +0 dB against DPS at equal NFE on {DPS_TASKS_NEEDED} of {len(TABLE1_TASKS)} tasks.", "",
+             "| task | SPGD row | against | PSNR gain | ahead | LPIPS SPGD / other | met |", "|---|---|---|---:|---:|---|---|"]
+    for c in comparisons:
+        lpips = f"{c['lpips'][0]:.3f} / {c['lpips'][1]:.3f}" if c["lpips"] else "-"
+        lines.append(f"| {c['task']} | {c['spgd']} | {c['against']} | {c['gain']:+.2f} ± {c['stderr']:.2f} | "
+                     f"{c['ahead']}/{c['images']} | {lpips} | {'yes' if c['met'] else 'no'} |")
+    lines.append("")
+    against_dps = [c for c in comparisons if c["against"] == "DPS"]
+    if against_dps:
+        wins = sum(c["met"] for c in against_dps)
+        verdict = ("met" if wins >= DPS_TASKS_NEEDED else "not met" if len(against_dps) == len(TABLE1_TASKS)
+                   else f"open ({len(against_dps)} of {len(TABLE1_TASKS)} tasks have a DPS row)")
+        lines.append(f"- DPS at equal NFE: SPGD matches or beats it on {wins} of {len(against_dps)} tasks "
+                     f"({', '.join(c['task'] for c in against_dps if c['met']) or 'none'}); "
+                     f"bar {DPS_TASKS_NEEDED} of {len(TABLE1_TASKS)}: {verdict}.")
+    for spgd_row in dict.fromkeys(c["spgd"] for c in comparisons if c["against"] == "classical"):
+        chosen = [c for c in comparisons if c["against"] == "classical" and c["spgd"] == spgd_row]
+        met = [c["task"] for c in chosen if c["met"]]
+        lines.append(f"- Classical baselines, {spgd_row}: bar met on {len(met)} of {len(chosen)} tasks "
+                     f"({', '.join(met) or 'none'}).")
     return "\n".join(lines) + "\n"
 
 

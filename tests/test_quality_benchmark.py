@@ -121,6 +121,39 @@ def test_step_size_column_names_the_spgd_schedule():
     assert quality._step_size({"task": "sr4"}) == "-"  # a classical baseline
 
 
+def _row(job: str, row: str, task: str, psnr: list[float], lpips: float) -> dict:
+    return {"job": job, "row": row, "task": task, "psnr": {"mean": float(np.mean(psnr))},
+            "lpips": {"mean": lpips}, "per_image": {"psnr": psnr}}
+
+
+def test_quality_bars_compare_paired_images_and_need_lower_lpips_over_classical():
+    rows = [_row("t1_spgd_sr4", "SPGD", "sr4", [24.0, 26.0, 25.0], 0.05),
+            _row("t1_classical_sr4", "classical", "sr4", [22.0, 24.5, 23.0], 0.30),
+            _row("t1_dps_sr4", "DPS", "sr4", [25.0, 25.0, 26.0], 0.04),
+            _row("t1_spgd_mean4_sr4", "SPGD, mean of 4", "sr4", [26.0, 27.0, 27.0], 0.40),
+            _row("t1_spgd_inpaint", "SPGD", "inpaint", [30.0, 30.0, 30.0], 0.01),
+            _row("t1_dps_inpaint", "DPS", "inpaint", [29.0, 29.5, 30.5], 0.02)]
+    bars = {(c["task"], c["spgd"], c["against"]): c for c in quality.quality_bars(rows)}
+    assert set(bars) == {("sr4", "SPGD", "classical"), ("sr4", "SPGD, mean of 4", "classical"),
+                         ("sr4", "SPGD", "DPS"), ("inpaint", "SPGD", "DPS")}  # no DPS row for the 4x-NFE mean
+    one = bars["sr4", "SPGD", "classical"]
+    diff = np.array([2.0, 1.5, 2.0])
+    assert one["gain"] == pytest.approx(diff.mean()) and one["ahead"] == 3 and one["images"] == 3
+    assert one["stderr"] == pytest.approx(diff.std(ddof=1) / np.sqrt(3))
+    assert one["met"]  # +1.83 dB and lower LPIPS
+    assert not bars["sr4", "SPGD, mean of 4", "classical"]["met"]  # +3.5 dB, but higher LPIPS
+    assert not bars["sr4", "SPGD", "DPS"]["met"] and bars["sr4", "SPGD", "DPS"]["ahead"] == 1  # -0.33 dB
+    assert bars["inpaint", "SPGD", "DPS"]["met"]  # +0.33 dB on average, though behind on one image
+    text = quality.bars_markdown(rows)
+    assert "SPGD matches or beats it on 1 of 2 tasks (inpaint)" in text
+    assert "open (2 of 4 tasks have a DPS row)" in text  # no verdict before every task has run
+    assert "Classical baselines, SPGD: bar met on 1 of 1 tasks (sr4)" in text
+    assert "Classical baselines, SPGD, mean of 4: bar met on 0 of 1 tasks (none)" in text
+    rows += [_row(f"t1_{m}_{t}", m, t, [20.0, 20.0, 20.0], 0.1) for t in ("gauss_deblur", "motion_deblur")
+             for m in ("spgd", "dps")]
+    assert "on 3 of 4 tasks (inpaint, gauss_deblur, motion_deblur); bar 3 of 4: met" in quality.bars_markdown(rows)
+
+
 def _fake_run(folder: Path, names: list[str], test: int, tune: int, device: str, jobs: dict[str, float],
               seed: int = 0) -> Path:
     """A generate run: manifest.json and one npz per SPGD inpainting-like job, restoring with a fixed value."""
