@@ -2,8 +2,9 @@
 # GPU speed benchmark in ONE call: ffhq256 UNet (random weights), 256x256, T=100, N=5.
 # JAX sampler at batch 1, 4, 16 and the largest batch that fits, float32 and bfloat16; the PyTorch
 # baseline at batch 1 and 16 (reference and tuned variants); the float32 cross-check.
-# See benchmarks/speed.py for the method. Writes 6 files to $OUT (default benchmarks/results):
-#   speed_<device>.json / .md / .png, gpu_run.log, torch.json, jax.json (the phases' raw rows).
+# See benchmarks/speed.py for the method. Writes 7 files to $OUT (default benchmarks/results):
+#   speed_<device>.json / .md / .png / .trace.json.gz (the profiled bfloat16 batch-16 run, for
+#   ui.perfetto.dev), gpu_run.log, torch.json, jax.json (the phases' raw rows).
 #
 #   device tool:  run(command="bash benchmarks/gpu_run.sh", timeout_s=540)   (carry: nothing)
 #   here, on a CPU, the same code path at toy size:  PRESET=gpu-smoke OUT=/tmp/smoke bash benchmarks/gpu_run.sh

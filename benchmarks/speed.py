@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -46,6 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from benchmarks import roofline, trace_summary  # noqa: E402
 from spgd_jax.unet import CONFIGS, UNetConfig  # noqa: E402  (no JAX backend is started by this import)
 
 GIB = 2**30
@@ -95,6 +97,9 @@ class Preset:
     # (dtype, batch) pairs for 'nfe only' rows: timed_steps * warmup likelihood gradients (UNet forward +
     # backward) as separate jitted calls, no loop; the sampler's ceiling on this device.
     ceiling: tuple[tuple[str, int], ...] = ()
+    # (dtype, batch) of the sampler row to profile once more after its timing (jax.profiler trace,
+    # summarised by benchmarks/trace_summary.py); None: no profile.
+    profile: tuple[str, int] | None = None
     notes: tuple[str, ...] = ()
 
 
@@ -113,13 +118,14 @@ PRESETS = {
     "cpu-tiny": Preset(
         description="CPU, 32x32 UNet (BENCH32), T=10, N=2, one thread per framework",
         unet=BENCH32, steps=10, warmup=2, timed_steps=10, batches=(1, 4), dtypes=("float32",),
-        torch_batches=(1, 4), threads=1, ceiling=(("float32", 4),), notes=(CPU_NOTE,),
+        torch_batches=(1, 4), threads=1, ceiling=(("float32", 4),), profile=("float32", 4), notes=(CPU_NOTE,),
     ),
     "gpu-ffhq256": Preset(
         description="GPU, ffhq256 UNet (random weights), 256x256, T=100, N=5",
         unet=CONFIGS["ffhq256"], steps=100, warmup=5, timed_steps=4, batches=(1, 4, 16),
         dtypes=("float32", "bfloat16"), torch_batches=(1, 16), largest_batch=True,
         xcheck_precisions=("highest", "default"), ceiling=(("bfloat16", 16), ("float32", 16)),
+        profile=("bfloat16", 16),
     ),
     # gpu_run.sh's code path at toy size, to test the script on a CPU.
     "gpu-smoke": Preset(
@@ -127,7 +133,7 @@ PRESETS = {
         unet=BENCH32, steps=4, warmup=2, timed_steps=2, batches=(1, 2), dtypes=("float32", "bfloat16"),
         torch_batches=(1, 2), largest_batch=True, batch_multiple=2, batch_cap=6, memory_limit_gib=4.0,
         repeats=1, threads=1, xcheck_precisions=("highest", "default"), xcheck=CrossCheck(steps=3, batch=2),
-        ceiling=(("bfloat16", 2),),
+        ceiling=(("bfloat16", 2),), profile=("bfloat16", 2),
     ),
 }
 
@@ -430,6 +436,11 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
             return jax.jit(run).lower(unet_params, y, key, mask)
         return jax.jit(nfe).lower(unet_params, y, y, mask)
 
+    # FLOPs of one image-NFE: the loop-free 'nfe only' program at batch 1 (dtype does not change the count).
+    info["flops_per_image_nfe"] = roofline.xla_cost(lower("float32", 1, "nfe only"))["flops"]
+    info["peaks"] = roofline.device_peaks(info["device"]) if info["backend"] != "cpu" else None
+    write_json(out, result)
+
     def lower_item(dtype: str, batch: int, variant: str = "sample") -> dict:
         item = {"framework": "jax", "variant": variant, "dtype": dtype, "batch": batch}
         start = time.perf_counter()
@@ -443,6 +454,9 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
             item["compiled"] = item.pop("lowered").compile()
             item["compile_s"] = time.perf_counter() - start
             item["xla_bytes"] = _memory_bytes(item["compiled"])
+            if item["variant"] == "nfe only":  # loop-free: XLA's counts are those of one call
+                cost = roofline.xla_cost(item["compiled"])
+                item["xla_flops"], item["xla_bytes_accessed"] = cost["flops"], cost["bytes"]
         except Exception as error:  # noqa: BLE001
             item["status"] = "out of memory" if is_oom(error) else f"compile error: {type(error).__name__}: {error}"
             traceback.print_exc()
@@ -472,6 +486,8 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
                     timed_run()
                     times.append(time.perf_counter() - start)
                 row["run_s"], row["run_s_all"] = min(times), times
+                if row["variant"] == "sample" and (row["dtype"], row["batch"]) == preset.profile:
+                    profile(row, timed_run)
             except Exception as error:  # noqa: BLE001
                 row["status"] = "out of memory" if is_oom(error) else f"error: {type(error).__name__}: {error}"
                 traceback.print_exc()
@@ -484,6 +500,25 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
         print(f"[jax] {row['variant']} {row['dtype']} b{row['batch']}: {row.get('status')} compile {row.get('compile_s', float('nan')):.1f} s"
               f", run {row.get('run_s', float('nan')):.3f} s for {preset.timed_steps} outer steps", flush=True)
         return row
+
+    def profile(row: dict, timed_run) -> None:
+        """One more run under jax.profiler; the trace's summary goes to result['profile']."""
+        folder = work / "profile"
+        shutil.rmtree(folder, ignore_errors=True)
+        entry = {"dtype": row["dtype"], "batch": row["batch"], "outer_steps": preset.timed_steps}
+        try:
+            start = time.perf_counter()
+            with jax.profiler.trace(str(folder), create_perfetto_trace=True):
+                timed_run()
+            entry["run_s"] = time.perf_counter() - start
+            trace = next(folder.rglob("perfetto_trace.json.gz"))
+            entry["summary"] = trace_summary.summarize(trace)
+            shutil.copy(trace, work / "perfetto_trace.json.gz")
+            entry["trace"] = "perfetto_trace.json.gz"
+        except Exception as error:  # noqa: BLE001  (a profile is extra; the timings stand without it)
+            entry["error"] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+        result["profile"] = entry
 
     def record(row: dict) -> None:
         result["rows"].append(row)
@@ -598,8 +633,9 @@ def device_label(jax_info: dict) -> str:
     return "gpu-" + (match.group(1).replace(" ", "") if match else re.sub(r"[^a-z0-9]+", "-", kind).strip("-"))
 
 
-def derive(row: dict, preset: Preset) -> dict:
-    """Per-image numbers for the full T-step run from a timed row."""
+def derive(row: dict, preset: Preset, flops_per_nfe: float | None = None, peaks: dict | None = None) -> dict:
+    """Per-image numbers for the full T-step run from a timed row; with flops_per_nfe (FLOPs of one
+    image-NFE) also the TFLOP/s achieved and, with the device's peaks, its fraction of the peak."""
     row = dict(row)
     if row.get("status") != "ok":
         return row
@@ -611,14 +647,38 @@ def derive(row: dict, preset: Preset) -> dict:
     row["nfe_per_s"] = row["batch"] * preset.steps * preset.warmup / total
     peak = row.get("peak_bytes") or row.get("xla_bytes")
     row["peak_gib"] = None if peak is None else peak / GIB
+    if row["framework"] == "jax":
+        rate = roofline.achieved(row["nfe_per_s"], flops_per_nfe, (peaks or {}).get(row["dtype"]))
+        row["tflops"], row["fraction_of_peak"] = rate["tflops"], rate["fraction_of_peak"]
     return row
+
+
+def roofline_summary(preset: Preset, jax_info: dict, rows: list[dict]) -> dict:
+    """FLOPs per image, the device's peaks and the floors they set, and what the bf16 target needs."""
+    flops = jax_info.get("flops_per_image_nfe")
+    if not flops:
+        return {}
+    nfe = preset.steps * preset.warmup
+    summary = {"flops_per_image_nfe": flops, "flops_per_image": flops * nfe, "peaks": jax_info.get("peaks")}
+    moved = {}  # bytes one image's run moves, from the largest loop-free ('nfe only') row of each dtype
+    for r in sorted((r for r in rows if r.get("variant") == "nfe only" and r.get("xla_bytes_accessed")),
+                    key=lambda r: r["batch"]):
+        moved[r["dtype"]] = r["xla_bytes_accessed"] / r["batch"] * nfe
+    summary["bytes_per_image"] = moved
+    if summary["peaks"]:
+        summary["floors_s_per_image"] = roofline.floors(flops * nfe, summary["peaks"], moved)
+        summary["bf16_target_tflops"] = flops * nfe / 1.0 / 1e12
+        summary["bf16_target_fraction_of_peak"] = summary["bf16_target_tflops"] / summary["peaks"]["bfloat16"]
+    return summary
 
 
 def report(preset_name: str, preset: Preset, work: Path, out: Path, label: str | None) -> Path:
     torch_result = load_phase(work / "torch.json", "torch")
     jax_result = load_phase(work / "jax.json", "jax")
     label = label or device_label(jax_result["info"])
-    rows = [derive(r, preset) for r in torch_result["rows"] + jax_result["rows"]]
+    ji = jax_result["info"]
+    rows = [derive(r, preset, ji.get("flops_per_image_nfe"), ji.get("peaks"))
+            for r in torch_result["rows"] + jax_result["rows"]]
     ok = [r for r in rows if r.get("status") == "ok"]
     reference = {r["batch"]: r for r in ok if r["framework"] == "torch" and r["variant"] == "reference"}
     tuned = {r["batch"]: r for r in ok if r["framework"] == "torch" and r["variant"] == "tuned"}
@@ -642,6 +702,13 @@ def report(preset_name: str, preset: Preset, work: Path, out: Path, label: str |
         targets.append({"what": f"JAX bfloat16 s/image at the best batch ({best['batch']})",
                         "value": best["s_per_image"], "goal": "<= 1.0 s", "met": best["s_per_image"] <= 1.0})
 
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"speed_{label}"
+    profile = jax_result.get("profile")
+    if profile and profile.get("trace") and (work / profile["trace"]).is_file():  # beside the report
+        shutil.copy(work / profile["trace"], stem.with_suffix(".trace.json.gz"))
+        profile = dict(profile, trace=stem.with_suffix(".trace.json.gz").name)
+
     summary = {
         "preset": preset_name,
         "label": label,
@@ -660,12 +727,12 @@ def report(preset_name: str, preset: Preset, work: Path, out: Path, label: str |
         "xcheck": {p: dict(jax_result["xcheck"].get(p, {}), **torch_result["xcheck"].get(p, {}))
                    for p in preset.xcheck_precisions},
         "rows": rows,
+        "roofline": roofline_summary(preset, ji, rows),
+        "profile": profile,
         "targets": targets,
         "skipped": torch_result["skipped"] + jax_result["skipped"],
         "notes": list(preset.notes),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"speed_{label}"
     write_json(stem.with_suffix(".json"), summary)
     stem.with_suffix(".md").write_text(markdown(summary))
     plot(summary, stem.with_suffix(".png"))
@@ -726,13 +793,15 @@ def markdown(s: dict) -> str:
         "number of likelihood gradients (UNet forward + backward) as separate compiled calls outside any loop, "
         "the sampler's ceiling (its s/image: the run at that NFE rate).",
         "",
-        "| framework | variant | dtype | batch | s/image | images/s | NFE/s | compile s | peak GiB | x torch ref | x torch tuned | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| framework | variant | dtype | batch | s/image | images/s | NFE/s | TFLOP/s | % of peak | compile s | peak GiB "
+        "| x torch ref | x torch tuned | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(s["rows"], key=lambda r: (r["framework"] != "torch", r["variant"], r["dtype"], r["batch"])):
         lines.append(
             f"| {r['framework']} | {r['variant']} | {r['dtype']} | {r['batch']} | {_fmt(r.get('s_per_image'), '.3f')} | "
             f"{_fmt(r.get('images_per_s'), '.3f')} | {_fmt(r.get('nfe_per_s'), '.1f')} | "
+            f"{_fmt(r.get('tflops'), '.3g')} | {_fmt(r.get('fraction_of_peak') and 100 * r['fraction_of_peak'], '.1f')} | "
             f"{_fmt(r.get('compile_s'), '.1f')} | {_fmt(r.get('peak_gib'), '.2f')} | "
             f"{_fmt(r.get('speedup_vs_torch_reference'), '.2f')} | {_fmt(r.get('speedup_vs_torch_tuned'), '.2f')} | "
             f"{r.get('status')} |")
@@ -741,11 +810,52 @@ def markdown(s: dict) -> str:
         lines += ["", f"## Targets ({where})", "", "| what | value | goal | met |", "|---|---|---|---|"]
         for t in s["targets"]:
             lines.append(f"| {t['what']} | {t['value']:.2f} | {t['goal']} | {'yes' if t['met'] else 'no'} |")
+    lines += roofline_markdown(s["roofline"], s["work"])
+    if s.get("profile"):
+        p = s["profile"]
+        lines += ["", f"## Profile: JAX sampler, {p['dtype']}, batch {p['batch']}, {p['outer_steps']} outer steps", ""]
+        if "summary" in p:
+            lines += [f"One more run of the timed program under `jax.profiler` ({p['run_s']:.2f} s with the profiler on; "
+                      f"trace `{p['trace']}`), summarised by `benchmarks/trace_summary.py` from the "
+                      f"{p['summary']['source']}'s op executions.", ""]
+            lines += trace_summary.markdown_lines(p["summary"])
+        else:
+            lines.append(f"No profile: {p.get('error')}.")
     if s["skipped"]:
         lines += ["", "Skipped: " + "; ".join(s["skipped"]) + "."]
     if s["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in s["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _flop(count: float) -> str:
+    return f"{count / 1e12:.1f} TFLOP" if count >= 1e12 else f"{count / 1e9:.2f} GFLOP"
+
+
+def roofline_markdown(roof: dict, work: dict) -> list[str]:
+    if not roof:
+        return []
+    lines = [
+        "", "## Roofline", "",
+        f"- One image-NFE (UNet forward + input-gradient backward, batch 1) is {_flop(roof['flops_per_image_nfe'])} "
+        f"by XLA's cost analysis of the loop-free program; a T x N = {work['nfe_per_image']} run is "
+        f"{_flop(roof['flops_per_image'])} per image. TFLOP/s in the table = NFE/s x that.",
+    ]
+    for dtype, moved in sorted(roof.get("bytes_per_image", {}).items()):
+        lines.append(f"- Bytes moved per image ({dtype}, XLA's count for the compiled `nfe only` program): "
+                     f"{moved / 1e9:.0f} GB.")
+    peaks = roof.get("peaks")
+    if peaks:
+        lines.append(f"- Device peaks ({peaks['source']}, dense): bfloat16 {peaks['bfloat16']:g} TFLOP/s, float32 as TF32 "
+                     f"{peaks['float32']:g} TFLOP/s, HBM {peaks['hbm_tb_s']:g} TB/s.")
+        for dtype, floor in roof["floors_s_per_image"].items():
+            memory = "" if floor["memory_s"] is None else f", all bytes at the HBM bandwidth {floor['memory_s']:.3f} s"
+            lines.append(f"- Floor for {dtype}: all FLOPs at the peak {floor['compute_s']:.3f} s/image{memory}.")
+        lines.append(f"- The bfloat16 target (1.0 s/image) needs {roof['bf16_target_tflops']:.0f} TFLOP/s, "
+                     f"{100 * roof['bf16_target_fraction_of_peak']:.0f}% of the dense bfloat16 peak.")
+    else:
+        lines.append("- No peak figures for this device (benchmarks/roofline.py lists NVIDIA H200, H100, A100).")
+    return lines
 
 
 def plot(s: dict, path: Path) -> None:

@@ -6,10 +6,13 @@ formulas and schedule); with ADM off the JAX sampler must reproduce it to float3
 
 from __future__ import annotations
 
+import gzip
+import json
 import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -23,7 +26,7 @@ from spgd_jax.spgd import SPGDConfig, spgd
 from spgd_jax.unet import CONFIGS, UNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
-from benchmarks import speed, torch_spgd  # noqa: E402
+from benchmarks import roofline, speed, torch_spgd, trace_summary  # noqa: E402
 
 
 def nchw(a: np.ndarray) -> torch.Tensor:
@@ -86,3 +89,122 @@ def test_largest_batch_estimate():
     assert speed.largest_batch(memory, 0, 2 * gib, 1, 1024) == 0
     # One measurement: a line through the fixed bytes at batch 0.
     assert speed.largest_batch({4: 9 * gib}, 1 * gib, 41 * gib, 1, 1024) == 20
+
+
+def _trace_file(tmp_path, events):
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as file:
+        json.dump({"traceEvents": events}, file)
+    return path
+
+
+def test_trace_summary_counts_device_ops_only_and_measures_idle_gaps(tmp_path):
+    meta = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+
+    def op(pid, ts, dur, name, hlo_op):
+        return {"ph": "X", "pid": pid, "tid": 1, "ts": ts, "dur": dur, "name": name, "args": {"hlo_op": hlo_op}}
+
+    events = meta + [
+        op(7, 0, 60, "sm90_xmma_fprop_implicit_gemm_bf16", "cudnn-conv-bw-input.3"),
+        op(7, 60, 20, "loop_convert_fusion_2", "loop_convert_fusion.2"),  # 'convert' is not a convolution
+        op(7, 100, 10, "input_reduce_fusion", "reduce-window.1"),
+        op(7, 110, 10, "sm90_xmma_fprop_implicit_gemm_bf16", "cudnn-conv-bw-input.3"),
+        op(1, 0, 500, "host thunk", "cudnn-conv-bw-input.3"),  # host side: ignored when device ops exist
+        {"ph": "X", "pid": 7, "tid": 1, "ts": 0, "dur": 999, "name": "no hlo op", "args": {}},
+    ]
+    s = trace_summary.summarize(_trace_file(tmp_path, events))
+    assert s["source"] == "device" and s["ops"] == 4
+    assert s["span_ms"] == pytest.approx(0.120) and s["busy_ms"] == pytest.approx(0.100)  # idle 80..100 us
+    assert s["busy_fraction"] == pytest.approx(100 / 120)
+    kinds = {k["kind"]: k for k in s["kinds"]}
+    assert kinds["convolution"]["ms"] == pytest.approx(0.070) and kinds["convolution"]["count"] == 2
+    assert kinds["elementwise fusion"]["ms"] == pytest.approx(0.020)
+    assert kinds["reduction"]["count"] == 1
+    assert s["kinds"][0]["kind"] == "convolution" and s["kinds"][0]["fraction"] == pytest.approx(0.7)
+    assert s["top_ops"][0]["hlo_op"] == "cudnn-conv-bw-input.3" and s["top_ops"][0]["count"] == 2
+    assert "| convolution | 0.1 | 70.0% | 2 |" in "\n".join(trace_summary.markdown_lines(s))
+
+    # Overlapping host threads (XLA:CPU): busy time is the union, op time the sum.
+    host = [op(1, 0, 50, "a", "fusion.1"), op(1, 25, 50, "b", "fusion.2")]
+    s = trace_summary.summarize(_trace_file(tmp_path, host))
+    assert s["source"] == "host" and s["busy_ms"] == pytest.approx(0.075) and s["op_ms"] == pytest.approx(0.100)
+
+    with pytest.raises(ValueError, match="no XLA op executions"):
+        trace_summary.summarize(_trace_file(tmp_path, meta))
+
+
+def test_trace_summary_of_a_real_profile(tmp_path):
+    f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+    x = jnp.ones((64, 64))
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        f(x).block_until_ready()
+    s = trace_summary.summarize(next(tmp_path.rglob("perfetto_trace.json.gz")))
+    assert s["ops"] >= 1 and 0 < s["busy_ms"] <= s["span_ms"] + 1e-9
+    assert sum(k["fraction"] for k in s["kinds"]) == pytest.approx(1.0)
+
+
+def test_roofline_counts_and_peaks():
+    m, k, n = 8, 16, 4
+    lowered = jax.jit(lambda a, b: a @ b).lower(jnp.ones((m, k)), jnp.ones((k, n)))
+    assert roofline.xla_cost(lowered)["flops"] == 2 * m * k * n
+    assert roofline.xla_cost(object()) == {"flops": None, "bytes": None}
+
+    assert roofline.device_peaks("NVIDIA H200")["hbm_tb_s"] == 4.8
+    assert roofline.device_peaks("NVIDIA H100 PCIe")["bfloat16"] == 756.0
+    assert roofline.device_peaks("NVIDIA H100 80GB HBM3")["bfloat16"] == 989.4
+    assert roofline.device_peaks("cpu") is None
+
+    rate = roofline.achieved(nfe_per_s=100.0, flops_per_nfe=5e11, peak_tflops=200.0)
+    assert rate == {"tflops": pytest.approx(50.0), "fraction_of_peak": pytest.approx(0.25)}
+    assert roofline.achieved(100.0, None, 200.0)["tflops"] is None
+
+    peaks = {"bfloat16": 1000.0, "float32": 500.0, "hbm_tb_s": 4.0}
+    floors = roofline.floors(2e14, peaks, {"bfloat16": 8e12})
+    assert floors["bfloat16"] == {"compute_s": pytest.approx(0.2), "memory_s": pytest.approx(2.0)}
+    assert floors["float32"] == {"compute_s": pytest.approx(0.4), "memory_s": None}
+
+
+def test_speed_report_derives_speedups_targets_and_roofline(tmp_path):
+    preset = speed.PRESETS["gpu-ffhq256"]  # T=100, N=5, timed 4 outer steps (x25)
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    host = {"cpu": "x", "cpu_count": 16, "python": "3", "loadavg_1_5_15min": [0, 0, 0]}
+    torch_rows = [{"framework": "torch", "variant": "reference", "dtype": "float32", "batch": b, "status": "ok",
+                   "run_s": 35.2 * b / 25} for b in (1, 16)]  # 35.2 s/image at batch 1 (and 16: no batching gain)
+    jax_rows = [
+        {"framework": "jax", "variant": "sample", "dtype": "bfloat16", "batch": 16, "status": "ok", "run_s": 0.8 * 16 / 25,
+         "compile_s": 60.0, "trace_s": 2.0, "xla_bytes": 2**30},
+        {"framework": "jax", "variant": "sample", "dtype": "float32", "batch": 1, "status": "ok", "run_s": 5.0 / 25,
+         "compile_s": 60.0, "trace_s": 2.0, "xla_bytes": 2**30},
+        {"framework": "jax", "variant": "nfe only", "dtype": "bfloat16", "batch": 16, "status": "ok",
+         "run_s": 0.7 * 16 / 25, "xla_bytes_accessed": 16 * 4e9},
+    ]
+    info = {"device": "NVIDIA H200", "backend": "gpu", "jax": "0", "jaxlib": "0", "flax": "0",
+            "jax_default_matmul_precision": None, "XLA_FLAGS": "", "host": host,
+            "flops_per_image_nfe": 7.7e11, "peaks": roofline.device_peaks("NVIDIA H200")}
+    speed.write_json(work / "torch.json", {"info": dict(speed._INFO_STUBS["torch"], host=host), "rows": torch_rows,
+                                           "xcheck": {}, "skipped": []})
+    failed_profile = {"dtype": "bfloat16", "batch": 16, "outer_steps": 4, "error": "RuntimeError: no profiler"}
+    speed.write_json(work / "jax.json", {"info": info, "rows": jax_rows, "xcheck": {}, "skipped": [],
+                                         "profile": failed_profile})
+    stem = speed.report("gpu-ffhq256", preset, work, out, None)
+    assert stem.name == "speed_gpu-h200"
+    s = json.loads(stem.with_suffix(".json").read_text())
+    f32 = next(r for r in s["rows"] if r["framework"] == "jax" and r["dtype"] == "float32")
+    assert f32["s_per_image"] == pytest.approx(5.0) and f32["speedup_vs_torch_reference"] == pytest.approx(35.2 / 5.0)
+    assert f32["tflops"] == pytest.approx(500 / 5.0 * 7.7e11 / 1e12)
+    assert f32["fraction_of_peak"] == pytest.approx(f32["tflops"] / 494.7)
+    targets = {t["what"]: t for t in s["targets"]}
+    assert targets["JAX float32 / PyTorch reference images/s at batch 1"]["met"]  # 7.0x >= 5x
+    assert targets["JAX bfloat16 s/image at the best batch (16)"]["met"]  # 0.8 s <= 1.0 s
+    assert targets["JAX bfloat16 / PyTorch reference images/s at batch 16"]["value"] == pytest.approx(35.2 / 0.8)
+    roof = s["roofline"]
+    assert roof["flops_per_image"] == pytest.approx(500 * 7.7e11)
+    assert roof["bytes_per_image"]["bfloat16"] == pytest.approx(4e9 * 500)
+    assert roof["floors_s_per_image"]["bfloat16"]["memory_s"] == pytest.approx(2e12 / 4.8e12)
+    assert roof["bf16_target_fraction_of_peak"] == pytest.approx(385.0 / 989.4)
+    md = stem.with_suffix(".md").read_text()
+    assert "## Roofline" in md and "385 TFLOP/s, 39% of the dense bfloat16 peak" in md
+    assert "No profile: RuntimeError: no profiler." in md

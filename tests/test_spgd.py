@@ -191,6 +191,24 @@ def test_jit_and_no_jit_agree_and_same_key_same_bits():
     assert not np.allclose(other.x, first.x)
 
 
+def test_one_compilation_per_shape_and_config():
+    traces = []
+
+    def traced_denoiser(x, sigma):  # Python runs this only while JAX traces a new program
+        traces.append(x.shape)
+        return CONV(x, sigma)
+
+    config = dataclasses.replace(TINY, steps=2, warmup=2)
+    for seed in range(3):  # new measurements, keys and operator params: the same program
+        matrices, _, y, _ = random_problem(2, seed=seed)
+        sample(traced_denoiser, matrix_forward, y, jax.random.PRNGKey(seed), dataclasses.replace(config), matrices,
+               x_shape=SHAPE).x.block_until_ready()
+    assert len(traces) == 1
+    matrices, _, y, _ = random_problem(3)  # a new batch size: one new program
+    sample(traced_denoiser, matrix_forward, y, jax.random.PRNGKey(0), config, matrices, x_shape=SHAPE)
+    assert len(traces) == 2
+
+
 def test_exactly_t_times_n_denoiser_evaluations():
     record = []
     matrices, _, y, x_init = random_problem(2)
