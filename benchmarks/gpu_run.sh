@@ -6,7 +6,8 @@
 #   speed_<device>.json / .md / .png / .trace.json.gz (the profiled bfloat16 batch-16 run, for
 #   ui.perfetto.dev), gpu_run.log, torch.json, jax.json (the phases' raw rows).
 #
-#   device tool:  run(command="bash benchmarks/gpu_run.sh", timeout_s=540)   (carry: nothing)
+#   device tool:  run(command="TORCH_BUDGET_S=90 JAX_BUDGET_S=300 bash benchmarks/gpu_run.sh", timeout_s=540)
+#                 (carry: nothing)
 #   here, on a CPU, the same code path at toy size:  PRESET=gpu-smoke OUT=/tmp/smoke bash benchmarks/gpu_run.sh
 #
 # Knobs (environment): PRESET (gpu-ffhq256), TORCH_BUDGET_S (120), JAX_BUDGET_S (270: rows that would
@@ -25,14 +26,20 @@ WORK=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# Compile time: whole-sampler programs took minutes each to compile on an H200 (2026-11-26); XLA's
-# fusion autotuner is a known cause of slow GPU compiles (not yet measured here). FAST_COMPILE=1
-# (default) turns it off, if this XLA knows the flag; the results record XLA_FLAGS.
+# Compile time: whole-sampler programs took minutes each to compile on an H200 (2026-11-26), and the
+# budget ran out before any row. Known causes of slow GPU compiles are autotuning: XLA's fusion
+# autotuner (native vs Triton emitters) and the Triton GEMM autotuner (tens of Triton configs compiled
+# per matmul fusion; the UNet's 1x1 convolutions and attention become matmuls). FAST_COMPILE=1
+# (default) turns both off (matmuls then go to cuBLAS; convolutions keep cuDNN's autotuning), each
+# only if this XLA knows the flag. The results record XLA_FLAGS; the autotuners' own timing lines
+# (TF_CPP_VMODULE below) go to gpu_run.log, to say where compile time went.
 if [ "${FAST_COMPILE:-1}" = 1 ]; then
-  flag=--xla_gpu_experimental_enable_fusion_autotuner=false
-  XLA_FLAGS="${XLA_FLAGS:-} $flag" "$PY" -c "import jax; jax.numpy.ones(1).block_until_ready()" >/dev/null 2>&1 \
-    && XLA_FLAGS_EXTRA="${XLA_FLAGS_EXTRA:-} $flag"
+  for flag in --xla_gpu_experimental_enable_fusion_autotuner=false --xla_gpu_enable_triton_gemm=false; do
+    XLA_FLAGS="${XLA_FLAGS:-} $flag" "$PY" -c "import jax; jax.numpy.ones(1).block_until_ready()" >/dev/null 2>&1 \
+      && XLA_FLAGS_EXTRA="${XLA_FLAGS_EXTRA:-} $flag"
+  done
 fi
+export TF_CPP_VMODULE=${TF_CPP_VMODULE:-gemm_fusion_autotuner=1,conv_algorithm_picker=1,autotuner_pass=1,gpu_compiler=1}
 [ -n "${XLA_FLAGS_EXTRA:-}" ] && export XLA_FLAGS="${XLA_FLAGS:-} $XLA_FLAGS_EXTRA"
 speed() { "$PY" benchmarks/speed.py --preset "$PRESET" --work "$WORK" --out "$OUT" "$@"; }
 export -f speed

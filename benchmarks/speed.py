@@ -12,6 +12,12 @@ iterations each) are run and timed after one untimed run, and the time is scaled
 T / timed_steps (per-step work does not depend on the step); rows say when they are
 extrapolated. Compile time is measured separately (JAX ahead-of-time lower + compile).
 
+Roofline and profile: the FLOPs of one image-NFE come from XLA's cost analysis of the loop-free
+'nfe only' program (benchmarks/roofline.py); each JAX row reports the TFLOP/s it achieved and, on
+known GPUs, its share of the dense peak. The preset's `profile` row is run once more under
+jax.profiler, and the trace is summarised by kind of op (benchmarks/trace_summary.py) and written
+beside the report (speed_<label>.trace.json.gz).
+
 Cross-check (ADM off, float32, the same x_T, y, masks and weights, a small UNet): the JAX
 sampler (spgd_jax.spgd.spgd with explicit x_T) against the PyTorch baseline; passes when
 max |x_jax - x_torch| <= XCHECK_RTOL * max |x_torch|.
@@ -336,6 +342,22 @@ def _memory_bytes(compiled) -> int | None:
                - stats.alias_size_in_bytes)
 
 
+def jax_plan(preset: Preset) -> list[tuple[str, int | str]]:
+    """The JAX rows in the order they run: (dtype, batch or 'largest').
+
+    The profiled row first (bfloat16 batch 16 on the GPU: the s/image target, the batch-16 ratio and
+    the profile in one program), then batches 1 and 16 (the targets), the largest bfloat16 batch,
+    other batches, the largest float32 batch. Compiling a program can take minutes on a GPU, so the
+    budget may end early; the rows it reaches are then the ones that matter most.
+    """
+    targeted = [(d, b) for b in preset.batches if b in (1, 16) for d in preset.dtypes]
+    others = [(d, b) for b in preset.batches if b not in (1, 16) for d in preset.dtypes]
+    first = [preset.profile] if preset.profile in targeted + others else []
+    targeted, others = [i for i in targeted if i not in first], [i for i in others if i not in first]
+    largest = [(d, "largest") for d in sorted(preset.dtypes, key=lambda d: d != "bfloat16")] if preset.largest_batch else []
+    return first + targeted + largest[:1] + others + largest[1:]
+
+
 def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int) -> None:
     import jax
     import jax.numpy as jnp
@@ -567,28 +589,19 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
                 return
             candidate = int(candidate * 0.8) // preset.batch_multiple * preset.batch_multiple
 
-    # Priority: batches 1 and 16 (the targets), the largest bfloat16 batch, other batches, the
-    # largest float32 batch. Time-budgeted: an item that would overrun is skipped and listed.
-    fixed = [(d, b) for b in preset.batches if b in (1, 16) for d in preset.dtypes]
-    fixed += [(d, b) for b in preset.batches if b not in (1, 16) for d in preset.dtypes]
+    plan = jax_plan(preset)
     if compile_workers > 1:  # compile all fixed-batch programs first, in parallel; then run one at a time
         from concurrent.futures import ThreadPoolExecutor
 
-        items = [lower_item(dtype, batch) for dtype, batch in fixed]
+        items = [lower_item(dtype, batch) for dtype, batch in plan if batch != "largest"]
+        largest_rows = [item for item in plan if item[1] == "largest"]
         start = time.perf_counter()
         with ThreadPoolExecutor(compile_workers) as pool:
             items = list(pool.map(compile_item, items))
         result["parallel_compile_wall_s"] = time.perf_counter() - start
         for item in items:
             record(run_item(item))
-        fixed = []
-    first_dtypes = sorted(preset.dtypes, key=lambda d: d != "bfloat16")
-    plan = [item for item in fixed if item[1] in (1, 16)]
-    if preset.largest_batch:
-        plan.append((first_dtypes[0], "largest"))
-    plan += [item for item in fixed if item[1] not in (1, 16)]
-    if preset.largest_batch:
-        plan += [(d, "largest") for d in first_dtypes[1:]]
+        plan = largest_rows
     for dtype, batch in plan:
         if batch == "largest":
             run_largest(dtype)

@@ -208,3 +208,11 @@ def test_speed_report_derives_speedups_targets_and_roofline(tmp_path):
     md = stem.with_suffix(".md").read_text()
     assert "## Roofline" in md and "385 TFLOP/s, 39% of the dense bfloat16 peak" in md
     assert "No profile: RuntimeError: no profiler." in md
+
+
+def test_jax_rows_run_in_priority_order():
+    plan = speed.jax_plan(speed.PRESETS["gpu-ffhq256"])
+    assert plan == [("bfloat16", 16), ("float32", 1), ("bfloat16", 1), ("float32", 16), ("bfloat16", "largest"),
+                    ("float32", 4), ("bfloat16", 4), ("float32", "largest")]
+    smoke = speed.jax_plan(speed.PRESETS["gpu-smoke"])  # profiled row (bfloat16, 2) first though not a target batch
+    assert smoke[0] == ("bfloat16", 2) and smoke.count(("bfloat16", 2)) == 1 and len(smoke) == 6
