@@ -26,21 +26,14 @@ WORK=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# Compile time: whole-sampler programs took minutes each to compile on an H200 (2026-11-26), and the
-# budget ran out before any row. Known causes of slow GPU compiles are autotuning: XLA's fusion
-# autotuner (native vs Triton emitters) and the Triton GEMM autotuner (tens of Triton configs compiled
-# per matmul fusion; the UNet's 1x1 convolutions and attention become matmuls). FAST_COMPILE=1
-# (default) turns both off (matmuls then go to cuBLAS; convolutions keep cuDNN's autotuning), each
-# only if this XLA knows the flag. The results record XLA_FLAGS; the autotuners' own timing lines
-# (TF_CPP_VMODULE below) go to gpu_run.log, to say where compile time went.
-if [ "${FAST_COMPILE:-1}" = 1 ]; then
-  for flag in --xla_gpu_experimental_enable_fusion_autotuner=false --xla_gpu_enable_triton_gemm=false; do
-    XLA_FLAGS="${XLA_FLAGS:-} $flag" "$PY" -c "import jax; jax.numpy.ones(1).block_until_ready()" >/dev/null 2>&1 \
-      && XLA_FLAGS_EXTRA="${XLA_FLAGS_EXTRA:-} $flag"
-  done
-fi
+# Compile time: FAST_COMPILE=1 (default) turns XLA's GPU autotuners off where this XLA knows the flags
+# (benchmarks/fast_compile_flags.sh says why); the results record XLA_FLAGS. The autotuners' own
+# timing lines (TF_CPP_VMODULE below) go to gpu_run.log, to say where compile time went.
+XLA_FLAGS_EXTRA=${XLA_FLAGS_EXTRA:-}
+[ "${FAST_COMPILE:-1}" = 1 ] && XLA_FLAGS_EXTRA="$XLA_FLAGS_EXTRA $(bash benchmarks/fast_compile_flags.sh "$PY")"
+XLA_FLAGS_EXTRA=$(echo $XLA_FLAGS_EXTRA)  # spaces squeezed
 export TF_CPP_VMODULE=${TF_CPP_VMODULE:-gemm_fusion_autotuner=1,conv_algorithm_picker=1,autotuner_pass=1,gpu_compiler=1}
-[ -n "${XLA_FLAGS_EXTRA:-}" ] && export XLA_FLAGS="${XLA_FLAGS:-} $XLA_FLAGS_EXTRA"
+[ -n "$XLA_FLAGS_EXTRA" ] && export XLA_FLAGS="${XLA_FLAGS:-} $XLA_FLAGS_EXTRA"
 speed() { "$PY" benchmarks/speed.py --preset "$PRESET" --work "$WORK" --out "$OUT" "$@"; }
 export -f speed
 export PY PRESET WORK OUT

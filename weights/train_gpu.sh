@@ -41,11 +41,8 @@ RUN=${RESUME_RUN:-$W/run}
 INIT=(--init weights/default64)
 [ -n "${RESUME_RUN:-}" ] && INIT=()
 cp weights/MODEL_CARD.md "$W/MODEL_CARD.md"
-# XLA's fusion autotuner is a known cause of slow GPU compiles (not yet measured here): the quality
-# programs are compiled without it, if this XLA knows the flag.
-FLAG=--xla_gpu_experimental_enable_fusion_autotuner=false
-XLA_FLAGS="${XLA_FLAGS:-} $FLAG" python3 -c "import jax; jax.numpy.ones(1).block_until_ready()" >/dev/null 2>&1 \
-  && QUALITY_XLA_FLAGS="${XLA_FLAGS:-} $FLAG" || QUALITY_XLA_FLAGS="${XLA_FLAGS:-}"
+# The quality programs are compiled without XLA's GPU autotuners (benchmarks/fast_compile_flags.sh).
+QUALITY_XLA_FLAGS="${XLA_FLAGS:-} $(bash benchmarks/fast_compile_flags.sh python3)"
 QUALITY_WEIGHTS=$W/weights
 [ "$TRAIN_MIN" = 0 ] && QUALITY_WEIGHTS=weights/default64
 
