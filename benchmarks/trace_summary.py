@@ -3,8 +3,10 @@
     with jax.profiler.trace(folder, create_perfetto_trace=True): compiled(*args).block_until_ready()
     summary = summarize(next(Path(folder).rglob("perfetto_trace.json.gz")))
 
-XLA's op executions are the trace events whose args name an ``hlo_op``: on a GPU those of the
-device processes (``/device:GPU:0``, the kernels), on a CPU the XLA:CPU thunks. They are grouped by kind (convolution, matmul, reduction, copy/transpose,
+Op executions: on a GPU, the events of the device processes (``/device:GPU:0``: kernels and copies,
+named by their ``hlo_op`` argument where the trace gives one, else by the kernel; the profiler's
+derived summary lines such as "XLA Ops" are skipped so nothing counts twice); on a CPU, the XLA:CPU
+thunks (the host events whose args name an ``hlo_op``). They are grouped by kind (convolution, matmul, reduction, copy/transpose,
 elementwise fusion, other) from the HLO op and kernel names, and the busy time (the union of
 the op intervals) is compared with the span from the first op's start to the last op's end:
 the gap is time the device waited (launches, host work, synchronisation).
@@ -29,6 +31,8 @@ KINDS = (
     ("elementwise fusion", ("fusion", "loop_", "wrapped_")),
 )
 TOP_OPS = 12
+# Thread names of the profiler's derived lines on a device (they repeat the kernels' time).
+DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Steps", "Framework", "TensorFlow", "Source")
 
 
 def op_kind(name: str, hlo_op: str) -> str:
@@ -59,16 +63,22 @@ def summarize(path: str | Path, top: int = TOP_OPS) -> dict:
     Returns {'source': 'device' (GPU kernels) or 'host' (XLA:CPU), 'ops': number of op executions, 'span_ms', 'busy_ms', 'busy_fraction', 'op_ms' (the sum of
     op durations; above busy_ms where ops overlap), 'kinds': [{kind, ms, fraction of op_ms, count}],
     'top_ops': [{hlo_op, kind, ms, fraction, count, kernel}]}. Raises ValueError when the trace holds no
-    XLA op executions (a trace of nothing, or a profiler that records none).
+    op executions (a trace of nothing, or a profiler that records none).
     """
     events = _events(Path(path))
     process = {e.get("pid"): e.get("args", {}).get("name", "") for e in events
                if e.get("ph") == "M" and e.get("name") == "process_name"}
+    thread = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "") for e in events
+              if e.get("ph") == "M" and e.get("name") == "thread_name"}
     devices = {pid for pid, name in process.items() if "/device:" in name}
-    ops = [e for e in events if e.get("ph") == "X" and isinstance(e.get("args"), dict) and e["args"].get("hlo_op")
-           and (not devices or e.get("pid") in devices)]
+    complete = [e for e in events if e.get("ph") == "X" and "ts" in e]
+    if devices:
+        ops = [e for e in complete if e.get("pid") in devices
+               and not thread.get((e.get("pid"), e.get("tid")), "").startswith(DERIVED_LINES)]
+    else:
+        ops = [e for e in complete if isinstance(e.get("args"), dict) and e["args"].get("hlo_op")]
     if not ops:
-        raise ValueError(f"{path}: no XLA op executions (events with an hlo_op) in this trace")
+        raise ValueError(f"{path}: no op executions in this trace (no device events, no host events with an hlo_op)")
     intervals = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in ops]
     span = max(stop for _, stop in intervals) - min(start for start, _ in intervals)
     busy = _union_us(intervals)
@@ -77,11 +87,11 @@ def summarize(path: str | Path, top: int = TOP_OPS) -> dict:
     by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     by_op: dict[str, dict] = {}
     for event, (start, stop) in zip(ops, intervals):
-        hlo_op = event["args"]["hlo_op"]
-        kind = op_kind(event["name"], hlo_op)
+        hlo_op = (event.get("args") or {}).get("hlo_op") or event.get("name", "?")
+        kind = op_kind(event.get("name", ""), hlo_op)
         by_kind[kind][0] += stop - start
         by_kind[kind][1] += 1
-        entry = by_op.setdefault(hlo_op, {"hlo_op": hlo_op, "kind": kind, "us": 0.0, "count": 0, "kernel": event["name"]})
+        entry = by_op.setdefault(hlo_op, {"hlo_op": hlo_op, "kind": kind, "us": 0.0, "count": 0, "kernel": event.get("name", "?")})
         entry["us"] += stop - start
         entry["count"] += 1
 

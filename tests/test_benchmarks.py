@@ -110,27 +110,29 @@ def test_trace_summary_counts_device_ops_only_and_measures_idle_gaps(tmp_path):
         op(7, 60, 20, "loop_convert_fusion_2", "loop_convert_fusion.2"),  # 'convert' is not a convolution
         op(7, 100, 10, "input_reduce_fusion", "reduce-window.1"),
         op(7, 110, 10, "sm90_xmma_fprop_implicit_gemm_bf16", "cudnn-conv-bw-input.3"),
+        {"ph": "X", "pid": 7, "tid": 1, "ts": 120, "dur": 5, "name": "MemcpyDtoD", "args": {}},  # named by kernel
         op(1, 0, 500, "host thunk", "cudnn-conv-bw-input.3"),  # host side: ignored when device ops exist
-        {"ph": "X", "pid": 7, "tid": 1, "ts": 0, "dur": 999, "name": "no hlo op", "args": {}},
+        {"ph": "M", "pid": 7, "tid": 2, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        op(7, 0, 999, "cudnn-conv-bw-input.3", "cudnn-conv-bw-input.3") | {"tid": 2},  # derived line: skipped
     ]
     s = trace_summary.summarize(_trace_file(tmp_path, events))
-    assert s["source"] == "device" and s["ops"] == 4
-    assert s["span_ms"] == pytest.approx(0.120) and s["busy_ms"] == pytest.approx(0.100)  # idle 80..100 us
-    assert s["busy_fraction"] == pytest.approx(100 / 120)
+    assert s["source"] == "device" and s["ops"] == 5
+    assert s["span_ms"] == pytest.approx(0.125) and s["busy_ms"] == pytest.approx(0.105)  # idle 80..100 us
+    assert s["busy_fraction"] == pytest.approx(105 / 125)
     kinds = {k["kind"]: k for k in s["kinds"]}
     assert kinds["convolution"]["ms"] == pytest.approx(0.070) and kinds["convolution"]["count"] == 2
     assert kinds["elementwise fusion"]["ms"] == pytest.approx(0.020)
-    assert kinds["reduction"]["count"] == 1
-    assert s["kinds"][0]["kind"] == "convolution" and s["kinds"][0]["fraction"] == pytest.approx(0.7)
+    assert kinds["reduction"]["count"] == 1 and kinds["copy/transpose"]["count"] == 1
+    assert s["kinds"][0]["kind"] == "convolution" and s["kinds"][0]["fraction"] == pytest.approx(70 / 105)
     assert s["top_ops"][0]["hlo_op"] == "cudnn-conv-bw-input.3" and s["top_ops"][0]["count"] == 2
-    assert "| convolution | 0.1 | 70.0% | 2 |" in "\n".join(trace_summary.markdown_lines(s))
+    assert "| convolution | 0.1 | 66.7% | 2 |" in "\n".join(trace_summary.markdown_lines(s))
 
     # Overlapping host threads (XLA:CPU): busy time is the union, op time the sum.
     host = [op(1, 0, 50, "a", "fusion.1"), op(1, 25, 50, "b", "fusion.2")]
     s = trace_summary.summarize(_trace_file(tmp_path, host))
     assert s["source"] == "host" and s["busy_ms"] == pytest.approx(0.075) and s["op_ms"] == pytest.approx(0.100)
 
-    with pytest.raises(ValueError, match="no XLA op executions"):
+    with pytest.raises(ValueError, match="no op executions"):
         trace_summary.summarize(_trace_file(tmp_path, meta))
 
 
