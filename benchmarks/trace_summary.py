@@ -5,11 +5,12 @@
 
 Op executions: on a GPU, the events of the device processes (``/device:GPU:0``: kernels and copies,
 named by their ``hlo_op`` argument where the trace gives one, else by the kernel; the profiler's
-derived summary lines such as "XLA Ops" are skipped so nothing counts twice); on a CPU, the XLA:CPU
-thunks (the host events whose args name an ``hlo_op``). They are grouped by kind (convolution, matmul, reduction, copy/transpose,
-elementwise fusion, other) from the HLO op and kernel names, and the busy time (the union of
-the op intervals) is compared with the span from the first op's start to the last op's end:
-the gap is time the device waited (launches, host work, synchronisation).
+derived summary lines such as "XLA Ops" are skipped so nothing counts twice); on a CPU, the
+XLA:CPU thunks (the host events whose args name an ``hlo_op``). They are grouped by kind
+(convolution, matmul, reduction, copy/transpose, elementwise fusion, other) from the HLO op and
+kernel names, and the busy time (the union of the op intervals) is compared with the span from
+the first op's start to the last op's end: the gap is time the device waited (launches, host
+work, synchronisation).
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
 def summarize(path: str | Path, top: int = TOP_OPS) -> dict:
     """Device-time summary of a Perfetto trace (.json or .json.gz); times in milliseconds.
 
-    Returns {'source': 'device' (GPU kernels) or 'host' (XLA:CPU), 'ops': number of op executions, 'span_ms', 'busy_ms', 'busy_fraction', 'op_ms' (the sum of
-    op durations; above busy_ms where ops overlap), 'kinds': [{kind, ms, fraction of op_ms, count}],
+    Returns {'source': 'device' (GPU kernels) or 'host' (XLA:CPU), 'ops': number of op executions,
+    'span_ms', 'busy_ms', 'busy_fraction', 'op_ms' (the sum of op durations; above busy_ms where ops overlap), 'kinds': [{kind, ms, fraction of op_ms, count}],
     'top_ops': [{hlo_op, kind, ms, fraction, count, kernel}]}. Raises ValueError when the trace holds no
     op executions (a trace of nothing, or a profiler that records none).
     """
