@@ -28,6 +28,11 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
+def default_weights_path() -> Path:
+    """The project's default 64 px face prior (weights/default64; see weights/MODEL_CARD.md)."""
+    return Path(__file__).resolve().parent.parent / "weights" / "default64"
+
+
 def param_shapes(config: UNetConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{path in the params tree: shape} that ``UNet(config).init`` produces (no FLOPs, no memory)."""
     params = init_shapes(config)["params"]
@@ -123,13 +128,15 @@ def load(path: str | Path) -> tuple[dict, UNetConfig]:
     return jax.tree_util.tree_map(jnp.asarray, params), config
 
 
-def load_denoiser(path: str | Path, class_labels=None, dtype: str | None = None):
+def load_denoiser(path: str | Path | None = None, class_labels=None, dtype: str | None = None):
     """Checkpoint directory -> ``Denoiser`` D(x (B,H,W,C) in [-1,1], sigma (B,)) -> x0_hat (B,H,W,C).
+
+    path: None loads the project's default 64 px face prior (``default_weights_path()``).
 
     class_labels ((B,) ints, class-conditional models only) and dtype ('float32' | 'bfloat16'
     compute dtype override) are passed to ``spgd_jax.denoiser.make_denoiser``.
     """
     from spgd_jax.denoiser import make_denoiser
 
-    params, config = load(path)
+    params, config = load(default_weights_path() if path is None else path)
     return make_denoiser(UNet(config), params, class_labels=class_labels, dtype=dtype)

@@ -25,13 +25,13 @@ costs no network evaluations and leaves the result unchanged.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from spgd_jax.io.files import atomic_write
 
 __all__ = ["NAMES", "Tracker", "angle", "track", "init_tracker", "step_means", "plot_angles", "save_figure",
            "save_gif"]
@@ -89,12 +89,6 @@ def step_means(tracker: Tracker, warmup: int) -> dict[str, jax.Array]:
     return dict(zip(NAMES, means))
 
 
-def _atomic_target(path: Path):
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    return Path(tmp)
-
-
 def plot_angles(path: str | os.PathLike, diagnostics: dict, title: str = "") -> None:
     """Writes a PNG of the angles (mean and 10-90% band over the images) against the outer step.
 
@@ -131,13 +125,7 @@ def plot_angles(path: str | os.PathLike, diagnostics: dict, title: str = "") -> 
 def save_figure(figure, path: str | os.PathLike) -> None:
     """Writes a matplotlib Figure as PNG atomically: the file appears complete or not at all."""
     figure.tight_layout()
-    tmp = _atomic_target(Path(path))
-    try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda stream: figure.savefig(stream, format="png"))
 
 
 def save_gif(path: str | os.PathLike, frames: np.ndarray, duration_ms: int = 80, min_size: int = 128) -> None:
@@ -156,11 +144,5 @@ def save_gif(path: str | os.PathLike, frames: np.ndarray, duration_ms: int = 80,
     frames = frames.repeat(factor, axis=1).repeat(factor, axis=2)
     pictures = [Image.fromarray(frame) for frame in frames]
     durations = [duration_ms] * (len(pictures) - 1) + [1000]
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda stream: pictures[0].save(stream, format="GIF", save_all=True,
+                                                       append_images=pictures[1:], duration=durations, loop=0))

@@ -99,7 +99,14 @@ def markdown_table(lrs: Sequence[float], summaries: Sequence[dict], diverged: Se
 def plot_sweep(path, lrs: Sequence[float], summaries: Sequence[dict], title: str) -> None:
     """A PNG with one panel per metric (PSNR, SSIM, LPIPS, residual RMS, those present) against lr (log
     axis), mean +- std over the images that did not diverge; written atomically."""
+    save_figure(sweep_figure(lrs, summaries, title), path)
+
+
+def sweep_figure(lrs: Sequence[float], summaries: Sequence[dict], title: str):
+    """The matplotlib Figure of plot_sweep. The x ticks are the swept rates themselves, labelled as given
+    (%g) without the log axis's minor labels, which overlap when the rates span less than a decade."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+    from matplotlib.ticker import NullFormatter, NullLocator
 
     names = [n for n in _COLUMNS if any(n in s for s in summaries)]
     figure = Figure(figsize=(3.2 * len(names), 3.2), dpi=100)
@@ -111,7 +118,11 @@ def plot_sweep(path, lrs: Sequence[float], summaries: Sequence[dict], title: str
             x, mean, std = map(list, zip(*points))
             axis.errorbar(x, mean, yerr=std, marker="o", capsize=3)
         axis.set_xscale("log")
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.set_xticks(list(lrs), [f"{lr:g}" for lr in lrs], rotation=45 if len(lrs) > 4 else 0, fontsize=8)
         axis.set_xlabel("learning rate")
         axis.set_title(_COLUMNS[name])
     figure.suptitle(title, fontsize=9)
-    save_figure(figure, path)
+    figure.tight_layout()
+    return figure

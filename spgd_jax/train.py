@@ -31,6 +31,7 @@ import re
 import shutil
 import signal
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -684,6 +685,19 @@ def _configs(args) -> tuple[UNetConfig, TrainConfig]:
     return model, TrainConfig(**tr)
 
 
+def _epilog() -> str:
+    """The --set keys with their defaults (model keys: the default64 preset's values), and the export command."""
+    def listing(values: dict) -> str:
+        return textwrap.fill(", ".join(f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
+                                       for k, v in values.items()), 100, initial_indent="  ", subsequent_indent="  ")
+
+    training = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    model = dataclasses.asdict(MODELS["default64"])
+    return (f"--set keys, training (TrainConfig; default):\n{listing(training)}\n"
+            f"--set keys, model (UNetConfig; the default64 preset's value, other presets differ):\n{listing(model)}\n\n"
+            "Export: python -m spgd_jax.train export --run RUN --out weights/NAME")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "export":
@@ -707,8 +721,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; updated {card}" if card else ""))
         return 0
     p = argparse.ArgumentParser(prog="python -m spgd_jax.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Export: python -m spgd_jax.train export --run RUN --out weights/NAME")
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_epilog())
     p.add_argument("--data", required=True, help="folder of training images (jpg/png, searched recursively)")
     p.add_argument("--run", default="runs/train", help="run folder: checkpoints, metrics, samples "
                                                        "(resumes if it holds checkpoints)")

@@ -14,6 +14,7 @@ from PIL import Image
 from cli_helpers import FAST, picture, random_faces, temporary_files, tiny_weights
 from sampler_toys import PRIOR_VAR, SHAPE, conv_denoiser, gaussian_denoiser, matrix_forward, random_problem
 from spgd_jax import diagnostics, restore, sweep
+from spgd_jax.restore._writers import video_frames
 from spgd_jax.sampling import sample
 from spgd_jax.spgd import SPGDConfig, spgd
 from spgd_jax.sweep import sweep_lr
@@ -241,7 +242,21 @@ def test_cli_sweep_refuses_to_overwrite_any_rate_folder(sweep_run, tmp_path):
 def test_video_frames_stop_before_divergence():
     trajectory = np.arange(5)[:, None, None, None] * np.ones((5, 2, 2, 3))  # x0_hat at steps 0, 2, 4, 6, 8
     last = np.full((2, 2, 3), 9.0)
-    assert restore._video_frames(trajectory, last, -1, 2)[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 9]
-    assert restore._video_frames(trajectory, last, 5, 2)[:, 0, 0, 0].tolist() == [0, 1, 2, 9]  # steps 0, 2, 4 < 5
-    assert restore._video_frames(trajectory, last, 4, 2)[:, 0, 0, 0].tolist() == [0, 1, 9]
-    assert restore._video_frames(trajectory, last, 0, 2)[:, 0, 0, 0].tolist() == [9]
+    assert video_frames(trajectory, last, -1, 2)[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4, 9]
+    assert video_frames(trajectory, last, 5, 2)[:, 0, 0, 0].tolist() == [0, 1, 2, 9]  # steps 0, 2, 4 < 5
+    assert video_frames(trajectory, last, 4, 2)[:, 0, 0, 0].tolist() == [0, 1, 9]
+    assert video_frames(trajectory, last, 0, 2)[:, 0, 0, 0].tolist() == [9]
+
+
+@pytest.mark.parametrize("lrs", [(0.5, 1.0), (0.25, 0.5, 1.0, 2.0), (1.0, 1.5, 2.0)])
+def test_sweep_plot_x_labels_are_the_rates_and_do_not_overlap(lrs):
+    summary = {"psnr": {"mean": 20.0, "std": 1.0}, "residual_rms": {"mean": 0.1, "std": 0.01}}
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = sweep.sweep_figure(lrs, [summary] * len(lrs), "title")
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    for axis in figure.axes:
+        labels = [t for t in axis.get_xticklabels(which="both") if t.get_visible() and t.get_text()]
+        assert [t.get_text() for t in labels] == [f"{lr:g}" for lr in lrs]
+        boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+        assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:])), [(b.x0, b.x1) for b in boxes]

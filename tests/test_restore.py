@@ -3,6 +3,7 @@
 More refusals and recoveries: test_robustness.py; diagnostics, sweeps and videos: test_diagnostics.py.
 """
 
+import io
 import json
 
 import numpy as np
@@ -10,6 +11,10 @@ import pytest
 
 from cli_helpers import FAST, picture, random_faces, temporary_files, tiny_weights
 from spgd_jax import restore
+from spgd_jax.restore._args import sampler_config
+from spgd_jax.restore._progress import Cancelled, Progress
+from spgd_jax.restore._run import combine_samples
+from spgd_jax.restore._writers import measurement_picture
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +76,10 @@ def test_step_sizes_tuned_for_the_default_prior_apply_only_to_it(faces, weights,
 
     parser = restore.build_parser()
     args = parser.parse_args(["--task", "gauss_deblur"])
-    assert restore._sampler_config(args, "gauss_deblur", tuned=True).lr == presets.TUNED_SPGD["gauss_deblur"]["lr"]
-    assert restore._sampler_config(args, "gauss_deblur", tuned=False).lr == presets.PAPER_LR["gauss_deblur"]
+    assert sampler_config(args, tuned=True).lr == presets.TUNED_SPGD["gauss_deblur"]["lr"]
+    assert sampler_config(args, tuned=False).lr == presets.PAPER_LR["gauss_deblur"]
     args = parser.parse_args(["--task", "gauss_deblur", "--lr-min-ratio", "0.5"])
-    assert restore._sampler_config(args, "gauss_deblur", tuned=True).lr_min_ratio == 0.5
+    assert sampler_config(args, tuned=True).lr_min_ratio == 0.5
     out = tmp_path / "deblur"  # other weights than the default prior: the paper's learning rate
     assert restore.main(["--task", "gauss_deblur", "--input", str(faces), "--weights", weights, "--out", str(out),
                          *FAST]) == 0
@@ -163,7 +168,7 @@ def test_unwritable_output_folder(weights, faces, tmp_path):
 
 def test_measurement_picture_shows_fourier_data_on_a_log_scale():
     magnitudes = np.abs(np.random.default_rng(0).normal(size=(24, 24, 3))) * 50
-    picture = restore._measurement_picture(magnitudes, 16)
+    picture = measurement_picture(magnitudes, 16)
     assert picture.shape == (16, 16, 3) and picture.min() >= -1 and picture.max() <= 1
 
 
@@ -194,11 +199,51 @@ def test_combine_samples_averages_the_samples_that_did_not_diverge():
     x = np.arange(6, dtype=np.float32).reshape(1, 6, 1, 1, 1) * np.ones((1, 6, 2, 2, 3), np.float32)
     diverged = np.array([[False, True, False, True, True, True]])  # image 0: sample 1; image 1: all three
     step = np.array([[-1, 5, -1, 7, 4, 9]], np.int32)
-    combined = restore.combine_samples({"x": x, "diverged": diverged, "diverged_step": step}, 3)
+    combined = combine_samples({"x": x, "diverged": diverged, "diverged_step": step}, 3)
     np.testing.assert_allclose(combined["x"][0, :, 0, 0, 0], [(0 + 2) / 2, (3 + 4 + 5) / 3])
     np.testing.assert_array_equal(combined["diverged"], [[False, True]])  # only when no sample is left
     np.testing.assert_array_equal(combined["diverged_step"], [[5, 4]])
     np.testing.assert_array_equal(combined["diverged_samples"], [[1, 3]])
     assert combined["samples"].shape == (1, 2, 3, 2, 2, 3)
     single = {"x": x, "diverged": diverged, "diverged_step": step}
-    assert restore.combine_samples(single, 1) is single
+    assert combine_samples(single, 1) is single
+
+
+class _Stream(io.StringIO):
+    def __init__(self, terminal: bool):
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_says_it_compiles_and_writes_no_carriage_returns_into_logs(terminal):
+    stream = _Stream(terminal)
+    progress = Progress(stream)
+    progress.reset(100, "spgd sr4 1/1", True, compiling=True)
+    for step in range(100):
+        progress(step)
+        progress(step)  # another device reports the same step
+    text = stream.getvalue()
+    assert text.startswith("spgd sr4 1/1: compiling the sampler") and "compiled in" in text
+    assert ("\r" in text) == terminal
+    if not terminal:
+        lines = text.splitlines()[2:]
+        assert len(lines) == 10 and lines[-1].startswith("spgd sr4 1/1: 100/100 steps")
+    progress.cancel.set()
+    with pytest.raises(Cancelled):
+        progress(0)
+    progress.reset(5, "again", False)
+    progress(0)  # a new run is not cancelled
+
+
+def test_train_help_lists_every_set_key(capsys):
+    from spgd_jax import train
+
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for key in ("num_channels", "channel_mult", "batch_size", "lr", "ema_decay", "num_res_blocks", "time_limit_minutes"):
+        assert key in shown

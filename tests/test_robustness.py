@@ -8,8 +8,14 @@ Refusing pickled code in .pt files is tested where they are read: test_convert.p
 import contextlib
 import io
 import json
+import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,31 +242,29 @@ def _interrupt_inside(monkeypatch, owner, name):
     monkeypatch.setattr(owner, name, interrupted)
 
 
-def test_ctrl_c_while_writing_leaves_only_complete_files(modes, weights, tmp_path, monkeypatch):
+def test_ctrl_c_while_writing_leaves_the_folder_as_it_was(modes, weights, tmp_path, monkeypatch):
     out = tmp_path / "out"
     _interrupt_inside(monkeypatch, np, "savez")  # measurement.npz, written after the measurement pictures
     with pytest.raises(KeyboardInterrupt):
         cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(out), *FAST)
     monkeypatch.undo()
-    assert temporary_files(out) == []
-    assert not (out / "measurement.npz").exists()
-    written = sorted(p for p in out.rglob("*") if p.is_file())
-    assert written and all(p.suffix == ".png" for p in written)
-    for path in written:
-        picture(path)  # complete files only
+    assert not out.exists()  # the run made it: nothing is left, not even staged pictures
 
-    out2 = tmp_path / "out2"
-    _interrupt_inside(monkeypatch, Image.Image, "save")  # inside the very first PNG
+    assert cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(out), *FAST) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    _interrupt_inside(monkeypatch, Image.Image, "save")  # inside the very first PNG of a second run
     with pytest.raises(KeyboardInterrupt):
-        cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(out2), *FAST)
-    assert temporary_files(out2) == [] and not [p for p in out2.rglob("*") if p.is_file()]
+        cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(out), "--seed", "1",
+            "--overwrite", *FAST)
+    assert temporary_files(out) == []
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the earlier run, untouched
 
 
 def test_ctrl_c_while_sampling_leaves_no_output_folder(modes, weights, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(restore.sharding, "sample_sharded", interrupted)
+    monkeypatch.setattr(restore._run.sharding, "sample_sharded", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(tmp_path / "a" / "b"), *FAST)
     assert not (tmp_path / "a" / "b").exists()
@@ -271,5 +275,78 @@ def test_command_line_entry_reports_an_interrupt(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(restore, "main", interrupted)
-    assert restore._entry() == 130
+    assert restore.entry() == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_the_compiled_run_within_seconds(weights, modes, tmp_path):
+    """SIGINT to the command line while the compiled sampler runs: it stops at its next outer step (not
+    after the whole run), exits with 130 and writes nothing."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "spgd_jax.restore", "--task", "inpaint", "--input", str(modes), "--weights",
+               weights, "--out", str(out), "--steps", "20000", "--warmup", "2", "--batch-size", "2"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    lines = []
+    for line in process.stderr:  # not a terminal: plain progress lines, no carriage returns
+        lines.append(line)
+        if "compiled in" in line:  # sampling has started (the run would take minutes)
+            break
+    assert not any("\r" in line for line in lines), lines
+    interrupted = time.perf_counter()
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=60)[1]
+    waited = time.perf_counter() - interrupted
+    assert process.returncode == 130, "".join(lines) + rest
+    assert waited < 10, f"took {waited:.1f} s to stop"
+    assert "interrupted: nothing of this run was written" in rest
+    assert not out.exists()
+
+
+def test_a_run_where_no_image_finished_exits_with_its_own_status(modes_run, weights, tmp_path, capsys):
+    out, _ = modes_run
+    with np.load(out / "measurement.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["y"][:] = 3e38  # every image's gradient overflows at once
+    poisoned = _measurement(tmp_path / "poisoned.npz", **arrays)
+    assert cli("--task", "inpaint", "--measurement", poisoned, "--weights", weights, "--out", str(tmp_path / "o"),
+               *NOT_QUIET) == restore.EXIT_NO_IMAGE_FINISHED == 3
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert all(r["diverged"] and r["diverged_at_step"] == 0 for r in metrics["images"])
+    err = capsys.readouterr().err
+    assert "error: no image finished" in err and "no image finished" in err.splitlines()[-2]
+    assert "exit status" in restore.build_parser().format_help()
+
+
+# ------------------------------------------------------------------ files
+
+
+def test_written_files_get_the_umask_mode(modes, weights, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        assert cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(tmp_path / "o"),
+                   "--video", *FAST) == 0
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "o").rglob("*") if p.is_file()]
+    suffixes = {p.suffix for p in files}
+    assert {".png", ".json", ".npz", ".gif"} <= suffixes
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o640)}
+    folders = [p for p in (tmp_path / "o").rglob("*") if p.is_dir()]
+    assert {oct(p.stat().st_mode & 0o777) for p in folders} == {oct(0o750)}
+
+
+def test_overwrite_replaces_the_earlier_run_as_a_whole_and_keeps_the_users_files(modes, weights, tmp_path):
+    out = tmp_path / "o"
+    assert cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(out), "--lr", "1,2",
+               "--diagnostics", *FAST) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "lr-notes").mkdir()  # not a sweep folder of this tool
+    assert (out / "lr-1" / "restored" / "grey.png").exists()
+    with pytest.raises(SystemExit, match="already exist.*--overwrite"):
+        cli("--task", "inpaint", "--input", str(modes / "wide.png"), "--weights", weights, "--out", str(out), *FAST)
+    assert cli("--task", "inpaint", "--input", str(modes / "wide.png"), "--weights", weights, "--out", str(out),
+               "--overwrite", *FAST) == 0
+    found = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert found == ["config.json", "grid.png", "lr-notes", "measurement", "measurement.npz", "measurement/wide.png",
+                     "metrics.json", "notes.txt", "restored", "restored/wide.png"]
+    assert (out / "notes.txt").read_text() == "mine"

@@ -1,0 +1,132 @@
+"""The command line: degrade images with a task's operator, restore them, write the results.
+
+    python -m spgd_jax.restore --task sr4                       # the demo face, the default prior
+    python -m spgd_jax.restore --task inpaint --input faces/ --out runs/inpaint
+    python -m spgd_jax.restore --task sr4 --measurement runs/sr4/measurement.npz
+    python -m spgd_jax.restore --task sr4 --lr 2,4,8,16         # a learning-rate sweep, one compiled call
+    python -m spgd_jax.restore --task inpaint --diagnostics --video
+    python -m spgd_jax.restore --task gauss_deblur --samples 4  # the mean of 4 posterior samples
+
+Writes into --out: restored/NAME.png, measurement/NAME.png (a picture of y),
+measurement.npz (y and the operator's per-image parameters: feed it back with
+--measurement), grid.png (input | measurement | restored), metrics.json (PSNR,
+SSIM, LPIPS against the input when the input is the ground truth, and the
+residual RMS of A(x) - y always) and config.json (every setting used).
+--diagnostics adds diagnostics.png and diagnostics.npz (gradient angles per
+outer step, spgd_jax.diagnostics); --video adds video/NAME.gif (x0_hat along
+the run). With several learning rates (--lr 0.5,1,2) each gets a folder
+lr-VALUE/ (restored/, metrics.json, diagnostics, videos), grid.png shows every
+rate side by side, and sweep.md / sweep.png compare them. With --samples K > 1
+each image is restored K times from independent noise: restored/ holds the mean
+of the samples (an estimate of the posterior mean: higher PSNR, smoother, K
+times the work), samples.npz every sample and std/NAME.png their per-pixel
+standard deviation (where the prior is unsure).
+
+The batch is split over all local devices (spgd_jax.sharding). The outputs of a
+run replace those of an earlier run in --out as a whole, and only with
+--overwrite; they appear once all of them are complete, so an error or Ctrl-C
+(which stops the compiled run within an outer step) leaves --out as it was. The
+same seed gives the same bits on the same machine. Exit status: see
+`build_parser().epilog` (3 when no image finished).
+
+Modules: _args (the arguments and the sampler config), _inputs (prior, operator,
+measurements), _run (sampling in chunks, stoppable), _progress, _folder (staging
+and replacing the outputs), _writers (the files).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from spgd_jax.checkpoint import default_weights_path
+from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, UsageError, build_parser,
+                                    check_arguments, sampler_config)
+from spgd_jax.restore._folder import OutputFolder
+from spgd_jax.restore._inputs import load_prior, make_operator, measurements
+from spgd_jax.restore._run import combine_samples, restore
+from spgd_jax.restore._writers import write_outputs
+
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "build_parser", "entry", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status. A UsageError ends it with SystemExit('error: ...')."""
+    try:
+        return _main(build_parser().parse_args(argv))
+    except UsageError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def _main(args) -> int:
+    check_arguments(args)
+    task = args.task
+    batch = 4 * jax.local_device_count() if args.batch_size is None else args.batch_size
+    weights = Path(args.weights) if args.weights else default_weights_path()
+    config = sampler_config(args, tuned=weights.resolve() == default_weights_path().resolve())
+    lrs = args.lr if args.lr and len(args.lr) > 1 else None
+
+    denoiser, unet_config = load_prior(weights)
+    size = unet_config.image_size
+    operator = make_operator(task, size, args.sigma_y)
+    key_operator, key_noise, key_sample = jax.random.split(jax.random.key(args.seed), 3)
+    inputs = measurements(args, operator, size, key_operator, key_noise)
+    if not args.quiet:
+        for notice in inputs.notices:
+            print(f"notice: {notice}", file=sys.stderr)
+
+    out = Path(args.out or f"restored-{task}")
+    folder = OutputFolder(out, args.overwrite)
+    with folder as staging:
+        repeat = lambda a: np.repeat(np.asarray(a), args.samples, axis=0)  # image-major: image b's samples in a row
+        batch = min(batch, len(inputs.y) * args.samples)
+        runs = restore(denoiser, operator, repeat(inputs.y), {k: repeat(v) for k, v in inputs.params.items()},
+                       key_sample, config, lrs, batch, size, f"{args.sampler} {task}", args.quiet)
+        runs = combine_samples(runs, args.samples)
+        summaries = write_outputs(staging, runs, inputs, operator, config, lrs, args, {
+            "weights": str(weights),
+            "unet_config": unet_config.to_dict(),
+            "seed": args.seed,
+            "samples": args.samples,
+            "batch_size": batch,
+            "devices": [str(d) for d in jax.local_devices()],
+            "input": None if args.measurement else args.input or "demo: matplotlib's grace_hopper.jpg, face crop",
+            "measurement": args.measurement,
+            "versions": {"jax": jax.__version__, "spgd_jax": _version()},
+        })
+        folder.commit()
+    finished = [int((~d).sum()) for d in runs["diverged"]]
+    if not args.quiet:
+        print(f"wrote {len(inputs.names)} restored image(s) to {out}", file=sys.stderr)
+        for lr, summary, count in zip(lrs or [None], summaries, finished):
+            shown = "  ".join(f"{k} {v['mean']:.4f}" for k, v in summary.items() if v["mean"] is not None)
+            rate = "" if lr is None else f"lr {lr:g}: "
+            print(f"  {rate}{shown or 'no image finished'}"
+                  + (f" (mean of the {count} of {len(inputs.names)} that finished)" if 0 < count < len(inputs.names)
+                     else ""), file=sys.stderr)
+    if not any(finished):
+        print(f"error: no image finished: every one diverged (flags in {out}/metrics.json); try a smaller "
+              f"{'--zeta' if args.sampler == 'dps' else '--lr'}", file=sys.stderr)
+        return EXIT_NO_IMAGE_FINISHED
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spgd-jax")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def entry() -> int:
+    """main() for `python -m spgd_jax.restore`: Ctrl-C ends it with EXIT_INTERRUPTED and a message."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing of this run was written; --out is as it was", file=sys.stderr)
+        return EXIT_INTERRUPTED

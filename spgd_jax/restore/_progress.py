@@ -1,0 +1,100 @@
+"""Progress of a compiled run, reported from inside it, and the way to stop it.
+
+The sampler calls `Progress` once per outer step from inside the compiled loop (a host callback). On a
+terminal it draws a one-line bar; in a log (stderr not a terminal) it prints a plain line every tenth of
+the run. Setting `cancel` makes the next callback raise, which ends the compiled run at its next outer
+step: that is how Ctrl-C stops a run within a step instead of after it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+__all__ = ["Cancelled", "Progress", "run_interruptibly"]
+
+STOP_WAIT_S = 5.0  # after Ctrl-C, how long to wait for the compiled run to reach its next step
+
+
+class Cancelled(Exception):
+    """Raised inside the compiled run's progress callback once the run is cancelled."""
+
+
+class Progress:
+    """Progress over the outer steps of one compiled call, fed from inside the compiled loop.
+
+    One object serves every run: it is a static argument of the compiled sampler (a new object would
+    compile again), and `reset` starts a run. It counts distinct steps, since every device and learning
+    rate reports each step.
+    """
+
+    def __init__(self, stream=None):
+        self.stream = stream
+        self.cancel = threading.Event()
+        self.reset(1, "", False)
+
+    def reset(self, total: int, label: str, enabled: bool, compiling: bool = False) -> None:
+        """Starts a run of `total` steps; compiling: say first that the program is being compiled."""
+        self.total, self.label, self.enabled = total, label, enabled
+        self.seen, self.start, self.compiling = set(), time.perf_counter(), compiling
+        self.cancel.clear()
+        if enabled and compiling:
+            self._write(f"{label}: compiling the sampler (once per settings and batch size)...\n")
+
+    def __call__(self, step: int) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("the run was cancelled")
+        if step in self.seen or not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        if not self.seen and self.compiling:
+            self._write(f"{self.label}: compiled in {elapsed:.1f} s, sampling\n")
+            self.start, elapsed = time.perf_counter(), 0.0
+        self.seen.add(step)
+        done = len(self.seen)
+        if self._terminal():
+            width = 30
+            filled = width * done // self.total
+            bar = f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {elapsed:6.1f}s"
+            self._write(bar + ("\n" if done == self.total else ""))
+        elif done == self.total or (10 * done) // self.total > (10 * (done - 1)) // self.total:
+            self._write(f"{self.label}: {done}/{self.total} steps, {elapsed:.1f} s\n")
+
+    def _terminal(self) -> bool:
+        stream = self.stream or sys.stderr
+        return bool(getattr(stream, "isatty", lambda: False)())
+
+    def _write(self, text: str) -> None:
+        stream = self.stream or sys.stderr
+        stream.write(text)
+        stream.flush()
+
+
+def run_interruptibly(function, progress: Progress):
+    """function() in a worker thread, waited for by this one, so that Ctrl-C is seen at once.
+
+    On KeyboardInterrupt, progress.cancel is set (the compiled run stops at its next outer step), the
+    worker is given STOP_WAIT_S to stop, and the KeyboardInterrupt goes on. A worker still compiling then
+    is left to finish on its own (a daemon thread; the command line exits without waiting for it).
+    """
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # handed to the waiting thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=work, name="spgd-restore-run", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        progress.cancel.set()
+        worker.join(STOP_WAIT_S)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -1,0 +1,60 @@
+"""Sampling a run: every image in chunks of one compiled batch, over the devices, stoppable by Ctrl-C."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from spgd_jax import sharding
+from spgd_jax.restore._args import UsageError
+from spgd_jax.restore._progress import Progress, run_interruptibly
+
+__all__ = ["PROGRESS", "combine_samples", "restore"]
+
+PROGRESS = Progress()  # one object for every run: it is a static argument of the compiled sampler
+_COMPILED: set = set()  # the (settings, batch) of the programs this process has compiled
+
+
+def restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, size: int, label: str, quiet: bool):
+    """Every image, in chunks of `batch` split over the devices -> dict of NumPy arrays with a leading axis
+    L (the learning rates; 1 without a sweep): x, diverged, diverged_step, trajectory, losses, diagnostics."""
+    parts = []
+    chunks = range(0, len(y), batch)
+    for number, start in enumerate(chunks):
+        stop = min(start + batch, len(y))
+        pad = batch - (stop - start)  # pad the last chunk so every chunk reuses one compiled call
+        take = lambda a: np.concatenate([a[start:stop]] + [a[stop - 1 : stop]] * pad) if pad else a[start:stop]
+        program = (id(denoiser), id(operator), config, batch, lrs is None or len(lrs), np.shape(y)[1:])
+        PROGRESS.reset(config.steps, f"{label} {number + 1}/{len(chunks)}", not quiet, program not in _COMPILED)
+        call = lambda: sharding.sample_sharded(
+            denoiser, operator.forward, take(y), jax.random.fold_in(key, number), config,
+            jax.tree_util.tree_map(lambda a: take(np.asarray(a)), op_params),
+            x_shape=(size, size, 3), progress=PROGRESS, lrs=lrs,
+        )
+        try:
+            result = run_interruptibly(call, PROGRESS)
+        except (TypeError, ValueError) as error:
+            raise UsageError(str(error)) from None
+        _COMPILED.add(program)
+        keep = stop - start
+        result = result._asdict()
+        if lrs is None:  # a leading axis of one learning rate
+            result = jax.tree_util.tree_map(lambda a: np.asarray(a)[None], result)
+        parts.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:, :keep], result))
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=1), *parts)
+
+
+def combine_samples(runs: dict, samples: int) -> dict:
+    """Runs of B * K items (image-major, leading axis L) -> runs of B images: x the mean of each image's
+    samples that did not diverge (of all K when every one did), diverged if every sample did, diverged_step
+    the first step a sample diverged at (-1: none did); with K > 1 also 'samples' (L, B, K, H, W, C) and
+    'diverged_samples' (L, B), how many of the K diverged."""
+    if samples == 1:
+        return runs
+    split = lambda a: a.reshape(a.shape[:1] + (-1, samples) + a.shape[2:])
+    x, diverged, step = split(runs["x"]), split(runs["diverged"]), split(runs["diverged_step"])
+    use = np.where(diverged.all(axis=2, keepdims=True), True, ~diverged)[..., None, None, None]
+    first = np.where(diverged, step, np.iinfo(np.int32).max).min(axis=2)
+    return {"x": np.sum(np.where(use, x, 0.0), axis=2) / np.sum(use, axis=2), "samples": x,
+            "diverged": diverged.all(axis=2), "diverged_step": np.where(diverged.any(axis=2), first, -1),
+            "diverged_samples": diverged.sum(axis=2)}
