@@ -1,4 +1,4 @@
-"""Tests for spgd_jax.data: listing, the fixed split, decoding/caching, device augmentation.
+"""Tests for spgd_jax.train._data: listing, the fixed split, decoding/caching, batch order, device augmentation.
 
 All images are made in tmp_path; nothing from ../shared/data is needed.
 """
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spgd_jax import data
+from spgd_jax.train import _data as data
 
 
 def _save(path, array, mode=None, **kwargs):
@@ -104,6 +104,16 @@ def test_cache_is_reused_and_keyed_by_files_and_size(tmp_path):
     data.load_folder(folder, names, 4, cache_dir=cache, log=lambda m: None)
     data.load_folder(folder, names[:2], 8, cache_dir=cache, log=lambda m: None)
     assert len(list(cache.glob("*.npy"))) == 3
+
+
+def test_batch_indices_cover_each_epoch_once():
+    n, b = 10, 4
+    stream = np.concatenate([data.batch_indices(3, s, n, b) for s in range(5)])  # 2 epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert not np.array_equal(stream[:10], stream[10:20])
+    np.testing.assert_array_equal(data.batch_indices(3, 2, n, b), stream[8:12])
+    assert not np.array_equal(data.batch_indices(4, 0, n, b), stream[:4])
+    assert len(data.batch_indices(0, 0, 3, 8)) == 8  # batch larger than the data
 
 
 def test_to_model_range_and_random_flip():

@@ -18,8 +18,10 @@ import pytest
 from PIL import Image
 from scipy.stats import norm
 
-from spgd_jax import checkpoint, train
-from spgd_jax.unet import UNet, UNetConfig
+from spgd_jax import train
+from spgd_jax.train import _diffusion, _state, _validation
+from spgd_jax.io import checkpoint
+from spgd_jax.models.adm import UNet, UNetConfig
 
 TINY = UNetConfig(image_size=8, num_channels=32, num_res_blocks=1, channel_mult=(1,),
                   attention_resolutions=(8,), num_head_channels=32, use_scale_shift_norm=True)
@@ -37,7 +39,7 @@ def _leaves_equal(a, b) -> bool:
 # -- DDPM maths ----------------------------------------------------------------------------------
 
 def test_linear_schedule_values():
-    d = train.linear_schedule()
+    d = _diffusion.linear_schedule()
     assert d.num_timesteps == 1000
     assert d.betas[0] == pytest.approx(1e-4, abs=1e-15) and d.betas[-1] == pytest.approx(0.02, abs=1e-15)
     np.testing.assert_allclose(np.diff(d.betas), (0.02 - 1e-4) / 999, rtol=1e-9)
@@ -47,35 +49,35 @@ def test_linear_schedule_values():
         expected.append(product)
     np.testing.assert_allclose(d.alphas_cumprod, expected, rtol=1e-10)
     assert 4.0e-5 < d.alphas_cumprod[-1] < 4.1e-5
-    short = train.linear_schedule(500)  # guided-diffusion scales the end points by 1000 / T
+    short = _diffusion.linear_schedule(500)  # guided-diffusion scales the end points by 1000 / T
     assert short.betas[0] == pytest.approx(2e-4) and short.betas[-1] == pytest.approx(0.04)
     with pytest.raises(ValueError):
-        train.linear_schedule(1)
+        _diffusion.linear_schedule(1)
 
 
 def test_q_sample():
     abar = jnp.array([0.25, 0.64])
     x0 = jnp.ones((2, 1, 1, 1))
     noise = jnp.full((2, 1, 1, 1), 2.0)
-    np.testing.assert_allclose(np.asarray(train.q_sample(abar, x0, noise)).ravel(),
+    np.testing.assert_allclose(np.asarray(_diffusion.q_sample(abar, x0, noise)).ravel(),
                                [0.5 + np.sqrt(0.75) * 2, 0.8 + 0.6 * 2], rtol=1e-6)
 
 
 def test_vb_term_vanishes_at_the_true_posterior_and_matches_the_decoder_nll():
-    d = train.linear_schedule()
+    d = _diffusion.linear_schedule()
     key = jax.random.PRNGKey(0)
     x0 = jax.random.uniform(key, (3, 4, 4, 3), minval=-0.9, maxval=0.9)
     noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
     t = jnp.array([1, 500, 999])
-    x_t = train.q_sample(jnp.asarray(d.alphas_cumprod, jnp.float32)[t], x0, noise)
-    at_posterior = train.vb_terms_bpd(d, noise, -jnp.ones_like(x0), x0, x_t, t)
+    x_t = _diffusion.q_sample(jnp.asarray(d.alphas_cumprod, jnp.float32)[t], x0, noise)
+    at_posterior = _diffusion.vb_terms_bpd(d, noise, -jnp.ones_like(x0), x0, x_t, t)
     np.testing.assert_allclose(np.asarray(at_posterior), 0.0, atol=1e-4)
-    at_beta = train.vb_terms_bpd(d, noise, jnp.ones_like(x0), x0, x_t, t)
+    at_beta = _diffusion.vb_terms_bpd(d, noise, jnp.ones_like(x0), x0, x_t, t)
     assert float(at_beta[0]) > 0.1 and np.all(np.asarray(at_beta) >= 0)  # beta_t >> posterior var only at small t
     # t = 0 with the true noise: the mean is x0 exactly, the variance the clipped posterior one.
     t0 = jnp.zeros((3,), jnp.int32)
-    x_0 = train.q_sample(jnp.full((3,), d.alphas_cumprod[0], jnp.float32), x0, noise)
-    nll = train.vb_terms_bpd(d, noise, -jnp.ones_like(x0), x0, x_0, t0)
+    x_0 = _diffusion.q_sample(jnp.full((3,), d.alphas_cumprod[0], jnp.float32), x0, noise)
+    nll = _diffusion.vb_terms_bpd(d, noise, -jnp.ones_like(x0), x0, x_0, t0)
     post_var_1 = d.betas[1] * (1 - d.alphas_cumprod[0]) / (1 - d.alphas_cumprod[1])
     half_bin = (1 / 255) / np.sqrt(post_var_1)
     expected = -np.log(norm.cdf(half_bin) - norm.cdf(-half_bin)) / np.log(2)
@@ -85,32 +87,22 @@ def test_vb_term_vanishes_at_the_true_posterior_and_matches_the_decoder_nll():
 # -- optimiser and EMA ---------------------------------------------------------------------------
 
 def test_ema_decay_and_update():
-    assert float(train.ema_decay_at(jnp.array(0), 0.999)) == pytest.approx(0.1)
-    assert float(train.ema_decay_at(jnp.array(8), 0.999)) == pytest.approx(0.5)
-    assert float(train.ema_decay_at(jnp.array(10**6), 0.999)) == pytest.approx(0.999)
+    assert float(_state.ema_decay_at(jnp.array(0), 0.999)) == pytest.approx(0.1)
+    assert float(_state.ema_decay_at(jnp.array(8), 0.999)) == pytest.approx(0.5)
+    assert float(_state.ema_decay_at(jnp.array(10**6), 0.999)) == pytest.approx(0.999)
     ema = {"a": jnp.array([1.0, 2.0]), "b": {"c": jnp.array(4.0)}}
     params = {"a": jnp.array([3.0, -2.0]), "b": {"c": jnp.array(0.0)}}
-    out = train.ema_update(ema, params, jnp.float32(0.75))
+    out = _state.ema_update(ema, params, jnp.float32(0.75))
     np.testing.assert_allclose(np.asarray(out["a"]), [0.75 * 1 + 0.25 * 3, 0.75 * 2 - 0.25 * 2])
     np.testing.assert_allclose(float(out["b"]["c"]), 3.0)
 
 
 def test_learning_rate_warmup():
-    lr = train.learning_rate(train.TrainConfig(lr=1e-3, warmup_steps=4))
+    lr = _state.learning_rate(train.TrainConfig(lr=1e-3, warmup_steps=4))
     np.testing.assert_allclose([float(lr(s)) for s in range(6)], [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3],
                                rtol=1e-6)
-    constant = train.learning_rate(train.TrainConfig(lr=1e-3, warmup_steps=0))
+    constant = _state.learning_rate(train.TrainConfig(lr=1e-3, warmup_steps=0))
     assert float(constant(0)) == pytest.approx(1e-3)
-
-
-def test_batch_indices_cover_each_epoch_once():
-    n, b = 10, 4
-    stream = np.concatenate([train.batch_indices(3, s, n, b) for s in range(5)])  # 2 epochs
-    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
-    assert not np.array_equal(stream[:10], stream[10:20])
-    np.testing.assert_array_equal(train.batch_indices(3, 2, n, b), stream[8:12])
-    assert not np.array_equal(train.batch_indices(4, 0, n, b), stream[:4])
-    assert len(train.batch_indices(0, 0, 3, 8)) == 8  # batch larger than the data
 
 
 def test_config_validation():
@@ -125,23 +117,23 @@ def test_config_validation():
 def test_overfitting_a_batch_lowers_the_fixed_validation_loss():
     cfg = TINY
     tcfg = train.TrainConfig(batch_size=8, lr=2e-3, warmup_steps=0)
-    model, diffusion, tx = UNet(cfg), train.linear_schedule(), train.make_optimizer(tcfg)
+    model, diffusion, tx = UNet(cfg), _diffusion.linear_schedule(), _state.make_optimizer(tcfg)
     yy, xx = np.mgrid[0:8, 0:8]
     images = np.stack([np.stack([(xx * 32 + 16 * k) % 256, yy * 32, np.full_like(xx, 40 * k)], -1)
                        for k in range(8)]).astype(np.uint8)
-    val = train.make_validation(images, diffusion)
-    loss_batch = jax.jit(lambda p, x, t, n: train.per_image_loss(
+    val = _validation.make_validation(images, diffusion)
+    loss_batch = jax.jit(lambda p, x, t, n: _diffusion.per_image_loss(
         model, diffusion, p, x.astype(jnp.float32) / 127.5 - 1, t, n, None))
-    state = train.init_state(model, tx, jax.random.PRNGKey(0))
-    before = train.validation_loss(loss_batch, state.params, val, 8)
-    assert before == train.validation_loss(loss_batch, state.params, val, 8)  # deterministic
-    step = jax.jit(train.make_train_step(model, diffusion, tx, tcfg))
+    state = _state.init_state(model, tx, jax.random.PRNGKey(0))
+    before = _validation.validation_loss(loss_batch, state.params, val, 8)
+    assert before == _validation.validation_loss(loss_batch, state.params, val, 8)  # deterministic
+    step = jax.jit(_state.make_train_step(model, diffusion, tx, tcfg))
     losses = []
     for _ in range(40):
         state, metrics = step(state, jnp.asarray(images))
         losses.append(float(metrics["loss"]))
     assert np.all(np.isfinite(losses))
-    after = train.validation_loss(loss_batch, state.params, val, 8)
+    after = _validation.validation_loss(loss_batch, state.params, val, 8)
     assert after < 0.7 * before, (before, after)
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
 
@@ -206,8 +198,8 @@ def test_export_writes_ema_weights_and_card(runs, tmp_path):
     card = tmp_path / "MODEL_CARD.md"
     card.write_text(f"# card\nprose stays\n{train.CARD_BEGIN}\nold numbers\n{train.CARD_END}\ntail\n")
     meta = train.export(runs["tmp"] / "a", tmp_path / "w", card)
-    params, config = checkpoint.load(tmp_path / "w")
-    assert config == TINY_E2E and meta["step"] == 4
+    params, saved = checkpoint.load(tmp_path / "w")
+    assert saved.config == TINY_E2E and meta["step"] == 4
     assert _leaves_equal(params, runs["a"].ema_params)
     text = card.read_text()
     assert "prose stays" in text and text.endswith("tail\n") and "old numbers" not in text
@@ -266,7 +258,7 @@ def test_two_devices_match_one(runs, tmp_path):
     """Data parallel over 2 host devices gives the 1-device result (up to reduction order)."""
     code = (
         "import json, sys, jax; assert len(jax.local_devices()) == 2, jax.local_devices()\n"
-        "from spgd_jax import train; from spgd_jax.unet import UNetConfig\n"
+        "from spgd_jax import train; from spgd_jax.models.adm import UNetConfig\n"
         "model, tcfg = UNetConfig.from_dict(json.loads(sys.argv[4])), train.TrainConfig(**json.loads(sys.argv[5]))\n"
         "train.train(sys.argv[1], sys.argv[2], model, tcfg, sys.argv[3], log=lambda m: None)\n")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}

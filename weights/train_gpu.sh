@@ -57,7 +57,7 @@ QUALITY_WEIGHTS=$W/weights
     python3 -m spgd_jax.train export --run "$RUN" --out "$W/weights" --card "$W/MODEL_CARD.md" \
       >> "$W/train.log" 2>&1 || echo "export exited with $?"
     # The EMA weights also as a plain npz (flax paths), readable whatever the orbax version here.
-    python3 -c "import sys, numpy as np; from flax.traverse_util import flatten_dict; from spgd_jax import checkpoint
+    python3 -c "import sys, numpy as np; from flax.traverse_util import flatten_dict; from spgd_jax.io import checkpoint
 p, _ = checkpoint.load(sys.argv[1]); np.savez(sys.argv[2], **{'/'.join(k): np.asarray(v) for k, v in flatten_dict(p).items()})" \
       "$W/weights" "$W/ema_params.npz" || echo "npz dump failed"
   ) &

@@ -1,17 +1,19 @@
-"""Image-folder loading for training: list, split, decode once, cache, augment on device.
+"""Image-folder loading for training: list, split, decode once, cache, order, augment on device.
 
 Images on the host are uint8 (N, S, S, 3) in [0, 255]; on the device they become float32
 (B, S, S, 3) in [-1, 1] (NHWC, the project convention).
 
-One file is preprocessed by `spgd_jax.images.load_image`: any mode to RGB (alpha composited on
+One file is preprocessed by `spgd_jax.io.images.load_image`: any mode to RGB (alpha composited on
 white), centre-crop to the largest square, bicubic antialiased resize to S x S.  Decoding is slow
 on a small CPU, so `load_folder` caches the result as a .npy (plus a .json with the file names)
-keyed by the file list and the size.
+keyed by the file list and the size (written atomically: `spgd_jax.io.files`).  The batch of update s
+is a function of (seed, s) alone (`batch_indices`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import json
 import os
@@ -22,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spgd_jax.images import IMAGE_SUFFIXES, load_image, to_uint8
+from spgd_jax.io.files import atomic_write, write_json
+from spgd_jax.io.images import IMAGE_SUFFIXES, load_image, to_uint8
 
 CACHE_VERSION = 1  # bump when preprocessing changes: old caches are then ignored
 
@@ -120,12 +123,21 @@ def load_folder(folder: str | os.PathLike, names: list[str], size: int,
         raise ValueError(f"none of the {len(names)} image files in {str(root)!r} could be read")
     out = np.stack(images)
     if cache_npy is not None:
-        tmp = cache_npy.with_suffix(".tmp.npy")
-        np.save(tmp, out)
-        os.replace(tmp, cache_npy)
-        cache_json.write_text(json.dumps({"folder": str(root.resolve()), "size": size, "names": kept,
-                                          "skipped": skipped}))
+        atomic_write(cache_npy, lambda stream: np.save(stream, out))
+        write_json(cache_json, {"folder": str(root.resolve()), "size": size, "names": kept, "skipped": skipped})
     return out, kept
+
+
+def batch_indices(seed: int, step: int, num_images: int, batch_size: int) -> np.ndarray:
+    """Indices of the batch for update `step`: consecutive slices of a stream of per-epoch
+    permutations (epoch e shuffled by numpy's default_rng([seed, e]))."""
+    epoch, offset = np.divmod(np.arange(step * batch_size, (step + 1) * batch_size), num_images)
+    return np.array([_permutation(seed, int(e), num_images)[o] for e, o in zip(epoch, offset)])
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def to_model_range(images: jax.Array) -> jax.Array:

@@ -1,0 +1,67 @@
+"""DDPM training of the ADM UNet prior, and export of its EMA weights.
+
+    python -m spgd_jax.train --data DIR --run runs/NAME [--model default64] [--set key=value ...]
+    python -m spgd_jax.train export --run runs/NAME --out weights/NAME [--card weights/MODEL_CARD.md]
+
+    from spgd_jax import train
+    state = train.train("faces/", "runs/mine", train.MODELS["default64"], train.TrainConfig(batch_size=64))
+    train.export("runs/mine", "weights/mine")
+
+Training is standard DDPM epsilon prediction (Ho et al. 2020, guided-diffusion conventions): linear
+betas 1e-4 .. 0.02 over T = 1000 steps, t ~ U{0..T-1}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
+loss = mean (eps - eps_hat)^2 per image; with `learn_sigma` the guided-diffusion hybrid loss adds the
+variational bound term (in bits/dim) for the learned variance with the mean's gradient stopped.
+Adam with linear learning-rate warm-up, global-norm gradient clipping, an EMA of the weights with
+decay min(ema_decay, (1 + s) / (10 + s)) at update s.
+
+The run folder holds resumable orbax checkpoints (`checkpoints/`), `metrics.jsonl`, sample grids
+(`samples/step_XXXXXXXX.png`) and `validation_split.txt`; re-running the same command continues
+from the latest checkpoint with bit-identical results to an uninterrupted run (data order, noise,
+flips and dropout are functions of (seed, step)).  SIGINT / SIGTERM save a checkpoint and exit.
+Several local devices are used data-parallel (batch sharded over `spgd_jax.sharding.batch_mesh`,
+weights replicated); the code is the same on CPU and GPU.  To exercise that path on a CPU:
+XLA_FLAGS=--xla_force_host_platform_device_count=2.
+
+Modules: _args (the command line's arguments, --model presets, --set), _data (image folder: list,
+split, decode, cache, batch order, flips), _diffusion (schedule, forward process, loss, monitoring
+samples), _state (TrainConfig, TrainState, optimiser, EMA, the train step), _validation (the fixed
+validation loss), _checkpoints (the run's orbax checkpoints and metadata), _report (progress line,
+metrics.jsonl, sample grids), _loop (the run: start or resume, the update loop), _export (weights and
+model card).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from spgd_jax.train._args import DEFAULT64, MODELS, card_path, configs, export_parser, train_parser
+from spgd_jax.train._export import CARD_BEGIN, CARD_END, export
+from spgd_jax.train._loop import train
+from spgd_jax.train._state import TrainConfig, TrainState
+
+__all__ = ["CARD_BEGIN", "CARD_END", "DEFAULT64", "MODELS", "TrainConfig", "TrainState", "export", "main", "train"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line (`export` as the first argument: the export command); returns the exit
+    status. A bad argument or input ends it with SystemExit(2) and a usage message."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "export":
+        p = export_parser()
+        a = p.parse_args(argv[1:])
+        card = card_path(a)
+        try:
+            meta = export(a.run, a.out, card, a.step, a.overwrite)
+        except (ValueError, FileExistsError) as e:
+            p.error(str(e))
+        print(f"exported step {meta['step']} EMA weights ({meta['weights_mb']:.1f} MB) to {a.out}"
+              + (f"; updated {card}" if card else ""))
+        return 0
+    p = train_parser()
+    a = p.parse_args(argv)
+    try:
+        model_config, tcfg = configs(a)
+        train(a.data, a.run, model_config, tcfg, cache_dir=a.cache_dir, init=a.init)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    return 0

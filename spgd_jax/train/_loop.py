@@ -1,0 +1,218 @@
+"""The training run: start (fresh, from --init weights, or resumed), then update until done, validating,
+sampling, logging and checkpointing on the way.
+
+The batch is split over the local devices (a 1-D `spgd_jax.sharding.batch_mesh`), the weights and
+optimiser state are replicated; the code is the same on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from spgd_jax import sharding
+from spgd_jax.io import checkpoint
+from spgd_jax.models.adm import UNet, UNetConfig
+from spgd_jax.train import _checkpoints as checkpoints
+from spgd_jax.train import _data as data
+from spgd_jax.train import _report as report
+from spgd_jax.train._diffusion import linear_schedule, per_image_loss, sample_images
+from spgd_jax.train._state import (RESUME_INVARIANT, TrainConfig, TrainState, init_state, learning_rate,
+                                   make_optimizer, make_train_step)
+from spgd_jax.train._validation import Validation, make_validation, validation_loss
+
+
+def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNetConfig,
+          tcfg: TrainConfig, cache_dir: str | os.PathLike | None = "data_cache",
+          split: data.Split = data.Split(), log: Callable[[str], None] | None = None,
+          init: str | os.PathLike | None = None) -> TrainState:
+    """Train (or resume) in `run` until tcfg.num_steps updates (or tcfg.time_limit_minutes of
+    training in this call); returns the final state.
+
+    init: weights folder (spgd_jax.io.checkpoint format, e.g. an export) whose params start a NEW run,
+    as both the weights and their EMA, with a fresh optimiser; refused when `run` already holds
+    checkpoints (that run resumes instead). Writes checkpoints every tcfg.checkpoint_minutes and at
+    the end (or on SIGINT/SIGTERM).
+    """
+    run = Path(run)
+    progress = report.Progress(tcfg.num_steps, tcfg.log_every)
+    log = log or progress.message
+    names = data.list_images(data_dir)
+    train_names, val_names = data.split_names(names, split)
+    if not train_names or not val_names:
+        raise ValueError(f"{len(names)} image(s) in {str(data_dir)!r} give {len(train_names)} training and "
+                         f"{len(val_names)} validation images (every {split.every}th file from index "
+                         f"{split.offset} is held out); add images")
+    devices = jax.local_devices()
+    if tcfg.batch_size % len(devices):
+        raise ValueError(f"batch_size {tcfg.batch_size} must be a multiple of the {len(devices)} local "
+                         f"devices (data parallel); change --set batch_size=...")
+
+    run.mkdir(parents=True, exist_ok=True)
+    mngr = checkpoints.manager(run)
+    try:
+        meta = checkpoints.new_meta(model_config, tcfg, data_dir, split, len(train_names), len(val_names))
+        resume_step = mngr.latest_step()
+        init_params = None if init is None else _init_params(init, model_config, run, resume_step)
+        if init is not None:
+            meta["init"] = str(Path(init).resolve())
+        if resume_step is not None:
+            old = checkpoints.restore_meta(mngr, resume_step)
+            checkpoints.check_resumable(old, meta)
+            meta.update({k: old[k] for k in checkpoints.CARRIED_OVER if k in old})
+        hardware = checkpoints.hardware_description()
+        if hardware not in meta["hardware"]:
+            meta["hardware"].append(hardware)
+        report.write_validation_split(run, val_names)
+
+        size = model_config.image_size
+        train_images, _ = data.load_folder(data_dir, train_names, size, cache_dir, log)
+        val_images, _ = data.load_folder(data_dir, val_names, size, cache_dir, log)
+        fns = _compiled(model_config, dataclasses.replace(TrainConfig(), **{k: getattr(tcfg, k) for k in COMPILE_KEYS}),
+                        tuple(devices))
+        if resume_step is None:
+            state = init_state(UNet(model_config), make_optimizer(tcfg), jax.random.PRNGKey(tcfg.seed), init_params)
+            if init is not None:
+                log(f"initialised from {init}")
+            state = jax.device_put(state, fns.replicated)
+        else:
+            state = checkpoints.restore_state(mngr, resume_step, model_config, tcfg, fns.replicated)
+            log(f"resumed from {run / 'checkpoints'} at step {resume_step}")
+        num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+        log(f"model: {num_params:,} parameters ({num_params * 4 / 1e6:.1f} MB float32); "
+            f"{len(train_images)} training / {len(val_images)} validation images; {hardware}")
+        return _updates(state, run, mngr, meta, tcfg, fns, train_images, make_validation(val_images, linear_schedule()),
+                        progress, log)
+    finally:
+        mngr.close()
+
+
+def _init_params(init: str | os.PathLike, model_config: UNetConfig, run: Path, resume_step: int | None):
+    """The params of the --init weights, refused for a run that resumes or for another architecture."""
+    if resume_step is not None:
+        raise ValueError(f"{str(run)!r} already holds checkpoints (step {resume_step}): it resumes from them, "
+                         f"so --init cannot apply; drop --init, or use a new --run folder")
+    params, saved = checkpoint.load(init)
+    config = saved.config
+    if config.to_dict() != model_config.to_dict():
+        diff = {k: (v, model_config.to_dict().get(k)) for k, v in config.to_dict().items()
+                if model_config.to_dict().get(k) != v}
+        raise ValueError(f"--init weights {str(init)!r} have another architecture (weights, run): {diff}; "
+                         f"pass the matching --model/--set options")
+    return params
+
+
+def _updates(state: TrainState, run: Path, mngr, meta: dict, tcfg: TrainConfig, fns: _Functions,
+             train_images: np.ndarray, val: Validation, progress: report.Progress,
+             log: Callable[[str], None]) -> TrainState:
+    """The update loop from `state` to tcfg.num_steps (or the time limit, or SIGINT/SIGTERM); checkpoints
+    at the end and every tcfg.checkpoint_minutes. Returns the last state."""
+    lr_fn = learning_rate(tcfg)
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    metrics_log = report.MetricsLog(run)
+    step = int(state.step)
+    last_save_time = time.monotonic()
+    interval_start, interval_losses, segment_start = time.monotonic(), [], time.monotonic()
+    first_step = True
+    base_seconds = meta["train_seconds"]
+
+    def wall_s() -> float:
+        return base_seconds + time.monotonic() - segment_start
+
+    def save():
+        meta["train_seconds"] = wall_s()
+        checkpoints.save(mngr, step, state, meta)
+        log(f"checkpoint saved at step {step} ({run / 'checkpoints'})")
+
+    deadline = None if tcfg.time_limit_minutes is None else time.monotonic() + 60 * tcfg.time_limit_minutes
+    try:
+        while step < tcfg.num_steps and stop["signal"] is None:
+            last = step + 1 == tcfg.num_steps or (deadline is not None and time.monotonic() > deadline)
+            images = jax.device_put(train_images[data.batch_indices(tcfg.seed, step, len(train_images),
+                                                                    tcfg.batch_size)], fns.sharded)
+            state, metrics = fns.step(state, images)
+            step += 1
+            if first_step:  # includes compilation: reported once, kept out of images/s
+                log(f"step {step}: loss {float(metrics['loss']):.4f} (first step of this session, with "
+                    f"compilation: {time.monotonic() - interval_start:.1f} s)")
+                first_step, interval_start = False, time.monotonic()
+            else:
+                interval_losses.append(metrics["loss"])
+            if interval_losses and (step % tcfg.log_every == 0 or last or progress.tty):
+                loss = float(np.mean([float(v) for v in interval_losses]))
+                now = time.monotonic()
+                ips = len(interval_losses) * tcfg.batch_size / max(now - interval_start, 1e-9)
+                progress.update(step, loss, ips, float(lr_fn(step - 1)))
+                if step % tcfg.log_every == 0 or last:
+                    meta["train_loss"] = loss
+                    metrics_log.record(step, wall_s(), loss=loss, images_per_s=round(ips, 2),
+                                       grad_norm=float(metrics["grad_norm"]))
+                interval_start, interval_losses = time.monotonic(), []
+            if step % tcfg.val_every == 0 or last:
+                meta["val_loss"] = validation_loss(fns.loss_batch, state.ema_params, val, tcfg.batch_size,
+                                                   lambda x: jax.device_put(x, fns.sharded))
+                metrics_log.record(step, wall_s(), val_loss=meta["val_loss"])
+                log(f"step {step}: validation loss (EMA weights, {len(val.images)} images) "
+                    f"{meta['val_loss']:.5f}")
+                interval_start = time.monotonic()
+            if step % tcfg.sample_every == 0 or last:
+                report.write_sample_grid(run, step, np.asarray(fns.sample(state.ema_params, jax.random.PRNGKey(1))))
+                interval_start = time.monotonic()
+            if time.monotonic() - last_save_time > 60 * tcfg.checkpoint_minutes:
+                save()
+                last_save_time = interval_start = time.monotonic()
+            if last and step < tcfg.num_steps:
+                log(f"time limit of {tcfg.time_limit_minutes:g} min reached at step {step}; run the same "
+                    f"command to continue")
+                break
+        if mngr.latest_step() != step:
+            save()
+        if stop["signal"] is not None:
+            log(f"stopped by signal {stop['signal']} at step {step}; run the same command to resume")
+    finally:
+        metrics_log.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return state
+
+
+class _Functions(NamedTuple):
+    replicated: NamedSharding     # weights, optimiser state
+    sharded: NamedSharding        # batch axis split over the devices
+    step: Callable                # (state, images uint8) -> (state, metrics); donates state
+    loss_batch: Callable          # (params, images uint8, t, noise) -> per-image loss (B,)
+    sample: Callable              # (params, key) -> images (num_samples, S, S, C)
+
+
+COMPILE_KEYS = RESUME_INVARIANT + ("num_samples", "sample_steps")
+
+
+@functools.lru_cache(maxsize=2)
+def _compiled(model_config: UNetConfig, tcfg: TrainConfig, devices: tuple) -> _Functions:
+    """The jitted functions of a run on a 1-D data-parallel mesh over `devices`; cached, so that
+    a run resumed in the same process reuses the compilations (tcfg: only COMPILE_KEYS matter)."""
+    mesh = sharding.batch_mesh(devices)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXIS))
+    model, diffusion = UNet(model_config), linear_schedule()
+    step = jax.jit(make_train_step(model, diffusion, make_optimizer(tcfg), tcfg), donate_argnums=0,
+                   in_shardings=(replicated, sharded), out_shardings=(replicated, replicated))
+    loss_batch = jax.jit(lambda p, x, t, n: per_image_loss(model, diffusion, p, data.to_model_range(x), t, n, None),
+                         in_shardings=(replicated, sharded, sharded, sharded), out_shardings=replicated)
+    sample = jax.jit(functools.partial(sample_images, model, num_images=tcfg.num_samples,
+                                       num_steps=tcfg.sample_steps), out_shardings=replicated)
+    return _Functions(replicated, sharded, step, loss_batch, sample)
