@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spgd_jax import metrics
-from spgd_jax.data import Split, list_images, split_names
-from spgd_jax.images import load_image
+from spgd_jax.train._data import Split, list_images, split_names
+from spgd_jax.io.images import load_image
 from spgd_jax.operators import blur, box_mask, gaussian_kernel, hdr, inpaint, motion_kernels, random_mask, resize
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,17 +45,20 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spgd_jax import checkpoint, images, operators, presets  # noqa: E402
-from spgd_jax.denoiser import make_denoiser  # noqa: E402
-from spgd_jax.dps import DPSConfig, dps  # noqa: E402
-from spgd_jax.sampling import initial_noise  # noqa: E402
-from spgd_jax.spgd import SPGDConfig, spgd  # noqa: E402
-from spgd_jax.unet import UNet, UNetConfig  # noqa: E402
+from spgd_jax import operators  # noqa: E402
+from spgd_jax.io import checkpoint  # noqa: E402
+from spgd_jax.io import images  # noqa: E402
+from spgd_jax.samplers import presets  # noqa: E402
+from spgd_jax.denoisers.vp import make_denoiser  # noqa: E402
+from spgd_jax.samplers.dps import DPSConfig, dps  # noqa: E402
+from spgd_jax.samplers._sample import initial_noise  # noqa: E402
+from spgd_jax.samplers.spgd import SPGDConfig, spgd  # noqa: E402
+from spgd_jax.models.adm import UNet, UNetConfig  # noqa: E402
 
 TABLE1_TASKS = ("inpaint", "gauss_deblur", "motion_deblur", "sr4")
 TABLE2_TASKS = ("inpaint", "sr4")
 TABLE3_TASKS = ("inpaint",)
-# Sweep grids, as multiples of the task's preset (spgd_jax.presets: lr, zeta).
+# Sweep grids, as multiples of the task's preset (spgd_jax.samplers.presets: lr, zeta).
 LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 ZETA_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 MEAN_SAMPLES = 4  # Table 1's posterior-mean row: SPGD samples averaged per image
@@ -441,10 +444,10 @@ def _cell(r: dict, metric: str, spec: str) -> str:
 def _step_size_source(meta: dict) -> str:
     """How the step sizes were chosen: meta['tune'] lists the tuning-image counts of the swept jobs."""
     if not meta["tune"]:
-        return "step sizes: the presets (spgd_jax.presets), no sweep. "
+        return "step sizes: the presets (spgd_jax.samplers.presets), no sweep. "
     first, last = meta["test"], meta["test"] + max(meta["tune"]) - 1
     return (f"step sizes picked by mean PSNR on images {first}-{last} where the sweep table lists tuning images, "
-            "else the presets (spgd_jax.presets). ")
+            "else the presets (spgd_jax.samplers.presets). ")
 
 
 def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:

@@ -19,7 +19,7 @@ jax.profiler, and the trace is summarised by kind of op (benchmarks/trace_summar
 beside the report (speed_<label>.trace.json.gz).
 
 Cross-check (ADM off, float32, the same x_T, y, masks and weights, a small UNet): the JAX
-sampler (spgd_jax.spgd.spgd with explicit x_T) against the PyTorch baseline; passes when
+sampler (spgd_jax.samplers.spgd.spgd with explicit x_T) against the PyTorch baseline; passes when
 max |x_jax - x_torch| <= XCHECK_RTOL * max |x_torch|.
 
 Phases (the GPU script runs them as separate processes so each framework has the GPU's memory):
@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from benchmarks import roofline, trace_summary  # noqa: E402
-from spgd_jax.unet import CONFIGS, UNetConfig  # noqa: E402  (no JAX backend is started by this import)
+from spgd_jax.models.adm import CONFIGS, UNetConfig  # noqa: E402  (no JAX backend is started by this import)
 
 GIB = 2**30
 SEED = 0
@@ -364,12 +364,12 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
 
     import flax
     import torch_reference as tr
-    from convert.guided_diffusion import to_flax_params
+    from spgd_jax.convert.guided_diffusion import to_flax_params
     from spgd_jax import operators
-    from spgd_jax.denoiser import make_denoiser
-    from spgd_jax.sampling import sample
-    from spgd_jax.spgd import SPGDConfig, spgd
-    from spgd_jax.unet import UNet
+    from spgd_jax.denoisers.vp import make_denoiser
+    from spgd_jax.samplers._sample import sample
+    from spgd_jax.samplers.spgd import SPGDConfig, spgd
+    from spgd_jax.models.adm import UNet
 
     deadline = Deadline(budget_s)
     device = jax.devices()[0]

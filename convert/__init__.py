@@ -1,5 +1,5 @@
-"""PyTorch checkpoint -> spgd_jax checkpoint conversion (``python -m convert --help``)."""
+"""PyTorch checkpoint -> spgd_jax checkpoint conversion (``python -m spgd_jax.convert --help``)."""
 
-from convert.guided_diffusion import check_state_dict, convert, read_state_dict, state_dict_shapes, to_flax_params
+from .guided_diffusion import check_state_dict, convert, read_state_dict, state_dict_shapes, to_flax_params
 
 __all__ = ["check_state_dict", "convert", "read_state_dict", "state_dict_shapes", "to_flax_params"]

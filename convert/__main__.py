@@ -1,8 +1,8 @@
-"""``python -m convert CHECKPOINT.pt --config ffhq256 --out weights/ffhq256 [--overwrite]``
+"""``python -m spgd_jax.convert CHECKPOINT.pt --config ffhq256 --out weights/ffhq256 [--overwrite]``
 
 Converts a guided-diffusion (ADM) PyTorch state dict into an spgd_jax checkpoint
 directory (orbax params + config.json). ``--config`` is a name from
-``spgd_jax.unet.CONFIGS`` or a JSON file holding ``UNetConfig.to_dict()``.
+``spgd_jax.models.adm.CONFIGS`` or a JSON file holding ``UNetConfig.to_dict()``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from convert.guided_diffusion import convert
-from spgd_jax.unet import CONFIGS, UNetConfig
+from spgd_jax.models.adm import CONFIGS, UNetConfig
+
+from .guided_diffusion import convert
 
 
 def resolve_config(name_or_path: str) -> UNetConfig:
@@ -32,7 +33,7 @@ def resolve_config(name_or_path: str) -> UNetConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m spgd_jax.convert", description=__doc__.split("\n\n")[1])
     parser.add_argument("checkpoint", type=Path, help="guided-diffusion .pt state dict (e.g. ffhq_10m.pt)")
     parser.add_argument("--config", required=True,
                         help=f"model config: one of {', '.join(sorted(CONFIGS))}, or a JSON file")

@@ -8,8 +8,8 @@ This module knows guided-diffusion's state-dict key names and tensor layouts:
   ever executing pickled code;
 - ``to_flax_params(state_dict, config)``: check every key and shape (one report
   listing every missing, unexpected and mis-shaped key), then map each tensor to
-  its place in the Flax params tree (``spgd_jax.unet.flax_path``) in Flax layout;
-- ``convert(checkpoint, config, out)``: all of the above, then ``spgd_jax.checkpoint.save``.
+  its place in the Flax params tree (``adm_names.flax_path``) in Flax layout;
+- ``convert(checkpoint, config, out)``: all of the above, then ``spgd_jax.io.checkpoint.save``.
 
 Layouts: Conv2d weight (O, I, kh, kw) -> kernel (kh, kw, I, O); Linear weight
 (O, I) -> kernel (I, O); attention qkv / proj_out Conv1d weight (O, I, 1) ->
@@ -25,8 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from spgd_jax import checkpoint
-from spgd_jax.unet import UNetConfig, flax_path, torch_key
+from spgd_jax import models
+from spgd_jax.io import checkpoint
+from spgd_jax.models.adm import UNetConfig
+
+from .adm_names import flax_path, torch_key
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -47,10 +50,10 @@ def _torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[in
 def state_dict_shapes(config: UNetConfig) -> Shapes:
     """Every state-dict key guided-diffusion's ``create_model`` gives this config, with its PyTorch shape.
 
-    Derived from the Flax model's own params tree (``spgd_jax.checkpoint.param_shapes``)
-    through ``spgd_jax.unet.torch_key`` and the layouts below.
+    Derived from the Flax model's own params tree (the ADM family's ``param_shapes``)
+    through ``adm_names.torch_key`` and the layouts below.
     """
-    return {torch_key(path): _torch_shape(path, shape) for path, shape in checkpoint.param_shapes(config).items()}
+    return {torch_key(path): _torch_shape(path, shape) for path, shape in models.family_of(config).param_shapes(config).items()}
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:

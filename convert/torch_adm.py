@@ -1,6 +1,6 @@
 """An independent PyTorch implementation of guided-diffusion's ``UNetModel``.
 
-It is the reference the Flax port (``spgd_jax.unet``) and the converter are
+It is the reference the Flax port (``spgd_jax.models.adm``) and the converter are
 tested against. It is written from guided-diffusion's ``unet.py`` and
 ``script_util.create_model`` (openai/guided-diffusion, final version: channel
 multipliers may be fractional, e.g. 0.5 for 512px, channels int(mult * width))
@@ -325,6 +325,6 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
 
 
 def from_config(config, seed: int) -> UNetModel:
-    """Randomized reference model for a ``spgd_jax.unet.UNetConfig`` (its create_model fields)."""
+    """Randomized reference model for a ``spgd_jax.models.adm.UNetConfig`` (its create_model fields)."""
     fields = {k: v for k, v in config.to_dict().items() if k != "dtype"}
     return randomize_(create_model(**fields), seed)

@@ -3,7 +3,7 @@
 The public API, end to end (images float32 in [-1, 1], NHWC):
 
     import jax, spgd_jax
-    denoiser = spgd_jax.load_denoiser("weights/default64")      # D(x (B,H,W,C), sigma (B,))
+    denoiser = spgd_jax.load_denoiser()                         # the default 64 px face prior; or a path
     op = spgd_jax.operators.get("sr4", image_size=64)           # forward model of one image
     params = op.init_params(k1, batch, 64)                      # per-image operator parameters
     y = op.measure(k2, x, params)                               # (B, 16, 16, 3) noisy measurement
@@ -11,42 +11,47 @@ The public API, end to end (images float32 in [-1, 1], NHWC):
                              x_shape=(64, 64, 3))
     result.x                                                    # (B, 64, 64, 3) restored
 
-Everything here is a pure function of its inputs and works inside jit, vmap and grad.
+The core, pure JAX (every function works inside jit, vmap and grad; no files):
+  spgd_jax.models      network families (the ADM UNet) and their registry
+  spgd_jax.denoisers   preconditionings (VP, EDM) around a network: D(x, sigma)
+  spgd_jax.operators   forward models, their seeded per-image parameters, the task registry
+  spgd_jax.samplers    SPGD, DPS, Euler on the EDM schedule, their registry, presets, sweeps
+  spgd_jax.metrics     PSNR, SSIM, LPIPS;  spgd_jax.baselines  classical restorations
+  spgd_jax.sharding    the batch over devices and hosts
+The applications, around it: spgd_jax.io (checkpoints, images, plots, atomic files), spgd_jax.restore and
+spgd_jax.train (the command lines), spgd_jax.convert (PyTorch checkpoints; needs torch).
+Importing spgd_jax loads none of PIL, matplotlib or orbax.
 """
 
-from spgd_jax import diagnostics, metrics, operators, sharding
-from spgd_jax.checkpoint import load, load_denoiser, save
-from spgd_jax.denoiser import make_denoiser, vp_preconditioning
-from spgd_jax.dps import DPSConfig
-from spgd_jax.loop import SampleResult
-from spgd_jax.presets import dps_config, spgd_config
-from spgd_jax.sampling import sample
-from spgd_jax.schedule import edm_sigmas
-from spgd_jax.spgd import SPGDConfig
-from spgd_jax.sweep import sweep_lr
-from spgd_jax.unconditional import EulerConfig
-from spgd_jax.unet import CONFIGS, UNet, UNetConfig
+from spgd_jax import baselines, denoisers, metrics, models, operators, samplers, sharding
+from spgd_jax.denoisers import Denoiser, make_denoiser
+from spgd_jax.io.prior import default_weights_path, load_denoiser
+from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
+from spgd_jax.samplers import (DPSConfig, EulerConfig, SampleResult, SPGDConfig, dps_config, edm_sigmas, sample,
+                               spgd_config, sweep_lr)
 
 __all__ = [
     "CONFIGS",
     "DPSConfig",
+    "Denoiser",
     "EulerConfig",
     "SPGDConfig",
     "SampleResult",
     "UNet",
     "UNetConfig",
-    "diagnostics",
+    "baselines",
+    "default_weights_path",
+    "denoisers",
     "dps_config",
     "edm_sigmas",
-    "load",
     "load_denoiser",
     "make_denoiser",
     "metrics",
+    "models",
     "operators",
     "sample",
-    "save",
+    "samplers",
     "sharding",
     "spgd_config",
     "sweep_lr",
-    "vp_preconditioning",
 ]

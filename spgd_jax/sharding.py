@@ -30,9 +30,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spgd_jax.loop import SampleResult
-from spgd_jax.sampling import check_x_shape, sample
-from spgd_jax.sweep import check_lrs, sweep_lr
+from spgd_jax.samplers._loop import SampleResult
+from spgd_jax.samplers._sample import as_traceable, check_x_shape, sample
+from spgd_jax.samplers.sweep import check_lrs, sweep_lr
 
 __all__ = ["BATCH_AXIS", "batch_mesh", "shard_batch", "replicate", "map_images", "image_keys", "sample_sharded"]
 
@@ -78,18 +78,21 @@ def _pad(leaf: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([leaf, np.repeat(leaf[-1:], extra, axis=0)]) if extra else leaf
 
 
-@functools.lru_cache(maxsize=4)  # each entry keeps its fn (and the network weights it holds) alive
-def _compiled(fn: Callable, mesh: Mesh, out_axis: int) -> Callable:
+@functools.lru_cache(maxsize=4)  # each entry keeps its fn alive
+def _compiled(fn: Callable, mesh: Mesh, out_axis: int, nargs: int) -> Callable:
     spec = PartitionSpec(*([None] * out_axis + [BATCH_AXIS]))
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec(BATCH_AXIS), out_specs=spec, check_vma=False))
+    in_specs = (PartitionSpec(),) + (PartitionSpec(BATCH_AXIS),) * nargs  # shared, then per-image arguments
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False))
 
 
-def map_images(fn: Callable, *args: Any, mesh: Mesh | None = None, out_axis: int = 0) -> Any:
-    """fn(*args) with every leaf of args split along its leading (image) axis over the mesh's devices.
+def map_images(fn: Callable, *args: Any, shared: Any = None, mesh: Mesh | None = None, out_axis: int = 0) -> Any:
+    """fn(shared, *args) with every leaf of args split along its leading (image) axis over the mesh's devices
+    and `shared` (a pytree of arrays, e.g. network weights, or None) copied whole onto every device.
 
     fn must treat images independently (each device sees only its slice) and return a pytree whose
     every leaf has the image axis at out_axis. Returns this process's rows as NumPy arrays. The
-    compiled computation is reused for the same fn object, mesh and shapes.
+    compiled computation is reused for the same fn object, mesh, shapes and structure of `shared`
+    (its values are arguments, not constants: other weights of the same shapes reuse it).
     """
     mesh = batch_mesh() if mesh is None else mesh
     leaves = jax.tree_util.tree_leaves(args)
@@ -100,7 +103,7 @@ def map_images(fn: Callable, *args: Any, mesh: Mesh | None = None, out_axis: int
     local = _local_devices(mesh)
     padded = -(-batch // local) * local
     args = shard_batch(jax.tree_util.tree_map(lambda a: _pad(np.asarray(a), padded), args), mesh)
-    out = _compiled(fn, mesh, out_axis)(*args)
+    out = _compiled(fn, mesh, out_axis, len(args))(replicate(shared, mesh), *args)
     spec = PartitionSpec(*([None] * out_axis + [BATCH_AXIS]))
     out = multihost_utils.global_array_to_host_local_array(out, mesh, spec)
     index = (slice(None),) * out_axis + (slice(0, batch),)
@@ -140,15 +143,16 @@ def sample_sharded(
     keys = image_keys(key, np.shape(y)[0]) if key.ndim == 0 else jax.random.key_data(key)
 
     lrs = None if lrs is None else check_lrs(lrs)
-    restore = _per_device(denoiser, forward, config, check_x_shape(x_shape), progress, lrs)
-    return map_images(restore, y, keys, params, mesh=mesh, out_axis=0 if lrs is None else 1)
+    restore = _per_device(forward, config, check_x_shape(x_shape), progress, lrs)
+    return map_images(restore, y, keys, params, shared=as_traceable(denoiser), mesh=mesh,
+                      out_axis=0 if lrs is None else 1)
 
 
 @functools.lru_cache(maxsize=4)
-def _per_device(denoiser, forward, config, x_shape, progress, lrs) -> Callable:
+def _per_device(forward, config, x_shape, progress, lrs) -> Callable:
     """One function object per setting, so that map_images reuses its compiled computation."""
 
-    def restore(y, keys, params):
+    def restore(denoiser, y, keys, params):
         if lrs is None:
             return sample(denoiser, forward, y, keys, config, params, x_shape=x_shape, progress=progress)
         return sweep_lr(denoiser, forward, y, keys, config, lrs, params, x_shape=x_shape, progress=progress)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from spgd_jax import checkpoint
-from spgd_jax.unet import CONFIGS, UNet
+from spgd_jax.io import checkpoint
+from spgd_jax.models.adm import CONFIGS, UNet
 
 FAST = ["--steps", "3", "--warmup", "2", "--batch-size", "2", "--quiet"]  # one compiled call for every such run
 

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as tr
-from convert.guided_diffusion import to_flax_params
+from spgd_jax.convert import torch_adm as torch_reference
+from spgd_jax.convert.guided_diffusion import to_flax_params
 from spgd_jax import operators
-from spgd_jax.denoiser import make_denoiser
-from spgd_jax.schedule import edm_sigmas
-from spgd_jax.spgd import SPGDConfig, spgd
-from spgd_jax.unet import CONFIGS, UNet
+from spgd_jax.denoisers.vp import make_denoiser
+from spgd_jax.samplers.schedule import edm_sigmas
+from spgd_jax.samplers.spgd import SPGDConfig, spgd
+from spgd_jax.models.adm import CONFIGS, UNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
 from benchmarks import roofline, speed, torch_spgd, trace_summary  # noqa: E402
@@ -47,7 +47,7 @@ def test_torch_baseline_matches_jax_sampler_with_adm_off():
 
     op = operators.get("inpaint", config.image_size)
     sampler_config = SPGDConfig(lr=lr, steps=steps, warmup=warmup, adm="off")
-    run = jax.jit(lambda p, x_t, y, m: spgd(make_denoiser(UNet(config), p), op.forward, y, x_t, sampler_config,
+    run = jax.jit(lambda p, x_t, y, m: spgd(make_denoiser(config, p), op.forward, y, x_t, sampler_config,
                                             {"mask": m}).x)
     got = np.asarray(run(params, inputs["x_T"], inputs["y"], inputs["mask"]))
 

@@ -1,4 +1,4 @@
-"""The converter (convert/) and checkpoint save/load (spgd_jax.checkpoint)."""
+"""The converter (convert/) and checkpoint save/load (spgd_jax.io.checkpoint)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as tr
-from convert.__main__ import main
-from convert.guided_diffusion import convert, read_state_dict, state_dict_shapes, to_flax_params
-from spgd_jax import checkpoint
-from spgd_jax.unet import CONFIGS, UNet, UNetConfig
+from spgd_jax.convert import torch_adm as torch_reference
+from spgd_jax.convert.__main__ import main
+from spgd_jax.convert.guided_diffusion import convert, read_state_dict, state_dict_shapes, to_flax_params
+from spgd_jax.io import checkpoint
+from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
 from test_parity import SMALL_CONFIGS, nchw, nhwc, rel_err, torch_c_noise
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -137,10 +137,11 @@ def tiny_params():
 
 def test_save_load_round_trip(tmp_path, tiny_params):
     path = checkpoint.save(tmp_path / "ckpt", tiny_params, TINY)
-    params, config = checkpoint.load(path)
-    assert config == TINY
+    params, meta = checkpoint.load(path)
+    assert meta.config == TINY
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, tiny_params)
-    assert json.loads((path / "config.json").read_text()) == TINY.to_dict()
+    assert json.loads((path / "config.json").read_text()) == {"family": "adm", "preconditioning": "vp",
+                                                              "config": TINY.to_dict()}
     assert leftovers(tmp_path, {"ckpt"}) == []
 
 
@@ -234,20 +235,20 @@ def test_load_missing_directory(tmp_path):
 
 
 def test_cli_end_to_end(tmp_path):
-    """python -m convert with a JSON config, in a subprocess; the result loads and matches torch."""
+    """python -m spgd_jax.convert with a JSON config, in a subprocess; the result loads and matches torch."""
     config = CONFIGS["tiny16_cond"]
     model = tr.from_config(config, seed=2)
     torch.save(model.state_dict(), tmp_path / "model.pt")
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "convert", str(tmp_path / "model.pt"), "--config",
+    command = [sys.executable, "-m", "spgd_jax.convert", str(tmp_path / "model.pt"), "--config",
                str(tmp_path / "config.json"), "--out", str(tmp_path / "out")]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout
 
     labels = np.array([7, 993])
-    denoiser = checkpoint.load_denoiser(tmp_path / "out", class_labels=labels)
+    denoiser = load_denoiser(tmp_path / "out", class_labels=labels)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
     sigma = np.array([0.5, 0.5], np.float32)
     with torch.no_grad():
@@ -266,7 +267,7 @@ def test_cli_errors_exit_2_with_a_message(tmp_path, capsys, tiny_params):
     assert "neither a known config" in capsys.readouterr().err
     assert main([str(tmp_path / "model.pt"), "--config", "tiny16", "--out", str(tmp_path / "out"),
                  "--overwrite"]) == 0
-    params, config = checkpoint.load(tmp_path / "out")
-    assert config == TINY
+    params, meta = checkpoint.load(tmp_path / "out")
+    assert meta.config == TINY
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, to_flax_params(
         {k: v.numpy() for k, v in reference_state_dict(TINY).items()}, TINY))

@@ -7,14 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spgd_jax import checkpoint, images
-from spgd_jax.restore import default_weights_path
+from spgd_jax.io import checkpoint, images
+from spgd_jax.io.prior import default_weights_path
 
 WEIGHTS = default_weights_path()
 
 
 def test_default_weights_load_with_their_config():
-    params, config = checkpoint.load(WEIGHTS)
+    params, meta = checkpoint.load(WEIGHTS)
+    config = meta.config
     assert config.image_size == 64 and config.in_channels == 3
     count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     assert count * 4 <= 30e6  # the issue's size limit for the default prior
@@ -35,12 +36,12 @@ def test_default_prior_denoises_the_demo_face():
 
 
 def test_tuned_deblurring_schedule_fits_the_measurement():
-    """The default prior's constant-lr schedule (spgd_jax.presets.TUNED_SPGD) fits a blurred demo face
+    """The default prior's constant-lr schedule (spgd_jax.samplers.presets.TUNED_SPGD) fits a blurred demo face
     to about the noise level, where the paper's decay to 1 % at the same lr does not (T = 25 here)."""
     import dataclasses
 
-    from spgd_jax import metrics, operators, presets
-    from spgd_jax.sampling import sample
+    from spgd_jax import metrics, operators
+    from spgd_jax.samplers import presets, sample
 
     denoiser = checkpoint.load_denoiser(WEIGHTS)
     x = jnp.asarray(images.load_image(images.demo_image_path(), 64))[None]

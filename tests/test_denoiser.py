@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from test_unet import random_params
 
-from spgd_jax import denoiser as dn
-from spgd_jax.unet import CONFIGS, UNet
+from spgd_jax import denoisers as dn
+from spgd_jax.models.adm import CONFIGS, UNet
 
 SIGMAS = [100.0, 5.0, 0.1, 0.01]
 
@@ -90,7 +90,7 @@ def test_shape_errors(x_shape, sigma_shape, message):
 
 
 def test_eps_fn_with_too_few_channels_is_reported():
-    with pytest.raises(ValueError, match="eps_fn returned shape"):
+    with pytest.raises(ValueError, match="the network returned shape"):
         dn.vp_preconditioning(lambda x, t: x[..., :1], jnp.zeros((1, 8, 8, 3)), jnp.ones((1,)))
 
 
@@ -105,7 +105,7 @@ def test_make_denoiser_wraps_the_unet(tiny_unet):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
     sigma = np.array([5.0, 0.1], np.float32)
-    denoise = jax.jit(dn.make_denoiser(model, params))
+    denoise = jax.jit(dn.make_denoiser(model.config, params))
     out = denoise(x, jnp.asarray(sigma))
     c_in, c_noise = numpy_c_in_c_noise(sigma)
     eps = jax.jit(model.apply)(
@@ -117,7 +117,7 @@ def test_make_denoiser_wraps_the_unet(tiny_unet):
     expected = np.asarray(x) - sigma[:, None, None, None] * np.asarray(eps)[..., :3]
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4 * sigma.max())  # eps error x sigma
 
-    bf16 = jax.jit(dn.make_denoiser(model, params, dtype="bfloat16"))(x, jnp.asarray(sigma))
+    bf16 = jax.jit(dn.make_denoiser(model.config, params, dtype="bfloat16"))(x, jnp.asarray(sigma))
     assert bf16.dtype == jnp.float32
     assert 0 < float(jnp.max(jnp.abs(bf16 - out))) < 0.05 * float(jnp.max(jnp.abs(out)))
 
@@ -125,16 +125,16 @@ def test_make_denoiser_wraps_the_unet(tiny_unet):
 def test_make_denoiser_errors(tiny_unet):
     model, params = tiny_unet
     with pytest.raises(TypeError, match=r"variables\['params'\]"):
-        dn.make_denoiser(model, {"params": params})
-    with pytest.raises(TypeError, match="UNet"):
-        dn.make_denoiser(lambda x, t: x, params)
+        dn.make_denoiser(model.config, {"params": params})
+    with pytest.raises(TypeError, match="not the config of a registered network family"):
+        dn.make_denoiser(model, params)  # the module, not its config
     with pytest.raises(ValueError, match="class_labels"):
-        dn.make_denoiser(model, params, class_labels=jnp.zeros((2,), jnp.int32))
+        dn.make_denoiser(model.config, params, class_labels=jnp.zeros((2,), jnp.int32))
     cond = UNet(CONFIGS["tiny16_cond"])
     with pytest.raises(ValueError, match="class_labels"):
-        dn.make_denoiser(cond, params)
+        dn.make_denoiser(cond.config, params)
     with pytest.raises(ValueError, match="dtype"):
-        dn.make_denoiser(model, params, dtype="float16")
+        dn.make_denoiser(model.config, params, dtype="float16")
 
 
 def test_class_conditional_denoiser_uses_labels():
@@ -144,7 +144,7 @@ def test_class_conditional_denoiser_uses_labels():
     sigma = jnp.full((2,), 1.0)
 
     def run(labels):
-        return dn.make_denoiser(model, params, class_labels=jnp.asarray(labels, jnp.int32))(x, sigma)
+        return dn.make_denoiser(model.config, params, class_labels=jnp.asarray(labels, jnp.int32))(x, sigma)
 
     a, b = jax.jit(lambda: (run([1, 2]), run([1, 3])))()
     np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)

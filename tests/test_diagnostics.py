@@ -13,11 +13,10 @@ from PIL import Image
 
 from cli_helpers import FAST, picture, random_faces, temporary_files, tiny_weights
 from sampler_toys import PRIOR_VAR, SHAPE, conv_denoiser, gaussian_denoiser, matrix_forward, random_problem
-from spgd_jax import diagnostics, restore, sweep
-from spgd_jax.restore._writers import video_frames
-from spgd_jax.sampling import sample
-from spgd_jax.spgd import SPGDConfig, spgd
-from spgd_jax.sweep import sweep_lr
+from spgd_jax import restore
+from spgd_jax.io import plots
+from spgd_jax.restore._writers import sweep_markdown, video_frames
+from spgd_jax.samplers import SPGDConfig, diagnostics, sample, spgd, sweep_lr
 
 CONV = conv_denoiser()
 TINY = SPGDConfig(lr=0.5, steps=4, warmup=3, diagnostics=True)
@@ -146,7 +145,7 @@ def test_sweep_rejects_bad_learning_rates(lrs, error, match):
 
 
 def test_sweep_needs_an_spgd_config():
-    from spgd_jax.dps import DPSConfig
+    from spgd_jax.samplers.dps import DPSConfig
 
     matrices, _, y, _ = random_problem(1)
     with pytest.raises(TypeError, match="must be an SPGDConfig"):
@@ -157,7 +156,7 @@ def test_sweep_needs_an_spgd_config():
 def test_markdown_table_lists_each_rate_with_mean_std_and_divergence():
     summaries = [{"psnr": {"mean": 20.5, "std": 1.25}, "residual_rms": {"mean": 0.01, "std": 0.002}},
                  {"psnr": {"mean": None, "std": None}, "residual_rms": {"mean": None, "std": None}}]
-    table = sweep.markdown_table([0.5, 2.0], summaries, [0, 3], 3, "title")
+    table = sweep_markdown([0.5, 2.0], summaries, [0, 3], 3, "title")
     lines = table.splitlines()
     assert lines[0] == "# title"
     assert lines[2] == "| lr | PSNR (dB) | residual RMS | diverged |"
@@ -170,18 +169,18 @@ def test_markdown_table_lists_each_rate_with_mean_std_and_divergence():
 
 def test_plot_and_gif_are_written_atomically(tmp_path):
     values = {name: np.random.default_rng(0).uniform(0, 180, (3, 7)) for name in diagnostics.NAMES}
-    diagnostics.plot_angles(tmp_path / "angles.png", values, title="t")
+    plots.plot_angles(tmp_path / "angles.png", values, title="t")
     assert picture(tmp_path / "angles.png").shape[:2] == (400, 700)
-    sweep.plot_sweep(tmp_path / "sweep.png", [1, 2], [{"psnr": {"mean": 1.0, "std": 0.1}}] * 2, "t")
+    plots.plot_sweep(tmp_path / "sweep.png", [1, 2], [{"psnr": {"mean": 1.0, "std": 0.1}}] * 2, "t")
     frames = np.linspace(-1, 1, 5)[:, None, None, None] * np.ones((5, 16, 16, 3))
-    diagnostics.save_gif(tmp_path / "video.gif", frames)
+    plots.save_gif(tmp_path / "video.gif", frames)
     with Image.open(tmp_path / "video.gif") as gif:
         assert gif.n_frames == 5 and gif.size == (128, 128) and gif.info["loop"] == 0
         gif.seek(2)
         np.testing.assert_allclose(np.asarray(gif.convert("RGB")), 128, atol=1)  # the middle frame: 0 -> grey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["angles.png", "sweep.png", "video.gif"]
     with pytest.raises(ValueError, match=r"\(K, H, W, 3\)"):
-        diagnostics.save_gif(tmp_path / "bad.gif", frames[0])
+        plots.save_gif(tmp_path / "bad.gif", frames[0])
 
 
 # ------------------------------------------------------------------ the command line
@@ -253,7 +252,7 @@ def test_sweep_plot_x_labels_are_the_rates_and_do_not_overlap(lrs):
     summary = {"psnr": {"mean": 20.0, "std": 1.0}, "residual_rms": {"mean": 0.1, "std": 0.01}}
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    figure = sweep.sweep_figure(lrs, [summary] * len(lrs), "title")
+    figure = plots.sweep_figure(lrs, [summary] * len(lrs), "title")
     renderer = FigureCanvasAgg(figure).get_renderer()
     for axis in figure.axes:
         labels = [t for t in axis.get_xticklabels(which="both") if t.get_visible() and t.get_text()]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from sampler_toys import PRIOR_VAR, SHAPE, counting, gaussian_denoiser, matrix_forward, random_problem
-from spgd_jax.dps import DPSConfig, dps, get_step_fn
-from spgd_jax.sampling import sample
-from spgd_jax.schedule import edm_sigmas
+from spgd_jax.samplers.dps import DPSConfig, dps, get_step_fn
+from spgd_jax.samplers import sample
+from spgd_jax.samplers.schedule import edm_sigmas
 
 
 def numpy_dps_step(x, M, y, sigma, sigma_next, zeta):

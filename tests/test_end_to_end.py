@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import spgd_jax
-from spgd_jax.unet import CONFIGS, UNet
+from spgd_jax.models.adm import CONFIGS, UNet
 
 SIZE = 16
 
@@ -16,7 +16,7 @@ SIZE = 16
 def denoiser():
     config = CONFIGS["tiny16"]
     params = UNet(config).init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), jnp.zeros((1,)))["params"]
-    return spgd_jax.make_denoiser(UNet(config), params)
+    return spgd_jax.make_denoiser(config, params)
 
 
 def _measure(task, batch=2):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spgd_jax import images
+from spgd_jax.io import images
 
 
 def _write(tmp_path, name, array, mode=None):

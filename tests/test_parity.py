@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as tr
-from convert.guided_diffusion import convert, to_flax_params
-from spgd_jax import checkpoint
-from spgd_jax.denoiser import make_denoiser, sigma_to_timestep, vp_preconditioning
-from spgd_jax.unet import CONFIGS, UNet, UNetConfig
+from spgd_jax.convert import torch_adm as torch_reference
+from spgd_jax.convert.guided_diffusion import convert, to_flax_params
+from spgd_jax.io import checkpoint
+from spgd_jax.denoisers.vp import make_denoiser, sigma_to_timestep, vp_preconditioning
+from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
 
 RTOL = 1e-5
 
@@ -139,7 +139,7 @@ def test_denoiser_and_its_gradient_match_torch(name):
     d_t = torch_vp_denoiser(model, x_t, sigma_t, c_noise, None if y is None else torch.from_numpy(y))
     (grad_t,) = torch.autograd.grad((d_t * torch.from_numpy(w)).sum(), x_t)
 
-    d_j = jax.jit(make_denoiser(UNet(config), params, class_labels=y))(nhwc(x), sigma)
+    d_j = jax.jit(make_denoiser(config, params, class_labels=y))(nhwc(x), sigma)
 
     def eps_at_torch_c_noise(x_scaled, _timesteps):
         return UNet(config).apply({"params": params}, x_scaled, c_noise.numpy(), y)
@@ -166,7 +166,7 @@ def test_converted_ffhq256_matches_torch(tmp_path):
     torch.save(model.state_dict(), tmp_path / "ffhq.pt")
     convert(tmp_path / "ffhq.pt", config, tmp_path / "ffhq256")
     params, loaded = checkpoint.load(tmp_path / "ffhq256")
-    assert loaded == config
+    assert loaded.config == config and (loaded.family, loaded.preconditioning) == ("adm", "vp")
 
     rng = np.random.default_rng(2)
     x = rng.standard_normal((1, 3, 256, 256)).astype(np.float32)

@@ -1,6 +1,7 @@
 import pytest
 
-from spgd_jax import DPSConfig, SPGDConfig, operators, presets
+from spgd_jax import DPSConfig, SPGDConfig, operators
+from spgd_jax.samplers import presets
 
 
 def test_every_task_has_spgd_and_dps_defaults():

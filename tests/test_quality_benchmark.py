@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spgd_jax import presets
-from spgd_jax.denoiser import make_denoiser
-from spgd_jax.sampling import sample
-from spgd_jax.unet import CONFIGS, UNet
+from spgd_jax.samplers import presets
+from spgd_jax.denoisers.vp import make_denoiser
+from spgd_jax.samplers import sample
+from spgd_jax.models.adm import CONFIGS, UNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
 from benchmarks import quality  # noqa: E402
@@ -42,7 +42,7 @@ def test_program_sweep_equals_the_public_sampler_at_each_value():
         program = quality.make_program(CONFIG, operator, config, (16, 16, 3), "float32")
         swept, diverged = program(params, y, op_params, keys, jnp.asarray(values, jnp.float32))
         assert swept.shape == (2, 3, 16, 16, 3) and diverged.shape == (2, 3)
-        denoiser = make_denoiser(UNet(CONFIG), params)
+        denoiser = make_denoiser(CONFIG, params)
         field = "lr" if hasattr(config, "lr") else "zeta"
         for k, value in enumerate(values):
             one = sample(denoiser, operator.forward, y, keys, dataclasses.replace(config, **{field: value}), op_params,
@@ -221,7 +221,7 @@ def test_merge_refuses_runs_that_do_not_compare(tmp_path):
 
 
 def test_generate_runs_later_rows_at_a_one_value_sweeps_value_without_running_it(tmp_path):
-    from spgd_jax import checkpoint
+    from spgd_jax.io import checkpoint
 
     weights = tmp_path / "weights"
     checkpoint.save(weights, _params(), CONFIG)

@@ -72,7 +72,7 @@ def test_dps_sampler_writes_every_output(faces, weights, tmp_path):
 
 
 def test_step_sizes_tuned_for_the_default_prior_apply_only_to_it(faces, weights, tmp_path):
-    from spgd_jax import presets
+    from spgd_jax.samplers import presets
 
     parser = restore.build_parser()
     args = parser.parse_args(["--task", "gauss_deblur"])
@@ -173,7 +173,7 @@ def test_measurement_picture_shows_fourier_data_on_a_log_scale():
 
 
 def test_samples_write_their_mean_std_and_each_sample(faces, weights, tmp_path):
-    from spgd_jax import images
+    from spgd_jax.io import images
 
     out = tmp_path / "samples"
     assert run(faces, weights, out, "--samples", "3") == 0

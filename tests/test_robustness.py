@@ -197,7 +197,7 @@ def test_pytorch_file_as_weights_is_refused_unread_with_the_convert_command(tmp_
     marker = tmp_path / "code-ran"
     pt = tmp_path / "model.pt"
     pt.write_bytes(pickle.dumps({"trap": _RunsCodeWhenUnpickled(marker)}))
-    with pytest.raises(SystemExit, match=r"is a file; it needs a checkpoint directory.*python -m convert .*model.pt"):
+    with pytest.raises(SystemExit, match=r"is a file; it needs a checkpoint directory.*python -m spgd_jax.convert .*model.pt"):
         cli("--task", "sr4", "--weights", str(pt), "--out", str(tmp_path / "out"), *FAST)
     assert not marker.exists() and not (tmp_path / "out").exists()
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sampler_toys import SHAPE, counting, gaussian_denoiser
-from spgd_jax.schedule import edm_sigmas, euler_coefficients, euler_step
-from spgd_jax.unconditional import EulerConfig, euler
+from spgd_jax.samplers.schedule import edm_sigmas, euler_coefficients, euler_step
+from spgd_jax.samplers.euler import EulerConfig, euler
 
 
 @pytest.mark.parametrize("steps, sigma_max, sigma_min, rho", [(100, 100.0, 0.1, 7.0), (5, 80.0, 0.002, 3.0)])
@@ -76,7 +76,7 @@ def test_unconditional_euler_converges_to_exact_ode_solution():
 
 
 def test_sample_dispatches_unconditional_euler_on_a_batch_of_keys():
-    from spgd_jax.sampling import sample
+    from spgd_jax.samplers import sample
 
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     config = EulerConfig(steps=4)

@@ -20,8 +20,8 @@ import pytest
 from cli_helpers import FAST, random_faces, tiny_weights
 from sampler_toys import SHAPE, gaussian_denoiser, matrix_forward, random_problem
 from spgd_jax import restore, sharding
-from spgd_jax.sampling import sample
-from spgd_jax.spgd import SPGDConfig
+from spgd_jax.samplers import sample
+from spgd_jax.samplers.spgd import SPGDConfig
 
 FOUR_DEVICES = textwrap.dedent("""
     import sys
@@ -31,10 +31,10 @@ FOUR_DEVICES = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from sampler_toys import SHAPE, conv_denoiser, matrix_forward, random_problem
     from spgd_jax import restore, sharding
-    from spgd_jax.dps import DPSConfig
-    from spgd_jax.sampling import sample
-    from spgd_jax.spgd import SPGDConfig
-    from spgd_jax.sweep import sweep_lr
+    from spgd_jax.samplers.dps import DPSConfig
+    from spgd_jax.samplers import sample
+    from spgd_jax.samplers.spgd import SPGDConfig
+    from spgd_jax.samplers.sweep import sweep_lr
 
     assert jax.device_count() == 4, jax.devices()
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

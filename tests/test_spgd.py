@@ -14,9 +14,9 @@ from sampler_toys import (
     matrix_forward,
     random_problem,
 )
-from spgd_jax.loop import run_schedule
-from spgd_jax.sampling import sample
-from spgd_jax.spgd import SPGDConfig, adm_update, get_warmup_fn, learning_rates, spgd
+from spgd_jax.samplers._loop import run_schedule
+from spgd_jax.samplers import sample
+from spgd_jax.samplers.spgd import SPGDConfig, adm_update, get_warmup_fn, learning_rates, spgd
 
 TINY = SPGDConfig(lr=0.5, steps=4, warmup=3)
 CONV = conv_denoiser()  # one object: sample() compiles once per shape for it

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from spgd_jax import unet
-from spgd_jax.unet import CONFIGS, UNet, UNetConfig
+from spgd_jax.models import adm as unet
+from spgd_jax.models.adm._network import AttentionBlock
+from spgd_jax.convert.adm_names import flax_path, torch_key
+from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
 
 TINY = CONFIGS["tiny16"]
 
@@ -209,28 +211,28 @@ def test_flax_path_is_a_bijection_onto_the_params_tree(name):
     cfg = CONFIGS[name]
     torch_shapes = guided_diffusion_state_shapes(cfg)
     flax_shapes = flat_param_shapes(cfg)
-    mapped = {unet.flax_path(k): flax_shape(s, unet.flax_path(k)[-1]) for k, s in torch_shapes.items()}
+    mapped = {flax_path(k): flax_shape(s, flax_path(k)[-1]) for k, s in torch_shapes.items()}
     assert len(mapped) == len(torch_shapes)  # injective
     assert mapped == flax_shapes  # onto, and every shape agrees
-    assert {unet.torch_key(p) for p in flax_shapes} == set(torch_shapes)
-    assert all(unet.torch_key(unet.flax_path(k)) == k for k in torch_shapes)
+    assert {torch_key(p) for p in flax_shapes} == set(torch_shapes)
+    assert all(torch_key(flax_path(k)) == k for k in torch_shapes)
 
 
 def test_flax_path_examples():
-    assert unet.flax_path("time_embed.0.weight") == ("time_embed_0", "kernel")
-    assert unet.flax_path("label_emb.weight") == ("label_emb", "embedding")
-    assert unet.flax_path("input_blocks.0.0.bias") == ("input_blocks_0", "0", "bias")
-    assert unet.flax_path("input_blocks.1.0.in_layers.0.weight") == ("input_blocks_1", "0", "in_layers_0", "scale")
-    assert unet.flax_path("input_blocks.12.1.qkv.weight") == ("input_blocks_12", "1", "qkv", "kernel")
-    assert unet.flax_path("middle_block.1.norm.weight") == ("middle_block_1", "norm", "scale")
-    assert unet.flax_path("out.0.weight") == ("out_0", "scale")
-    assert unet.flax_path("out.2.weight") == ("out_2", "kernel")
+    assert flax_path("time_embed.0.weight") == ("time_embed_0", "kernel")
+    assert flax_path("label_emb.weight") == ("label_emb", "embedding")
+    assert flax_path("input_blocks.0.0.bias") == ("input_blocks_0", "0", "bias")
+    assert flax_path("input_blocks.1.0.in_layers.0.weight") == ("input_blocks_1", "0", "in_layers_0", "scale")
+    assert flax_path("input_blocks.12.1.qkv.weight") == ("input_blocks_12", "1", "qkv", "kernel")
+    assert flax_path("middle_block.1.norm.weight") == ("middle_block_1", "norm", "scale")
+    assert flax_path("out.0.weight") == ("out_0", "scale")
+    assert flax_path("out.2.weight") == ("out_2", "kernel")
 
 
 @pytest.mark.parametrize("key", ["", "weight", "out.2.running_mean", "out..weight"])
 def test_flax_path_rejects_non_parameter_keys(key):
     with pytest.raises(ValueError, match="guided-diffusion parameter key"):
-        unet.flax_path(key)
+        flax_path(key)
 
 
 # Shapes for every option combination (traced, not compiled) --------------------------
@@ -254,7 +256,7 @@ def test_output_shape_for_every_option(scale_shift, updown, new_order, learn_sig
     out, variables = jax.eval_shape(lambda: UNet(cfg).init_with_output(jax.random.key(0), x, t, y))
     assert out.shape == (3, 16, 16, 6 if learn_sigma else 3)
     assert out.dtype == jnp.float32
-    assert set(flatten_dict(variables["params"])) == set(map(unet.flax_path, guided_diffusion_state_shapes(cfg)))
+    assert set(flatten_dict(variables["params"])) == set(map(flax_path, guided_diffusion_state_shapes(cfg)))
 
 
 # Numerics ------------------------------------------------------------------------
@@ -293,7 +295,7 @@ def numpy_attention_block(x, p, heads, new_order):
 @pytest.mark.parametrize("new_order", [False, True])
 def test_attention_block_head_order_matches_numpy(new_order):
     cfg = dataclasses.replace(TINY, use_new_attention_order=new_order)
-    block = unet.AttentionBlock(num_heads=4, config=cfg)
+    block = AttentionBlock(num_heads=4, config=cfg)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 4, 64)), jnp.float32)
     shapes = jax.eval_shape(block.init, jax.random.key(0), x)["params"]
     rng = np.random.default_rng(1)

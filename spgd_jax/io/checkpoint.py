@@ -1,49 +1,69 @@
-"""Save and load UNet params + config (orbax); no torch.
+"""Checkpoints: store and load a network's params with what they are (orbax; no torch, no denoisers).
 
 A checkpoint is a directory::
 
-    <path>/config.json   UNetConfig.to_dict() (also accepted by ``python -m convert --config``)
+    <path>/config.json   {"family": "adm", "preconditioning": "vp", "config": {...the family config...}}
     <path>/params/       orbax PyTree checkpoint of the Flax params tree (float32)
 
-``save`` is atomic: it writes everything into a temporary directory beside
-``path`` and renames it into place at the end, so an error or Ctrl-C leaves
-either the previous state or a complete checkpoint, never a partial one.
+The family is a name in `spgd_jax.models.FAMILIES`, the preconditioning one in
+`spgd_jax.denoisers.PRECONDITIONINGS`. A config.json that is a bare ADM UNet config (spgd-jax 0.1) reads
+as family 'adm' with 'vp' preconditioning. ``save`` is atomic: it writes everything into a temporary
+directory beside ``path`` and renames it into place at the end, so an error or Ctrl-C leaves either the
+previous state or a complete checkpoint, never a partial one. Building a denoiser from a checkpoint is
+`spgd_jax.io.prior.load_denoiser`'s job.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from spgd_jax.unet import UNet, UNetConfig, init_shapes
+from spgd_jax import models
+from spgd_jax.denoisers import PRECONDITIONINGS
+
+__all__ = ["CONFIG_FILE", "PARAMS_DIR", "Checkpoint", "check_params", "load", "load_config", "save"]
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
-def default_weights_path() -> Path:
-    """The project's default 64 px face prior (weights/default64; see weights/MODEL_CARD.md)."""
-    return Path(__file__).resolve().parent.parent / "weights" / "default64"
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint's params are: the family's config, the family name and the preconditioning."""
+
+    config: Any
+    family: str
+    preconditioning: str
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "preconditioning": self.preconditioning, "config": self.config.to_dict()}
+
+    @classmethod
+    def of(cls, config: Any, preconditioning: str | None = None) -> "Checkpoint":
+        """The description of params for `config` (a registered family's); default: the family's
+        preconditioning."""
+        family = models.family_of(config)
+        preconditioning = family.preconditioning if preconditioning is None else preconditioning
+        if preconditioning not in PRECONDITIONINGS:
+            raise ValueError(f"unknown preconditioning {preconditioning!r}; choose one of "
+                             f"{', '.join(PRECONDITIONINGS)}")
+        return cls(config, family.name, preconditioning)
 
 
-def param_shapes(config: UNetConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """{path in the params tree: shape} that ``UNet(config).init`` produces (no FLOPs, no memory)."""
-    params = init_shapes(config)["params"]
-    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(params).items()}
-
-
-def check_params(params: dict, config: UNetConfig) -> None:
+def check_params(params: dict, config: Any) -> None:
     """Raise one ValueError listing every missing, unexpected and mis-shaped entry of ``params``."""
     if isinstance(params, dict) and set(params) == {"params"}:
         raise TypeError("pass the params collection itself (variables['params']), not the variables dict")
-    expected = param_shapes(config)
+    expected = models.family_of(config).param_shapes(config)
     got = {path: tuple(np.shape(leaf)) for path, leaf in traverse_util.flatten_dict(params).items()}
     missing = ["/".join(p) for p in expected if p not in got]
     unexpected = ["/".join(p) for p in got if p not in expected]
@@ -64,14 +84,18 @@ def _orbax():
     return ocp.PyTreeCheckpointer()
 
 
-def save(path: str | Path, params: dict, config: UNetConfig, overwrite: bool = False) -> Path:
-    """Write ``params`` (the Flax params tree, i.e. ``variables['params']``) and ``config`` to ``path``.
+def save(path: str | Path, params: dict, config: Any, overwrite: bool = False,
+         preconditioning: str | None = None) -> Path:
+    """Write ``params`` (the Flax params tree, i.e. ``variables['params']``) of a registered family's
+    ``config`` to ``path``, with the preconditioning they are for (default: the family's).
 
     Checks the params against the config first. Refuses an existing ``path`` unless ``overwrite``.
     Returns ``path``.
     """
-    if not isinstance(config, UNetConfig):
-        raise TypeError(f"config must be a UNetConfig, got {type(config).__name__}")
+    try:
+        meta = Checkpoint.of(config, preconditioning)
+    except TypeError as error:
+        raise TypeError(f"config: {error}") from None
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -84,7 +108,7 @@ def save(path: str | Path, params: dict, config: UNetConfig, overwrite: bool = F
         params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)
         with _orbax() as writer:
             writer.save(tmp / PARAMS_DIR, params)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
         if path.exists():  # overwrite: move the old one aside, put the new one in place, then delete
             path.rename(old)
         tmp.rename(path)
@@ -97,24 +121,29 @@ def save(path: str | Path, params: dict, config: UNetConfig, overwrite: bool = F
     return path
 
 
-def load_config(path: str | Path) -> UNetConfig:
-    """The UNetConfig stored in checkpoint directory ``path``."""
+def load_config(path: str | Path) -> Checkpoint:
+    """What the checkpoint directory ``path`` holds (family, preconditioning, config), without its params."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist (make one with python -m convert)")
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist (make one with python -m "
+                                "spgd_jax.convert)")
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise ValueError(f"{path} is not a complete spgd_jax checkpoint: {CONFIG_FILE} is missing")
     try:
-        return UNetConfig.from_dict(json.loads(config_file.read_text()))
+        data = json.loads(config_file.read_text())
+        if "family" not in data:  # spgd-jax 0.1: a bare ADM UNet config
+            data = {"family": "adm", "preconditioning": "vp", "config": data}
+        family = models.get_family(data["family"])
+        return Checkpoint.of(family.config_type.from_dict(data["config"]), data["preconditioning"])
     except (json.JSONDecodeError, TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"{config_file} is not a valid UNet config: {e}") from None
+        raise ValueError(f"{config_file} is not a valid checkpoint config: {e}") from None
 
 
-def load(path: str | Path) -> tuple[dict, UNetConfig]:
-    """Read a checkpoint directory written by ``save`` -> (params as jax arrays, UNetConfig)."""
+def load(path: str | Path) -> tuple[dict, Checkpoint]:
+    """Read a checkpoint directory written by ``save`` -> (params as jax arrays, Checkpoint)."""
     path = Path(path)
-    config = load_config(path)
+    meta = load_config(path)
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise ValueError(f"{path} is not a complete spgd_jax checkpoint: {PARAMS_DIR}/ is missing")
@@ -124,19 +153,5 @@ def load(path: str | Path) -> tuple[dict, UNetConfig]:
     except Exception as e:  # orbax/tensorstore raise many kinds; all mean the same to the user
         raise ValueError(f"could not read the params in {params_dir} (corrupt or partial checkpoint?): "
                          f"{type(e).__name__}: {e}") from None
-    check_params(params, config)
-    return jax.tree_util.tree_map(jnp.asarray, params), config
-
-
-def load_denoiser(path: str | Path | None = None, class_labels=None, dtype: str | None = None):
-    """Checkpoint directory -> ``Denoiser`` D(x (B,H,W,C) in [-1,1], sigma (B,)) -> x0_hat (B,H,W,C).
-
-    path: None loads the project's default 64 px face prior (``default_weights_path()``).
-
-    class_labels ((B,) ints, class-conditional models only) and dtype ('float32' | 'bfloat16'
-    compute dtype override) are passed to ``spgd_jax.denoiser.make_denoiser``.
-    """
-    from spgd_jax.denoiser import make_denoiser
-
-    params, config = load(default_weights_path() if path is None else path)
-    return make_denoiser(UNet(config), params, class_labels=class_labels, dtype=dtype)
+    check_params(params, meta.config)
+    return jax.tree_util.tree_map(jnp.asarray, params), meta

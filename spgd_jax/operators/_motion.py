@@ -33,7 +33,6 @@ import math
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
 
 _EPS = 0.1  # the original's "tiny error used for numerical stability"
 
@@ -73,6 +72,8 @@ def motion_kernel_from_rng(rng, size: int, intensity: float) -> np.ndarray:
         raise ValueError(f"the motion kernel size must be a positive integer, got {size}")
     if not 0 <= intensity <= 1:
         raise ValueError(f"the motion-blur intensity must be in [0, 1], got {intensity}")
+    from PIL import Image, ImageDraw, ImageFilter  # on use: drawing kernels is the core's only use of Pillow
+
     canvas = 2 * int(size)  # drawn at twice the size, then downsized for antialiasing
     diagonal = math.sqrt(2.0) * canvas
     image = Image.new("L", (canvas, canvas))

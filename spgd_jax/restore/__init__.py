@@ -13,7 +13,7 @@ measurement.npz (y and the operator's per-image parameters: feed it back with
 SSIM, LPIPS against the input when the input is the ground truth, and the
 residual RMS of A(x) - y always) and config.json (every setting used).
 --diagnostics adds diagnostics.png and diagnostics.npz (gradient angles per
-outer step, spgd_jax.diagnostics); --video adds video/NAME.gif (x0_hat along
+outer step, spgd_jax.samplers.diagnostics); --video adds video/NAME.gif (x0_hat along
 the run). With several learning rates (--lr 0.5,1,2) each gets a folder
 lr-VALUE/ (restored/, metrics.json, diagnostics, videos), grid.png shows every
 rate side by side, and sweep.md / sweep.png compare them. With --samples K > 1
@@ -42,7 +42,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from spgd_jax.checkpoint import default_weights_path
+from spgd_jax.io.prior import default_weights_path
 from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, UsageError, build_parser,
                                     check_arguments, sampler_config)
 from spgd_jax.restore._folder import OutputFolder

@@ -7,7 +7,7 @@ import dataclasses
 import math
 
 from spgd_jax import operators
-from spgd_jax import presets
+from spgd_jax.samplers import presets
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "UsageError", "build_parser", "sampler_config"]
 
@@ -57,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, help="SPGD warm-up iterations N per step (default 5)")
     parser.add_argument("--lr", type=_learning_rates,
                         help="SPGD learning rate (default: the task's, tuned for the default prior, else the "
-                             "paper's; spgd_jax.presets); several, comma-separated, run a sweep")
+                             "paper's; spgd_jax.samplers.presets); several, comma-separated, run a sweep")
     parser.add_argument("--lr-min-ratio", type=float,
                         help="SPGD learning-rate decay: the last steps use about this fraction of --lr (default: the "
                              "task's, tuned for the default prior, else the paper's 0.01; 1 = constant)")
     parser.add_argument("--beta", type=float, help="SPGD ADM momentum (default 0.9)")
     parser.add_argument("--adm", choices=("paper", "off", "reference_cosine"), help="ADM variant (default paper)")
     parser.add_argument("--zeta", type=float, help="DPS step size (default: the task's, tuned for the default prior, "
-                                                   "else the DPS release's; spgd_jax.presets)")
+                                                   "else the DPS release's; spgd_jax.samplers.presets)")
     parser.add_argument("--sigma-y", type=float, help="measurement noise std in [-1, 1] units (default: the task's)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for operator, noise and sampler")
     parser.add_argument("--samples", type=int, default=1,

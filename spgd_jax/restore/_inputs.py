@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spgd_jax import checkpoint, images, operators
+from spgd_jax import operators
+from spgd_jax.denoisers import make_denoiser
+from spgd_jax.io import checkpoint, images
 from spgd_jax.restore._args import UsageError
 
 __all__ = ["Measurements", "load_prior", "make_operator", "measurements"]
@@ -41,21 +43,18 @@ def _checkpoint_stamp(path: Path) -> tuple:
 
 @functools.lru_cache(maxsize=2)
 def _prior(path: str, stamp: tuple):
-    """(denoiser, UNetConfig), cached while the checkpoint is unchanged: repeated runs in one process
-    (a notebook, the tests) reuse the loaded weights and the compiled sampler."""
+    """(denoiser, the network config), cached while the checkpoint is unchanged: repeated runs in one process
+    (a notebook, the tests) reuse the loaded weights."""
     del stamp  # part of the cache key only
-    params, config = checkpoint.load(path)
-    from spgd_jax.denoiser import make_denoiser
-    from spgd_jax.unet import UNet
-
-    return make_denoiser(UNet(config), params), config
+    params, meta = checkpoint.load(path)
+    return make_denoiser(meta.config, params, preconditioning=meta.preconditioning), meta.config
 
 
 def load_prior(weights: Path):
     """(denoiser, UNetConfig) of a checkpoint directory; UsageError naming the problem and the fix."""
     if weights.is_file():
         raise UsageError(f"--weights {weights} is a file; it needs a checkpoint directory. Convert a PyTorch .pt "
-                         f"file with: python -m convert {weights} --config NAME --out DIR, then pass --weights DIR")
+                         f"file with: python -m spgd_jax.convert {weights} --config NAME --out DIR, then pass --weights DIR")
     try:
         return _prior(str(weights.resolve()), _checkpoint_stamp(weights))
     except (FileNotFoundError, ValueError) as error:

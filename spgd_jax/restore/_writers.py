@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spgd_jax import diagnostics, images, metrics, sweep
+from spgd_jax import metrics
+from spgd_jax.io import images, plots
 from spgd_jax.io.files import write_json, write_npz, write_text
+from spgd_jax.io.plots import METRIC_LABELS
 
-__all__ = ["measurement_picture", "run_folders", "video_frames", "write_outputs"]
+__all__ = ["measurement_picture", "run_folders", "sweep_markdown", "video_frames", "write_outputs"]
 
 STD_WHITE = 0.25  # std/NAME.png: a per-pixel std (mean over channels, [-1, 1] units) of this or more is white
 
@@ -104,12 +107,12 @@ def write_run(folder: Path, names, run: dict, truth, y, op_params, operator, con
         (folder / "video").mkdir(exist_ok=True)
         for b, name in enumerate(names):
             frames = video_frames(run["trajectory"][b], x[b], int(diverged_step[b]), config.trajectory_every)
-            diagnostics.save_gif(folder / "video" / f"{name}.gif", frames)
+            plots.save_gif(folder / "video" / f"{name}.gif", frames)
     if args.diagnostics:
         rate = config.lr if lr is None else lr
         angles = {k: np.asarray(v) for k, v in run["diagnostics"].items()}
         write_npz(folder / "diagnostics.npz", names=np.asarray(names), diverged_step=diverged_step, **angles)
-        diagnostics.plot_angles(folder / "diagnostics.png", {k: v[~diverged] for k, v in angles.items()},
+        plots.plot_angles(folder / "diagnostics.png", {k: v[~diverged] for k, v in angles.items()},
                                 title=f"{args.task}, SPGD, lr {rate:g}")
     write_json(folder / "metrics.json", {
         **({} if lr is None else {"lr": lr}),
@@ -140,6 +143,27 @@ def _write_samples(folder: Path, names, samples: np.ndarray, truth, per_image: l
             record["sample_psnr"] = [float(v) for v in scores]
 
 
+def sweep_markdown(lrs: Sequence[float], summaries: Sequence[dict], diverged: Sequence[int], images: int,
+                   title: str) -> str:
+    """A markdown report: one row per learning rate, mean +- std over the images that did not diverge.
+
+    summaries[k]: {metric: {"mean": float | None, "std": float | None}} (restore's metrics.json summary).
+    diverged[k]: how many of the `images` images diverged at lrs[k].
+    """
+    names = [n for n in METRIC_LABELS if any(n in s for s in summaries)]
+    lines = [f"# {title}", "", "| lr | " + " | ".join(METRIC_LABELS[n] for n in names) + " | diverged |",
+             "|---:|" + "---:|" * len(names) + "---:|"]
+    for lr, summary, count in zip(lrs, summaries, diverged):
+        cells = []
+        for name in names:
+            value = summary.get(name, {})
+            cells.append("-" if value.get("mean") is None else f"{value['mean']:.4g} ± {value['std']:.2g}")
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + f" | {count} / {images} |")
+    lines += ["", "Mean ± std over the images that did not diverge; residual RMS = sqrt(mean((A(x) - y)^2)), "
+              "in [-1, 1] units (compare with sigma_y). Per-image values: lr-VALUE/metrics.json."]
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(root: Path, runs: dict, inputs, operator, config, lrs, args, settings: dict) -> list[dict]:
     """Every output of the run into root (the staging folder); returns one metric summary per run folder.
 
@@ -163,8 +187,8 @@ def write_outputs(root: Path, runs: dict, inputs, operator, config, lrs, args, s
     if lrs is not None:
         diverged = [int(d.sum()) for d in runs["diverged"]]
         title = f"{args.task}: SPGD learning-rate sweep ({len(names)} image(s), T={config.steps}, N={config.warmup})"
-        write_text(root / "sweep.md", sweep.markdown_table(lrs, summaries, diverged, len(names), title))
-        sweep.plot_sweep(root / "sweep.png", lrs, summaries, title)
+        write_text(root / "sweep.md", sweep_markdown(lrs, summaries, diverged, len(names), title))
+        plots.plot_sweep(root / "sweep.png", lrs, summaries, title)
     write_json(root / "config.json", {
         "task": args.task,
         "operator": {"sigma_y": operator.sigma_y, **dict(operator.settings)},

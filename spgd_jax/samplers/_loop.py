@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spgd_jax.schedule import euler_coefficients
+from spgd_jax.samplers.schedule import euler_coefficients
 
 __all__ = ["SampleResult", "StepFn", "check_trajectory_every", "run_schedule"]
 
@@ -38,7 +38,7 @@ class SampleResult(NamedTuple):
                    (||A(D(x_i; t_i)) - y||), None for the unconditional sampler. Entries after an
                    image's diverged_step carry no meaning.
     diagnostics:   SPGD with config.diagnostics only (else None): {name: (B, T) float32} gradient angles in
-                   degrees per outer step, see spgd_jax.diagnostics. Entries after an image's diverged_step
+                   degrees per outer step, see spgd_jax.samplers.diagnostics. Entries after an image's diverged_step
                    carry no meaning.
     """
 

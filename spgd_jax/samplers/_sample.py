@@ -1,8 +1,9 @@
 """The public sampling entry point: `sample(denoiser, forward, y, key, config, params, x_shape=...)`.
 
-It draws the initial noise x_T ~ N(0, sigma_max^2 I) (one key per image) and dispatches on the config
-type: SPGDConfig -> SPGD, DPSConfig -> DPS, EulerConfig -> unconditional Euler. The whole run is one
-`jax.jit`; `sample` also works inside the caller's own jit, vmap and grad.
+It draws the initial noise x_T ~ N(0, sigma_max^2 I) (one key per image) and runs the sampler registered
+for the config's type (spgd_jax.samplers._registry). The whole run is one `jax.jit`, with the denoiser's
+parameters as traced arguments (a second checkpoint of the same config reuses the compilation); `sample`
+also works inside the caller's own jit, vmap and grad.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from spgd_jax.dps import DPSConfig, dps
-from spgd_jax.loop import SampleResult
-from spgd_jax.spgd import SPGDConfig, spgd
-from spgd_jax.unconditional import EulerConfig, euler
+import numpy as np
 
-__all__ = ["sample", "initial_noise", "check_x_shape", "CONFIG_TYPES"]
+from spgd_jax.samplers._loop import SampleResult
+from spgd_jax.samplers._registry import sampler_for
 
-CONFIG_TYPES = (SPGDConfig, DPSConfig, EulerConfig)
+__all__ = ["as_traceable", "check_measurements", "check_x_shape", "initial_noise", "sample"]
 
 
 def sample(
@@ -28,7 +27,7 @@ def sample(
     forward: Callable[[jax.Array, Any], jax.Array] | None,
     y: jax.Array | None,
     key: jax.Array,
-    config: SPGDConfig | DPSConfig | EulerConfig,
+    config: Any,
     params: Any = None,
     *,
     x_shape: tuple[int, int, int],
@@ -41,18 +40,26 @@ def sample(
     y:        (B, ...) measurements in [-1, 1] space; None for EulerConfig.
     key:      one PRNG key (split into B per-image keys) or a batch of B keys, one per image; an image's
               result then depends only on its own key, y_i and params_i. Typed or raw uint32 keys.
-    config:   SPGDConfig, DPSConfig or EulerConfig.
+    config:   a registered sampler's config: SPGDConfig, DPSConfig, EulerConfig, ... (spgd_jax.samplers.SAMPLERS).
     params:   per-image operator parameters, a pytree with leading axis B, or None (forward gets None).
     x_shape:  (H, W, C) of ONE restored image (differs from y's shape for e.g. super-resolution).
     progress: optional host function called with i once per outer step i (order not guaranteed); it does not
-              change the result. denoiser, forward and progress are static: pass the same objects across
-              calls to reuse the compiled computation.
+              change the result. forward and progress are static: pass the same objects across calls to
+              reuse the compiled computation. A `spgd_jax.denoisers.Denoiser` (or any pytree of arrays that
+              is callable) is traced; another function is static (compared by identity).
     Returns SampleResult(x (B,H,W,C), diverged (B,) bool, diverged_step (B,) int32, trajectory or None).
     """
-    if not isinstance(config, CONFIG_TYPES):
-        names = ", ".join(t.__name__ for t in CONFIG_TYPES)
-        raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
-    return _sample(denoiser, forward, y, key, config, params, check_x_shape(x_shape), progress)
+    sampler_for(config)  # a TypeError naming the registered configs, before tracing
+    return _sample(as_traceable(denoiser), forward, y, key, config, params, check_x_shape(x_shape), progress)
+
+
+def as_traceable(denoiser: Callable) -> Any:
+    """The denoiser as a jit argument: a pytree whose leaves are all arrays (a Denoiser) as it is, any other
+    callable wrapped in jax.tree_util.Partial (the function becomes static, compared by identity)."""
+    leaves = jax.tree_util.tree_leaves(denoiser)
+    if leaves and all(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves):
+        return denoiser
+    return jax.tree_util.Partial(denoiser)
 
 
 def check_x_shape(x_shape) -> tuple[int, int, int]:
@@ -63,19 +70,20 @@ def check_x_shape(x_shape) -> tuple[int, int, int]:
     return tuple(x_shape)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 4, 6, 7))
+@functools.partial(jax.jit, static_argnums=(1, 4, 6, 7))
 def _sample(denoiser, forward, y, key, config, params, x_shape, progress) -> SampleResult:
-    if isinstance(config, EulerConfig):
+    sampler = sampler_for(config)
+    if not sampler.conditional:
         if forward is not None or y is not None:
-            raise ValueError("EulerConfig samples unconditionally: pass forward=None and y=None (and a batch of keys)")
-        return euler(denoiser, initial_noise(key, None, x_shape, config.sigma_max), config, progress)
+            raise ValueError(f"{type(config).__name__} samples unconditionally: pass forward=None and y=None "
+                             "(and a batch of keys)")
+        return sampler.run(denoiser, initial_noise(key, None, x_shape, config.sigma_max), config, progress)
     if forward is None or y is None:
         raise ValueError(f"{type(config).__name__} needs a forward operator and measurements y; got None")
     batch = y.shape[0]
-    _check_measurements(forward, y, params, batch, x_shape)
+    check_measurements(forward, y, params, batch, x_shape)
     x_init = initial_noise(key, batch, x_shape, config.sigma_max)
-    sampler = spgd if isinstance(config, SPGDConfig) else dps
-    return sampler(denoiser, forward, y, x_init, config, params, progress)
+    return sampler.run(denoiser, forward, y, x_init, config, params, progress)
 
 
 def initial_noise(key: jax.Array, batch: int | None, x_shape: tuple[int, ...], sigma_max: float) -> jax.Array:
@@ -99,7 +107,8 @@ def initial_noise(key: jax.Array, batch: int | None, x_shape: tuple[int, ...], s
     return sigma_max * noise
 
 
-def _check_measurements(forward, y, params, batch: int, x_shape: tuple[int, ...]) -> None:
+def check_measurements(forward, y, params, batch: int, x_shape: tuple[int, ...]) -> None:
+    """ValueError unless every params leaf has the batch axis and forward maps one image of x_shape to y[0]'s shape."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch:
             raise ValueError(

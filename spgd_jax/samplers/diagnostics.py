@@ -1,4 +1,4 @@
-"""Looking inside an SPGD run: gradient angles (the paper's Figure 2), their plot, and a video of x0_hat.
+"""Looking inside an SPGD run: gradient angles (the paper's Figure 2), recorded inside the compiled loop.
 
 With ``SPGDConfig(diagnostics=True)`` the compiled run also records, per image and outer step i
 (sigma = t_i), over the warm-up iterations j = 0..N-1 at the points x^j (SPEC section 3.2):
@@ -24,28 +24,16 @@ costs no network evaluations and leaves the result unchanged.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spgd_jax.io.files import atomic_write
 
-__all__ = ["NAMES", "Tracker", "angle", "track", "init_tracker", "step_means", "plot_angles", "save_figure",
-           "save_gif"]
+__all__ = ["NAMES", "Tracker", "angle", "init_tracker", "step_means", "track"]
 
 NAMES = ("likelihood_vs_denoising", "likelihood_consecutive", "smoothed_consecutive", "denoising_consecutive")
-_LABELS = {
-    "likelihood_vs_denoising": "likelihood g vs denoising D(x)-x",
-    "likelihood_consecutive": "consecutive likelihood g (raw)",
-    "smoothed_consecutive": "consecutive update m (ADM-smoothed)",
-    "denoising_consecutive": "consecutive denoising D(x)-x",
-}
-_EPS = 1e-30  # norms below this count as zero vectors
-
-
 def angle(a: jax.Array, b: jax.Array) -> jax.Array:
     """The angle in degrees, in [0, 180], between two arrays of the same shape taken as vectors.
 
@@ -87,62 +75,3 @@ def step_means(tracker: Tracker, warmup: int) -> dict[str, jax.Array]:
         tracker.sums[k] / pairs if pairs else jnp.float32(jnp.nan) for k in range(1, len(NAMES))
     ]
     return dict(zip(NAMES, means))
-
-
-def plot_angles(path: str | os.PathLike, diagnostics: dict, title: str = "") -> None:
-    """Writes a PNG of the angles (mean and 10-90% band over the images) against the outer step.
-
-    diagnostics: SampleResult.diagnostics, {name: (B, T)}; NaNs are skipped. Leave out images that diverged
-    (their entries after divergence are meaningless). Atomic: the file appears complete or not at all.
-    """
-    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
-
-    figure = Figure(figsize=(7, 4), dpi=100)
-    axis = figure.subplots()
-    for name in NAMES:
-        values = np.asarray(diagnostics[name], dtype=np.float64)
-        if values.size == 0 or np.all(np.isnan(values)):
-            continue
-        steps = np.arange(values.shape[-1])
-        (line,) = axis.plot(steps, np.nanmean(values, axis=0), label=_LABELS[name])
-        if values.shape[0] > 1:
-            low, high = np.nanpercentile(values, [10, 90], axis=0)
-            axis.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    axis.axhline(90, color="grey", linewidth=0.8, linestyle=":")
-    axis.xaxis.get_major_locator().set_params(integer=True)
-    axis.set_xlabel("outer step i")
-    axis.set_ylabel("angle (degrees)")
-    axis.set_ylim(0, 180)
-    if axis.get_legend_handles_labels()[0]:
-        axis.legend(fontsize=8, loc="best")
-    else:
-        axis.text(0.5, 0.5, "no finite values to show", ha="center", va="center", transform=axis.transAxes)
-    if title:
-        axis.set_title(title)
-    save_figure(figure, path)
-
-
-def save_figure(figure, path: str | os.PathLike) -> None:
-    """Writes a matplotlib Figure as PNG atomically: the file appears complete or not at all."""
-    figure.tight_layout()
-    atomic_write(path, lambda stream: figure.savefig(stream, format="png"))
-
-
-def save_gif(path: str | os.PathLike, frames: np.ndarray, duration_ms: int = 80, min_size: int = 128) -> None:
-    """Writes an animated GIF (looping, last frame held 1 s) of frames (K, H, W, 3) in [-1, 1], atomically.
-
-    Frames smaller than min_size are enlarged by an integer factor (nearest neighbour).
-    """
-    from PIL import Image
-
-    from spgd_jax.images import to_uint8
-
-    frames = to_uint8(np.asarray(frames))
-    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"frames must be (K, H, W, 3) with K >= 1, got shape {frames.shape}")
-    factor = max(1, -(-min_size // frames.shape[1]))
-    frames = frames.repeat(factor, axis=1).repeat(factor, axis=2)
-    pictures = [Image.fromarray(frame) for frame in frames]
-    durations = [duration_ms] * (len(pictures) - 1) + [1000]
-    atomic_write(path, lambda stream: pictures[0].save(stream, format="GIF", save_all=True,
-                                                       append_images=pictures[1:], duration=durations, loop=0))

@@ -13,8 +13,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from spgd_jax.loop import SampleResult, check_trajectory_every, run_schedule
-from spgd_jax.schedule import check_schedule, edm_sigmas, euler_step
+from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
+from spgd_jax.samplers.schedule import check_schedule, edm_sigmas, euler_step
 
 __all__ = ["DPSConfig", "get_step_fn", "dps"]
 
@@ -75,7 +75,7 @@ def dps(
     progress: Callable[[int], None] | None = None,
     zeta: jax.Array | float | None = None,
 ) -> SampleResult:
-    """DPS from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.sampling.sample.
+    """DPS from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.samplers._sample.sample.
 
     zeta: a scalar that replaces config.zeta and may be traced (a sweep vmaps over it)."""
     sigmas = edm_sigmas(config.steps, config.sigma_max, config.sigma_min, config.rho)

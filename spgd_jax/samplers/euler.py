@@ -10,8 +10,8 @@ from typing import Callable
 
 import jax
 
-from spgd_jax.loop import SampleResult, check_trajectory_every, run_schedule
-from spgd_jax.schedule import check_schedule, edm_sigmas, euler_step
+from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
+from spgd_jax.samplers.schedule import check_schedule, edm_sigmas, euler_step
 
 __all__ = ["EulerConfig", "get_step_fn", "euler"]
 

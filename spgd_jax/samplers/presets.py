@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from spgd_jax.dps import DPSConfig
+from spgd_jax.samplers.dps import DPSConfig
 from spgd_jax.operators import TASKS
-from spgd_jax.spgd import SPGDConfig
+from spgd_jax.samplers.spgd import SPGDConfig
 
 __all__ = ["PAPER_LR", "DPS_ZETA", "TUNED_SPGD", "TUNED_ZETA", "spgd_config", "dps_config"]
 

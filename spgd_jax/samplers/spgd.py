@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spgd_jax import diagnostics as diag
-from spgd_jax.loop import SampleResult, check_trajectory_every, run_schedule
-from spgd_jax.schedule import check_schedule, edm_sigmas
+from spgd_jax.samplers import diagnostics as diag
+from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
+from spgd_jax.samplers.schedule import check_schedule, edm_sigmas
 
 __all__ = [
     "ADM_MODES",
@@ -43,7 +43,7 @@ class SPGDConfig:
     paper's "baseline"). beta: ADM base momentum. lr_min_ratio: eta_i = lr * (1 + (i/T)(lr_min_ratio - 1)).
     sigma_max, sigma_min, rho: the EDM schedule. trajectory_every: k > 0 also returns x0_hat every k outer
     steps (0 = off). diagnostics: also return gradient angles per outer step (SampleResult.diagnostics,
-    see spgd_jax.diagnostics; the result is unchanged).
+    see spgd_jax.samplers.diagnostics; the result is unchanged).
     adm, with cos(a, b) = a.b / (max(|a|, 1e-8) max(|b|, 1e-8)) as torch's cosine_similarity:
       'paper'            m_0 = g_0, m_j = a_j beta m_{j-1} + (1 - a_j beta) g_j, a_j = (1 + cos(g_j, m_{j-1})) / 2
                          with the cosine over the whole image (Eq. 13); the update x^{j+1} = x^j - eta_i m_j.
@@ -181,9 +181,9 @@ def spgd(
     progress: Callable[[int], None] | None = None,
     lr: jax.Array | float | None = None,
 ) -> SampleResult:
-    """SPGD from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.sampling.sample.
+    """SPGD from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.samplers._sample.sample.
 
-    lr: a scalar that replaces config.lr and may be traced (spgd_jax.sweep vmaps over it); either way
+    lr: a scalar that replaces config.lr and may be traced (spgd_jax.samplers.sweep vmaps over it); either way
     eta_i = float32(lr) * float32(eta_i / lr), so a traced lr gives the bits of the same static one."""
     sigmas = edm_sigmas(config.steps, config.sigma_max, config.sigma_min, config.rho)
     decay = jnp.asarray(learning_rates(dataclasses.replace(config, lr=1.0)), jnp.float32)

@@ -1,0 +1,37 @@
+"""The guided-diffusion "ADM" UNet (Dhariwal & Nichol 2021) as a Flax linen module.
+
+A port of guided-diffusion's ``UNetModel`` exactly as its ``create_model``
+(``script_util.py``) builds it for unconditional and class-conditional image
+models: same layers, same order, same numerics (GroupNorm with 32 groups and
+eps 1e-5 computed in float32, cos-then-sin timestep embedding, attention scale
+1/sqrt(sqrt(head_channels)) on q and k, softmax in float32).
+
+Shapes and units
+----------------
+``UNet(config)(x, timesteps, y=None, train=False)``:
+  x          (B, H, W, C) float, H = W = config.image_size, C = config.in_channels
+             (images in [-1, 1] scaled by the caller, e.g. by the VP preconditioning)
+  timesteps  (B,) float, DDPM step index in [0, 999]; fractional values are fine
+  y          (B,) int class labels in [0, 1000) iff config.class_cond, else None
+  train      enables dropout (needs a 'dropout' rng) when config.dropout > 0
+  returns    (B, H, W, out_channels) float32; out_channels = 2 * C with learn_sigma
+             (eps, then the variance interpolation v), else C.
+
+Compute dtype: ``config.dtype`` 'float32' (default) or 'bfloat16'. With
+'bfloat16' the torso (input, middle and output blocks) runs its convolutions,
+matmuls and element-wise ops in bfloat16 like guided-diffusion's use_fp16, while
+GroupNorm and the attention softmax are computed in float32 and the time
+embedding and the output head stay float32. Parameters are always float32.
+'float32' leaves convolutions and matmuls at JAX's default precision, which on
+recent NVIDIA GPUs is TF32; wrap calls in ``jax.default_matmul_precision("highest")``
+for true float32 arithmetic there.
+
+Parameter names mirror guided-diffusion's state-dict keys (spgd_jax.convert.guided_diffusion
+maps one to the other).
+"""
+
+from spgd_jax.models.adm._config import CONFIGS, DEFAULT_CHANNEL_MULT, NUM_CLASSES, UNetConfig
+from spgd_jax.models.adm._network import UNet, init_shapes, param_count, timestep_embedding
+
+__all__ = ["CONFIGS", "DEFAULT_CHANNEL_MULT", "NUM_CLASSES", "UNet", "UNetConfig", "init_shapes", "param_count",
+           "timestep_embedding"]

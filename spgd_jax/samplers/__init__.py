@@ -1,0 +1,28 @@
+"""Samplers: pure, jitted reverse processes on the EDM schedule, each a frozen config plus a run function.
+
+    result = spgd_jax.samplers.sample(denoiser, forward, y, key, SPGDConfig(lr=2.5), params, x_shape=(H, W, C))
+
+Registered (SAMPLERS): 'spgd' (SPGDConfig, spgd.py: the paper's Algorithm 1), 'dps' (DPSConfig, dps.py),
+'euler' (EulerConfig, euler.py: unconditional). A new method is one module plus one `register_sampler` line
+below. `presets` holds the per-task settings; `sweep_lr` runs SPGD at several learning rates in one call;
+`diagnostics` the gradient angles SPGD can record.
+"""
+
+from spgd_jax.samplers import diagnostics, presets
+from spgd_jax.samplers._loop import SampleResult
+from spgd_jax.samplers._registry import SAMPLERS, Sampler, register_sampler, sampler_for
+from spgd_jax.samplers._sample import initial_noise, sample
+from spgd_jax.samplers.dps import DPSConfig, dps
+from spgd_jax.samplers.euler import EulerConfig, euler
+from spgd_jax.samplers.presets import dps_config, spgd_config
+from spgd_jax.samplers.schedule import edm_sigmas
+from spgd_jax.samplers.spgd import SPGDConfig, spgd
+from spgd_jax.samplers.sweep import sweep_lr
+
+register_sampler(Sampler("spgd", SPGDConfig, spgd))
+register_sampler(Sampler("dps", DPSConfig, dps))
+register_sampler(Sampler("euler", EulerConfig, euler, conditional=False))
+
+__all__ = ["SAMPLERS", "DPSConfig", "EulerConfig", "SPGDConfig", "SampleResult", "Sampler", "diagnostics", "dps",
+           "dps_config", "edm_sigmas", "euler", "initial_noise", "presets", "register_sampler", "sample",
+           "sampler_for", "spgd", "spgd_config", "sweep_lr"]
