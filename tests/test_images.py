@@ -84,3 +84,36 @@ def test_save_png_is_atomic_and_leaves_no_temp_files(tmp_path):
 
 def test_demo_image_ships_with_a_dependency():
     assert images.demo_image_path().is_file()
+
+
+def test_box_cuts_that_square_and_a_bad_box_is_a_clear_error(tmp_path):
+    rgb = np.zeros((30, 20, 3), dtype=np.uint8)
+    rgb[5:15, 4:14] = 255  # the box is white, the rest black
+    notices = []
+    x = images.load_image(_write(tmp_path, "tall.png", rgb), 10, notices, box=(4, 5, 14, 15))
+    np.testing.assert_allclose(x, 1.0)
+    assert any("cut to the 10x10 box at (4, 5)" in n for n in notices)
+    assert not any("centre-cropped" in n or "resized" in n for n in notices)
+    for box in ((4, 5, 14, 16), (15, 0, 25, 10), (-1, 0, 9, 10)):  # not square; past the right edge; negative
+        with pytest.raises(ValueError, match="not a square inside"):
+            images.load_image(tmp_path / "tall.png", 10, box=box)
+
+
+def test_demo_is_cut_to_a_face_sized_square_inside_the_photo():
+    from PIL import Image as PILImage
+
+    with PILImage.open(images.demo_image_path()) as photo:
+        width, height = photo.size
+    left, top, right, bottom = images.DEMO_FACE_BOX
+    side = right - left
+    assert side == bottom - top and 0 <= left and right <= width and 0 <= top and bottom <= height
+    # the training faces' framing: her eyes (83 px apart, at y ~ 188) 22 % of the side apart, near mid-height
+    assert 0.19 <= 83 / side <= 0.25 and 0.4 <= (188 - top) / side <= 0.55
+    assert side < min(width, height)  # tighter than the centre square of the whole photo
+    notices = []
+    x = images.load_demo(64, notices)
+    assert x.shape == (64, 64, 3) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
+    assert any("380x380 box" in n for n in notices)
+    cut = np.asarray(PILImage.open(images.demo_image_path()).convert("RGB").crop(images.DEMO_FACE_BOX)
+                     .resize((64, 64), PILImage.BICUBIC, reducing_gap=None))
+    np.testing.assert_array_equal(images.to_uint8(x), cut)
