@@ -25,7 +25,6 @@ JAX_BUDGET_S=${JAX_BUDGET_S:-270}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Compile time: FAST_COMPILE=1 (default) turns XLA's GPU autotuners off where this XLA knows the flags
 # (benchmarks/fast_compile_flags.sh says why); the results record XLA_FLAGS. The autotuners' own
 # timing lines (TF_CPP_VMODULE below) go to gpu_run.log, to say where compile time went.
@@ -34,12 +33,18 @@ XLA_FLAGS_EXTRA=${XLA_FLAGS_EXTRA:-}
 XLA_FLAGS_EXTRA=$(echo $XLA_FLAGS_EXTRA)  # spaces squeezed
 export TF_CPP_VMODULE=${TF_CPP_VMODULE:-gemm_fusion_autotuner=1,conv_algorithm_picker=1,autotuner_pass=1,gpu_compiler=1}
 [ -n "$XLA_FLAGS_EXTRA" ] && export XLA_FLAGS="${XLA_FLAGS:-} $XLA_FLAGS_EXTRA"
-speed() { "$PY" benchmarks/speed.py --preset "$PRESET" --work "$WORK" --out "$OUT" "$@"; }
+speed() { "$PY" -m benchmarks.speed --preset "$PRESET" --work "$WORK" --out "$OUT" "$@"; }
 export -f speed
 export PY PRESET WORK OUT
 
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
+  # The benchmarks import the installed package (the PyTorch ADM is spgd_jax.convert.torch_adm, from convert/):
+  # where it is not installed yet (a bare device machine), install this checkout editable, offline, without
+  # dependencies (jax, flax, torch are there; the speed benchmark needs none of the others).
+  "$PY" -c "import spgd_jax.convert.torch_adm" 2>/dev/null \
+    || "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+    || echo "INSTALL FAILED: pip install --no-deps --no-build-isolation -e . (see above); continuing"
   "$PY" -c "import jax, flax, torch, spgd_jax; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| torch', torch.__version__, torch.cuda.is_available())" \
     || echo "IMPORT CHECK FAILED (see above); continuing"
   # PyTorch first, in its own process (JAX kept off the GPU there), so it has the GPU's memory.

@@ -16,6 +16,8 @@ by a scan over odd sizes (intensity 0.5); box inpainting keeps the box at half t
 side. Results go to benchmarks/results/operator_calibration.md.
 
     python benchmarks/operator_calibration.py --data ../shared/data
+
+(spgd_jax's public API alone; run it with the package installed, pip install -e .)
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spgd_jax import metrics
-from spgd_jax.train._data import Split, list_images, split_names
 from spgd_jax.io.images import load_image
+from spgd_jax.train import Split, list_images, split_names
 from spgd_jax.operators import blur, box_mask, gaussian_kernel, hdr, inpaint, motion_kernels, random_mask, resize
 
 REPO = Path(__file__).resolve().parents[1]

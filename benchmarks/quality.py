@@ -10,6 +10,9 @@ Jobs may be split over machines or sessions (--jobs) and their runs joined befor
 
     python benchmarks/quality.py merge --runs Q1 Q2 --out Q           # same images, seed, T and N
 
+It imports spgd_jax's public API alone and runs with the package installed (pip install -e .), from any
+working directory.
+
 Images: the first TEST + TUNE names of the fixed validation split (weights/validation_split.txt;
 never trained on), centre-cropped and resized to the model's size, stored as uint8. Images
 0..TEST-1 are the test set of every table; images TEST.. tune the step sizes: Table 1 runs SPGD
@@ -42,18 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from spgd_jax import default_weights_path, make_denoiser, models, operators
+from spgd_jax.io import checkpoint, images
+from spgd_jax.samplers import DPSConfig, SPGDConfig, dps, initial_noise, presets, spgd
 
-from spgd_jax import operators  # noqa: E402
-from spgd_jax.io import checkpoint  # noqa: E402
-from spgd_jax.io import images  # noqa: E402
-from spgd_jax.samplers import presets  # noqa: E402
-from spgd_jax.denoisers.vp import make_denoiser  # noqa: E402
-from spgd_jax.samplers.dps import DPSConfig, dps  # noqa: E402
-from spgd_jax.samplers._sample import initial_noise  # noqa: E402
-from spgd_jax.samplers.spgd import SPGDConfig, spgd  # noqa: E402
-from spgd_jax.models.adm import UNet, UNetConfig  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TABLE1_TASKS = ("inpaint", "gauss_deblur", "motion_deblur", "sr4")
 TABLE2_TASKS = ("inpaint", "sr4")
@@ -158,15 +154,15 @@ def psnr(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 # -- generate -------------------------------------------------------------------------------------
 
-def make_program(unet_config: UNetConfig, operator, config, x_shape, dtype: str, samples: int = 1):
+def make_program(unet_config, operator, config, x_shape, dtype: str, samples: int = 1):
     """jit((unet_params, y, op_params, keys, values (L,)) -> (x (L, B, H, W, C), diverged (L, B))).
 
+    unet_config: the network's config (any registered family's; the prior's is an ADM UNetConfig).
     samples > 1: x is the mean of that many samples per image (sample 0 from the image's key, the
     same as with samples = 1; sample j from fold_in(key, j)); diverged if any of them diverged."""
-    model = UNet(unet_config)
 
     def program(unet_params, y, op_params, keys, values):
-        denoiser = make_denoiser(model, unet_params, dtype=dtype)
+        denoiser = make_denoiser(unet_config, unet_params, dtype=dtype)
 
         def one_sample(sample_keys):
             x_init = initial_noise(sample_keys, None, x_shape, config.sigma_max)
@@ -186,6 +182,17 @@ def make_program(unet_config: UNetConfig, operator, config, x_shape, dtype: str,
     return jax.jit(program)
 
 
+def weights_path(args) -> Path:
+    """--weights, or the default prior (package data)."""
+    return Path(args.weights) if args.weights else default_weights_path()
+
+
+def read_config(path: Path):
+    """The network config of a checkpoint directory, or of its config.json (the file alone: generate may
+    compile before the weights beside it exist)."""
+    return checkpoint.load_config(path.parent if path.name == checkpoint.CONFIG_FILE else path).config
+
+
 def generate(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,9 +200,8 @@ def generate(args) -> int:
     log = lambda text: print(f"[{time.monotonic() - started:6.1f} s] {text}", flush=True)
     n_test, n_all = args.test, args.test + args.tune
     x, names = read_images(Path(args.images), n_all)
-    weights = Path(args.weights)
-    unet_config = UNetConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else \
-        checkpoint.load_config(weights)
+    weights = weights_path(args)
+    unet_config = read_config(Path(args.config) if args.config else weights)
     size = unet_config.image_size
     if x.shape[1] != size:
         raise SystemExit(f"error: the images are {x.shape[1]} px, the model {size} px")
@@ -208,8 +214,7 @@ def generate(args) -> int:
         raise SystemExit("error: sweeping needs tuning images: pass --tune > 0, or one factor per sweep")
     measurements = {task: degrade(task, x, args.seed) for task in tasks}
     keys = image_keys(args.seed, n_all)
-    abstract = jax.eval_shape(lambda: UNet(unet_config).init(
-        jax.random.key(0), jnp.zeros((1,) + x_shape), jnp.zeros((1,)))["params"])
+    abstract = jax.eval_shape(lambda: models.family_of(unet_config).init(unet_config, jax.random.key(0)))
 
     def compile_job(job: Job):
         operator, op_params, y = measurements[job.task]
@@ -230,8 +235,8 @@ def generate(args) -> int:
             raise SystemExit(f"error: no weights at {weights} within the budget")
         time.sleep(2)
     time.sleep(1)
-    unet_params, loaded_config = checkpoint.load(weights)
-    if loaded_config != unet_config:
+    unet_params, loaded = checkpoint.load(weights)
+    if loaded.config != unet_config:
         raise SystemExit(f"error: {weights} holds another architecture than the compiled one")
     log(f"loaded {weights}")
 
@@ -298,7 +303,7 @@ def generate(args) -> int:
 # -- images ---------------------------------------------------------------------------------------
 
 def make_images(args) -> int:
-    size = checkpoint.load_config(args.weights).image_size
+    size = read_config(weights_path(args)).image_size
     x, names = load_split_images(Path(args.data), Path(args.split), args.count, size)
     np.savez(args.out, images=x, names=np.asarray(names))
     print(f"wrote {len(x)} images of {size} px to {args.out}")
@@ -563,16 +568,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", required=True)
     p = sub.add_parser("images", help="write the ground-truth images (uint8 npz)")
-    p.add_argument("--weights", default=str(REPO / "weights" / "default64"), help="for the image size")
+    p.add_argument("--weights", help="for the image size (default: spgd_jax.default_weights_path())")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "faces"))
     p.add_argument("--split", default=str(REPO / "weights" / "validation_split.txt"))
     p.add_argument("--count", type=int, default=82)
     p.add_argument("--out", required=True)
     p = sub.add_parser("generate", help="run the samplers (JAX only)")
     p.add_argument("--images", required=True)
-    p.add_argument("--weights", default=str(REPO / "weights" / "default64"),
-                   help="weights folder; may appear later (then --config gives the architecture)")
-    p.add_argument("--config", help="config.json of the architecture, when --weights does not exist yet")
+    p.add_argument("--weights", help="weights folder; may appear later (then --config gives the architecture); "
+                   "default: spgd_jax.default_weights_path()")
+    p.add_argument("--config", help="a checkpoint's config.json (or folder) of the architecture, when --weights "
+                   "does not exist yet")
     p.add_argument("--out", required=True)
     p.add_argument("--test", type=int, default=50)
     p.add_argument("--tune", type=int, default=32, help="tuning images (0: no sweeps, one factor each)")

@@ -1,10 +1,14 @@
 """Speed: the JAX SPGD sampler against the PyTorch baseline at equal work, with a float32 cross-check.
 
-    python benchmarks/speed.py --preset cpu-tiny          # CPU, a few minutes -> benchmarks/results/
+    python -m benchmarks.speed --preset cpu-tiny          # CPU, a few minutes -> benchmarks/results/
     bash benchmarks/gpu_run.sh                             # GPU: ffhq256, T = 100, N = 5 (one device call)
 
-Equal work: the same UNet weights (random, made by tests/torch_reference.py's randomize_ and
-converted with convert/guided_diffusion.py), T, N, batch, resolution and task (random inpainting,
+Run it as a module from the repository root (it imports its sibling benchmarks as `benchmarks.x`), with
+spgd_jax installed with the torch extra (pip install -e '.[torch]': the PyTorch ADM is
+spgd_jax.convert.torch_adm).
+
+Equal work: the same UNet weights (random, made by spgd_jax.convert.torch_adm's randomize_ and
+converted with spgd_jax.convert.to_flax_params), T, N, batch, resolution and task (random inpainting,
 20% of pixels kept). PyTorch runs benchmarks/torch_spgd.py (eager, as the reference code runs);
 JAX runs the public ``spgd_jax.sample`` as ONE compiled call per (batch, dtype), the UNet
 params passed as arguments. Timing: ``timed_steps`` outer steps of the sampler (N warm-up
@@ -19,7 +23,7 @@ jax.profiler, and the trace is summarised by kind of op (benchmarks/trace_summar
 beside the report (speed_<label>.trace.json.gz).
 
 Cross-check (ADM off, float32, the same x_T, y, masks and weights, a small UNet): the JAX
-sampler (spgd_jax.samplers.spgd.spgd with explicit x_T) against the PyTorch baseline; passes when
+sampler (spgd_jax.samplers.spgd with explicit x_T) against the PyTorch baseline; passes when
 max |x_jax - x_torch| <= XCHECK_RTOL * max |x_torch|.
 
 Phases (the GPU script runs them as separate processes so each framework has the GPU's memory):
@@ -50,11 +54,13 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+if not __package__:  # run as a file: its sibling modules are not importable as benchmarks.x
+    raise SystemExit("run the speed benchmark as a module, from the repository root: python -m benchmarks.speed")
 
 from benchmarks import roofline, trace_summary  # noqa: E402
 from spgd_jax.models.adm import CONFIGS, UNetConfig  # noqa: E402  (no JAX backend is started by this import)
+
+REPO = Path(__file__).resolve().parents[1]
 
 GIB = 2**30
 SEED = 0
@@ -117,7 +123,7 @@ CPU_NOTE = (
     "entry computation (xla/service/cpu/conv_canonicalization.cc), so inside the sampler's lax.scan / "
     "fori_loop those convolutions ran as unoptimised elemental loops: about 6 NFE/s against the ceiling's "
     "22 at batch 4 (JAX then at 0.3-0.5x the PyTorch reference). Since a89f84f the UNet's convolutions "
-    "compute their input gradient with an explicitly transposed HWIO kernel (spgd_jax/_conv.py)."
+    "compute their input gradient with an explicitly transposed HWIO kernel (spgd_jax/models/adm/_conv.py)."
 )
 
 PRESETS = {
@@ -237,8 +243,8 @@ def set_threads(threads: int | None) -> None:
 def torch_phase(preset: Preset, work: Path, budget_s: float) -> None:
     import torch
 
-    import torch_reference as tr
     from benchmarks import torch_spgd
+    from spgd_jax.convert import torch_adm as tr
 
     deadline = Deadline(budget_s)
     if preset.threads is not None:
@@ -363,13 +369,10 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
     import jax.numpy as jnp
 
     import flax
-    import torch_reference as tr
-    from spgd_jax.convert.guided_diffusion import to_flax_params
-    from spgd_jax import operators
-    from spgd_jax.denoisers.vp import make_denoiser
-    from spgd_jax.samplers._sample import sample
-    from spgd_jax.samplers.spgd import SPGDConfig, spgd
-    from spgd_jax.models.adm import UNet
+    from spgd_jax import make_denoiser, operators, sample
+    from spgd_jax.convert import to_flax_params
+    from spgd_jax.convert import torch_adm as tr
+    from spgd_jax.samplers import SPGDConfig, spgd
 
     deadline = Deadline(budget_s)
     device = jax.devices()[0]
@@ -409,7 +412,7 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
 
         @jax.jit
         def run_xcheck(p, x_t, y, mask):
-            denoiser = make_denoiser(UNet(xc.unet), p)
+            denoiser = make_denoiser(xc.unet, p)
             return spgd(denoiser, op.forward, y, x_t, config, {"mask": mask}).x
 
         context = jax.default_matmul_precision("highest") if precision == "highest" else contextlib.nullcontext()
@@ -441,14 +444,12 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
 
     def lower(dtype: str, batch: int, variant: str):
         """The whole sampler ('sample'), or one likelihood gradient without any loop ('nfe only')."""
-        model = UNet(dataclasses.replace(preset.unet, dtype=dtype))
-
         def run(p, y, k, mask):
-            denoiser = make_denoiser(model, p)
+            denoiser = make_denoiser(preset.unet, p, dtype=dtype)
             return sample(denoiser, op.forward, y, k, config, {"mask": mask}, x_shape=(size, size, 3)).x
 
         def nfe(p, y, x, mask):
-            denoiser = make_denoiser(model, p)
+            denoiser = make_denoiser(preset.unet, p, dtype=dtype)
             residual = lambda x: jax.vmap(op.forward)(denoiser(x, jnp.full((batch,), 5.0)), {"mask": mask}) - y
             return jax.grad(lambda x: jnp.sum(residual(x) ** 2))(x)
 

@@ -22,7 +22,7 @@ gradients; ``cudnn.deterministic = True`` is set by its entry script. ``variant=
 drops both (frozen weights, cudnn.benchmark) for a stronger eager baseline.
 
 Layout NCHW, float32. The model is any ``nn.Module`` called as ``model(x, timesteps)`` (e.g.
-tests/torch_reference.py's UNetModel); ``forward`` is the measurement operator on a batch.
+spgd_jax.convert.torch_adm's UNetModel); ``forward`` is the measurement operator on a batch.
 """
 
 from __future__ import annotations

@@ -17,15 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from spgd_jax.convert import torch_adm as torch_reference
-from spgd_jax.convert.guided_diffusion import to_flax_params
-from spgd_jax import operators
-from spgd_jax.denoisers.vp import make_denoiser
-from spgd_jax.samplers.schedule import edm_sigmas
-from spgd_jax.samplers.spgd import SPGDConfig, spgd
-from spgd_jax.models.adm import CONFIGS, UNet
+from spgd_jax import CONFIGS, edm_sigmas, make_denoiser, operators
+from spgd_jax.convert import to_flax_params
+from spgd_jax.convert import torch_adm as tr
+from spgd_jax.samplers import SPGDConfig, spgd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
 from benchmarks import roofline, speed, torch_spgd, trace_summary  # noqa: E402
 
 

@@ -12,12 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from spgd_jax import CONFIGS, UNet, make_denoiser, sample
 from spgd_jax.samplers import presets
-from spgd_jax.denoisers.vp import make_denoiser
-from spgd_jax.samplers import sample
-from spgd_jax.models.adm import CONFIGS, UNet
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
 from benchmarks import quality  # noqa: E402
 
 CONFIG = CONFIGS["tiny16"]
@@ -225,6 +223,8 @@ def test_generate_runs_later_rows_at_a_one_value_sweeps_value_without_running_it
 
     weights = tmp_path / "weights"
     checkpoint.save(weights, _params(), CONFIG)
+    # --config: a checkpoint folder or its config.json (the file alone, when generate compiles before the weights exist)
+    assert quality.read_config(weights) == quality.read_config(weights / checkpoint.CONFIG_FILE) == CONFIG
     x = np.random.default_rng(4).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", images=x, names=np.asarray(["a.jpg", "b.jpg", "c.jpg"]))
     out = tmp_path / "q"

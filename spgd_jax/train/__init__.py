@@ -6,6 +6,7 @@
     from spgd_jax import train
     state = train.train("faces/", "runs/mine", train.MODELS["default64"], train.TrainConfig(batch_size=64))
     train.export("runs/mine", "weights/mine")
+    train_names, val_names = train.split_names(train.list_images("faces/"), train.Split())  # the fixed split
 
 Training is standard DDPM epsilon prediction (Ho et al. 2020, guided-diffusion conventions): linear
 betas 1e-4 .. 0.02 over T = 1000 steps, t ~ U{0..T-1}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
@@ -35,11 +36,13 @@ from __future__ import annotations
 import sys
 
 from spgd_jax.train._args import DEFAULT64, MODELS, card_path, configs, export_parser, train_parser
+from spgd_jax.train._data import Split, list_images, split_names
 from spgd_jax.train._export import CARD_BEGIN, CARD_END, export
 from spgd_jax.train._loop import train
 from spgd_jax.train._state import TrainConfig, TrainState
 
-__all__ = ["CARD_BEGIN", "CARD_END", "DEFAULT64", "MODELS", "TrainConfig", "TrainState", "export", "main", "train"]
+__all__ = ["CARD_BEGIN", "CARD_END", "DEFAULT64", "MODELS", "Split", "TrainConfig", "TrainState", "export",
+           "list_images", "main", "split_names", "train"]
 
 
 def main(argv: list[str] | None = None) -> int:
