@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from spgd_jax.convert import torch_adm as torch_reference
+from spgd_jax.convert import torch_adm as tr
 from spgd_jax.convert.__main__ import main
 from spgd_jax.convert.guided_diffusion import convert, read_state_dict, state_dict_shapes, to_flax_params
 from spgd_jax.io import checkpoint
+from spgd_jax.io.prior import load_denoiser
 from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
 from test_parity import SMALL_CONFIGS, nchw, nhwc, rel_err, torch_c_noise
 
@@ -213,7 +214,7 @@ def _damage(path: pathlib.Path, how: str) -> None:
 
 @pytest.mark.parametrize("how,error", [
     ("no config", "config.json is missing"),
-    ("bad json", "not a valid UNet config"),
+    ("bad json", "not a valid checkpoint config"),
     ("unknown field", "unknown UNetConfig fields"),
     ("no params", "params/ is missing"),
     ("corrupt params", "could not read the params"),
@@ -227,8 +228,21 @@ def test_load_reports_broken_checkpoints(tmp_path, tiny_params, how, error):
 
 
 def test_load_missing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m convert"):
+    with pytest.raises(FileNotFoundError, match="python -m spgd_jax.convert"):
         checkpoint.load(tmp_path / "nowhere")
+
+
+def test_a_checkpoint_records_its_family_and_preconditioning_and_old_ones_still_load(tmp_path, tiny_params):
+    path = checkpoint.save(tmp_path / "ckpt", tiny_params, TINY, preconditioning="edm")
+    meta = checkpoint.load_config(path)
+    assert (meta.family, meta.preconditioning, meta.config) == ("adm", "edm", TINY)
+    (path / "config.json").write_text(json.dumps(TINY.to_dict()))  # as spgd-jax 0.1 wrote it
+    meta = checkpoint.load_config(path)
+    assert (meta.family, meta.preconditioning, meta.config) == ("adm", "vp", TINY)
+    with pytest.raises(ValueError, match="unknown preconditioning 'karras'"):
+        checkpoint.save(tmp_path / "other", tiny_params, TINY, preconditioning="karras")
+    with pytest.raises(TypeError, match="not the config of a registered network family"):
+        checkpoint.save(tmp_path / "other", tiny_params, TINY.to_dict())
 
 
 # -- command line -------------------------------------------------------------------------

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from spgd_jax.convert import torch_adm as torch_reference
+from spgd_jax.convert import torch_adm as tr
 from spgd_jax.convert.guided_diffusion import convert, to_flax_params
 from spgd_jax.io import checkpoint
-from spgd_jax.denoisers.vp import make_denoiser, sigma_to_timestep, vp_preconditioning
+from spgd_jax.denoisers import make_denoiser, sigma_to_timestep, vp_preconditioning
 from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
 
 RTOL = 1e-5

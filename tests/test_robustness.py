@@ -162,14 +162,19 @@ def _damaged(weights, tmp_path, how):
     path = tmp_path / "w"
     shutil.copytree(weights, path)
     if how == "other config":
-        config = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps({**config, "num_channels": 2 * config["num_channels"]}))
+        meta = json.loads((path / "config.json").read_text())
+        meta["config"]["num_channels"] *= 2
+        (path / "config.json").write_text(json.dumps(meta))
     elif how == "corrupt params":
         for p in (path / "params").rglob("*"):
             if p.is_file() and p.name != "_METADATA":
                 p.write_bytes(b"garbage")
     elif how == "partial":
         shutil.rmtree(path / "params")
+    elif how in ("unknown family", "unknown preconditioning"):
+        meta = json.loads((path / "config.json").read_text())
+        meta["family" if how == "unknown family" else "preconditioning"] = "dit" if how == "unknown family" else "ve"
+        (path / "config.json").write_text(json.dumps(meta))
     return path
 
 
@@ -177,6 +182,8 @@ def _damaged(weights, tmp_path, how):
     ("other config", "params do not match the config"),
     ("corrupt params", "corrupt or partial checkpoint"),
     ("partial", "params/ is missing"),
+    ("unknown family", "unknown network family 'dit'"),
+    ("unknown preconditioning", "unknown preconditioning 've'"),
 ])
 def test_broken_weights_are_refused_before_any_work(how, message, weights, tmp_path):
     path = _damaged(weights, tmp_path, how)

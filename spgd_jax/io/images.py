@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from spgd_jax.io.files import atomic_write
 
 __all__ = [
     "DEMO_FACE_BOX",
@@ -147,13 +148,5 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 def save_png(path: str | os.PathLike, x: np.ndarray) -> None:
     """Write (H, W, 3) in [-1, 1] (or uint8) to `path` atomically."""
-    path = Path(path)
     array = x if np.asarray(x).dtype == np.uint8 else to_uint8(x)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            Image.fromarray(np.asarray(array)).save(stream, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda stream: Image.fromarray(np.asarray(array)).save(stream, format="PNG"))

@@ -21,8 +21,6 @@ _LABELS = {
     "smoothed_consecutive": "consecutive update m (ADM-smoothed)",
     "denoising_consecutive": "consecutive denoising D(x)-x",
 }
-_EPS = 1e-30  # norms below this count as zero vectors
-
 
 METRIC_LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "residual_rms": "residual RMS"}
 

@@ -28,12 +28,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 
 __all__ = ["NAMES", "Tracker", "angle", "init_tracker", "step_means", "track"]
 
 NAMES = ("likelihood_vs_denoising", "likelihood_consecutive", "smoothed_consecutive", "denoising_consecutive")
+_EPS = 1e-30  # norms below this count as zero vectors
+
+
 def angle(a: jax.Array, b: jax.Array) -> jax.Array:
     """The angle in degrees, in [0, 180], between two arrays of the same shape taken as vectors.
 
