@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spgd_jax.io.compile_cache import enable_compilation_cache
 from spgd_jax import default_weights_path, make_denoiser, models, operators
 from spgd_jax.io import checkpoint, images
 from spgd_jax.samplers import DPSConfig, SPGDConfig, dps, initial_noise, presets, spgd
@@ -603,6 +604,7 @@ def main(argv=None) -> int:
     p.add_argument("--tag", required=True, help="file name tag, e.g. h200-50img")
     p.add_argument("--weights-name", help="how the tables name the weights (default: the path generate used)")
     args = parser.parse_args(argv)
+    enable_compilation_cache()  # SPGD_JAX_NO_CACHE=1 turns it off
     return {"images": make_images, "generate": generate, "merge": merge, "score": score}[args.stage](args)
 
 

@@ -28,7 +28,7 @@ from spgd_jax.denoisers import Denoiser, make_denoiser
 from spgd_jax.io.prior import default_weights_path, load_denoiser
 from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
 from spgd_jax.samplers import (DPSConfig, EulerConfig, SampleResult, SPGDConfig, dps_config, edm_sigmas, sample,
-                               spgd_config, sweep_lr)
+                               spgd_config, sweep)
 
 __all__ = [
     "CONFIGS",
@@ -53,5 +53,5 @@ __all__ = [
     "samplers",
     "sharding",
     "spgd_config",
-    "sweep_lr",
+    "sweep",
 ]

@@ -31,8 +31,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spgd_jax.samplers._loop import SampleResult
-from spgd_jax.samplers._sample import as_traceable, check_x_shape, sample
-from spgd_jax.samplers.sweep import check_lrs, sweep_lr
+from spgd_jax.samplers._registry import split_step_size
+from spgd_jax.samplers._sample import as_traceable, check_x_shape, run_sampler
+from spgd_jax.samplers.sweep import check_step_sizes
 
 __all__ = ["BATCH_AXIS", "batch_mesh", "shard_batch", "replicate", "map_images", "image_keys", "sample_sharded"]
 
@@ -128,13 +129,13 @@ def sample_sharded(
     x_shape: tuple[int, int, int],
     mesh: Mesh | None = None,
     progress: Callable[[int], None] | None = None,
-    lrs: Sequence[float] | None = None,
+    step_sizes: Sequence[float] | None = None,
 ) -> SampleResult:
     """spgd_jax.sample with the batch split over the mesh (default: all devices); arguments as sample.
 
-    key: one key (split into one per image as sample does) or a batch of keys. lrs: optional SPGD
-    learning rates: runs spgd_jax.sweep_lr instead, and every array gets a leading axis L. Returns a
-    SampleResult of NumPy arrays for this process's images. progress may be called once per device
+    key: one key (split into one per image as sample does) or a batch of keys. step_sizes: optional step
+    sizes (SPGD's lr, DPS's zeta): runs spgd_jax.sweep instead, and every array gets a leading axis L.
+    Returns a SampleResult of NumPy arrays for this process's images. progress may be called once per device
     (and learning rate) for each outer step.
     """
     key = jnp.asarray(key)
@@ -142,19 +143,21 @@ def sample_sharded(
         key = jax.random.wrap_key_data(key)  # raw uint32 keys (jax.random.PRNGKey)
     keys = image_keys(key, np.shape(y)[0]) if key.ndim == 0 else jax.random.key_data(key)
 
-    lrs = None if lrs is None else check_lrs(lrs)
-    restore = _per_device(forward, config, check_x_shape(x_shape), progress, lrs)
-    return map_images(restore, y, keys, params, shared=as_traceable(denoiser), mesh=mesh,
-                      out_axis=0 if lrs is None else 1)
+    static, step_size = split_step_size(config)  # the step size is an argument: other values reuse the program
+    sweeping = step_sizes is not None
+    step = jnp.asarray(check_step_sizes(step_sizes), jnp.float32) if sweeping else step_size
+    restore = _per_device(forward, static, check_x_shape(x_shape), progress, sweeping)
+    return map_images(restore, y, keys, params, shared=(as_traceable(denoiser), step), mesh=mesh,
+                      out_axis=1 if sweeping else 0)
 
 
 @functools.lru_cache(maxsize=4)
-def _per_device(forward, config, x_shape, progress, lrs) -> Callable:
+def _per_device(forward, config, x_shape, progress, sweeping: bool) -> Callable:
     """One function object per setting, so that map_images reuses its compiled computation."""
 
-    def restore(denoiser, y, keys, params):
-        if lrs is None:
-            return sample(denoiser, forward, y, keys, config, params, x_shape=x_shape, progress=progress)
-        return sweep_lr(denoiser, forward, y, keys, config, lrs, params, x_shape=x_shape, progress=progress)
+    def restore(shared, y, keys, params):
+        denoiser, step = shared
+        run = lambda value: run_sampler(denoiser, forward, y, keys, config, value, params, x_shape, progress)
+        return jax.vmap(run)(step) if sweeping else run(step)
 
     return restore

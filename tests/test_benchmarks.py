@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +20,7 @@ from spgd_jax.convert import to_flax_params
 from spgd_jax.convert import torch_adm as tr
 from spgd_jax.samplers import SPGDConfig, spgd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
-from benchmarks import roofline, speed, torch_spgd, trace_summary  # noqa: E402
+from benchmarks import roofline, speed, torch_spgd, trace_summary
 
 
 def nchw(a: np.ndarray) -> torch.Tensor:

@@ -16,7 +16,7 @@ from sampler_toys import PRIOR_VAR, SHAPE, conv_denoiser, gaussian_denoiser, mat
 from spgd_jax import restore
 from spgd_jax.io import plots
 from spgd_jax.restore._writers import sweep_markdown, video_frames
-from spgd_jax.samplers import SPGDConfig, diagnostics, sample, spgd, sweep_lr
+from spgd_jax.samplers import SPGDConfig, diagnostics, sample, spgd, sweep
 
 CONV = conv_denoiser()
 TINY = SPGDConfig(lr=0.5, steps=4, warmup=3, diagnostics=True)
@@ -112,7 +112,7 @@ def test_one_warmup_iteration_has_no_consecutive_angles():
 def test_sweep_equals_one_run_per_learning_rate():
     matrices, _, y, _ = random_problem(2)
     key, lrs = jax.random.key(5), [0.25, 1.0, 4.0]
-    swept = sweep_lr(CONV, matrix_forward, y, key, TINY, lrs, matrices, x_shape=SHAPE)
+    swept = sweep(CONV, matrix_forward, y, key, TINY, lrs, matrices, x_shape=SHAPE)
     assert swept.x.shape == (3, 2) + SHAPE and swept.losses.shape == (3, 2, 4, 3)
     assert swept.diagnostics["likelihood_vs_denoising"].shape == (3, 2, 4)
     for k, lr in enumerate(lrs):
@@ -126,7 +126,7 @@ def test_sweep_equals_one_run_per_learning_rate():
 
 def test_sweep_flags_divergence_per_learning_rate():
     matrices, _, y, _ = random_problem(2)
-    swept = sweep_lr(gaussian_denoiser, matrix_forward, y, jax.random.key(0), TINY, [0.5, 1e30], matrices,
+    swept = sweep(gaussian_denoiser, matrix_forward, y, jax.random.key(0), TINY, [0.5, 1e30], matrices,
                      x_shape=SHAPE)
     assert swept.diverged.tolist() == [[False, False], [True, True]]
     assert (swept.diverged_step[1] >= 0).all() and np.isfinite(swept.x).all()
@@ -141,16 +141,21 @@ def test_sweep_flags_divergence_per_learning_rate():
 def test_sweep_rejects_bad_learning_rates(lrs, error, match):
     matrices, _, y, _ = random_problem(1)
     with pytest.raises(error, match=match):
-        sweep_lr(gaussian_denoiser, matrix_forward, y, jax.random.key(0), TINY, lrs, matrices, x_shape=SHAPE)
+        sweep(gaussian_denoiser, matrix_forward, y, jax.random.key(0), TINY, lrs, matrices, x_shape=SHAPE)
 
 
-def test_sweep_needs_an_spgd_config():
-    from spgd_jax.samplers.dps import DPSConfig
+def test_sweep_needs_a_sampler_with_a_step_size_and_sweeps_dps_zeta_too():
+    from spgd_jax.samplers import DPSConfig, EulerConfig
 
-    matrices, _, y, _ = random_problem(1)
-    with pytest.raises(TypeError, match="must be an SPGDConfig"):
-        sweep_lr(gaussian_denoiser, matrix_forward, y, jax.random.key(0), DPSConfig(zeta=1.0), [1.0], matrices,
-                 x_shape=SHAPE)
+    matrices, _, y, _ = random_problem(2)
+    with pytest.raises(TypeError, match="EulerConfig has no step size"):
+        sweep(gaussian_denoiser, matrix_forward, y, jax.random.key(0), EulerConfig(), [1.0], matrices, x_shape=SHAPE)
+    config, key = DPSConfig(zeta=1.0, steps=6), jax.random.key(3)
+    swept = sweep(CONV, matrix_forward, y, key, config, [0.1, 2.0], matrices, x_shape=SHAPE)
+    for k, zeta in enumerate([0.1, 2.0]):
+        alone = sample(CONV, matrix_forward, y, key, dataclasses.replace(config, zeta=zeta), matrices, x_shape=SHAPE)
+        np.testing.assert_allclose(swept.x[k], alone.x, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(swept.x[0], swept.x[1])
 
 
 def test_markdown_table_lists_each_rate_with_mean_std_and_divergence():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -15,8 +14,7 @@ import pytest
 from spgd_jax import CONFIGS, UNet, make_denoiser, sample
 from spgd_jax.samplers import presets
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
-from benchmarks import quality  # noqa: E402
+from benchmarks import quality
 
 CONFIG = CONFIGS["tiny16"]
 

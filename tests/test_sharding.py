@@ -34,7 +34,7 @@ FOUR_DEVICES = textwrap.dedent("""
     from spgd_jax.samplers.dps import DPSConfig
     from spgd_jax.samplers import sample
     from spgd_jax.samplers.spgd import SPGDConfig
-    from spgd_jax.samplers.sweep import sweep_lr
+    from spgd_jax.samplers import sweep
 
     assert jax.device_count() == 4, jax.devices()
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -49,9 +49,9 @@ FOUR_DEVICES = textwrap.dedent("""
         jax.tree_util.tree_map(close, split, jax.device_get(single))
         np.testing.assert_array_equal(split.diverged_step, single.diverged_step)
     lrs = [0.5, 2.0]
-    single = sweep_lr(denoiser, matrix_forward, y, key, config := SPGDConfig(lr=1.0, steps=4, warmup=3), lrs,
+    single = sweep(denoiser, matrix_forward, y, key, config := SPGDConfig(lr=1.0, steps=4, warmup=3), lrs,
                       matrices, x_shape=SHAPE)
-    split = sharding.sample_sharded(denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE, lrs=lrs)
+    split = sharding.sample_sharded(denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE, step_sizes=lrs)
     jax.tree_util.tree_map(close, split, jax.device_get(single))
     try:
         sharding.shard_batch(np.zeros((5, 2)), sharding.batch_mesh())

@@ -42,6 +42,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from spgd_jax.io.compile_cache import enable_compilation_cache
 from spgd_jax.io.prior import default_weights_path
 from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, UsageError, build_parser,
                                     check_arguments, sampler_config)
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     check_arguments(args)
+    if not args.no_cache:
+        enable_compilation_cache()
     task = args.task
     batch = 4 * jax.local_device_count() if args.batch_size is None else args.batch_size
     weights = Path(args.weights) if args.weights else default_weights_path()

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SPGD: record gradient angles per step (the paper's Figure 2) -> diagnostics.png")
     parser.add_argument("--video", action="store_true", help="write an animated GIF of x0_hat per image -> video/")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notices")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="do not use the persistent compilation cache (default: on, in $SPGD_JAX_CACHE_DIR or "
+                             "~/.cache/spgd-jax/xla; a second run with the same settings skips compiling)")
     return parser
 
 

@@ -29,7 +29,7 @@ def restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, size
         call = lambda: sharding.sample_sharded(
             denoiser, operator.forward, take(y), jax.random.fold_in(key, number), config,
             jax.tree_util.tree_map(lambda a: take(np.asarray(a)), op_params),
-            x_shape=(size, size, 3), progress=PROGRESS, lrs=lrs,
+            x_shape=(size, size, 3), progress=PROGRESS, step_sizes=lrs,
         )
         try:
             result = run_interruptibly(call, PROGRESS)

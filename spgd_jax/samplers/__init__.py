@@ -4,7 +4,7 @@
 
 Registered (SAMPLERS): 'spgd' (SPGDConfig, spgd.py: the paper's Algorithm 1), 'dps' (DPSConfig, dps.py),
 'euler' (EulerConfig, euler.py: unconditional). A new method is one module plus one `register_sampler` line
-below. `presets` holds the per-task settings; `sweep_lr` runs SPGD at several learning rates in one call;
+below. `presets` holds the per-task settings; `sweep` runs a sampler at several step sizes (SPGD's lr, DPS's zeta) in one call;
 `diagnostics` the gradient angles SPGD can record.
 """
 
@@ -17,12 +17,12 @@ from spgd_jax.samplers.euler import EulerConfig, euler
 from spgd_jax.samplers.presets import dps_config, spgd_config
 from spgd_jax.samplers.schedule import edm_sigmas
 from spgd_jax.samplers.spgd import SPGDConfig, spgd
-from spgd_jax.samplers.sweep import sweep_lr
+from spgd_jax.samplers.sweep import sweep
 
-register_sampler(Sampler("spgd", SPGDConfig, spgd))
-register_sampler(Sampler("dps", DPSConfig, dps))
+register_sampler(Sampler("spgd", SPGDConfig, spgd, step_size="lr"))
+register_sampler(Sampler("dps", DPSConfig, dps, step_size="zeta"))
 register_sampler(Sampler("euler", EulerConfig, euler, conditional=False))
 
 __all__ = ["SAMPLERS", "DPSConfig", "EulerConfig", "SPGDConfig", "SampleResult", "Sampler", "diagnostics", "dps",
            "dps_config", "edm_sigmas", "euler", "initial_noise", "presets", "register_sampler", "sample",
-           "sampler_for", "spgd", "spgd_config", "sweep_lr"]
+           "sampler_for", "spgd", "spgd_config", "sweep"]

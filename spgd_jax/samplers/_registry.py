@@ -6,9 +6,10 @@ plus one `register_sampler` line in spgd_jax/samplers/__init__.py.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
-__all__ = ["SAMPLERS", "Sampler", "register_sampler", "sampler_for"]
+__all__ = ["SAMPLERS", "Sampler", "register_sampler", "sampler_for", "split_step_size"]
 
 
 class Sampler(NamedTuple):
@@ -19,12 +20,16 @@ class Sampler(NamedTuple):
     run:         conditional: run(denoiser, forward, y (B,...), x_init (B,H,W,C), config, params, progress)
                  -> SampleResult; unconditional: run(denoiser, x_init, config, progress) -> SampleResult.
     conditional: whether it restores measurements (False: it samples the prior).
+    step_size:   the config field that `run` also takes as a keyword, a scalar that may be traced (SPGD's
+                 'lr', DPS's 'zeta'), or None. `sample` passes it traced, so runs that differ only in it
+                 share one compilation, and `sweep` vmaps over it.
     """
 
     name: str
     config_type: type
     run: Callable[..., Any]
     conditional: bool = True
+    step_size: str | None = None
 
 
 SAMPLERS: dict[str, Sampler] = {}
@@ -46,3 +51,13 @@ def sampler_for(config: Any) -> Sampler:
             return sampler
     names = ", ".join(s.config_type.__name__ for s in SAMPLERS.values())
     raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
+
+
+def split_step_size(config: Any) -> tuple[Any, float | None]:
+    """(config with its step size set to 1.0, the step size): the static and the traced part of a config.
+
+    For a sampler without a step size: (config, None)."""
+    name = sampler_for(config).step_size
+    if name is None:
+        return config, None
+    return dataclasses.replace(config, **{name: 1.0}), getattr(config, name)

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from spgd_jax.samplers._loop import SampleResult
-from spgd_jax.samplers._registry import sampler_for
+from spgd_jax.samplers._registry import sampler_for, split_step_size
 
-__all__ = ["as_traceable", "check_measurements", "check_x_shape", "initial_noise", "sample"]
+__all__ = ["as_traceable", "check_measurements", "check_x_shape", "initial_noise", "run_sampler", "sample"]
 
 
 def sample(
@@ -49,8 +49,9 @@ def sample(
               is callable) is traced; another function is static (compared by identity).
     Returns SampleResult(x (B,H,W,C), diverged (B,) bool, diverged_step (B,) int32, trajectory or None).
     """
-    sampler_for(config)  # a TypeError naming the registered configs, before tracing
-    return _sample(as_traceable(denoiser), forward, y, key, config, params, check_x_shape(x_shape), progress)
+    static, step_size = split_step_size(config)  # a TypeError naming the registered configs, before tracing
+    return _sample(as_traceable(denoiser), forward, y, key, static, step_size, params, check_x_shape(x_shape),
+                   progress)
 
 
 def as_traceable(denoiser: Callable) -> Any:
@@ -70,8 +71,14 @@ def check_x_shape(x_shape) -> tuple[int, int, int]:
     return tuple(x_shape)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 4, 6, 7))
-def _sample(denoiser, forward, y, key, config, params, x_shape, progress) -> SampleResult:
+@functools.partial(jax.jit, static_argnums=(1, 4, 7, 8))
+def _sample(denoiser, forward, y, key, config, step_size, params, x_shape, progress) -> SampleResult:
+    return run_sampler(denoiser, forward, y, key, config, step_size, params, x_shape, progress)
+
+
+def run_sampler(denoiser, forward, y, key, config, step_size, params, x_shape, progress) -> SampleResult:
+    """The body of `sample` (traceable): initial noise, then the registered sampler of `config` with
+    `step_size` (a scalar, possibly traced) in place of its step-size field (see split_step_size)."""
     sampler = sampler_for(config)
     if not sampler.conditional:
         if forward is not None or y is not None:
@@ -83,7 +90,8 @@ def _sample(denoiser, forward, y, key, config, params, x_shape, progress) -> Sam
     batch = y.shape[0]
     check_measurements(forward, y, params, batch, x_shape)
     x_init = initial_noise(key, batch, x_shape, config.sigma_max)
-    return sampler.run(denoiser, forward, y, x_init, config, params, progress)
+    step = {} if sampler.step_size is None else {sampler.step_size: step_size}
+    return sampler.run(denoiser, forward, y, x_init, config, params, progress, **step)
 
 
 def initial_noise(key: jax.Array, batch: int | None, x_shape: tuple[int, ...], sigma_max: float) -> jax.Array:

@@ -1,0 +1,64 @@
+"""SPGD and DPS outputs pinned across refactorings: a short run on a random-weight tiny UNet.
+
+tests/data/short_runs.npz holds the outputs of the code before the layout change (commit 948d111: the
+flat modules, the denoiser's weights closed over as constants). A denoiser given as a plain function
+(its weights closed over, so constants of the compiled program, as then) must reproduce them bit for bit
+on a CPU with the instruction set that wrote them (RECORDED_ON): the layout changed no arithmetic. A
+`Denoiser` passes its weights as arguments of the compiled program instead (compiled once per config,
+not per checkpoint), and XLA then fuses and folds differently: those outputs agree to float32 round-off
+amplified by the run. On other CPUs XLA may vectorise reductions differently (AVX2 vs AVX-512), so only
+the round-off bound applies there (1e-4 relative: gradient steps through an untrained network; a wrong
+step size or sign changes the outputs by orders of magnitude more).
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_unet import random_params
+
+import spgd_jax
+from spgd_jax import operators
+from spgd_jax.models.adm import CONFIGS
+
+REFERENCE = Path(__file__).parent / "data" / "short_runs.npz"
+RECORDED_ON = {"avx512f": True, "avx2": True, "fma": True}  # the CPU flags of the machine that wrote REFERENCE
+
+
+def _cpu_flags() -> dict[str, bool]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    flags = set(line.split(":", 1)[-1].split())
+    return {name: name in flags for name in RECORDED_ON}
+
+
+def _short_runs(weights_as: str) -> dict[str, np.ndarray]:
+    config = CONFIGS["tiny16"]
+    denoiser = spgd_jax.make_denoiser(config, jax.tree_util.tree_map(jnp.asarray, random_params(config, 0)))
+    if weights_as == "constants":
+        denoiser = lambda x, sigma, traced=denoiser: traced(x, sigma)  # noqa: E731 (a plain function)
+    op = operators.get("sr4", 16)
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    params = op.init_params(jax.random.key(2), 2, 16)
+    y = op.measure(jax.random.key(3), x, params)
+    configs = {"spgd": spgd_jax.SPGDConfig(lr=1.0, steps=4, warmup=2), "dps": spgd_jax.DPSConfig(zeta=0.5, steps=6)}
+    return {name: np.asarray(spgd_jax.sample(denoiser, op.forward, y, jax.random.key(4), config, params,
+                                             x_shape=(16, 16, 3)).x) for name, config in configs.items()}
+
+
+@pytest.mark.parametrize("weights_as", ["constants", "arguments"])
+def test_outputs_equal_the_recorded_ones(weights_as):
+    runs = _short_runs(weights_as)
+    with np.load(REFERENCE) as data:
+        for name in ("spgd", "dps"):
+            reference = data[name]
+            assert np.isfinite(runs[name]).all()
+            if weights_as == "constants" and jax.default_backend() == "cpu" and _cpu_flags() == RECORDED_ON:
+                np.testing.assert_array_equal(runs[name], reference)
+            else:
+                np.testing.assert_allclose(runs[name], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
