@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from spgd_jax.models._conv import conv_general_dilated
+from spgd_jax.models.adm._conv import conv_general_dilated
 
 DN = ("NHWC", "HWIO", "NHWC")
 
