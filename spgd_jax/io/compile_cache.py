@@ -1,9 +1,14 @@
 """JAX's persistent compilation cache, on by default for the command lines and benchmarks.
 
-A compiled sampler is written to the cache directory and read back by the next process with the same
-program (same config, batch, shapes, device and jax version), which then skips XLA compilation:
+A compiled program is written to the cache directory and read back by the next process with the same
+program (same shapes, device and jax version), which then skips XLA compilation:
 
     $SPGD_JAX_CACHE_DIR, else $XDG_CACHE_HOME/spgd-jax/xla, else ~/.cache/spgd-jax/xla
+
+Known limit (jax 0.10): a program with a host callback, as the samplers have when given `progress`, is
+keyed by the callback's address, which differs in every process, so it never hits across processes;
+the metrics' programs (LPIPS) and training's do. Runs within one process reuse the compiled sampler
+regardless (its weights and step size are arguments).
 
 Set SPGD_JAX_NO_CACHE=1 (or pass --no-cache to the command lines) to turn it off. Library users who
 want it call `enable_compilation_cache()` before their first compilation.

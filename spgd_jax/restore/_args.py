@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video", action="store_true", help="write an animated GIF of x0_hat per image -> video/")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notices")
     parser.add_argument("--no-cache", action="store_true",
-                        help="do not use the persistent compilation cache (default: on, in $SPGD_JAX_CACHE_DIR or "
-                             "~/.cache/spgd-jax/xla; a second run with the same settings skips compiling)")
+                        help="do not use JAX's persistent compilation cache (default: on, in $SPGD_JAX_CACHE_DIR or "
+                             "~/.cache/spgd-jax/xla; spgd_jax.io.compile_cache)")
     return parser
 
 
