@@ -114,11 +114,17 @@ def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS, lr_fact
 
 def load_split_images(data: Path, split: Path, count: int, size: int) -> tuple[np.ndarray, list[str]]:
     """uint8 (count, size, size, 3): the first `count` images of the split file, preprocessed."""
+    needs = (f"--data DIR must be the folder that holds the face folders named in {split} (celeba/, utkface/: "
+             "the default prior's training data, which is not part of the repository; weights/MODEL_CARD.md says "
+             "where it comes from)")
     if not data.is_dir():
-        raise SystemExit(f"error: data folder {data} does not exist; pass --data (the face folders)")
+        raise SystemExit(f"error: data folder {data} does not exist; {needs}")
     names = [n for n in split.read_text().split("\n") if n.strip()][:count]
     if len(names) < count:
         raise SystemExit(f"error: {split} lists {len(names)} images, fewer than {count}")
+    missing = [n for n in names if not (data / n).is_file()]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} of the {count} images are not in {data} (e.g. {missing[0]}); {needs}")
     return np.stack([images.to_uint8(images.load_image(data / n, size)) for n in names]), names
 
 
@@ -570,7 +576,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="stage", required=True)
     p = sub.add_parser("images", help="write the ground-truth images (uint8 npz)")
     p.add_argument("--weights", help="for the image size (default: spgd_jax.default_weights_path())")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "faces"))
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "faces"),
+                   help="folder of the face folders (celeba/, utkface/) named in --split; not in the repository "
+                        "(default: ../shared/data/faces beside the clone)")
     p.add_argument("--split", default=str(REPO / "weights" / "validation_split.txt"))
     p.add_argument("--count", type=int, default=82)
     p.add_argument("--out", required=True)
