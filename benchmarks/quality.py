@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spgd_jax.io.compile_cache import enable_compilation_cache
-from spgd_jax import default_weights_path, make_denoiser, models, operators
+from spgd_jax import default_weights_path, make_denoiser, metrics, models, operators
 from spgd_jax.io import checkpoint, images
 from spgd_jax.samplers import DPSConfig, SPGDConfig, dps, initial_noise, presets, spgd
 
@@ -151,12 +151,6 @@ def degrade(task: str, x: np.ndarray, seed: int):
 def image_keys(seed: int, count: int) -> jax.Array:
     """One sampler key per image."""
     return jax.random.split(jax.random.fold_in(jax.random.key(seed), 2), count)
-
-
-def psnr(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """PSNR (dB) per image of x (..., B, H, W, C) in [-1, 1] (clipped) against reference (B, H, W, C)."""
-    mse = np.mean((np.clip(x, -1, 1) - reference) ** 2, axis=(-3, -2, -1))
-    return 10 * np.log10(4.0 / np.maximum(mse, 1e-12))
 
 
 # -- generate -------------------------------------------------------------------------------------
@@ -283,7 +277,7 @@ def generate(args) -> int:
         restored, diverged = np.asarray(restored), np.asarray(diverged)
         seconds = time.perf_counter() - t0
         rate = seconds / work if rate is None else min(rate, seconds / work)
-        scores = psnr(restored, x[:count])  # (L, count)
+        scores = np.asarray(metrics.psnr(restored, x[:count]))  # (L, count)
         best = int(np.argmax(np.mean(scores[:, n_test:], axis=1))) if len(values) > 1 else 0
         if job.values:
             picked[job.name] = float(values[best])
@@ -384,7 +378,6 @@ def _summary(values: dict) -> dict:
 
 
 def score(args) -> int:
-    from spgd_jax import metrics
     from spgd_jax.baselines import classical
 
     run = Path(args.run)

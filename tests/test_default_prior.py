@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spgd_jax.io import checkpoint, images
-from spgd_jax.io.prior import default_weights_path
+from spgd_jax.io.prior import default_weights_path, load_denoiser
 
 WEIGHTS = default_weights_path()
 
@@ -21,11 +21,12 @@ def test_default_weights_load_with_their_config():
     assert count * 4 <= 30e6  # the size limit for the default prior
     card = (Path(WEIGHTS).parent / "MODEL_CARD.md").read_text()
     assert f"{count:,} parameters" in card
-    assert json.loads((Path(WEIGHTS) / "config.json").read_text())["image_size"] == 64
+    stored = json.loads((Path(WEIGHTS) / "config.json").read_text())
+    assert (stored["family"], stored["preconditioning"], stored["config"]["image_size"]) == ("adm", "vp", 64)
 
 
 def test_default_prior_denoises_the_demo_face():
-    denoiser = checkpoint.load_denoiser(WEIGHTS)
+    denoiser = load_denoiser(WEIGHTS)
     x = jnp.asarray(images.load_image(images.demo_image_path(), 64))[None]
     for sigma in (0.1, 0.3):
         noisy = x + sigma * jax.random.normal(jax.random.key(0), x.shape)
@@ -43,7 +44,7 @@ def test_tuned_deblurring_schedule_fits_the_measurement():
     from spgd_jax import metrics, operators
     from spgd_jax.samplers import presets, sample
 
-    denoiser = checkpoint.load_denoiser(WEIGHTS)
+    denoiser = load_denoiser(WEIGHTS)
     x = jnp.asarray(images.load_image(images.demo_image_path(), 64))[None]
     operator = operators.get("gauss_deblur", 64)
     params = operator.init_params(jax.random.key(1), 1, 64)

@@ -37,8 +37,10 @@ def test_lpips_zero_for_identical_and_grows_with_noise():
 
 def test_shape_mismatch_is_a_clear_error():
     x, ref = _pair()
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="one size"):
         metrics.psnr(x[:, :16], ref)
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.ssim(x[:, :16], ref)
 
 
 def test_lpips_refuses_images_too_small_and_all_metrics_leaves_it_out():
@@ -46,3 +48,14 @@ def test_lpips_refuses_images_too_small_and_all_metrics_leaves_it_out():
     with pytest.raises(ValueError, match="at least 32"):
         metrics.lpips(x, ref)
     assert set(metrics.all_metrics(x, ref)) == {"psnr", "ssim"}
+
+
+def test_psnr_equals_dm_pix_and_broadcasts_leading_axes():
+    import dm_pix
+
+    x, ref = _pair()
+    unit = lambda a: jnp.clip((a + 1) / 2, 0, 1)
+    np.testing.assert_allclose(metrics.psnr(x, ref), dm_pix.psnr(unit(ref), unit(x)), rtol=1e-5)
+    stacked = metrics.psnr(jnp.stack([x, ref, x]), ref)  # (L, B): one row per step size
+    assert stacked.shape == (3, 2) and np.isinf(np.asarray(stacked[1])).all()
+    np.testing.assert_allclose(stacked[0], metrics.psnr(x, ref))

@@ -97,16 +97,6 @@ def test_plan_orders_table1_first_and_ties_later_rows_to_its_sweeps():
     assert {j.config.warmup for j in jobs if j.table == "3"} == {2, 10}
 
 
-def test_psnr_helper_matches_dm_pix():
-    from spgd_jax import metrics
-
-    rng = np.random.default_rng(2)
-    ref = rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
-    x = np.clip(ref + rng.normal(0, 0.1, ref.shape), -1, 1).astype(np.float32)
-    np.testing.assert_allclose(quality.psnr(x, ref), np.asarray(metrics.psnr(jnp.asarray(x), jnp.asarray(ref))),
-                               rtol=1e-4)
-
-
 def test_step_size_column_names_the_spgd_schedule():
     spgd = lambda task: {"picked": 0.8, "config": dataclasses.asdict(presets.spgd_config(task))}
     assert quality._step_size(spgd("inpaint")) == "0.8"  # the paper's decay

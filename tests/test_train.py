@@ -1,12 +1,16 @@
-"""Tests for spgd_jax.train: DDPM maths, optimiser/EMA, resumable training, export, CLI errors.
+"""Tests for spgd_jax.train: DDPM maths, optimiser/EMA, the recipe knobs, K updates per call, resumable
+training (also from a copied run folder, as a lease hands it to the next), export with the model card and
+its loss plot, CLI errors.
 
 A one-level 8x8 UNet keeps compilation short; images are made in tmp_path (no shared data).
 The data-parallel path runs with however many local devices exist; test_two_devices_match_one
 re-runs it in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=2.
 """
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +23,7 @@ from PIL import Image
 from scipy.stats import norm
 
 from spgd_jax import train
-from spgd_jax.train import _diffusion, _state, _validation
+from spgd_jax.train import _checkpoints, _data, _diffusion, _export, _state, _validation
 from spgd_jax.io import checkpoint
 from spgd_jax.models.adm import UNet, UNetConfig
 
@@ -105,6 +109,59 @@ def test_learning_rate_warmup():
     assert float(constant(0)) == pytest.approx(1e-3)
 
 
+def test_learning_rate_cosine_decays_to_the_floor():
+    tcfg = train.TrainConfig(lr=1e-3, warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1, num_steps=24)
+    lr = _state.learning_rate(tcfg)
+    np.testing.assert_allclose([float(lr(s)) for s in range(4)], [2.5e-4, 5e-4, 7.5e-4, 1e-3], rtol=1e-6)
+    u = (np.arange(4, 30) - 4) / 20
+    expected = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * np.minimum(u, 1))))
+    np.testing.assert_allclose([float(lr(s)) for s in range(4, 30)], expected, rtol=1e-5)
+    assert float(lr(14)) == pytest.approx(0.55e-3, rel=1e-5) and float(lr(10**6)) == pytest.approx(1e-4, rel=1e-5)
+    longer = _state.learning_rate(dataclasses.replace(tcfg, decay_steps=44))  # the horizon, not num_steps
+    assert float(longer(24)) == pytest.approx(0.55e-3, rel=1e-5)
+    assert _state.learning_rate(dataclasses.replace(tcfg, lr_schedule="constant"))(20) == pytest.approx(1e-3)
+
+
+def test_min_snr_loss_weights():
+    d = _diffusion.linear_schedule()
+    t = jnp.array([0, 100, 300, 999])
+    snr = d.alphas_cumprod[np.asarray(t)] / (1 - d.alphas_cumprod[np.asarray(t)])
+    w = np.asarray(_diffusion.loss_weights(d, t, 5.0))
+    np.testing.assert_allclose(w, np.minimum(snr, 5.0) / snr, rtol=1e-6)
+    assert w[0] < 1e-3 and w[-1] == 1.0 and np.all(np.diff(w) >= 0)
+    assert _diffusion.loss_weights(d, t, None) is None
+    assert _diffusion.parse_loss_weighting("eps") is None and _diffusion.parse_loss_weighting("min-snr-5") == 5.0
+    for bad in ("min-snr-0", "min-snr-x", "snr", "min-snr-inf"):
+        with pytest.raises(ValueError, match="loss_weighting"):
+            train.TrainConfig(loss_weighting=bad)
+    # The weights scale the eps MSE image by image (a stand-in network: eps_hat = x_t / 2).
+    class Half:
+        config = TINY
+
+        def apply(self, variables, x, t, train=False, rngs=None):
+            return x / 2
+
+    x0 = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 3), minval=-1, maxval=1)
+    noise = jax.random.normal(jax.random.PRNGKey(2), x0.shape)
+    plain = _diffusion.per_image_loss(Half(), d, None, x0, t, noise, None)
+    weighted = _diffusion.per_image_loss(Half(), d, None, x0, t, noise, None, jnp.asarray(w))
+    assert np.all(np.asarray(plain) > 0.1)
+    np.testing.assert_allclose(np.asarray(weighted), w * np.asarray(plain), rtol=1e-5)
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_flip_setting_is_honoured(flip, monkeypatch):
+    calls = []
+    real = _data.random_flip
+    monkeypatch.setattr(_data, "random_flip", lambda key, x: calls.append(x.shape) or real(key, x))
+    tcfg = train.TrainConfig(batch_size=2, flip=flip)
+    model, tx = UNet(TINY), _state.make_optimizer(tcfg)
+    state = jax.eval_shape(lambda: _state.init_state(model, tx, jax.random.PRNGKey(0)))
+    jax.eval_shape(_state.make_train_step(model, _diffusion.linear_schedule(), tx, tcfg), state,
+                   jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.uint8))
+    assert calls == ([(2, 8, 8, 3)] if flip else [])
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="batch_size"):
         train.TrainConfig(batch_size=0)
@@ -112,6 +169,41 @@ def test_config_validation():
         train.TrainConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="square"):
         train.TrainConfig(num_samples=5)
+    with pytest.raises(ValueError, match="steps_per_call"):
+        train.TrainConfig(steps_per_call=0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train.TrainConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        train.TrainConfig(min_lr_ratio=1.5)
+    with pytest.raises(ValueError, match="decay_steps"):
+        train.TrainConfig(decay_steps=0)
+    with pytest.raises(ValueError, match="flip"):
+        train.TrainConfig(flip="yes")
+
+
+def test_recipe_of_old_metadata_and_resume_checks():
+    """Metadata written before the recipe fields existed reads as today's defaults (that recipe); a
+    resumed run must keep its recipe, the cosine horizon included."""
+    old_train = {k: v for k, v in dataclasses.asdict(train.TrainConfig()).items()
+                 if k not in ("steps_per_call", "lr_schedule", "min_lr_ratio", "decay_steps", "flip", "loss_weighting")}
+    assert _state.recipe(old_train) == _state.recipe(dataclasses.asdict(train.TrainConfig(steps_per_call=50)))
+    assert _state.recipe(old_train)["flip"] is True and _state.recipe(old_train)["loss_weighting"] == "eps"
+
+    def meta(**fields):
+        return {"model": {"a": 1}, "train": dataclasses.asdict(train.TrainConfig(**fields)),
+                "split": {"every": 50, "offset": 7}, "num_train": 10, "num_val": 1}
+
+    _checkpoints.check_resumable({**meta(), "train": old_train}, meta(num_steps=9, steps_per_call=8))
+    for changed, message in [({"flip": False}, "train.flip differs"),
+                             ({"loss_weighting": "min-snr-5"}, "train.loss_weighting differs"),
+                             ({"lr_schedule": "cosine"}, "train.lr_schedule differs")]:
+        with pytest.raises(ValueError, match=message):
+            _checkpoints.check_resumable({**meta(), "train": old_train}, meta(**changed))
+    cosine = dict(lr_schedule="cosine", num_steps=1000)
+    _checkpoints.check_resumable(meta(**cosine), meta(**cosine, time_limit_minutes=5.0))
+    _checkpoints.check_resumable(meta(**cosine), meta(lr_schedule="cosine", num_steps=2000, decay_steps=1000))
+    with pytest.raises(ValueError, match="train.decay_horizon differs"):
+        _checkpoints.check_resumable(meta(**cosine), meta(lr_schedule="cosine", num_steps=2000))
 
 
 def test_overfitting_a_batch_lowers_the_fixed_validation_loss():
@@ -152,17 +244,31 @@ def _image_folder(root: Path) -> Path:
     return root
 
 
+def _hand_over(run: Path, to: Path) -> None:
+    """What weights/train_gpu.sh returns from a lease and the next one resumes (pack_run): the latest
+    checkpoint, metrics.jsonl, validation_split.txt."""
+    latest = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    shutil.copytree(run / "checkpoints" / str(latest), to / "checkpoints" / str(latest))
+    for name in ("metrics.jsonl", "validation_split.txt"):
+        shutil.copy(run / name, to / name)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """An uninterrupted 4-step run A, and run B: 2 steps, then resumed to 4."""
+    """An uninterrupted 4-step run A (one update per call); run B: 2 steps, handed over to a new folder as
+    between two leases, and resumed there to 4; run C: A's 4 updates in one call (steps_per_call=4)."""
     tmp = tmp_path_factory.mktemp("runs")
     folder = _image_folder(tmp / "images")
     quiet = lambda message: None
     a = train.train(folder, tmp / "a", TINY_E2E, train.TrainConfig(num_steps=4, **TINY_TRAIN), tmp / "cache", log=quiet)
     b2 = train.train(folder, tmp / "b", TINY_E2E, train.TrainConfig(num_steps=2, **TINY_TRAIN), tmp / "cache", log=quiet)
     b2 = jax.tree.map(np.asarray, b2)
-    b4 = train.train(folder, tmp / "b", TINY_E2E, train.TrainConfig(num_steps=4, **TINY_TRAIN), tmp / "cache", log=quiet)
-    return {"tmp": tmp, "folder": folder, "a": a, "b2": b2, "b4": b4}
+    _hand_over(tmp / "b", tmp / "b_next")
+    b4 = train.train(folder, tmp / "b_next", TINY_E2E, train.TrainConfig(num_steps=4, **TINY_TRAIN), tmp / "cache",
+                     log=quiet)
+    c = train.train(folder, tmp / "c", TINY_E2E, train.TrainConfig(num_steps=4, steps_per_call=4, **TINY_TRAIN),
+                    tmp / "cache", log=quiet)
+    return {"tmp": tmp, "folder": folder, "a": a, "b2": b2, "b4": b4, "c": c}
 
 
 def test_resume_is_bit_identical_to_uninterrupted_training(runs):
@@ -173,8 +279,22 @@ def test_resume_is_bit_identical_to_uninterrupted_training(runs):
     assert not _leaves_equal(a.params, a.ema_params)
 
 
+def test_k_updates_per_call_equal_k_calls(runs):
+    """steps_per_call=4 (one compiled call: a lax.scan gathering the batches from the training set on the
+    device) gives the result of 4 calls of one update, to float32 round-off; and it did train."""
+    a, c = runs["a"], runs["c"]
+    assert int(c.step) == 4
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    assert not _leaves_equal(c.params, runs["b2"].params)
+    records = [json.loads(line) for line in (runs["tmp"] / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [4] and [r["step"] for r in records if "val_loss" in r] == [4]
+    meta = train.export(runs["tmp"] / "c", runs["tmp"] / "w_c")
+    assert meta["train_loss_updates"] == 4 and meta["train"]["steps_per_call"] == 4 and meta["train"]["flip"] is True
+
+
 def test_run_folder_contents(runs):
-    run = runs["tmp"] / "b"
+    run = runs["tmp"] / "b_next"
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
@@ -203,7 +323,15 @@ def test_export_writes_ema_weights_and_card(runs, tmp_path):
     assert _leaves_equal(params, runs["a"].ema_params)
     text = card.read_text()
     assert "prose stays" in text and text.endswith("tail\n") and "old numbers" not in text
-    assert "| training updates | 4 at batch 4" in text and f"{meta['num_params']:,} parameters" in text
+    assert "| training updates | 4 at batch 4 (1.3 epochs of 12 images)" in text
+    assert f"{meta['num_params']:,} parameters" in text
+    assert "| data | 12 training and 1 validation images (every 50th file from index 7 held out) from `images` |" in text
+    assert "| objective | eps MSE; random horizontal flips |" in text
+    assert "(linear warm-up 2 steps, then constant)" in text
+    assert meta["images_per_s"] > 0 and f"| throughput | {meta['images_per_s']:,.0f} training images/s" in text
+    assert f"| final validation loss | {meta['val_loss']:.4f}" in text
+    assert "![loss curves](w_loss.png)" in text and f"the last {meta['val_loss']:.4f} at update 4" in text
+    assert Image.open(tmp_path / "w_loss.png").size == (700, 400)
     assert (tmp_path / "validation_split.txt").read_text() == "07.png\n"
     with pytest.raises(FileExistsError):
         train.export(runs["tmp"] / "a", tmp_path / "w")
@@ -214,6 +342,33 @@ def test_export_writes_ema_weights_and_card(runs, tmp_path):
         train.export(runs["tmp"] / "a", tmp_path / "w3", tmp_path / "bad.md")
     with pytest.raises(ValueError, match="no checkpoint at step 3"):
         train.export(runs["tmp"] / "a", tmp_path / "w4", step=3)
+
+
+def test_card_rows_of_the_recipe_and_sources(runs, tmp_path):
+    meta = train.export(runs["tmp"] / "a", tmp_path / "w")
+    meta.update(sources={"celeba": 9800, "utkface": 9585}, data="/x/faces64", images_per_s=None,
+                train={**meta["train"], "lr_schedule": "cosine", "min_lr_ratio": 0.05, "decay_steps": 60000,
+                       "flip": False, "loss_weighting": "min-snr-5"})
+    card = tmp_path / "card.md"
+    card.write_text(f"{train.CARD_BEGIN}\n{train.CARD_END}\n")
+    _export._update_card(card, meta, tmp_path / "default64", {"training loss": ([], []), "validation loss": ([], [])})
+    text = card.read_text()
+    assert "from `faces64`: celeba 9,800, utkface 9,585 |" in text
+    assert "| objective | eps MSE, weighted by min(SNR, 5) / SNR (min-SNR-5); no augmentation |" in text
+    assert "then cosine decay to 0.05 x lr at update 60,000)" in text
+    assert "| throughput | not measured |" in text and "loss curves" not in text
+    assert not (tmp_path / "default64_loss.png").exists()
+
+
+def test_loss_curves_from_metrics_with_a_restart(tmp_path):
+    records = [{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.8}, {"step": 2, "val_loss": 0.7},
+               {"step": 3, "loss": 0.6}, {"step": 4, "loss": 0.5},  # a session killed before saving step 4
+               {"step": 3, "loss": 0.61}, {"step": 4, "val_loss": 0.4}, {"step": 5, "loss": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({**r, "wall_s": 0}) + "\n" for r in records)
+                                            + '{"step": 6, "lo')
+    curves = _export.loss_curves(tmp_path, up_to=4)
+    assert curves == {"training loss": ([1, 2, 3], [0.9, 0.8, 0.61]), "validation loss": ([2, 4], [0.7, 0.4])}
+    assert _export.loss_curves(tmp_path / "nothing", 4) == {"training loss": ([], []), "validation loss": ([], [])}
 
 
 def test_init_starts_a_new_run_from_weights(runs, tmp_path):
@@ -255,7 +410,8 @@ def test_time_limit_stops_early_with_validation_and_checkpoint(runs, tmp_path):
 
 
 def test_two_devices_match_one(runs, tmp_path):
-    """Data parallel over 2 host devices gives the 1-device result (up to reduction order)."""
+    """Data parallel over 2 host devices, 2 updates per call (the batches gathered and split on the devices),
+    gives the 1-device result of one update per call (up to reduction order)."""
     code = (
         "import json, sys, jax; assert len(jax.local_devices()) == 2, jax.local_devices()\n"
         "from spgd_jax import train; from spgd_jax.models.adm import UNetConfig\n"
@@ -263,7 +419,8 @@ def test_two_devices_match_one(runs, tmp_path):
         "train.train(sys.argv[1], sys.argv[2], model, tcfg, sys.argv[3], log=lambda m: None)\n")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", code, str(runs["folder"]), str(tmp_path / "run"), str(runs["tmp"] / "cache"),
-                    json.dumps(TINY_E2E.to_dict()), json.dumps({**TINY_TRAIN, "num_steps": 2})], check=True, env=env)
+                    json.dumps(TINY_E2E.to_dict()), json.dumps({**TINY_TRAIN, "num_steps": 2, "steps_per_call": 2})],
+                   check=True, env=env)
     train.export(tmp_path / "run", tmp_path / "w")
     two, _ = checkpoint.load(tmp_path / "w")
     for x, y in zip(jax.tree.leaves(two), jax.tree.leaves(runs["b2"].ema_params), strict=True):

@@ -1,4 +1,5 @@
-"""Pictures of runs: gradient angles, learning-rate sweeps, x0_hat videos; every file written atomically.
+"""Pictures of runs: gradient angles, learning-rate sweeps, x0_hat videos, training curves; every file
+written atomically.
 
 matplotlib and Pillow are imported on use, and only here (and in spgd_jax.io.images).
 """
@@ -13,7 +14,7 @@ import numpy as np
 from spgd_jax.io.files import atomic_write
 from spgd_jax.samplers.diagnostics import NAMES
 
-__all__ = ["METRIC_LABELS", "plot_angles", "plot_sweep", "save_figure", "save_gif", "sweep_figure"]
+__all__ = ["METRIC_LABELS", "plot_angles", "plot_curve", "plot_sweep", "save_figure", "save_gif", "sweep_figure"]
 
 _LABELS = {
     "likelihood_vs_denoising": "likelihood g vs denoising D(x)-x",
@@ -114,3 +115,33 @@ def sweep_figure(lrs: Sequence[float], summaries: Sequence[dict], title: str):
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def plot_curve(path: str | os.PathLike, curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+               xlabel: str, ylabel: str, title: str = "", log_y: bool = False) -> None:
+    """A PNG of one or more curves {label: (x, y)} on one axis (points drawn where a curve has few), written
+    atomically; non-finite (and, with log_y, non-positive) values are left out; no curve with a value
+    left: the axis says so."""
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axis = figure.subplots()
+    drawn = False
+    for label, (x, y) in curves.items():
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        keep = np.isfinite(x) & np.isfinite(y) & ((y > 0) if log_y else True)
+        if keep.any():
+            axis.plot(x[keep], y[keep], marker="o" if keep.sum() <= 30 else None, markersize=3, label=label)
+            drawn = True
+    if drawn:
+        if log_y:
+            axis.set_yscale("log")
+        axis.legend(fontsize=8, loc="best")
+    else:
+        axis.text(0.5, 0.5, "no finite values to show", ha="center", va="center", transform=axis.transAxes)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    if title:
+        axis.set_title(title, fontsize=9)
+    save_figure(figure, path)

@@ -10,25 +10,32 @@
 
 Training is standard DDPM epsilon prediction (Ho et al. 2020, guided-diffusion conventions): linear
 betas 1e-4 .. 0.02 over T = 1000 steps, t ~ U{0..T-1}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
-loss = mean (eps - eps_hat)^2 per image; with `learn_sigma` the guided-diffusion hybrid loss adds the
-variational bound term (in bits/dim) for the learned variance with the mean's gradient stopped.
-Adam with linear learning-rate warm-up, global-norm gradient clipping, an EMA of the weights with
-decay min(ema_decay, (1 + s) / (10 + s)) at update s.
+loss = mean (eps - eps_hat)^2 per image (loss_weighting "min-snr-G": times min(SNR_t, G) / SNR_t); with
+`learn_sigma` the guided-diffusion hybrid loss adds the variational bound term (in bits/dim) for the
+learned variance with the mean's gradient stopped.  Random horizontal flips (flip).  Adam with linear
+learning-rate warm-up, then a constant rate or a cosine decay to a floor (lr_schedule, min_lr_ratio,
+decay_steps), global-norm gradient clipping, an EMA of the weights with decay min(ema_decay, (1 + s) /
+(10 + s)) at update s.  The defaults are the recipe of weights/default64.
+
+The training set is put on the devices once; each compiled call does steps_per_call updates (a lax.scan
+that gathers its batches there from indices sent once per call), so a GPU is not held up by the host.
 
 The run folder holds resumable orbax checkpoints (`checkpoints/`), `metrics.jsonl`, sample grids
 (`samples/step_XXXXXXXX.png`) and `validation_split.txt`; re-running the same command continues
 from the latest checkpoint with bit-identical results to an uninterrupted run (data order, noise,
-flips and dropout are functions of (seed, step)).  SIGINT / SIGTERM save a checkpoint and exit.
-Several local devices are used data-parallel (batch sharded over `spgd_jax.sharding.batch_mesh`,
-weights replicated); the code is the same on CPU and GPU.  To exercise that path on a CPU:
-XLA_FLAGS=--xla_force_host_platform_device_count=2.
+flips and dropout are functions of (seed, step)), also on another machine given the latest checkpoint,
+metrics.jsonl and validation_split.txt (weights/train_gpu.sh hands a run from one GPU lease to the next
+so).  A resumed run keeps its recipe (`_state.recipe`; a change is refused).  SIGINT / SIGTERM save a
+checkpoint and exit.  Several local devices are used data-parallel (batch sharded over
+`spgd_jax.sharding.batch_mesh`, weights and the training set replicated); the code is the same on CPU
+and GPU.  To exercise that path on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2.
 
 Modules: _args (the command line's arguments, --model presets, --set), _data (image folder: list,
 split, decode, cache, batch order, flips), _diffusion (schedule, forward process, loss, monitoring
-samples), _state (TrainConfig, TrainState, optimiser, EMA, the train step), _validation (the fixed
-validation loss), _checkpoints (the run's orbax checkpoints and metadata), _report (progress line,
-metrics.jsonl, sample grids), _loop (the run: start or resume, the update loop), _export (weights and
-model card).
+samples), _state (TrainConfig, the recipe, TrainState, optimiser, EMA, the train steps), _validation
+(the fixed validation loss), _checkpoints (the run's orbax checkpoints and metadata), _report (progress
+line, metrics.jsonl, sample grids), _loop (the run: start or resume, the update loop), _export (weights,
+model card and its loss plot).
 """
 
 from __future__ import annotations

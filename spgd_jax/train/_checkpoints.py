@@ -17,10 +17,10 @@ from jax.sharding import NamedSharding
 
 from spgd_jax.models.adm import UNet, UNetConfig
 from spgd_jax.train._data import Split
-from spgd_jax.train._state import RESUME_INVARIANT, TrainConfig, TrainState, init_state, make_optimizer
+from spgd_jax.train._state import TrainConfig, TrainState, init_state, make_optimizer, recipe
 
 # Metadata carried over from the checkpoint a run resumes from (the rest describes this session's settings).
-CARRIED_OVER = ("train_seconds", "hardware", "train_loss", "val_loss", "init")
+CARRIED_OVER = ("train_seconds", "hardware", "train_loss", "train_loss_updates", "val_loss", "init", "images_per_s")
 
 
 def manager(run: Path, read_only: bool = False) -> ocp.CheckpointManager:
@@ -32,12 +32,14 @@ def manager(run: Path, read_only: bool = False) -> ocp.CheckpointManager:
 
 
 def new_meta(model_config: UNetConfig, tcfg: TrainConfig, data_dir: str | os.PathLike, split: Split,
-             num_train: int, num_val: int) -> dict:
-    """The metadata of a run that has not trained yet."""
+             num_train: int, num_val: int, sources: dict[str, int] | None = None) -> dict:
+    """The metadata of a run that has not trained yet.  sources: images per top-level data folder.
+    images_per_s: the training throughput of the latest session that trained (compilation excluded)."""
     return {"model": model_config.to_dict(), "train": dataclasses.asdict(tcfg),
-            "data": str(Path(data_dir).resolve()), "split": dataclasses.asdict(split),
+            "data": str(Path(data_dir).resolve()), "sources": sources or {}, "split": dataclasses.asdict(split),
             "num_train": num_train, "num_val": num_val,
-            "train_seconds": 0.0, "hardware": [], "train_loss": None, "val_loss": None, "init": None}
+            "train_seconds": 0.0, "hardware": [], "train_loss": None, "train_loss_updates": None, "val_loss": None,
+            "init": None, "images_per_s": None}
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: TrainState, meta: dict) -> None:
@@ -66,9 +68,10 @@ def check_resumable(old: dict, new: dict) -> None:
     if old["model"] != new["model"]:
         diff = {k: (old["model"].get(k), v) for k, v in new["model"].items() if old["model"].get(k) != v}
         problems.append(f"model config differs (checkpoint, now): {diff}")
-    for k in RESUME_INVARIANT:
-        if old["train"][k] != new["train"][k]:
-            problems.append(f"train.{k} differs: checkpoint {old['train'][k]!r}, now {new['train'][k]!r}")
+    old_recipe, new_recipe = recipe(old["train"]), recipe(new["train"])
+    for k in sorted(set(old_recipe) | set(new_recipe)):
+        if old_recipe.get(k) != new_recipe.get(k):
+            problems.append(f"train.{k} differs: checkpoint {old_recipe.get(k)!r}, now {new_recipe.get(k)!r}")
     for k in ("split", "num_train", "num_val"):
         if old[k] != new[k]:
             problems.append(f"{k} differs: checkpoint {old[k]!r}, now {new[k]!r}")

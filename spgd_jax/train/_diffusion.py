@@ -91,9 +91,34 @@ def vb_terms_bpd(diffusion: Diffusion, eps: jax.Array, var_values: jax.Array, x0
     return jnp.where(t == 0, nll, kl) / np.log(2.0)
 
 
+def parse_loss_weighting(spec: str) -> float | None:
+    """The gamma of a loss weighting "min-snr-G" (G > 0), None for "eps" (no weighting); ValueError otherwise."""
+    if spec == "eps":
+        return None
+    gamma = None
+    if isinstance(spec, str) and spec.startswith("min-snr-"):
+        try:
+            gamma = float(spec[len("min-snr-"):])
+        except ValueError:
+            pass
+    if gamma is None or not gamma > 0 or not np.isfinite(gamma):
+        raise ValueError(f"loss_weighting must be 'eps' or 'min-snr-G' with G > 0 (e.g. 'min-snr-5'), got {spec!r}")
+    return gamma
+
+
+def loss_weights(diffusion: Diffusion, t: jax.Array, gamma: float | None) -> jax.Array | None:
+    """Min-SNR-gamma weights of the eps MSE at timesteps t (B,): min(SNR_t, gamma) / SNR_t with
+    SNR_t = abar_t / (1 - abar_t) (1 where SNR_t <= gamma: the noisier timesteps), None for gamma None."""
+    if gamma is None:
+        return None
+    abar = np.asarray(diffusion.alphas_cumprod, np.float64)
+    snr = abar / (1.0 - abar)
+    return jnp.asarray(np.minimum(snr, gamma) / snr, jnp.float32)[t]
+
+
 def per_image_loss(model: UNet, diffusion: Diffusion, params, x0: jax.Array, t: jax.Array,
-                   noise: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
-    """DDPM training loss per image (B,): eps MSE (+ VB term with learn_sigma).
+                   noise: jax.Array, dropout_key: jax.Array | None, mse_weights: jax.Array | None = None) -> jax.Array:
+    """DDPM training loss per image (B,): eps MSE (times mse_weights (B,), if given) (+ VB term with learn_sigma).
 
     x0, noise (B, H, W, C) in [-1, 1] / N(0, 1); t int (B,) in [0, T); dropout on iff dropout_key.
     """
@@ -105,6 +130,8 @@ def per_image_loss(model: UNet, diffusion: Diffusion, params, x0: jax.Array, t: 
     c = x0.shape[-1]
     eps = out[..., :c]
     loss = jnp.mean((noise - eps) ** 2, axis=(1, 2, 3))
+    if mse_weights is not None:
+        loss = mse_weights * loss
     if model.config.learn_sigma:
         loss = loss + vb_terms_bpd(diffusion, jax.lax.stop_gradient(eps), out[..., c:], x0, x_t, t)
     return loss

@@ -1,8 +1,10 @@
 """The training run: start (fresh, from --init weights, or resumed), then update until done, validating,
 sampling, logging and checkpointing on the way.
 
-The batch is split over the local devices (a 1-D `spgd_jax.sharding.batch_mesh`), the weights and
-optimiser state are replicated; the code is the same on CPU and GPU.
+The training set goes to the devices once; each call of the compiled update does tcfg.steps_per_call
+updates, gathering its batches there.  The batch is split over the local devices (a 1-D
+`spgd_jax.sharding.batch_mesh`), the weights, optimiser state and training set are replicated; the code
+is the same on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from spgd_jax.train import _data as data
 from spgd_jax.train import _report as report
 from spgd_jax.train._diffusion import linear_schedule, per_image_loss, sample_images
 from spgd_jax.train._state import (RESUME_INVARIANT, TrainConfig, TrainState, init_state, learning_rate,
-                                   make_optimizer, make_train_step)
+                                   make_optimizer, make_train_steps)
 from spgd_jax.train._validation import Validation, make_validation, validation_loss
 
 
@@ -60,7 +62,8 @@ def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNe
     run.mkdir(parents=True, exist_ok=True)
     mngr = checkpoints.manager(run)
     try:
-        meta = checkpoints.new_meta(model_config, tcfg, data_dir, split, len(train_names), len(val_names))
+        meta = checkpoints.new_meta(model_config, tcfg, data_dir, split, len(train_names), len(val_names),
+                                    data.source_counts(names))
         resume_step = mngr.latest_step()
         init_params = None if init is None else _init_params(init, model_config, run, resume_step)
         if init is not None:
@@ -77,8 +80,7 @@ def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNe
         size = model_config.image_size
         train_images, _ = data.load_folder(data_dir, train_names, size, cache_dir, log)
         val_images, _ = data.load_folder(data_dir, val_names, size, cache_dir, log)
-        fns = _compiled(model_config, dataclasses.replace(TrainConfig(), **{k: getattr(tcfg, k) for k in COMPILE_KEYS}),
-                        tuple(devices))
+        fns = _compiled(model_config, _compile_config(tcfg), tuple(devices))
         if resume_step is None:
             state = init_state(UNet(model_config), make_optimizer(tcfg), jax.random.PRNGKey(tcfg.seed), init_params)
             if init is not None:
@@ -90,7 +92,8 @@ def train(data_dir: str | os.PathLike, run: str | os.PathLike, model_config: UNe
         num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
         log(f"model: {num_params:,} parameters ({num_params * 4 / 1e6:.1f} MB float32); "
             f"{len(train_images)} training / {len(val_images)} validation images; {hardware}")
-        return _updates(state, run, mngr, meta, tcfg, fns, train_images, make_validation(val_images, linear_schedule()),
+        dataset = jax.device_put(train_images, fns.replicated)  # once: batches are gathered on the device
+        return _updates(state, run, mngr, meta, tcfg, fns, dataset, make_validation(val_images, linear_schedule()),
                         progress, log)
     finally:
         mngr.close()
@@ -112,10 +115,15 @@ def _init_params(init: str | os.PathLike, model_config: UNetConfig, run: Path, r
 
 
 def _updates(state: TrainState, run: Path, mngr, meta: dict, tcfg: TrainConfig, fns: _Functions,
-             train_images: np.ndarray, val: Validation, progress: report.Progress,
+             dataset: jax.Array, val: Validation, progress: report.Progress,
              log: Callable[[str], None]) -> TrainState:
-    """The update loop from `state` to tcfg.num_steps (or the time limit, or SIGINT/SIGTERM); checkpoints
-    at the end and every tcfg.checkpoint_minutes. Returns the last state."""
+    """The update loop from `state` to tcfg.num_steps (or the time limit, or SIGINT/SIGTERM), in calls of
+    tcfg.steps_per_call updates on the training set `dataset` (uint8, on the devices); checkpoints at the
+    end and every tcfg.checkpoint_minutes. Returns the last state.
+
+    The host stays at most one call ahead of the device: after queueing call i it waits for call i-1, so
+    the next call's batch indices are computed while the device works, and the time limit and images/s
+    measure the device's progress.  Losses are read back only when a metrics record is written."""
     lr_fn = learning_rate(tcfg)
     stop = {"signal": None}
 
@@ -124,11 +132,14 @@ def _updates(state: TrainState, run: Path, mngr, meta: dict, tcfg: TrainConfig, 
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics_log = report.MetricsLog(run)
+    num_train = int(dataset.shape[0])
     step = int(state.step)
-    last_save_time = time.monotonic()
-    interval_start, interval_losses, segment_start = time.monotonic(), [], time.monotonic()
-    first_step = True
+    last_save_time = segment_start = time.monotonic()
     base_seconds = meta["train_seconds"]
+    clock = _TrainingClock()          # training time of this session, compilation and events excluded
+    interval: list[dict] = []         # metrics of the calls since the last record (device arrays (k,))
+    previous = None                   # the call before the latest one, until it has been waited for
+    compiled = False
 
     def wall_s() -> float:
         return base_seconds + time.monotonic() - segment_start
@@ -141,40 +152,61 @@ def _updates(state: TrainState, run: Path, mngr, meta: dict, tcfg: TrainConfig, 
     deadline = None if tcfg.time_limit_minutes is None else time.monotonic() + 60 * tcfg.time_limit_minutes
     try:
         while step < tcfg.num_steps and stop["signal"] is None:
-            last = step + 1 == tcfg.num_steps or (deadline is not None and time.monotonic() > deadline)
-            images = jax.device_put(train_images[data.batch_indices(tcfg.seed, step, len(train_images),
-                                                                    tcfg.batch_size)], fns.sharded)
-            state, metrics = fns.step(state, images)
-            step += 1
-            if first_step:  # includes compilation: reported once, kept out of images/s
-                log(f"step {step}: loss {float(metrics['loss']):.4f} (first step of this session, with "
-                    f"compilation: {time.monotonic() - interval_start:.1f} s)")
-                first_step, interval_start = False, time.monotonic()
+            k = min(tcfg.steps_per_call, tcfg.num_steps - step)
+            indices = jax.device_put(data.batch_indices_block(tcfg.seed, step, k, num_train, tcfg.batch_size),
+                                     fns.indices)
+            call_start = time.monotonic()
+            state, metrics = fns.steps(state, dataset, indices)
+            before, step = step, step + k
+            interval.append(metrics)
+            if not compiled:  # the first call includes compilation: reported once, kept out of images/s
+                log(f"step {step}: loss {float(metrics['loss'][-1]):.4f} (first call of this session: {k} "
+                    f"update(s) with compilation, {time.monotonic() - call_start:.1f} s)")
+                compiled = True
+                clock.start()
             else:
-                interval_losses.append(metrics["loss"])
-            if interval_losses and (step % tcfg.log_every == 0 or last or progress.tty):
-                loss = float(np.mean([float(v) for v in interval_losses]))
-                now = time.monotonic()
-                ips = len(interval_losses) * tcfg.batch_size / max(now - interval_start, 1e-9)
+                clock.add_images(k * tcfg.batch_size)
+                if previous is not None:
+                    jax.block_until_ready(previous)
+                previous = metrics
+            last = step >= tcfg.num_steps or (deadline is not None and time.monotonic() > deadline)
+
+            def crossed(every: int) -> bool:
+                return step // every > before // every
+
+            record = crossed(tcfg.log_every) or last
+            if interval and (record or progress.tty):
+                losses = np.concatenate([np.asarray(m["loss"]) for m in interval])  # waits for the device
+                clock.stop()
+                ips = clock.interval_rate()  # nan for the first call alone (compilation)
+                if clock.session_images:
+                    meta["images_per_s"] = round(clock.session_rate(), 2)
+                loss = float(np.mean(losses))
                 progress.update(step, loss, ips, float(lr_fn(step - 1)))
-                if step % tcfg.log_every == 0 or last:
-                    meta["train_loss"] = loss
-                    metrics_log.record(step, wall_s(), loss=loss, images_per_s=round(ips, 2),
-                                       grad_norm=float(metrics["grad_norm"]))
-                interval_start, interval_losses = time.monotonic(), []
-            if step % tcfg.val_every == 0 or last:
+                if record:
+                    meta["train_loss"], meta["train_loss_updates"] = loss, len(losses)
+                    rate = {} if np.isnan(ips) else {"images_per_s": round(ips, 2)}
+                    metrics_log.record(step, wall_s(), loss=loss, **rate,
+                                       grad_norm=float(np.asarray(interval[-1]["grad_norm"])[-1]))
+                interval, previous = [], None
+                clock.start(new_interval=True)
+            if crossed(tcfg.val_every) or last:
+                clock.stop(state.step)
                 meta["val_loss"] = validation_loss(fns.loss_batch, state.ema_params, val, tcfg.batch_size,
                                                    lambda x: jax.device_put(x, fns.sharded))
                 metrics_log.record(step, wall_s(), val_loss=meta["val_loss"])
                 log(f"step {step}: validation loss (EMA weights, {len(val.images)} images) "
                     f"{meta['val_loss']:.5f}")
-                interval_start = time.monotonic()
-            if step % tcfg.sample_every == 0 or last:
+                clock.start()
+            if crossed(tcfg.sample_every) or last:
+                clock.stop(state.step)
                 report.write_sample_grid(run, step, np.asarray(fns.sample(state.ema_params, jax.random.PRNGKey(1))))
-                interval_start = time.monotonic()
+                clock.start()
             if time.monotonic() - last_save_time > 60 * tcfg.checkpoint_minutes:
+                clock.stop(state.step)
                 save()
-                last_save_time = interval_start = time.monotonic()
+                last_save_time = time.monotonic()
+                clock.start()
             if last and step < tcfg.num_steps:
                 log(f"time limit of {tcfg.time_limit_minutes:g} min reached at step {step}; run the same "
                     f"command to continue")
@@ -190,29 +222,76 @@ def _updates(state: TrainState, run: Path, mngr, meta: dict, tcfg: TrainConfig, 
     return state
 
 
+class _TrainingClock:
+    """Seconds and images of training, in the current metrics interval and in the whole session; stop()
+    and start() bracket the work that is not training (stop waits for the device first, so that no call
+    in flight is billed to the pause)."""
+
+    def __init__(self):
+        self.running_since = None
+        self.interval_seconds = self.session_seconds = 0.0
+        self.interval_images = self.session_images = 0
+
+    def start(self, new_interval: bool = False) -> None:
+        if new_interval:
+            self.interval_seconds, self.interval_images = 0.0, 0
+        self.running_since = time.monotonic()
+
+    def stop(self, wait_for=None) -> None:
+        """Stops the clock once `wait_for` (the latest call's output) is computed."""
+        if self.running_since is not None:
+            jax.block_until_ready(wait_for)
+            elapsed = time.monotonic() - self.running_since
+            self.interval_seconds += elapsed
+            self.session_seconds += elapsed
+            self.running_since = None
+
+    def add_images(self, n: int) -> None:
+        self.interval_images += n
+        self.session_images += n
+
+    def interval_rate(self) -> float:
+        """Images per second in the current interval; nan when it has none (its calls compiled)."""
+        return self.interval_images / max(self.interval_seconds, 1e-9) if self.interval_images else float("nan")
+
+    def session_rate(self) -> float:
+        return self.session_images / max(self.session_seconds, 1e-9)
+
+
 class _Functions(NamedTuple):
-    replicated: NamedSharding     # weights, optimiser state
+    replicated: NamedSharding     # weights, optimiser state, the training set
     sharded: NamedSharding        # batch axis split over the devices
-    step: Callable                # (state, images uint8) -> (state, metrics); donates state
+    indices: NamedSharding        # (K, B) batch indices: the batch axis split over the devices
+    steps: Callable               # (state, dataset uint8, indices (K, B)) -> (state, metrics (K,)); donates state
     loss_batch: Callable          # (params, images uint8, t, noise) -> per-image loss (B,)
     sample: Callable              # (params, key) -> images (num_samples, S, S, C)
 
 
-COMPILE_KEYS = RESUME_INVARIANT + ("num_samples", "sample_steps")
+# The training settings the compiled functions depend on (the rest only steers the loop).
+COMPILE_KEYS = RESUME_INVARIANT + ("lr_schedule", "min_lr_ratio", "num_samples", "sample_steps")
+
+
+def _compile_config(tcfg: TrainConfig) -> TrainConfig:
+    """tcfg reduced to COMPILE_KEYS and the cosine horizon (other fields at their defaults), so that runs
+    differing only in the loop's settings (num_steps with a horizon that stays, steps_per_call, ...) share
+    their compilations."""
+    return dataclasses.replace(TrainConfig(), **{k: getattr(tcfg, k) for k in COMPILE_KEYS},
+                               decay_steps=tcfg.decay_horizon)
 
 
 @functools.lru_cache(maxsize=2)
 def _compiled(model_config: UNetConfig, tcfg: TrainConfig, devices: tuple) -> _Functions:
     """The jitted functions of a run on a 1-D data-parallel mesh over `devices`; cached, so that
-    a run resumed in the same process reuses the compilations (tcfg: only COMPILE_KEYS matter)."""
+    a run resumed in the same process reuses the compilations (tcfg: from _compile_config)."""
     mesh = sharding.batch_mesh(devices)
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXIS))
+    indices = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXIS))
     model, diffusion = UNet(model_config), linear_schedule()
-    step = jax.jit(make_train_step(model, diffusion, make_optimizer(tcfg), tcfg), donate_argnums=0,
-                   in_shardings=(replicated, sharded), out_shardings=(replicated, replicated))
+    steps = jax.jit(make_train_steps(model, diffusion, make_optimizer(tcfg), tcfg, sharded), donate_argnums=0,
+                    in_shardings=(replicated, replicated, indices), out_shardings=(replicated, replicated))
     loss_batch = jax.jit(lambda p, x, t, n: per_image_loss(model, diffusion, p, data.to_model_range(x), t, n, None),
                          in_shardings=(replicated, sharded, sharded, sharded), out_shardings=replicated)
     sample = jax.jit(functools.partial(sample_images, model, num_images=tcfg.num_samples,
                                        num_steps=tcfg.sample_steps), out_shardings=replicated)
-    return _Functions(replicated, sharded, step, loss_batch, sample)
+    return _Functions(replicated, sharded, indices, steps, loss_batch, sample)
