@@ -141,7 +141,7 @@ def save_resized_copies(folder: str | os.PathLike, out: str | os.PathLike, size:
                         quality: int = 88, log=print) -> list[str]:
     """Writes every image under `folder`, preprocessed as `load_folder` does (size x size RGB), to
     out/<its relative path with `suffix`>: a compact copy of a data set to carry to another machine
-    (64x64 WebP at quality 88: about 1.3 kB a face, as close to the source as JPEG at quality 92 at
+    (64x64 WebP at quality 88: about 1.25 kB a face, as close to the source as JPEG at quality 92 at
     about 2.3 kB).  The sorted order, hence the split, is that of the source when all names share one
     suffix.  Unreadable files are skipped with a notice; returns the names written."""
     from PIL import Image
@@ -160,8 +160,9 @@ def save_resized_copies(folder: str | os.PathLike, out: str | os.PathLike, size:
             log(f"notice: skipping unreadable image: {e}")
             return None
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, lambda stream: Image.fromarray(pixels).save(stream, format=Image.registered_extensions()[suffix],
-                                                                         quality=quality))
+        fmt = Image.registered_extensions()[suffix]
+        extra = {"method": 6} if fmt == "WEBP" else {}  # WebP's slowest, smallest encoding
+        atomic_write(target, lambda stream: Image.fromarray(pixels).save(stream, format=fmt, quality=quality, **extra))
         return target.relative_to(out).as_posix()
 
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
