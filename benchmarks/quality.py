@@ -48,7 +48,7 @@ import numpy as np
 from spgd_jax.io.compile_cache import enable_compilation_cache
 from spgd_jax import default_weights_path, make_denoiser, metrics, models, operators
 from spgd_jax.io import checkpoint, images
-from spgd_jax.samplers import DPSConfig, SPGDConfig, dps, initial_noise, presets, spgd
+from spgd_jax.samplers import DPSConfig, SPGDConfig, posterior_mean, presets, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,26 +159,22 @@ def make_program(unet_config, operator, config, x_shape, dtype: str, samples: in
     """jit((unet_params, y, op_params, keys, values (L,)) -> (x (L, B, H, W, C), diverged (L, B))).
 
     unet_config: the network's config (any registered family's; the prior's is an ADM UNetConfig).
-    samples > 1: x is the mean of that many samples per image (sample 0 from the image's key, the
-    same as with samples = 1; sample j from fold_in(key, j)); diverged if any of them diverged."""
+    samples > 1: x is the posterior mean of that many samples per image (sample 0 from the image's key,
+    the same as with samples = 1; sample j from fold_in(key, j)) over those that did not diverge
+    (spgd_jax.samplers.posterior_mean); diverged if every one of them diverged."""
 
     def program(unet_params, y, op_params, keys, values):
         denoiser = make_denoiser(unet_config, unet_params, dtype=dtype)
 
         def one_sample(sample_keys):
-            x_init = initial_noise(sample_keys, None, x_shape, config.sigma_max)
-            if isinstance(config, SPGDConfig):
-                run = lambda v: spgd(denoiser, operator.forward, y, x_init, config, op_params, lr=v)
-            else:
-                run = lambda v: dps(denoiser, operator.forward, y, x_init, config, op_params, zeta=v)
-            result = jax.vmap(run)(values)
+            result = sweep(denoiser, operator.forward, y, sample_keys, config, values, op_params, x_shape=x_shape)
             return result.x, result.diverged
 
         if samples == 1:
             return one_sample(keys)
         fold = lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(keys)
         x, diverged = jax.lax.map(one_sample, jnp.stack([keys] + [fold(j) for j in range(1, samples)]))
-        return x.mean(axis=0), diverged.any(axis=0)
+        return posterior_mean(jnp.moveaxis(x, 0, -4), jnp.moveaxis(diverged, 0, -1))
 
     return jax.jit(program)
 

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from spgd_jax import sharding
+from spgd_jax.samplers import posterior_mean
 from spgd_jax.restore._args import UsageError
 from spgd_jax.restore._progress import Progress, run_interruptibly
 
@@ -53,8 +54,7 @@ def combine_samples(runs: dict, samples: int) -> dict:
         return runs
     split = lambda a: a.reshape(a.shape[:1] + (-1, samples) + a.shape[2:])
     x, diverged, step = split(runs["x"]), split(runs["diverged"]), split(runs["diverged_step"])
-    use = np.where(diverged.all(axis=2, keepdims=True), True, ~diverged)[..., None, None, None]
+    mean, all_diverged = (np.asarray(a) for a in posterior_mean(x, diverged))
     first = np.where(diverged, step, np.iinfo(np.int32).max).min(axis=2)
-    return {"x": np.sum(np.where(use, x, 0.0), axis=2) / np.sum(use, axis=2), "samples": x,
-            "diverged": diverged.all(axis=2), "diverged_step": np.where(diverged.any(axis=2), first, -1),
-            "diverged_samples": diverged.sum(axis=2)}
+    return {"x": mean, "samples": x, "diverged": all_diverged,
+            "diverged_step": np.where(diverged.any(axis=2), first, -1), "diverged_samples": diverged.sum(axis=2)}

@@ -14,6 +14,7 @@ from spgd_jax.samplers._registry import SAMPLERS, Sampler, register_sampler, sam
 from spgd_jax.samplers._sample import initial_noise, sample
 from spgd_jax.samplers.dps import DPSConfig, dps
 from spgd_jax.samplers.euler import EulerConfig, euler
+from spgd_jax.samplers.posterior import posterior_mean
 from spgd_jax.samplers.presets import dps_config, spgd_config
 from spgd_jax.samplers.schedule import edm_sigmas
 from spgd_jax.samplers.spgd import SPGDConfig, spgd
@@ -24,5 +25,5 @@ register_sampler(Sampler("dps", DPSConfig, dps, step_size="zeta"))
 register_sampler(Sampler("euler", EulerConfig, euler, conditional=False))
 
 __all__ = ["SAMPLERS", "DPSConfig", "EulerConfig", "SPGDConfig", "SampleResult", "Sampler", "diagnostics", "dps",
-           "dps_config", "edm_sigmas", "euler", "initial_noise", "presets", "register_sampler", "sample",
+           "dps_config", "edm_sigmas", "euler", "initial_noise", "posterior_mean", "presets", "register_sampler", "sample",
            "sampler_for", "spgd", "spgd_config", "sweep"]

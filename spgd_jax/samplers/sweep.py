@@ -62,7 +62,12 @@ def sweep(
     name = sampler_for(config).step_size
     if name is None or not sampler_for(config).conditional:
         raise TypeError(f"{type(config).__name__} has no step size to sweep")
-    values = jnp.asarray(check_step_sizes(values), jnp.float32)
+    if isinstance(values, jax.core.Tracer):  # inside the caller's jit: checked by whoever made them
+        if values.ndim != 1:
+            raise ValueError(f"step sizes must be one value per run, shape (L,); got shape {values.shape}")
+        values = values.astype(jnp.float32)
+    else:
+        values = jnp.asarray(check_step_sizes(values), jnp.float32)
     static, _ = split_step_size(config)
     return _sweep(as_traceable(denoiser), forward, y, key, static, values, params, check_x_shape(x_shape), progress)
 
