@@ -60,3 +60,26 @@ def test_tuned_deblurring_schedule_fits_the_measurement():
     (psnr_tuned, rms_tuned), (psnr_decayed, rms_decayed) = outcome[1.0], outcome[0.01]
     assert rms_tuned < 2 * operator.sigma_y and rms_tuned < rms_decayed / 2, outcome
     assert psnr_tuned > psnr_decayed + 1.5, outcome
+
+
+def test_box_inpainting_preset_restores_the_demo_face_where_the_papers_rate_diverges():
+    """Issue 14.2: `restore --task inpaint_box` blew up to NaN at outer step 6 with the paper's lr 2.5.
+    The preset (lr 1.2, below the 1 / lambda = 1.35 stability limit, benchmarks/results/task_probe.md)
+    finishes and beats harmonic inpainting on the demo face; the paper's rate diverges (T = 25 here)."""
+    import dataclasses
+
+    from spgd_jax import baselines, metrics, operators
+    from spgd_jax.samplers import presets, sample
+
+    denoiser = load_denoiser(WEIGHTS)
+    x = jnp.asarray(images.load_demo(64))[None]
+    operator = operators.get("inpaint_box", 64)
+    params = operator.init_params(jax.random.key(1), 1, 64)
+    y = operator.measure(jax.random.key(2), x, params)
+    tuned = presets.spgd_config("inpaint_box", steps=25)
+    runs = {lr: sample(denoiser, operator.forward, y, jax.random.key(3), dataclasses.replace(tuned, lr=lr), params,
+                       x_shape=(64, 64, 3)) for lr in (tuned.lr, presets.PAPER_LR["inpaint_box"])}
+    restored = runs[tuned.lr]
+    classical = jax.vmap(baselines.harmonic_inpaint)(y, params["mask"])
+    assert not bool(restored.diverged[0]) and bool(runs[2.5].diverged[0])
+    assert float(metrics.psnr(restored.x, x)[0]) > float(metrics.psnr(classical, x)[0]) + 1.0

@@ -44,3 +44,15 @@ def test_tuned_values_only_for_the_default_prior():
 def test_overrides_win_over_tuned_values():
     config = presets.spgd_config("gauss_deblur", lr=0.3, lr_min_ratio=0.5)
     assert (config.lr, config.lr_min_ratio) == (0.3, 0.5)
+
+
+def test_box_inpainting_and_hdr_defaults_stay_below_their_stability_limits():
+    """benchmarks/results/task_probe.md: box inpainting's warm-up grows the residual once lr > 1 / lambda
+    = 1.35 (it diverged at the paper's 2.5); HDR needs a small constant rate from sigma_max 10."""
+    from spgd_jax.samplers import presets
+
+    box = presets.spgd_config("inpaint_box")
+    assert box.lr < 1 / 0.74 and presets.spgd_config("inpaint_box", tuned=False).lr == 2.5
+    hdr = presets.spgd_config("hdr")
+    assert (hdr.lr, hdr.lr_min_ratio, hdr.sigma_max) == (0.1, 1.0, 10.0)
+    assert set(presets.UNSUPPORTED_BY_DEFAULT_PRIOR) == {"phase_retrieval"}

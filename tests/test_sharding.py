@@ -1,9 +1,10 @@
 """The image batch split over devices gives the single-device results.
 
 Four CPU devices need XLA_FLAGS before JAX starts, so that part runs in a subprocess: the samplers
-on toy problems (an uneven batch of 5 over 4 devices; equal to float32 rounding, as the toy
-convolution rounds differently at another batch size, see test_spgd's batching test), then the
-restore CLI with the tiny UNet, whose outputs must equal the same run on one device here bit for bit.
+on toy problems (an uneven batch of 5 over 4 devices), then the restore CLI with the tiny UNet, whose
+outputs must equal the same run on one device here. A device's slice is another program than the
+whole batch (another batch size), so the results agree to float32 round-off, not bit for bit: the
+bounds below are set from what that round-off does on AVX-512, AVX2 and AVX (no FMA) builds of XLA.
 """
 
 import json
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from cli_helpers import FAST, random_faces, tiny_weights
+from cli_helpers import FAST, picture, random_faces, tiny_weights
 from sampler_toys import SHAPE, gaussian_denoiser, matrix_forward, random_problem
 from spgd_jax import restore, sharding
 from spgd_jax.samplers import sample
@@ -37,7 +38,11 @@ FOUR_DEVICES = textwrap.dedent("""
     from spgd_jax.samplers import sweep
 
     assert jax.device_count() == 4, jax.devices()
-    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Each field to 3e-5 of its largest value (the toy conv net's floor, as in test_spgd): round-off
+    # moved a field by <= 2.1e-7 of it, but near-zero entries by up to 4e-4 of themselves (a consecutive
+    # angle of 0.004 deg off by 1.5e-6, against the old flat atol 1e-6). An lr or zeta off by 1e-3
+    # exceeds this bound 26x / 8x in x, two images' keys swapped 5e3x, a step more moves x by 0.3.
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5 * np.abs(np.asarray(b, float)).max())
     denoiser = conv_denoiser()
     matrices, _, y, _ = random_problem(5)  # 5 images: padded to 8, 2 per device
     key = jax.random.key(7)
@@ -87,12 +92,23 @@ def test_four_devices_equal_one(cli_inputs, tmp_path):
     four, one = tmp_path / "four", tmp_path / "one"
     assert len(json.loads((four / "config.json").read_text())["devices"]) == 4
     assert len(json.loads((one / "config.json").read_text())["devices"]) == jax.local_device_count()
+    # One image per device here against two per program on one device: float32 round-off may move a
+    # pixel across a rounding boundary (one 8-bit level) and a metric in its last digits, nothing more.
+    # A run from another seed differs by up to 255 levels, an lr off by 1e-3 moves residual_rms by 1e-2
+    # (1000x the rtol below; the saturated pictures of this random prior do not show it).
     pngs = sorted(p.relative_to(one) for p in one.rglob("*.png"))
     assert len(pngs) == 2 * 5 + 1
     for path in pngs:
-        assert (four / path).read_bytes() == (one / path).read_bytes(), path
+        levels = np.abs(picture(four / path).astype(int) - picture(one / path))
+        assert levels.max() <= 1, (path, levels.max())
     records = [json.loads((o / "metrics.json").read_text())["images"] for o in (four, one)]
-    assert records[0] == records[1]  # every metric of every image, to the last bit of float32
+    assert [sorted(r) for r in records[0]] == [sorted(r) for r in records[1]]
+    for a, b in zip(*records, strict=True):
+        for key, value in b.items():
+            if isinstance(value, (float, list)):  # list: --samples' sample_psnr
+                assert a[key] == pytest.approx(value, rel=1e-5), (b["name"], key)
+            else:
+                assert a[key] == value, (b["name"], key)
 
 
 def test_map_images_on_this_process_pads_and_checks_inputs():
@@ -103,6 +119,9 @@ def test_map_images_on_this_process_pads_and_checks_inputs():
                                      x_shape=SHAPE, mesh=mesh)
     assert isinstance(result.x, np.ndarray) and result.x.shape == (3,) + SHAPE
     alone = sample(gaussian_denoiser, matrix_forward, y, jax.random.key(0), config, matrices, x_shape=SHAPE)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, result, jax.device_get(alone))
+    # shard_map over a one-device mesh compiles another program: equal to round-off (a few ulp of the
+    # 32-term products here), 1e-5 of each field's scale; a wrong image's key or y moves x by O(1)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(b, float)).max())
+    jax.tree_util.tree_map(close, result, jax.device_get(alone))
     with pytest.raises(ValueError, match="same leading image axis"):
         sharding.map_images(lambda a, b: a, y, matrices[:2], mesh=mesh)

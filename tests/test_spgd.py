@@ -22,6 +22,16 @@ TINY = SPGDConfig(lr=0.5, steps=4, warmup=3)
 CONV = conv_denoiser()  # one object: sample() compiles once per shape for it
 
 
+def assert_close_at_scale(actual, expected, floor):
+    """Within rtol 1e-5, or within floor x max|expected| near zero: two programs (jit or not, another
+    batch size, extra outputs) fuse and contract (FMA) float32 arithmetic differently, and a toy run
+    starting from sigma_max * noise (|x| ~ 300) leaves round-off of that size in its near-zero pixels.
+    The floors: 3e-5 with the nonlinear conv net CONV (jit against eager measured 5.7e-6 on AVX-512 and
+    AVX2 builds of XLA), 1e-5 with the Gaussian denoiser (elementwise and 32-term products)."""
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=floor * np.abs(expected).max())
+
+
 # ---------------------------------------------------------------- independent NumPy references (float64)
 
 
@@ -186,7 +196,7 @@ def test_jit_and_no_jit_agree_and_same_key_same_bits():
     assert np.array_equal(first.x, second.x)
     with jax.disable_jit():
         eager = sample(CONV, matrix_forward, y, key, config, matrices, x_shape=SHAPE)
-    np.testing.assert_allclose(eager.x, first.x, rtol=1e-5, atol=1e-5)
+    assert_close_at_scale(eager.x, first.x, 3e-5)  # an lr off by 1e-3: 14x this, a warm-up step more 6e3x
     other = sample(CONV, matrix_forward, y, jax.random.PRNGKey(5), config, matrices, x_shape=SHAPE)
     assert not np.allclose(other.x, first.x)
 
@@ -231,8 +241,11 @@ def test_trajectory_does_not_change_the_result():
     )(x_init)
     plain, every_one, every_two = run(0), run(1), run(2)
     assert plain.trajectory is None and every_two.trajectory.shape == (2, 3) + SHAPE
-    assert np.array_equal(plain.x, every_one.x) and np.array_equal(plain.x, every_two.x)
-    np.testing.assert_array_equal(every_two.trajectory, every_one.trajectory[:, ::2])
+    # Three programs (recording changes what XLA fuses): equal to round-off. An lr off by 1e-3 exceeds the
+    # bound 11x, a trajectory one step out of place 1.5e4x.
+    assert_close_at_scale(every_one.x, plain.x, 3e-5)
+    assert_close_at_scale(every_two.x, plain.x, 3e-5)
+    assert_close_at_scale(every_two.trajectory, every_one.trajectory[:, ::2], 3e-5)
 
 
 def test_loop_flags_a_nan_with_its_step_and_freezes_only_that_image():
@@ -259,7 +272,7 @@ def test_spgd_divergence_is_confined_to_its_image():
     assert np.all(np.isfinite(result.x))
     for b in (0, 2):
         alone = run(x_init[b : b + 1], y[b : b + 1], matrices[b : b + 1])
-        np.testing.assert_allclose(result.x[b], alone.x[0], rtol=1e-6, atol=1e-6)
+        assert_close_at_scale(result.x[b], alone.x[0], 1e-5)  # batch 3 vs 1; lr off by 1e-3: 200x this
 
 
 def test_progress_called_once_per_outer_step_without_changing_the_result():
@@ -272,7 +285,7 @@ def test_progress_called_once_per_outer_step_without_changing_the_result():
     jax.effects_barrier()
     assert sorted(calls) == list(range(TINY.steps))
     plain = sample(gaussian_denoiser, matrix_forward, y, key, TINY, matrices, x_shape=SHAPE)
-    assert np.array_equal(with_progress.x, plain.x)
+    assert_close_at_scale(with_progress.x, plain.x, 1e-5)  # the callback makes another program; lr off by 1e-3: 37x
 
 
 # ---------------------------------------------------------------- the public entry point

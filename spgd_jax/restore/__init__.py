@@ -44,6 +44,7 @@ import numpy as np
 
 from spgd_jax.io.compile_cache import enable_compilation_cache
 from spgd_jax.io.prior import default_weights_path
+from spgd_jax.samplers import presets
 from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, UsageError, build_parser,
                                     check_arguments, sampler_config)
 from spgd_jax.restore._folder import OutputFolder
@@ -69,7 +70,10 @@ def _main(args) -> int:
     task = args.task
     batch = 4 * jax.local_device_count() if args.batch_size is None else args.batch_size
     weights = Path(args.weights) if args.weights else default_weights_path()
-    config = sampler_config(args, tuned=weights.resolve() == default_weights_path().resolve())
+    default_prior = weights.resolve() == default_weights_path().resolve()
+    config = sampler_config(args, tuned=default_prior)
+    if default_prior and task in presets.UNSUPPORTED_BY_DEFAULT_PRIOR:
+        print(f"warning: {presets.UNSUPPORTED_BY_DEFAULT_PRIOR[task]}", file=sys.stderr)
     lrs = args.lr if args.lr and len(args.lr) > 1 else None
 
     denoiser, unet_config = load_prior(weights)

@@ -17,7 +17,8 @@ from spgd_jax.samplers.dps import DPSConfig
 from spgd_jax.operators import TASKS
 from spgd_jax.samplers.spgd import SPGDConfig
 
-__all__ = ["PAPER_LR", "DPS_ZETA", "TUNED_SPGD", "TUNED_ZETA", "spgd_config", "dps_config"]
+__all__ = ["DPS_ZETA", "PAPER_LR", "TUNED_SPGD", "TUNED_ZETA", "UNSUPPORTED_BY_DEFAULT_PRIOR", "dps_config",
+           "spgd_config"]
 
 # Paper Table 5 (FFHQ); phase retrieval and HDR from the reference configs. The reference's
 # box-inpainting config carries another method's settings, so it uses random inpainting's.
@@ -48,9 +49,25 @@ DPS_ZETA = {
 #   (0.0105) and gains +3.6 dB on Gaussian deblurring (validation faces 50-52, 28.71 -> 32.29 dB).
 # - Gaussian deblurring diverges at the paper's lr 1.5 on 10 of 10 faces: the blur passes the mean
 #   colour unchanged, so gradient steps on ||A x - y||^2 oscillate and grow once 2 eta > 2.
+# - Box inpainting diverges at lr 2.5 on 6 of 6 faces, at outer step 6 (benchmarks/results/task_probe.md):
+#   the largest eigenvalue lambda of J^T J, J the Jacobian of x -> A(D(x; t)), is about 0.74 from the
+#   first steps on, so a warm-up step grows the residual once eta > 1 / lambda = 1.35. lr 1.2 (validation
+#   faces 50-55: 23.95 dB, none diverged; 0.6: 23.78, 0.9: 23.89; harmonic inpainting 20.23).
+# - HDR: the paper's lr 1 and sigma_max 100 leave a colour cast (8-19 dB on faces 50-55); lambda grows from
+#   1.3 to 4.4 as t falls, and starting at sigma_max 10 with a constant lr 0.1 gives 23.16 dB on faces
+#   50-53 (y / 2: 17.03 dB; lr 0.05: 22.69, decaying lr 0.1: 22.88).
 TUNED_SPGD: dict[str, dict[str, float]] = {
     "gauss_deblur": {"lr": 0.8, "lr_min_ratio": 1.0},
     "motion_deblur": {"lr": 0.8, "lr_min_ratio": 1.0},
+    "inpaint_box": {"lr": 1.2},
+    "hdr": {"lr": 0.1, "lr_min_ratio": 1.0, "sigma_max": 10.0},
+}
+# Tasks the default 64 px prior does not restore (the command line warns; README): phase retrieval gives
+# texture (7.6 dB on the demo face with the paper's settings) and no setting tried on the validation
+# faces recovered faces; the paper itself needs restarts and a 256 px prior.
+UNSUPPORTED_BY_DEFAULT_PRIOR: dict[str, str] = {
+    "phase_retrieval": "phase retrieval is not supported by the 64 px default prior (it returns texture, not "
+                       "a face); use a full-size prior with --weights",
 }
 # DPS: the release's zetas (tuned for 1000 ancestral steps at 256 px) leave the 64 px default prior's
 # samples unguided (random inpainting, 500 EDM steps: 6.0 / 6.4 / 15.3 dB at zeta 0.05 / 0.25 / 1; 22.3 /
