@@ -238,3 +238,14 @@ def test_generate_runs_later_rows_at_a_one_value_sweeps_value_without_running_it
     with np.load(out / f"{name}.npz") as f:
         assert f["restored"].shape == (2, 16, 16, 3) and f["psnr"].shape == (1, 2)
         np.testing.assert_allclose(f["restored_float_psnr"], f["psnr"][0])
+
+
+def test_images_stage_says_what_the_data_folder_must_hold(tmp_path):
+    split = tmp_path / "split.txt"
+    split.write_text("celeba/000001.jpg\nutkface/1_0_0_x.jpg\n")
+    with pytest.raises(SystemExit, match=r"data folder .* does not exist; --data DIR must be the folder that holds"):
+        quality.load_split_images(tmp_path / "nowhere", split, 2, 16)
+    (tmp_path / "faces").mkdir()
+    with pytest.raises(SystemExit, match=r"2 of the 2 images are not in .*celeba/000001.jpg.*not part of the "
+                                         r"repository"):
+        quality.load_split_images(tmp_path / "faces", split, 2, 16)
