@@ -79,7 +79,11 @@ def test_measurements_and_keys_of_an_image_do_not_depend_on_the_image_count():
     for task in ("inpaint", "motion_deblur"):
         _, params5, y5 = quality.degrade(task, x, seed=3)
         _, params3, y3 = quality.degrade(task, x[:3], seed=3)
-        np.testing.assert_array_equal(np.asarray(y5)[:3], np.asarray(y3))
+        # y is the operator vmapped over 5 or 3 images (two programs, whose 5x5 blur may round its 25-term
+        # sums differently: <= 1.5e-6), plus the noise: to 1e-5. Noise drawn for another image count
+        # exceeds that 4e3x, another image's kernel 7e4x. The parameters (masks, NumPy-drawn kernels)
+        # and keys are bit-exact by construction.
+        np.testing.assert_allclose(np.asarray(y5)[:3], np.asarray(y3), rtol=1e-5, atol=1e-5)
         for a, b in zip(jax.tree.leaves(params5), jax.tree.leaves(params3), strict=True):
             np.testing.assert_array_equal(np.asarray(a)[:3], np.asarray(b))
     np.testing.assert_array_equal(jax.random.key_data(quality.image_keys(3, 5))[:3],
