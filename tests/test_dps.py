@@ -8,6 +8,7 @@ import pytest
 from sampler_toys import PRIOR_VAR, SHAPE, counting, gaussian_denoiser, matrix_forward, random_problem
 from spgd_jax.samplers.dps import DPSConfig, dps, get_step_fn
 from spgd_jax.samplers import sample
+from spgd_jax.samplers._loop import Step
 from spgd_jax.samplers.schedule import edm_sigmas
 
 
@@ -34,7 +35,8 @@ def test_one_dps_step_matches_numpy():
     step = jax.jit(get_step_fn(gaussian_denoiser, matrix_forward))
     sigma, sigma_next = 2.0, 1.5
     coefficient = jnp.float32(1 - sigma_next / sigma)
-    x_next, x0_hat, norm = step(jnp.asarray(x, jnp.float32), jnp.float32(sigma), coefficient, jnp.float32(0.7), (y[0], matrices[0]))
+    info = Step(jnp.int32(0), jnp.float32(sigma), jnp.float32(sigma_next), coefficient, jnp.float32(0.7))
+    x_next, x0_hat, norm = step(jnp.asarray(x, jnp.float32), info, None, (y[0], matrices[0]))
     matrix, y64 = np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64)
     expected = numpy_dps_step(x, matrix, y64, sigma, sigma_next, 0.7)
     np.testing.assert_allclose(x_next, expected, rtol=1e-5, atol=1e-6)
@@ -66,7 +68,8 @@ def test_zero_residual_gives_a_zero_gradient_not_nan():
     step = get_step_fn(gaussian_denoiser, lambda x0, _: x0)
     sigma = jnp.float32(1.0)
     y = x * PRIOR_VAR / (PRIOR_VAR + 1.0)  # = A(D(x)) exactly
-    x_next, x0_hat, _ = step(x, sigma, jnp.float32(0.5), jnp.float32(1.0), (y, None))
+    info = Step(jnp.int32(0), sigma, jnp.float32(0.5), jnp.float32(0.5), jnp.float32(1.0))
+    x_next, x0_hat, _ = step(x, info, None, (y, None))
     np.testing.assert_allclose(x_next, x + 0.5 * (x0_hat - x))
 
 

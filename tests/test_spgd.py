@@ -252,14 +252,36 @@ def test_loop_flags_a_nan_with_its_step_and_freezes_only_that_image():
     steps = 5
     poison = jnp.array([-1, 3, -1, 0])  # image b becomes NaN at outer step poison[b]
 
-    def step_fn(x, sigma, coefficient, i, poison_step):
+    def step_fn(x, step, _key, poison_step):
         x_next = x + 1.0
-        return jnp.where(i == poison_step, jnp.nan, x_next), x_next, None
+        return jnp.where(step.inputs == poison_step, jnp.nan, x_next), x_next, None
 
     result = run_schedule(step_fn, jnp.zeros((4, 2, 2, 1)), np.linspace(5.0, 0.0, steps + 1), jnp.arange(steps), poison)
     np.testing.assert_array_equal(result.diverged_step, [-1, 3, -1, 0])
     np.testing.assert_array_equal(result.diverged, [False, True, False, True])
     np.testing.assert_array_equal(result.x[:, 0, 0, 0], [5.0, 3.0, 5.0, 0.0])  # the last finite states
+
+
+def test_loop_freezes_a_pytree_state_when_any_leaf_diverges_and_hands_each_image_its_own_key():
+    steps = 4
+    keys = jax.random.split(jax.random.key(0), 3)
+
+    def step_fn(state, step, key, poison_step):
+        x, count = state
+        noise = jax.random.normal(key, x.shape)
+        count = jnp.where(step.i == poison_step, jnp.inf, count + 1.0)
+        return (x + noise, count), x, None
+
+    init = (jnp.zeros((3, 2, 2, 1)), jnp.zeros((3,)))
+    result = run_schedule(step_fn, init, np.linspace(5.0, 0.0, steps + 1), None, jnp.array([-1, 2, -1]),
+                          keys=keys, output=lambda state: state[0])
+    assert result.diverged.tolist() == [False, True, False] and result.diverged_step.tolist() == [-1, 2, -1]
+    expected = [sum(jax.random.normal(jax.random.fold_in(keys[b], i), (2, 2, 1)) for i in range(steps if b != 1 else 2))
+                for b in range(3)]
+    np.testing.assert_allclose(result.x, np.stack(expected), rtol=1e-6, atol=1e-6)
+    alone = run_schedule(step_fn, jax.tree_util.tree_map(lambda a: a[2:], init), np.linspace(5.0, 0.0, steps + 1), None,
+                         jnp.array([-1]), keys=keys[2:], output=lambda state: state[0])
+    np.testing.assert_array_equal(alone.x[0], result.x[2])  # an image's noise depends on its own key only
 
 
 def test_spgd_divergence_is_confined_to_its_image():

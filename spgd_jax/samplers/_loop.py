@@ -1,12 +1,14 @@
-"""The outer loop shared by all samplers: one `lax.scan` over the EDM schedule.
+"""The outer loop shared by all samplers: one `lax.scan` over a noise schedule t_0 > ... > t_T.
 
-Each sampler supplies a per-image step function; this module vmaps it over the
-batch, freezes images that become non-finite (without touching the others),
-records an optional trajectory of Tweedie estimates and reports progress.
+Each sampler supplies a per-image step function over its own state (x_i, or a pytree such as an
+optimiser's); this module vmaps it over the batch, hands each image a fresh PRNG key per step, freezes
+images that become non-finite (without touching the others), records an optional trajectory of Tweedie
+estimates and reports progress.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -15,12 +17,30 @@ import numpy as np
 
 from spgd_jax.samplers.schedule import euler_coefficients
 
-__all__ = ["SampleResult", "StepFn", "check_trajectory_every", "run_schedule"]
+__all__ = ["SampleResult", "Step", "StepFn", "check_trajectory_every", "run_schedule", "step_keys"]
 
-# step_fn(x (H,W,C), sigma (), coefficient (), step_inputs, image_inputs) -> (x_next (H,W,C), x0_hat (H,W,C), loss)
-# for ONE image (loss: the step's likelihood objective(s), any pytree of arrays, or None) at outer step i: sigma = t_i, coefficient = 1 - t_{i+1}/t_i, step_inputs = per_step[i]
-# (shared by the batch), image_inputs = that image's slice of per_image.
-StepFn = Callable[[jax.Array, jax.Array, jax.Array, Any, Any], tuple[jax.Array, jax.Array]]
+
+class Step(NamedTuple):
+    """The schedule at outer step i, shared by the batch (what a step function sees besides its image).
+
+    i: () int32, the outer step (0..T-1). sigma: () float32, t_i. sigma_next: () float32, t_{i+1} (0 at the
+    last step). coefficient: () float32, the Euler step size 1 - t_{i+1}/t_i. inputs: per_step[i] (a pytree
+    of the sampler's per-step values such as SPGD's eta_i, or None).
+    """
+
+    i: jax.Array
+    sigma: jax.Array
+    sigma_next: jax.Array
+    coefficient: jax.Array
+    inputs: Any
+
+
+# step_fn(state, step: Step, key, image_inputs) -> (state_next, x0_hat (H,W,C), loss), for ONE image:
+# state is the sampler's per-image state (an (H,W,C) array, or any pytree of arrays such as (x, momentum));
+# key is this image's PRNG key for this step (fold_in of its own key and i; None when run without keys);
+# image_inputs is the image's slice of per_image; loss is the step's likelihood objective(s), any pytree
+# of arrays, or None.
+StepFn = Callable[[Any, Step, Any, Any], tuple[Any, jax.Array, Any]]
 
 
 class SampleResult(NamedTuple):
@@ -57,57 +77,81 @@ def check_trajectory_every(value: int) -> None:
 
 
 class LoopState(NamedTuple):
-    x: jax.Array  # (B, H, W, C)
+    state: Any  # the samplers' per-image state, every leaf with leading axis B
     diverged_step: jax.Array  # (B,) int32, -1 while finite
     trajectory: jax.Array | None  # (B, K, H, W, C) or None
 
 
+def step_keys(keys: jax.Array) -> jax.Array:
+    """The loop's per-image keys (B,) from the per-image keys that drew the initial noise: fold_in(key, 1),
+    so the noise drawn inside the loop is independent of x_T. Step i then uses fold_in(loop_key, i)."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+
+
+def _all_finite(state: Any) -> jax.Array:
+    """(B,) True where every inexact leaf of the batched state is finite."""
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(state) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    finite = [jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim))) for leaf in leaves]
+    return functools.reduce(jnp.logical_and, finite)
+
+
 def run_schedule(
     step_fn: StepFn,
-    x_init: jax.Array,
+    init: Any,
     sigmas: np.ndarray,
     per_step: Any = None,
     per_image: Any = None,
     trajectory_every: int = 0,
     progress: Callable[[int], None] | None = None,
+    *,
+    keys: jax.Array | None = None,
+    output: Callable[[Any], jax.Array] | None = None,
 ) -> SampleResult:
-    """Runs step_fn for i = 0..T-1 over the batch x_init (B, H, W, C) and returns a SampleResult.
+    """Runs step_fn for i = 0..T-1 over the batch and returns a SampleResult.
 
-    sigmas: host float64 (T + 1,) from edm_sigmas. per_step: pytree with leading axis T (or None).
-    per_image: pytree with leading axis B (or None). progress(i) is called on the host once per outer
-    step, from inside the compiled loop (call order not guaranteed); it does not change the result.
+    init: the batched initial state, an (B, H, W, C) array (x_T) or a pytree whose leaves have leading axis B.
+    sigmas: host float64 (T + 1,) noise levels, e.g. edm_sigmas. per_step: pytree with leading axis T (or
+    None). per_image: pytree with leading axis B (or None). keys: (B,) PRNG keys, one per image, or None
+    (step_fn then gets key None); step i of image b gets fold_in(keys[b], i). output(state) -> (B, H, W, C),
+    the restored images of a batched state (default: the state itself). progress(i) is called on the host
+    once per outer step, from inside the compiled loop (call order not guaranteed); it does not change
+    the result. An image whose new state has a non-finite value keeps its last finite state.
     """
+    output = (lambda state: state) if output is None else output
     steps = len(sigmas) - 1
-    batch_step = jax.vmap(step_fn, in_axes=(0, None, None, None, 0))
-    xs = (
+    batch_step = jax.vmap(step_fn, in_axes=(0, None, 0 if keys is not None else None, 0))
+    xs = Step(
         jnp.arange(steps, dtype=jnp.int32),
         jnp.asarray(sigmas[:-1], dtype=jnp.float32),
+        jnp.asarray(sigmas[1:], dtype=jnp.float32),
         jnp.asarray(euler_coefficients(sigmas), dtype=jnp.float32),
         per_step,
     )
 
-    def outer_step(state: LoopState, xs) -> tuple[LoopState, Any]:
-        i, sigma, coefficient, step_inputs = xs
-        x_next, x0_hat, loss = batch_step(state.x, sigma, coefficient, step_inputs, per_image)
-        finite = jnp.all(jnp.isfinite(x_next), axis=tuple(range(1, x_next.ndim)))
-        diverged_step = jnp.where((state.diverged_step < 0) & ~finite, i, state.diverged_step)
-        frozen = (diverged_step >= 0).reshape((-1,) + (1,) * (x_next.ndim - 1))
-        x = jnp.where(frozen, state.x, x_next)
-        trajectory = state.trajectory
+    def outer_step(carry: LoopState, step: Step) -> tuple[LoopState, Any]:
+        keys_i = None if keys is None else jax.vmap(lambda k: jax.random.fold_in(k, step.i))(keys)
+        state_next, x0_hat, loss = batch_step(carry.state, step, keys_i, per_image)
+        diverged_step = jnp.where((carry.diverged_step < 0) & ~_all_finite(state_next), step.i, carry.diverged_step)
+        frozen = diverged_step >= 0
+        state = jax.tree_util.tree_map(
+            lambda old, new: jnp.where(frozen.reshape((-1,) + (1,) * (new.ndim - 1)), old, new), carry.state, state_next
+        )
+        trajectory = carry.trajectory
         if trajectory_every:
-            slot = i // trajectory_every
+            slot = step.i // trajectory_every
             keep = trajectory[:, slot]
-            trajectory = trajectory.at[:, slot].set(jnp.where(i % trajectory_every == 0, x0_hat, keep))
+            trajectory = trajectory.at[:, slot].set(jnp.where(step.i % trajectory_every == 0, x0_hat, keep))
         if progress is not None:
-            jax.debug.callback(lambda step: progress(int(step)), i)
-        return LoopState(x, diverged_step, trajectory), loss
+            jax.debug.callback(lambda i: progress(int(i)), step.i)
+        return LoopState(state, diverged_step, trajectory), loss
 
+    x_init = output(init)
     batch = x_init.shape[0]
     trajectory = None
     if trajectory_every:
         slots = -(-steps // trajectory_every)
         trajectory = jnp.zeros((batch, slots) + x_init.shape[1:], x_init.dtype)
-    init = LoopState(x_init, jnp.full((batch,), -1, jnp.int32), trajectory)
-    final, losses = jax.lax.scan(outer_step, init, xs)
+    final, losses = jax.lax.scan(outer_step, LoopState(init, jnp.full((batch,), -1, jnp.int32), trajectory), xs)
     losses = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), losses)  # (T, B, ...) -> (B, T, ...)
-    return SampleResult(final.x, final.diverged_step >= 0, final.diverged_step, final.trajectory, losses)
+    diverged = final.diverged_step >= 0
+    return SampleResult(output(final.state), diverged, final.diverged_step, final.trajectory, losses)

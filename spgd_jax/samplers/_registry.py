@@ -17,8 +17,11 @@ class Sampler(NamedTuple):
 
     name:        its name on the command line (--sampler NAME).
     config_type: its frozen config dataclass (with sigma_max, steps and trajectory_every).
-    run:         conditional: run(denoiser, forward, y (B,...), x_init (B,H,W,C), config, params, progress)
-                 -> SampleResult; unconditional: run(denoiser, x_init, config, progress) -> SampleResult.
+    run:         conditional: run(denoiser, forward, y (B,...), x_init (B,H,W,C), config, params, progress, *,
+                 keys, <step_size>=value) -> SampleResult; unconditional: run(denoiser, x_init, config, progress,
+                 *, keys) -> SampleResult. x_init = sigma_max * N(0, I) from the images' own keys; keys: (B,)
+                 per-image PRNG keys for the noise a stochastic method draws inside its loop (pass them to
+                 run_schedule; a deterministic method ignores them).
     conditional: whether it restores measurements (False: it samples the prior).
     step_size:   the config field that `run` also takes as a keyword, a scalar that may be traced (SPGD's
                  'lr', DPS's 'zeta'), or None. `sample` passes it traced, so runs that differ only in it

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from spgd_jax.samplers._loop import SampleResult
+from spgd_jax.samplers._loop import SampleResult, step_keys
 from spgd_jax.samplers._registry import sampler_for, split_step_size
 
-__all__ = ["as_traceable", "check_measurements", "check_x_shape", "initial_noise", "run_sampler", "sample"]
+__all__ = ["as_traceable", "check_measurements", "check_x_shape", "image_keys", "initial_noise", "run_sampler", "sample"]
 
 
 def sample(
@@ -78,27 +78,31 @@ def _sample(denoiser, forward, y, key, config, step_size, params, x_shape, progr
 
 def run_sampler(denoiser, forward, y, key, config, step_size, params, x_shape, progress) -> SampleResult:
     """The body of `sample` (traceable): initial noise, then the registered sampler of `config` with
-    `step_size` (a scalar, possibly traced) in place of its step-size field (see split_step_size)."""
+    `step_size` (a scalar, possibly traced) in place of its step-size field (see split_step_size).
+
+    Image b's key draws its x_T; fold_in(key_b, 1) is its loop key (spgd_jax.samplers._loop.step_keys), so
+    a stochastic sampler's per-step noise depends on the image's own key only."""
     sampler = sampler_for(config)
     if not sampler.conditional:
         if forward is not None or y is not None:
             raise ValueError(f"{type(config).__name__} samples unconditionally: pass forward=None and y=None "
                              "(and a batch of keys)")
-        return sampler.run(denoiser, initial_noise(key, None, x_shape, config.sigma_max), config, progress)
+        keys = image_keys(key, None)
+        return sampler.run(denoiser, initial_noise(keys, None, x_shape, config.sigma_max), config, progress,
+                           keys=step_keys(keys))
     if forward is None or y is None:
         raise ValueError(f"{type(config).__name__} needs a forward operator and measurements y; got None")
     batch = y.shape[0]
     check_measurements(forward, y, params, batch, x_shape)
-    x_init = initial_noise(key, batch, x_shape, config.sigma_max)
+    keys = image_keys(key, batch)
+    x_init = initial_noise(keys, batch, x_shape, config.sigma_max)
     step = {} if sampler.step_size is None else {sampler.step_size: step_size}
-    return sampler.run(denoiser, forward, y, x_init, config, params, progress, **step)
+    return sampler.run(denoiser, forward, y, x_init, config, params, progress, keys=step_keys(keys), **step)
 
 
-def initial_noise(key: jax.Array, batch: int | None, x_shape: tuple[int, ...], sigma_max: float) -> jax.Array:
-    """x_T = sigma_max * N(0, I) of shape (B,) + x_shape, image b drawn from its own key.
-
-    key: one key (split into `batch` keys) or a batch of keys (then batch may be None).
-    """
+def image_keys(key: jax.Array, batch: int | None) -> jax.Array:
+    """(B,) typed PRNG keys, one per image: `key` split into `batch` keys, or `key` itself when it is a
+    batch of keys (then batch may be None). Raw uint32 keys are wrapped. TypeError/ValueError otherwise."""
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.dtype != jnp.uint32:
             raise TypeError(f"key must be a PRNG key (jax.random.key or PRNGKey), got dtype {key.dtype}")
@@ -106,11 +110,18 @@ def initial_noise(key: jax.Array, batch: int | None, x_shape: tuple[int, ...], s
     if key.ndim == 0:
         if batch is None:
             raise ValueError("without measurements y the batch size comes from the key: pass a batch of B keys")
-        keys = jax.random.split(key, batch)
-    elif key.ndim == 1 and batch in (None, key.shape[0]):
-        keys = key
-    else:
-        raise ValueError(f"key must be one key or a batch of {batch} keys (one per image), got key shape {key.shape}")
+        return jax.random.split(key, batch)
+    if key.ndim == 1 and batch in (None, key.shape[0]):
+        return key
+    raise ValueError(f"key must be one key or a batch of {batch} keys (one per image), got key shape {key.shape}")
+
+
+def initial_noise(key: jax.Array, batch: int | None, x_shape: tuple[int, ...], sigma_max: float) -> jax.Array:
+    """x_T = sigma_max * N(0, I) of shape (B,) + x_shape, image b drawn from its own key.
+
+    key: one key (split into `batch` keys) or a batch of keys (then batch may be None); see image_keys.
+    """
+    keys = image_keys(key, batch)
     noise = jax.vmap(lambda k: jax.random.normal(k, x_shape, jnp.float32))(keys)
     return sigma_max * noise
 

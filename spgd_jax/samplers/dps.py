@@ -49,7 +49,7 @@ def _norm(residual: jax.Array) -> jax.Array:
 
 
 def get_step_fn(denoiser, forward):
-    """The per-image DPS step for loop.run_schedule; its 4th argument is the step's zeta."""
+    """The per-image DPS step for loop.run_schedule; step.inputs is the step's zeta."""
 
     def residual_norm(x, sigma, y, params):
         x0_hat = denoiser(x[None], sigma[None])[0]
@@ -57,10 +57,10 @@ def get_step_fn(denoiser, forward):
 
     residual_norm_and_grad = jax.value_and_grad(residual_norm, has_aux=True)
 
-    def step(x, sigma, coefficient, zeta, image):
+    def step(x, step, _key, image):
         y, params = image
-        (norm, x0_hat), grad = residual_norm_and_grad(x, sigma, y, params)
-        return euler_step(x, x0_hat, coefficient) - zeta * grad, x0_hat, norm
+        (norm, x0_hat), grad = residual_norm_and_grad(x, step.sigma, y, params)
+        return euler_step(x, x0_hat, step.coefficient) - step.inputs * grad, x0_hat, norm
 
     return step
 
@@ -73,6 +73,8 @@ def dps(
     config: DPSConfig,
     params: Any = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    keys: jax.Array | None = None,
     zeta: jax.Array | float | None = None,
 ) -> SampleResult:
     """DPS from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.samplers._sample.sample.

@@ -34,9 +34,9 @@ class EulerConfig:
 def get_step_fn(denoiser):
     """The per-image Euler step for loop.run_schedule."""
 
-    def step(x, sigma, coefficient, _, __):
-        x0_hat = denoiser(x[None], sigma[None])[0]
-        return euler_step(x, x0_hat, coefficient), x0_hat, None
+    def step(x, step, _key, _image):
+        x0_hat = denoiser(x[None], step.sigma[None])[0]
+        return euler_step(x, x0_hat, step.coefficient), x0_hat, None
 
     return step
 
@@ -46,6 +46,8 @@ def euler(
     x_init: jax.Array,
     config: EulerConfig,
     progress: Callable[[int], None] | None = None,
+    *,
+    keys: jax.Array | None = None,
 ) -> SampleResult:
     """Unconditional sample from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I)."""
     sigmas = edm_sigmas(config.steps, config.sigma_max, config.sigma_min, config.rho)

@@ -160,13 +160,13 @@ def get_step_fn(denoiser, forward, config: SPGDConfig):
     """The per-image outer step for loop.run_schedule: warm-up, then the Euler step (SPEC 3.3)."""
     warmup = get_warmup_fn(denoiser, forward, config)
 
-    def step(x, sigma, coefficient, lr, image):
+    def step(x, step, _key, image):
         y, params = image
-        state = warmup(x, sigma, lr, y, params)
+        state = warmup(x, step.sigma, step.inputs, y, params)
         losses = state.losses
         if state.tracker is not None:
             losses = (losses, diag.step_means(state.tracker, config.warmup))
-        return state.x + coefficient * (state.x0_hat - state.x_eval), state.x0_hat, losses
+        return state.x + step.coefficient * (state.x0_hat - state.x_eval), state.x0_hat, losses
 
     return step
 
@@ -179,10 +179,13 @@ def spgd(
     config: SPGDConfig,
     params: Any = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    keys: jax.Array | None = None,
     lr: jax.Array | float | None = None,
 ) -> SampleResult:
     """SPGD from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.samplers._sample.sample.
 
+    keys: the per-image loop keys of the registry's run contract; SPGD is deterministic and ignores them.
     lr: a scalar that replaces config.lr and may be traced (spgd_jax.samplers.sweep vmaps over it); either way
     eta_i = float32(lr) * float32(eta_i / lr), so a traced lr gives the bits of the same static one."""
     sigmas = edm_sigmas(config.steps, config.sigma_max, config.sigma_min, config.rho)
