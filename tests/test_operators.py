@@ -320,3 +320,29 @@ def test_measure_input_checks_and_user_operators():
     assert mine.init_params(jax.random.key(0), 2, 8) == {}
     x = _image(0, (2, 8, 8, 3))
     np.testing.assert_allclose(mine.measure(jax.random.key(0), x), jnp.tanh(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["inpaint", "sr4", "gauss_deblur"])
+def test_linear_algebra_of_an_operator_given_as_a_function(task):
+    op = ops.get(task, 16)
+    params = op.init_params(jax.random.key(0), 1, 16)
+    one = jax.tree_util.tree_map(lambda a: a[0], params) if params else None
+    x, truth = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    y = op.forward(truth, one)
+    # <A x, v> = <x, A^T v>
+    v = jax.random.normal(jax.random.key(2), y.shape)
+    np.testing.assert_allclose(jnp.vdot(op.forward(x, one), v), jnp.vdot(x, ops.adjoint(op.forward, one, x.shape)(v)),
+                               rtol=1e-4)
+    projected = jax.jit(lambda x: ops.project(op.forward, one, y, x, 60))(x)
+    assert float(jnp.max(jnp.abs(op.forward(projected, one) - y))) < 1e-3 * float(jnp.max(jnp.abs(y)))
+    moved = projected - x  # the projection moves x orthogonally to the null space: in the range of A^T
+    assert abs(float(jnp.vdot(moved, projected - truth))) < 1e-3 * float(jnp.vdot(moved, moved))
+    prox = ops.proximal(op.forward, one, y, x, 0.5, 60)
+    objective = lambda z: jnp.sum((op.forward(z, one) - y) ** 2) + 0.5 * jnp.sum((z - x) ** 2)
+    assert float(jnp.max(jnp.abs(jax.grad(objective)(prox)))) < 1e-3
+
+
+def test_linear_algebra_refuses_a_nonlinear_operator_by_name():
+    op = ops.get("hdr", 16)
+    with pytest.raises(ValueError, match="needs a linear forward operator"):
+        ops.project(op.forward, None, jnp.zeros((16, 16, 3)), jnp.zeros((16, 16, 3)))

@@ -88,3 +88,33 @@ def test_sample_dispatches_unconditional_euler_on_a_batch_of_keys():
     np.testing.assert_allclose(result.x, euler(gaussian_denoiser, x_init, config).x, rtol=1e-5)
     with pytest.raises(ValueError, match="batch of B keys"):
         sample(gaussian_denoiser, None, None, keys[0], config, x_shape=SHAPE)
+
+
+def test_ddpm_sigmas_are_the_respaced_guided_diffusion_levels():
+    from spgd_jax.samplers.schedule import ddpm_sigmas
+
+    alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    full = ddpm_sigmas(1000)
+    np.testing.assert_allclose(full[:-1], np.sqrt(1 / alpha_bar - 1)[::-1], rtol=1e-12)
+    assert full[-1] == 0 and np.all(np.diff(full) < 0)
+    # space_timesteps(1000, "20"): round(j * 999 / 19), e.g. 0, 53, 105, ..., 999
+    np.testing.assert_allclose(ddpm_sigmas(20)[-2::-1][:3], np.sqrt(1 / alpha_bar[[0, 53, 105]] - 1), rtol=1e-12)
+    with pytest.raises(ValueError, match="steps"):
+        ddpm_sigmas(1001)
+
+
+def test_ddim_step_spans_the_ode_step_and_the_ancestral_posterior():
+    from spgd_jax.samplers.schedule import ddim_step
+
+    rng = np.random.default_rng(0)
+    x, x0_hat = rng.standard_normal((2, 1, 50_000)).astype(np.float32)
+    sigma, sigma_next = 2.0, 0.5
+    np.testing.assert_allclose(ddim_step(x, x0_hat, sigma, sigma_next, 0.0, 0 * x), euler_step(x, x0_hat, 0.75),
+                               rtol=1e-5, atol=1e-6)
+    # eta = 1: q(x_next | x, x0) of the variance-exploding chain, mean x0 + (s'/s)^2 (x - x0), var s'^2 (1 - (s'/s)^2)
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    step = np.asarray(ddim_step(x, x0_hat, sigma, sigma_next, 1.0, noise))
+    mean = x0_hat + (sigma_next / sigma) ** 2 * (x - x0_hat)
+    std = np.sqrt(sigma_next**2 * (1 - (sigma_next / sigma) ** 2))
+    np.testing.assert_allclose(step - mean, std * noise, atol=2e-6)
+    np.testing.assert_array_equal(ddim_step(x, x0_hat, sigma, 0.0, 1.0, noise), x0_hat)  # the last step lands on x0_hat

@@ -5,11 +5,14 @@ in [-1, 1], ``init_params(key, batch, image_size)`` for per-image parameters (ma
 kernels; leading batch axis), the reference's measurement noise ``sigma_y`` and
 ``measure(key, x, params, sigma_y=None)`` over NHWC batches. ``get(task, image_size)``
 builds the registered tasks (``TASKS``); any differentiable JAX function of (x, params) can
-be used as a forward model instead. The building blocks are exported for direct use.
+be used as a forward model instead. The building blocks are exported for direct use, and so is the
+linear algebra the projection and splitting samplers need of a linear operator (``adjoint``,
+``proximal``, ``project``).
 """
 
 from ._blur import blur, gaussian_kernel
 from ._inpaint import box_mask, inpaint, random_mask
+from ._linear import adjoint, project, proximal
 from ._motion import motion_kernel, motion_kernel_from_rng, motion_kernels
 from ._operator import Operator
 from ._pointwise import hdr, phase_retrieval
@@ -22,4 +25,5 @@ __all__ = [
     "inpaint", "random_mask", "box_mask",
     "resize", "resize_matrix", "downsample",
     "phase_retrieval", "hdr",
+    "adjoint", "project", "proximal",
 ]

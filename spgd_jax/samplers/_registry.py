@@ -23,6 +23,8 @@ class Sampler(NamedTuple):
                  per-image PRNG keys for the noise a stochastic method draws inside its loop (pass them to
                  run_schedule; a deterministic method ignores them).
     conditional: whether it restores measurements (False: it samples the prior).
+    linear_only: whether it needs a linear forward operator (projections, proximal steps, SVDs); the
+                 command line refuses a non-linear task for it before running.
     step_size:   the config field that `run` also takes as a keyword, a scalar that may be traced (SPGD's
                  'lr', DPS's 'zeta'), or None. `sample` passes it traced, so runs that differ only in it
                  share one compilation, and `sweep` vmaps over it.
@@ -33,6 +35,7 @@ class Sampler(NamedTuple):
     run: Callable[..., Any]
     conditional: bool = True
     step_size: str | None = None
+    linear_only: bool = False
 
 
 SAMPLERS: dict[str, Sampler] = {}

@@ -1,7 +1,13 @@
-"""EDM time steps and the Euler step of the probability-flow ODE (SPEC section 2).
+"""Noise schedules and the steps every sampler shares (SPEC section 2).
 
-The schedule is computed on the host in float64 (NumPy); samplers pass it to the
-device as float32 arrays. sigma(t) = t, so time steps and noise levels coincide.
+Schedules are computed on the host in float64 (NumPy); samplers pass them to the device as float32
+arrays. All samplers work in the variance-exploding coordinates x = x0 + sigma * n of the denoiser
+D(x; sigma); a DDPM state x_vp at timestep k is x = x_vp / sqrt(abar_k) with sigma_k = sqrt(1/abar_k - 1).
+- edm_sigmas: EDM's time steps (sigma(t) = t), SPGD's schedule.
+- ddpm_sigmas: the linear-beta DDPM schedule of the guided-diffusion checkpoints (1000 steps), respaced to
+  fewer steps as guided-diffusion's space_timesteps does: DPS, DDRM, DiffPIR, MCG, Score-SDE use it.
+- euler_step: the probability-flow ODE step; ddim_step: DDIM's step with its eta (eta = 1: the
+  DDPM ancestral step with the posterior variance, eta = 0: deterministic).
 """
 
 from __future__ import annotations
@@ -9,9 +15,12 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["edm_sigmas", "euler_coefficients", "euler_step", "check_schedule"]
+__all__ = ["DDPM_STEPS", "check_schedule", "ddim_step", "ddpm_sigmas", "edm_sigmas", "euler_coefficients", "euler_step"]
+
+DDPM_STEPS = 1000  # guided-diffusion: linear betas from 1e-4 to 0.02 over 1000 steps
 
 
 def check_schedule(steps: int, sigma_max: float, sigma_min: float, rho: float) -> None:
@@ -56,3 +65,29 @@ def euler_step(x: jax.Array, x0_hat: jax.Array, coefficient: jax.Array) -> jax.A
     x and x0_hat = D(x; t_i) have the same shape; coefficient = euler_coefficients(...)[i] (scalar).
     """
     return x + coefficient * (x0_hat - x)
+
+
+def ddpm_sigmas(steps: int = DDPM_STEPS) -> np.ndarray:
+    """The DDPM noise levels sigma_k = sqrt(1/abar_k - 1) of `steps` timesteps k respaced evenly over
+    999..0 (guided-diffusion's space_timesteps(1000, [steps]): k = round(j * 999 / (steps - 1))), from the
+    noisiest, followed by 0; float64, shape (steps + 1,). betas = linspace(1e-4, 0.02, 1000), so
+    sigma runs from 157.4 (k = 999) to 0.0100 (k = 0)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 2 <= steps <= DDPM_STEPS:
+        raise ValueError(f"steps must be an int in [2, {DDPM_STEPS}] (timesteps of the 1000-step DDPM), got {steps!r}")
+    alpha_bar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, DDPM_STEPS, dtype=np.float64))
+    timesteps = np.round(np.arange(steps) * (DDPM_STEPS - 1) / (steps - 1)).astype(int)[::-1]
+    return np.append(np.sqrt(1.0 / alpha_bar[timesteps] - 1.0), 0.0)
+
+
+def ddim_step(x: jax.Array, x0_hat: jax.Array, sigma: jax.Array, sigma_next: jax.Array, eta: jax.Array | float,
+              noise: jax.Array) -> jax.Array:
+    """DDIM's step from noise level sigma to sigma_next in the denoiser's coordinates (Song et al. 2021a, Eq. 12):
+
+      x_next = x0_hat + sqrt(sigma_next^2 - c^2) * (x - x0_hat) / sigma + c * noise,
+      c = eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2)
+
+    noise ~ N(0, I) of x's shape. eta = 1 is the DDPM ancestral step with the posterior variance (the
+    guided-diffusion sampler of DPS, MCG), eta = 0 the deterministic DDIM (= euler_step). At sigma_next = 0 it
+    returns x0_hat."""
+    c = eta * sigma_next * jnp.sqrt(jnp.maximum(1.0 - (sigma_next / sigma) ** 2, 0.0))
+    return x0_hat + jnp.sqrt(jnp.maximum(sigma_next**2 - c**2, 0.0)) * (x - x0_hat) / sigma + c * noise
