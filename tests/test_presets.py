@@ -56,3 +56,20 @@ def test_box_inpainting_and_hdr_defaults_stay_below_their_stability_limits():
     hdr = presets.spgd_config("hdr")
     assert (hdr.lr, hdr.lr_min_ratio, hdr.sigma_max) == (0.1, 1.0, 10.0)
     assert set(presets.UNSUPPORTED_BY_DEFAULT_PRIOR) == {"phase_retrieval"}
+
+
+def test_every_restoring_sampler_has_a_config_for_every_core_task():
+    from spgd_jax.samplers import SAMPLERS
+
+    for name, sampler in SAMPLERS.items():
+        if not sampler.conditional:
+            continue
+        for task in ("inpaint", "gauss_deblur", "motion_deblur", "sr4"):
+            for tuned in (True, False):
+                config = presets.config(name, task, tuned)
+                assert type(config) is sampler.config_type
+                expected = {**presets.PAPER.get(name, {}).get(task, {}),
+                            **(presets.TUNED.get(name, {}).get(task, {}) if tuned else {})}
+                assert {k: getattr(config, k) for k in expected} == expected
+    with pytest.raises(ValueError, match="unknown sampler 'ddim'; choose one of spgd, dps"):
+        presets.config("ddim", "sr4")

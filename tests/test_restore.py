@@ -11,6 +11,7 @@ import pytest
 
 from cli_helpers import FAST, picture, random_faces, temporary_files, tiny_weights
 from spgd_jax import restore
+from spgd_jax.samplers import SAMPLERS
 from spgd_jax.restore._args import sampler_config
 from spgd_jax.restore._progress import Cancelled, Progress
 from spgd_jax.restore._run import combine_samples
@@ -69,6 +70,16 @@ def test_dps_sampler_writes_every_output(faces, weights, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["sampler"] == "dps" and config["sampler_config"]["zeta"] == 0.2
     assert config["sampler_config"]["steps"] == 4
+
+
+def test_any_config_field_is_set_from_the_command_line_with_its_type():
+    parser = restore.build_parser()
+    args = parser.parse_args(["--task", "sr4", "--set", "warmup=3", "--set", "lr-min-ratio=0.5", "--set", "adm=off"])
+    config = sampler_config(args, tuned=True)
+    assert (config.warmup, config.lr_min_ratio, config.adm) == (3, 0.5, "off")
+    assert sampler_config(parser.parse_args(["--task", "sr4", "--sampler", "dps", "--set", "zeta=2"]), True).zeta == 2.0
+    choices = next(a.choices for a in parser._actions if a.dest == "sampler")
+    assert set(choices) == {n for n, s in SAMPLERS.items() if s.conditional} and "euler" not in choices
 
 
 def test_step_sizes_tuned_for_the_default_prior_apply_only_to_it(faces, weights, tmp_path):

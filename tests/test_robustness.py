@@ -69,6 +69,7 @@ def cli(*arguments):
     (["--lr", "fast"], "'fast' is not a number or a comma-separated list"),
     (["--lr", "1,2,1"], "lists a learning rate twice"),
     (["--steps", "many"], "invalid int value"),
+    (["--set", "warmup"], "'warmup' is not FIELD=VALUE"),
 ])
 def test_malformed_option_values_are_argparse_errors(arguments, message, weights, capsys):
     with pytest.raises(SystemExit) as info:
@@ -86,6 +87,11 @@ def test_malformed_option_values_are_argparse_errors(arguments, message, weights
     (["--sigma-y", "-0.1"], "sigma_y must be >= 0"),
     (["--sampler", "dps", "--diagnostics"], "--diagnostics records SPGD's warm-up gradients"),
     (["--sampler", "dps", "--zeta", "0"], "zeta must be > 0"),
+    (["--sampler", "dps", "--lr", "1"], "--lr is an SPGD setting; leave it out with --sampler dps"),
+    (["--zeta", "1"], "--zeta is a DPS setting"),
+    (["--set", "momentum=0.9"], "SPGDConfig has no field 'momentum'"),
+    (["--set", "warmup=two"], "warmup takes a value of type int"),
+    (["--set", "diagnostics=maybe"], "diagnostics takes a value of type bool"),
 ])
 def test_out_of_range_values_are_clear_errors(arguments, message, weights, tmp_path):
     with pytest.raises(SystemExit, match=message):

@@ -44,13 +44,13 @@ import numpy as np
 
 from spgd_jax.io.compile_cache import enable_compilation_cache
 from spgd_jax.io.prior import default_weights_path
-from spgd_jax.samplers import presets
+from spgd_jax.samplers import SAMPLERS, presets
 from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, UsageError, build_parser,
                                     check_arguments, sampler_config)
 from spgd_jax.restore._folder import OutputFolder
 from spgd_jax.restore._inputs import load_prior, make_operator, measurements
 from spgd_jax.restore._run import combine_samples, restore
-from spgd_jax.restore._writers import write_outputs
+from spgd_jax.restore._writers import step_size_flag, write_outputs
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "build_parser", "entry", "main"]
 
@@ -79,6 +79,9 @@ def _main(args) -> int:
     denoiser, unet_config = load_prior(weights)
     size = unet_config.image_size
     operator = make_operator(task, size, args.sigma_y)
+    if SAMPLERS[args.sampler].linear_only and not operator.linear:
+        raise UsageError(f"--sampler {args.sampler} needs a linear operator (projections or SVDs of A); {task} is not "
+                         "linear: use --sampler spgd, dps or another sampler that only needs gradients")
     key_operator, key_noise, key_sample = jax.random.split(jax.random.key(args.seed), 3)
     inputs = measurements(args, operator, size, key_operator, key_noise)
     if not args.quiet:
@@ -116,7 +119,7 @@ def _main(args) -> int:
                      else ""), file=sys.stderr)
     if not any(finished):
         print(f"error: no image finished: every one diverged (flags in {out}/metrics.json); try a smaller "
-              f"{'--zeta' if args.sampler == 'dps' else '--lr'}", file=sys.stderr)
+              f"{step_size_flag(SAMPLERS[args.sampler].step_size)}", file=sys.stderr)
         return EXIT_NO_IMAGE_FINISHED
     return 0
 

@@ -7,9 +7,9 @@ import dataclasses
 import math
 
 from spgd_jax import operators
-from spgd_jax.samplers import presets
+from spgd_jax.samplers import SAMPLERS, presets
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "UsageError", "build_parser", "sampler_config"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "UsageError", "build_parser", "sampler_config", "settings"]
 
 EXIT_NO_IMAGE_FINISHED = 3  # every image diverged: the outputs (with their flags) are written, nothing restored
 EXIT_INTERRUPTED = 130  # Ctrl-C: nothing of this run was written
@@ -18,6 +18,17 @@ VIDEO_FRAMES = 50  # at most this many x0_hat frames (plus the result) per video
 
 class UsageError(Exception):
     """A bad argument, file or combination: the command exits with `error: <message>` (status 1)."""
+
+
+def _restoring_samplers() -> tuple[str, ...]:
+    return tuple(name for name, sampler in SAMPLERS.items() if sampler.conditional)
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE (e.g. eta=0.85)")
+    return name.strip().replace("-", "_"), value.strip()
 
 
 def _learning_rates(text: str) -> tuple[float, ...]:
@@ -40,7 +51,8 @@ names it and the fix; nothing is written); 2 a malformed command line; {EXIT_NO_
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m spgd_jax.restore",
-        description="Restore degraded images with SPGD (or DPS) and a diffusion prior.",
+        description="Restore degraded images with SPGD (or another registered sampler: --sampler) and a diffusion "
+                    "prior.",
         epilog=_EPILOG,
     )
     parser.add_argument("--task", required=True, choices=operators.TASKS, help="degradation to undo")
@@ -52,8 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default: restored-TASK)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --out (as a whole; other files are kept)")
-    parser.add_argument("--sampler", choices=("spgd", "dps"), default="spgd")
-    parser.add_argument("--steps", type=int, help="outer steps T (default 100 for SPGD, 500 for DPS: equal NFEs)")
+    parser.add_argument("--sampler", choices=_restoring_samplers(), default="spgd",
+                        help="the restoration method (default spgd; spgd_jax.samplers.SAMPLERS; each runs the task's "
+                             "preset of spgd_jax.samplers.presets)")
+    parser.add_argument("--steps", type=int, help="outer steps T (default: the sampler's preset, e.g. 100 for SPGD)")
+    parser.add_argument("--set", dest="settings", metavar="FIELD=VALUE", type=_setting, action="append", default=[],
+                        help="set any field of the sampler's config (repeatable), e.g. --set eta=0.85; the fields "
+                             "are those of the config class (spgd_jax.samplers.SAMPLERS[name].config_type)")
     parser.add_argument("--warmup", type=int, help="SPGD warm-up iterations N per step (default 5)")
     parser.add_argument("--lr", type=_learning_rates,
                         help="SPGD learning rate (default: the task's, tuned for the default prior, else the "
@@ -105,23 +122,57 @@ def sampler_config(args, tuned: bool):
 
 
 def _sampler_config(args, tuned: bool):
-    task = args.task
-    if args.sampler == "spgd":
-        if args.zeta is not None:
-            raise UsageError("--zeta is a DPS setting; use --lr with --sampler spgd")
-        config = presets.spgd_config(task, tuned, steps=args.steps, warmup=args.warmup, beta=args.beta, adm=args.adm,
-                                     lr=args.lr[0] if args.lr else None, lr_min_ratio=args.lr_min_ratio,
-                                     diagnostics=args.diagnostics)
-        for lr in args.lr or ():
-            dataclasses.replace(config, lr=lr)  # each rate passes SPGDConfig's checks
-    else:
-        for flag, value in (("--warmup", args.warmup), ("--lr", args.lr), ("--lr-min-ratio", args.lr_min_ratio),
-                            ("--beta", args.beta), ("--adm", args.adm)):
+    task, name = args.task, args.sampler
+    spgd_flags = (("--warmup", args.warmup), ("--lr", args.lr), ("--lr-min-ratio", args.lr_min_ratio),
+                  ("--beta", args.beta), ("--adm", args.adm))
+    if name != "spgd":
+        for flag, value in spgd_flags:
             if value is not None:
-                raise UsageError(f"{flag} is an SPGD setting; use --zeta and --steps with --sampler dps")
+                raise UsageError(f"{flag} is an SPGD setting; leave it out with --sampler {name} (use --set FIELD=VALUE "
+                                 "for its own settings)")
         if args.diagnostics:
             raise UsageError("--diagnostics records SPGD's warm-up gradients; use it with --sampler spgd")
-        config = presets.dps_config(task, tuned, steps=args.steps, zeta=args.zeta)
+    if name != "dps" and args.zeta is not None:
+        raise UsageError(f"--zeta is a DPS setting; leave it out with --sampler {name}")
+    flags = {"steps": args.steps}
+    if name == "spgd":
+        flags.update(warmup=args.warmup, beta=args.beta, adm=args.adm, lr=args.lr[0] if args.lr else None,
+                     lr_min_ratio=args.lr_min_ratio, diagnostics=args.diagnostics or None)
+    if name == "dps":
+        flags.update(zeta=args.zeta)
+    flags = {field: value for field, value in flags.items() if value is not None}
+    overrides = settings(name, args.settings)
+    both = sorted(set(flags) & set(overrides))
+    if both:
+        raise UsageError(f"{', '.join(both)} given twice: by its own option and by --set; give it once")
+    overrides.update(flags)
+    config = presets.config(name, task, tuned, **overrides)
+    for lr in args.lr or ():
+        dataclasses.replace(config, lr=lr)  # each rate passes SPGDConfig's checks
     if args.video:
         config = dataclasses.replace(config, trajectory_every=math.ceil(config.steps / VIDEO_FRAMES))
     return config
+
+
+def settings(name: str, pairs: list[tuple[str, str]]) -> dict:
+    """The --set FIELD=VALUE pairs as config fields of sampler `name`, each value parsed as its field's default
+    (bool, int, float or str; a required field as a number). UsageError for an unknown field or a bad value."""
+    fields = {f.name: f for f in dataclasses.fields(SAMPLERS[name].config_type)}
+    parsed = {}
+    for field, text in pairs:
+        if field not in fields:
+            raise UsageError(f"--set {field}: {SAMPLERS[name].config_type.__name__} has no field {field!r}; it has "
+                             f"{', '.join(sorted(fields))}")
+        default = fields[field].default
+        kind = float if default is dataclasses.MISSING else type(default)
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            else:
+                value = kind(text)
+        except ValueError:
+            raise UsageError(f"--set {field}={text}: {field} takes a value of type {kind.__name__}") from None
+        parsed[field] = value
+    return parsed

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from spgd_jax import metrics
+from spgd_jax.samplers import sampler_for
 from spgd_jax.io import images, plots
 from spgd_jax.io.files import write_json, write_npz, write_text
 from spgd_jax.io.plots import METRIC_LABELS
 
-__all__ = ["measurement_picture", "run_folders", "sweep_markdown", "video_frames", "write_outputs"]
+__all__ = ["measurement_picture", "run_folders", "step_size_flag", "sweep_markdown", "video_frames", "write_outputs"]
 
 STD_WHITE = 0.25  # std/NAME.png: a per-pixel std (mean over channels, [-1, 1] units) of this or more is white
 
@@ -64,10 +65,16 @@ def _summary(values: dict[str, np.ndarray], finite: np.ndarray) -> dict:
                 "std": float(v[finite].std()) if finite.any() else None} for k, v in values.items()}
 
 
+def step_size_flag(field: str | None) -> str:
+    """The command-line setting of a sampler's step-size field: --lr, --zeta, --set FIELD=..., or 'step size'."""
+    return {"lr": "--lr", "zeta": "--zeta"}.get(field, f"--set {field}=..." if field else "step size")
+
+
 def _flag_divergences(per_image, run, args, config, lr) -> None:
     """Records in per_image (and warns about) every image with a diverged sample."""
-    rate = getattr(config, "lr", None) if lr is None else lr  # None for DPS
-    hint = "a smaller --zeta" if rate is None else f"a smaller --lr (this run: {rate:g})"
+    field = sampler_for(config).step_size
+    rate = getattr(config, field) if lr is None and field else lr
+    hint = f"a smaller {step_size_flag(field)}" + ("" if rate is None else f" (this run: {rate:g})")
     where = "" if lr is None else f" at lr {lr:g}"
     lost = run.get("diverged_samples", run["diverged"].astype(int))  # how many of the image's samples diverged
     for record, count, step in zip(per_image, lost, run["diverged_step"]):

@@ -1,8 +1,8 @@
 """Per-task sampler settings: the paper's values, and the one place where they are tuned.
 
-`spgd_config(task)` and `dps_config(task)` return the configs the CLI uses by
-default with the default prior (`tuned=False`: with other weights); every field can be
-overridden by keyword. The learning rates are the
+`config(sampler, task)` returns the config the CLI uses for any registered sampler by
+default with the default prior (`tuned=False`: with other weights; `spgd_config(task)` and
+`dps_config(task)` are its two most used cases); every field can be overridden by keyword. The learning rates are the
 paper's FFHQ values (Table 5; SPEC section 3), the DPS step sizes the DPS
 release's (SPEC section 5). `TUNED_*` hold the values changed for the default
 64 px prior, with the measurement that justified each change in
@@ -12,12 +12,13 @@ benchmarks/results/.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from spgd_jax.samplers.dps import DPSConfig
 from spgd_jax.operators import TASKS
 from spgd_jax.samplers.spgd import SPGDConfig
 
-__all__ = ["DPS_ZETA", "PAPER_LR", "TUNED_SPGD", "TUNED_ZETA", "UNSUPPORTED_BY_DEFAULT_PRIOR", "dps_config",
+__all__ = ["DPS_ZETA", "PAPER", "PAPER_LR", "TUNED", "config", "TUNED_SPGD", "TUNED_ZETA", "UNSUPPORTED_BY_DEFAULT_PRIOR", "dps_config",
            "spgd_config"]
 
 # Paper Table 5 (FFHQ); phase retrieval and HDR from the reference configs. The reference's
@@ -90,6 +91,31 @@ TUNED_ZETA: dict[str, float] = {
 }
 
 
+# Per sampler, per task: the config fields of the method's own paper or release (PAPER) and those changed
+# for the default 64 px prior (TUNED, each with its measurement above or in benchmarks/results/). A
+# task missing from a sampler's table uses the config's own defaults.
+PAPER: dict[str, dict[str, dict[str, Any]]] = {
+    "spgd": {task: {"lr": lr} for task, lr in PAPER_LR.items()},
+    "dps": {task: {"zeta": zeta, "steps": 500} for task, zeta in DPS_ZETA.items()},
+}
+TUNED: dict[str, dict[str, dict[str, Any]]] = {
+    "spgd": TUNED_SPGD,
+    "dps": {task: {"zeta": zeta} for task, zeta in TUNED_ZETA.items()},
+}
+
+
+def config(sampler: str, task: str, tuned: bool = True, **overrides):
+    """The config of the registered `sampler` (a name of spgd_jax.samplers.SAMPLERS) for `task`: its
+    PAPER settings, then (tuned=True) its TUNED ones for the default 64 px prior, then every override
+    that is not None. ValueError naming the choices for an unknown sampler, task or field."""
+    from spgd_jax.samplers._registry import SAMPLERS  # the registry is filled by spgd_jax.samplers
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    defaults = {**PAPER.get(sampler, {}).get(task, {}), **(TUNED.get(sampler, {}).get(task, {}) if tuned else {})}
+    return _config(SAMPLERS[sampler].config_type, task, defaults, overrides)
+
+
 def _config(config_type, task: str, defaults: dict, overrides: dict):
     """config_type(**defaults) with the overrides that are not None; clear errors for unknown names."""
     if task not in TASKS:
@@ -106,13 +132,11 @@ def spgd_config(task: str, tuned: bool = True, **overrides) -> SPGDConfig:
 
     tuned: the settings tuned for the default 64 px prior where there are some (TUNED_SPGD); False: the
     paper's (for the full-size priors the paper used)."""
-    defaults = {"lr": PAPER_LR.get(task), **(TUNED_SPGD.get(task, {}) if tuned else {})}
-    return _config(SPGDConfig, task, defaults, overrides)
+    return config("spgd", task, tuned, **overrides)
 
 
 def dps_config(task: str, tuned: bool = True, **overrides) -> DPSConfig:
     """DPSConfig for `task` (500 steps: the NFEs of SPGD at T=100, N=5), with any field overridden.
 
     tuned: the zeta tuned for the default 64 px prior (TUNED_ZETA); False: the DPS release's."""
-    zeta = TUNED_ZETA.get(task, DPS_ZETA.get(task)) if tuned else DPS_ZETA.get(task)
-    return _config(DPSConfig, task, {"zeta": zeta, "steps": 500}, overrides)
+    return config("dps", task, tuned, **overrides)
