@@ -48,7 +48,7 @@ import numpy as np
 from spgd_jax.io.compile_cache import enable_compilation_cache
 from spgd_jax import default_weights_path, make_denoiser, metrics, models, operators
 from spgd_jax.io import checkpoint, images
-from spgd_jax.samplers import DPSConfig, SPGDConfig, posterior_mean, presets, sweep
+from spgd_jax.samplers import SAMPLERS, nfe, posterior_mean, presets, sample, sampler_for, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,19 +59,29 @@ TABLE3_TASKS = ("inpaint",)
 LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 ZETA_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 MEAN_SAMPLES = 4  # Table 1's posterior-mean row: SPGD samples averaged per image
+METHOD_FACTORS = (0.5, 1.0, 2.0)  # the other methods' step-size sweeps, x the task's preset
+# How the tables name the registered samplers (the paper's names); others by their registry name.
+METHOD_NAMES = {"spgd": "SPGD", "dps": "DPS", "ddrm": "DDRM", "diffpir": "DiffPIR", "pnp_admm": "PnP-ADMM",
+                "red_diff": "RED-Diff", "mcg": "MCG", "score_sde": "Score-SDE", "dpps": "DPPS", "daps": "DAPS"}
+
+
+def table1_methods() -> tuple[str, ...]:
+    """The registered restoring samplers other than SPGD and the equal-NFE DPS of the first rows."""
+    return tuple(n for n, s in SAMPLERS.items() if s.conditional and n != "spgd")
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One sampler run over the images. values: absolute sweep values (lr or zeta), or None to use
-    the value picked by job `tuned_by`; runs on all images when it sweeps, else on the test set.
+    """One sampler run over the images. values: absolute sweep values of the sampler's step size (lr,
+    zeta, ...), or None to use the value picked by job `tuned_by`, or None with tuned_by None for a sampler
+    without a step size (its config as it is); runs on all images when it sweeps, else on the test set.
     samples > 1: the restoration is the mean of that many samples per image (that many times the NFE)."""
 
     name: str
     table: str
     row: str
     task: str
-    config: SPGDConfig | DPSConfig
+    config: object  # a registered sampler's config
     values: tuple[float, ...] | None = None
     tuned_by: str | None = None
     dtype: str = "float32"
@@ -79,8 +89,9 @@ class Job:
 
 
 def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS, lr_factors=LR_FACTORS,
-         zeta_factors=ZETA_FACTORS) -> list[Job]:
-    """Every job of Tables 1-3 and the bfloat16 check, most important first."""
+         zeta_factors=ZETA_FACTORS, methods: tuple[str, ...] = (), method_factors=METHOD_FACTORS) -> list[Job]:
+    """Every job of Tables 1-3 and the bfloat16 check, most important first; `methods`: registered samplers
+    whose Table 1 rows (their presets, with the NFE of their papers) come after SPGD's and DPS's."""
     jobs = []
     for task in tasks:
         config = presets.spgd_config(task, steps=steps, warmup=warmup)
@@ -90,6 +101,13 @@ def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS, lr_fact
         config = presets.dps_config(task, steps=steps * warmup)
         jobs.append(Job(f"t1_dps_{task}", "1", f"DPS ({steps * warmup} steps, equal NFE)", task, config,
                         values=tuple(config.zeta * f for f in zeta_factors)))
+    for name in methods:
+        for task in tasks:
+            config = presets.config(name, task)
+            step = sampler_for(config).step_size
+            values = None if step is None else tuple(getattr(config, step) * f for f in method_factors)
+            jobs.append(Job(f"t1_{name}_{task}", "1", f"{METHOD_NAMES.get(name, name)} ({nfe(config)} NFE)", task,
+                            config, values=values))
     for task in tasks:
         jobs.append(Job(f"t1_spgd_mean{MEAN_SAMPLES}_{task}", "1", f"SPGD, mean of {MEAN_SAMPLES} samples "
                         f"({MEAN_SAMPLES}x NFE)", task, presets.spgd_config(task, steps=steps, warmup=warmup),
@@ -158,6 +176,7 @@ def image_keys(seed: int, count: int) -> jax.Array:
 def make_program(unet_config, operator, config, x_shape, dtype: str, samples: int = 1):
     """jit((unet_params, y, op_params, keys, values (L,)) -> (x (L, B, H, W, C), diverged (L, B))).
 
+    values: the config's step sizes; for a sampler without one, a placeholder of shape (1,).
     unet_config: the network's config (any registered family's; the prior's is an ADM UNetConfig).
     samples > 1: x is the posterior mean of that many samples per image (sample 0 from the image's key,
     the same as with samples = 1; sample j from fold_in(key, j)) over those that did not diverge
@@ -167,6 +186,9 @@ def make_program(unet_config, operator, config, x_shape, dtype: str, samples: in
         denoiser = make_denoiser(unet_config, unet_params, dtype=dtype)
 
         def one_sample(sample_keys):
+            if sampler_for(config).step_size is None:  # one run of the config; values (1,) is a placeholder
+                result = sample(denoiser, operator.forward, y, sample_keys, config, op_params, x_shape=x_shape)
+                return result.x[None], result.diverged[None]
             result = sweep(denoiser, operator.forward, y, sample_keys, config, values, op_params, x_shape=x_shape)
             return result.x, result.diverged
 
@@ -204,7 +226,13 @@ def generate(args) -> int:
         raise SystemExit(f"error: the images are {x.shape[1]} px, the model {size} px")
     x_shape = (size, size, 3)
     tasks = tuple(args.tasks.split(",")) if args.tasks else TABLE1_TASKS
-    jobs = [j for j in plan(args.steps, args.warmup, tasks, args.lr_factors, args.zeta_factors)
+    methods = table1_methods() if args.methods == "all" else tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in methods if m not in SAMPLERS or m == "spgd"]
+    if unknown:
+        raise SystemExit(f"error: --methods {','.join(unknown)}: not a registered restoring sampler other than "
+                         f"spgd; choose from {','.join(table1_methods())}")
+    full_plan = plan(args.steps, args.warmup, tasks, args.lr_factors, args.zeta_factors, methods, args.method_factors)
+    jobs = [j for j in full_plan
             if (not args.tables or j.table in args.tables.split(","))
             and (not args.jobs or any(j.name.startswith(p) for p in args.jobs.split(",")))]
     if args.tune == 0 and any(j.values and len(j.values) > 1 for j in jobs):
@@ -241,17 +269,16 @@ def generate(args) -> int:
                 "test": n_test, "tune": args.tune, "names": names, "device": str(jax.devices()[0]),
                 "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": args.steps, "warmup": args.warmup, "jobs": {}}
     # A one-value sweep picks its value without running, so later rows may run without it.
-    picked = {j.name: j.values[0] for j in plan(args.steps, args.warmup, tasks, args.lr_factors, args.zeta_factors)
-              if j.values and len(j.values) == 1}
+    picked = {j.name: j.values[0] for j in full_plan if j.values and len(j.values) == 1}
     rate = None  # seconds per (image x value x NFE), from the jobs run so far
     for job in jobs:
-        if job.values is None and job.tuned_by not in picked:
+        if job.values is None and job.tuned_by is not None and job.tuned_by not in picked:
             log(f"{job.name}: skipped ({job.tuned_by} did not run)")
             continue
-        values = job.values or (picked[job.tuned_by],)
+        values = job.values or ((picked[job.tuned_by],) if job.tuned_by else (0.0,))  # (0.0,): no step size
         count = n_all if job.values else n_test
-        nfe = job.samples * job.config.steps * (job.config.warmup if isinstance(job.config, SPGDConfig) else 1)
-        work = count * len(values) * nfe
+        evaluations = job.samples * nfe(job.config)
+        work = count * len(values) * evaluations
         left = args.budget_s - (time.monotonic() - started)
         if rate is not None and rate * work > left:
             log(f"{job.name}: skipped (needs ~{rate * work:.0f} s, {left:.0f} s left)")
@@ -283,7 +310,8 @@ def generate(args) -> int:
         config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
         manifest["jobs"][job.name] = {"table": job.table, "row": job.row, "task": job.task, "dtype": job.dtype,
                                       "config": config, "values": list(values), "picked": float(values[best]),
-                                      "tuned_by": job.tuned_by, "seconds": seconds, "nfe_per_image": nfe, "samples": job.samples,
+                                      "tuned_by": job.tuned_by, "seconds": seconds, "nfe_per_image": evaluations,
+                                      "images": count * len(values), "samples": job.samples,
                                       "device": manifest["device"], "jax": manifest["jax"], "tune": args.tune}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         tune_note = f", tuning PSNR by value {np.round(np.mean(scores[:, n_test:], 1), 2).tolist()}" if job.values and args.tune else ""
@@ -394,12 +422,13 @@ def score(args) -> int:
                                                            "seconds", "nfe_per_image")},
                      "diverged": int(diverged[picked, :n_test].sum()),
                      "psnr_float": float(np.mean(float_psnr)),
-                     **_summary(metrics.all_metrics(jnp.asarray(restored), reference))})
+                     "images": job.get("images"),
+                     **_summary(metrics.all_metrics(jnp.asarray(restored), reference, vgg=True))})
     for task in sorted({r["task"] for r in rows if r["table"] == "1"}, key=TABLE1_TASKS.index):
         operator, params, y = degrade(task, x, manifest["seed"])
         restored = jax.jit(jax.vmap(classical(operator, x.shape[1])))(y, params)
         rows.append({"job": f"t1_classical_{task}", "table": "1", "row": "classical", "task": task,
-                     **_summary(metrics.all_metrics(jnp.clip(restored, -1, 1), reference))})
+                     **_summary(metrics.all_metrics(jnp.clip(restored, -1, 1), reference, vgg=True))})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: manifest[k] for k in ("weights", "seed", "test", "steps", "warmup")}
@@ -407,11 +436,13 @@ def score(args) -> int:
     meta["tune"] = sorted({j["tune"] for j in manifest["jobs"].values() if len(j["values"]) > 1})
     meta["weights"] = args.weights_name or meta["weights"]
     meta["lpips"] = metrics.LPIPS_NAME
+    meta["lpips_vgg"] = metrics.LPIPS_VGG_NAME
     stem = out / f"quality_{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "tuning": _tuning(run, manifest),
-                                                    "bars": quality_bars(rows)},
+                                                    "bars": quality_bars(rows), "gains": paired_gains(rows)},
                                                     indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(rows, meta, _tuning(run, manifest)) + bars_markdown(rows))
+    stem.with_suffix(".md").write_text(markdown(rows, meta, _tuning(run, manifest)) + bars_markdown(rows)
+                                       + gains_markdown(rows))
     print(stem.with_suffix(".md").read_text())
     return 0
 
@@ -420,7 +451,7 @@ def _tuning(run: Path, manifest: dict) -> list[dict]:
     """Per swept job: mean PSNR on the tuning images and the test images at every value."""
     n_test, out = manifest["test"], []
     for name, job in manifest["jobs"].items():
-        if job["tuned_by"] is None:
+        if job["tuned_by"] is None and _has_step_size(job["config"]):
             with np.load(run / f"{name}.npz") as f:
                 scores, diverged = f["psnr"], f["diverged"]
             out.append({"job": name, "task": job["task"], "row": job["row"], "values": job["values"],
@@ -430,9 +461,14 @@ def _tuning(run: Path, manifest: dict) -> list[dict]:
     return out
 
 
+def _has_step_size(config: dict) -> bool:
+    """Whether a manifest's config (with its 'type') belongs to a sampler with a step size."""
+    return any(s.config_type.__name__ == config.get("type") and s.step_size for s in SAMPLERS.values())
+
+
 def _step_size(r: dict) -> str:
-    """The picked lr or zeta; SPGD's lr schedule when it is not the paper's decay to 1 %."""
-    if "picked" not in r:
+    """The picked lr, zeta, ...; SPGD's lr schedule when it is not the paper's decay to 1 %."""
+    if "picked" not in r or not _has_step_size(r["config"]):
         return "-"
     ratio = r["config"].get("lr_min_ratio", 0.01)
     return f"{r['picked']:g}" + ("" if ratio == 0.01 else " constant" if ratio == 1 else f" to x{ratio:g}")
@@ -476,13 +512,17 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
                        and r["row"] == "SPGD" and r["task"] in TABLE3_TASKS]
         if table == "bf16":
             chosen += [{**r, "row": "SPGD float32"} for r in rows if r["table"] == "1" and r["row"] == "SPGD"]
-        lines += [f"## {titles[table]}", "", "| task | method | step size | PSNR | SSIM | LPIPS | PSNR (float) | diverged | s |",
-                  "|---|---|---:|---|---|---|---:|---:|---:|"]
+        lines += [f"## {titles[table]}", "",
+                  "| task | method | step size | PSNR | SSIM | LPIPS | LPIPS-VGG | PSNR (float) | diverged | NFE | s/image |",
+                  "|---|---|---:|---|---|---|---|---:|---:|---:|---:|"]
         for r in sorted(chosen, key=lambda r: (TABLE1_TASKS.index(r["task"]), r["row"])):
             step = _step_size(r)
-            extra = (f"{r['psnr_float']:.3f} | {r['diverged']} | {r['seconds']:.0f}" if "picked" in r else "- | - | -")
+            per_image = f"{r['seconds'] / r['images']:.2f}" if r.get("images") else "-"
+            extra = (f"{r['psnr_float']:.3f} | {r['diverged']} | {r['nfe_per_image']} | {per_image}" if "picked" in r
+                     else "- | - | - | -")
+            vgg = _cell(r, "lpips_vgg", ".3f") if "lpips_vgg" in r else "-"
             lines.append(f"| {r['task']} | {r['row']} | {step} | {_cell(r, 'psnr', '.2f')} | {_cell(r, 'ssim', '.3f')} | "
-                         f"{_cell(r, 'lpips', '.3f')} | {extra} |")
+                         f"{_cell(r, 'lpips', '.3f')} | {vgg} | {extra} |")
         lines.append("")
     lines += ["## Step-size sweeps (mean PSNR, dB)", "", "| job | values | tuning images | test images | picked |",
               "|---|---|---|---|---:|"]
@@ -560,6 +600,46 @@ def bars_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_gains(rows: list[dict]) -> list[dict]:
+    """SPGD (one sample) minus every other Table 1 row of its task, on the same test images: for each metric,
+    the mean of the paired per-image differences and its standard error."""
+    out = []
+    for task in TABLE1_TASKS:
+        table1 = [r for r in rows if r["table"] == "1" and r["task"] == task]
+        ours = next((r for r in table1 if r["job"] == f"t1_spgd_{task}"), None)
+        if ours is None:
+            continue
+        for other in table1:
+            if other is ours:
+                continue
+            gains = {}
+            for metric in ours["per_image"]:
+                if metric in other["per_image"]:
+                    diff = np.asarray(ours["per_image"][metric]) - np.asarray(other["per_image"][metric])
+                    stderr = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+                    gains[metric] = {"gain": float(diff.mean()), "stderr": stderr}
+            out.append({"task": task, "against": other["row"], "images": len(ours["per_image"]["psnr"]), **gains})
+    return out
+
+
+def gains_markdown(rows: list[dict]) -> str:
+    """The paired SPGD-minus-method section of the report (empty without an SPGD Table 1 row)."""
+    gains = paired_gains(rows)
+    if not gains:
+        return ""
+    metrics_shown = [m for m in ("psnr", "ssim", "lpips", "lpips_vgg") if any(m in g for g in gains)]
+    labels = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "lpips_vgg": "LPIPS-VGG"}
+    lines = ["", "## SPGD minus each method (paired, same test images)", "",
+             "Mean of the per-image differences SPGD - method ± its standard error (positive PSNR/SSIM and negative "
+             "LPIPS favour SPGD).", "", "| task | method | " + " | ".join(labels[m] for m in metrics_shown) + " |",
+             "|---|---|" + "---:|" * len(metrics_shown)]
+    spec = {"psnr": "+.2f", "ssim": "+.3f", "lpips": "+.3f", "lpips_vgg": "+.3f"}
+    for g in gains:
+        cells = [f"{g[m]['gain']:{spec[m]}} ± {g[m]['stderr']:.{spec[m][-2]}f}" if m in g else "-" for m in metrics_shown]
+        lines.append(f"| {g['task']} | {g['against']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -586,6 +666,11 @@ def main(argv=None) -> int:
     factors = lambda text: tuple(float(v) for v in text.split(","))
     p.add_argument("--lr-factors", type=factors, default=LR_FACTORS, help="SPGD sweep, x the preset lr")
     p.add_argument("--zeta-factors", type=factors, default=ZETA_FACTORS, help="DPS sweep, x the preset zeta")
+    p.add_argument("--methods", default="all",
+                   help="Table 1's other methods: comma-separated registered sampler names, 'all' (default: every "
+                        "restoring sampler of spgd_jax.samplers.SAMPLERS) or '' (SPGD and equal-NFE DPS only)")
+    p.add_argument("--method-factors", type=factors, default=METHOD_FACTORS,
+                   help="the other methods' step-size sweeps, x their presets")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)

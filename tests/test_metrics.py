@@ -35,6 +35,19 @@ def test_lpips_zero_for_identical_and_grows_with_noise():
     assert np.all(d_small > 0) and np.all(d_large > d_small)
 
 
+def test_lpips_vgg_is_another_network_zero_for_identical_and_growing_with_noise():
+    small, ref = _pair(noise=0.05)
+    large, _ = _pair(noise=0.4)
+    np.testing.assert_allclose(metrics.lpips(ref, ref, "vgg16"), 0.0, atol=1e-6)
+    d_small, d_large = np.asarray(metrics.lpips(small, ref, "vgg16")), np.asarray(metrics.lpips(large, ref, "vgg16"))
+    assert np.all(d_small > 0) and np.all(d_large > d_small)
+    assert not np.allclose(d_small, metrics.lpips(small, ref), rtol=0.05)  # not AlexNet's numbers again
+    values = metrics.all_metrics(small, ref, vgg=True)
+    np.testing.assert_array_equal(values["lpips_vgg"], d_small)
+    with pytest.raises(ValueError, match="net must be one of"):
+        metrics.lpips(small, ref, "resnet")
+
+
 def test_shape_mismatch_is_a_clear_error():
     x, ref = _pair()
     with pytest.raises(ValueError, match="one size"):

@@ -111,12 +111,13 @@ def test_plan_orders_table1_first_and_ties_later_rows_to_its_sweeps():
 
 
 def test_step_size_column_names_the_spgd_schedule():
-    spgd = lambda task: {"picked": 0.8, "config": dataclasses.asdict(presets.spgd_config(task))}
+    typed = lambda config: {"type": type(config).__name__, **dataclasses.asdict(config)}  # as generate records it
+    spgd = lambda task: {"picked": 0.8, "config": typed(presets.spgd_config(task))}
     assert quality._step_size(spgd("inpaint")) == "0.8"  # the paper's decay
     assert quality._step_size(spgd("gauss_deblur")) == "0.8 constant"  # the default prior's tuned schedule
-    half = {"picked": 2.0, "config": dataclasses.asdict(presets.spgd_config("sr4", lr_min_ratio=0.5))}
+    half = {"picked": 2.0, "config": typed(presets.spgd_config("sr4", lr_min_ratio=0.5))}
     assert quality._step_size(half) == "2 to x0.5"
-    assert quality._step_size({"picked": 3.0, "config": dataclasses.asdict(presets.dps_config("sr4"))}) == "3"
+    assert quality._step_size({"picked": 3.0, "config": typed(presets.dps_config("sr4"))}) == "3"
     assert quality._step_size({"task": "sr4"}) == "-"  # a classical baseline
 
 

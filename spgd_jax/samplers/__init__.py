@@ -10,7 +10,7 @@ below. `presets` holds the per-task settings; `sweep` runs a sampler at several 
 
 from spgd_jax.samplers import diagnostics, presets
 from spgd_jax.samplers._loop import SampleResult
-from spgd_jax.samplers._registry import SAMPLERS, Sampler, register_sampler, sampler_for
+from spgd_jax.samplers._registry import SAMPLERS, Sampler, nfe, register_sampler, sampler_for
 from spgd_jax.samplers._sample import initial_noise, sample
 from spgd_jax.samplers.dps import DPSConfig, dps
 from spgd_jax.samplers.euler import EulerConfig, euler
@@ -20,10 +20,10 @@ from spgd_jax.samplers.schedule import edm_sigmas
 from spgd_jax.samplers.spgd import SPGDConfig, spgd
 from spgd_jax.samplers.sweep import sweep
 
-register_sampler(Sampler("spgd", SPGDConfig, spgd, step_size="lr"))
+register_sampler(Sampler("spgd", SPGDConfig, spgd, step_size="lr", nfe=lambda config: config.steps * config.warmup))
 register_sampler(Sampler("dps", DPSConfig, dps, step_size="zeta"))
 register_sampler(Sampler("euler", EulerConfig, euler, conditional=False))
 
 __all__ = ["SAMPLERS", "DPSConfig", "EulerConfig", "SPGDConfig", "SampleResult", "Sampler", "diagnostics", "dps",
-           "dps_config", "edm_sigmas", "euler", "initial_noise", "posterior_mean", "presets", "register_sampler", "sample",
+           "dps_config", "edm_sigmas", "euler", "initial_noise", "nfe", "posterior_mean", "presets", "register_sampler", "sample",
            "sampler_for", "spgd", "spgd_config", "sweep"]

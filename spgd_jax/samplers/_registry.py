@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
-__all__ = ["SAMPLERS", "Sampler", "register_sampler", "sampler_for", "split_step_size"]
+__all__ = ["SAMPLERS", "Sampler", "nfe", "register_sampler", "sampler_for", "split_step_size"]
 
 
 class Sampler(NamedTuple):
@@ -25,6 +25,7 @@ class Sampler(NamedTuple):
     conditional: whether it restores measurements (False: it samples the prior).
     linear_only: whether it needs a linear forward operator (projections, proximal steps, SVDs); the
                  command line refuses a non-linear task for it before running.
+    nfe:         nfe(config) -> the denoiser evaluations per image of a run (None: config.steps, one per step).
     step_size:   the config field that `run` also takes as a keyword, a scalar that may be traced (SPGD's
                  'lr', DPS's 'zeta'), or None. `sample` passes it traced, so runs that differ only in it
                  share one compilation, and `sweep` vmaps over it.
@@ -36,6 +37,7 @@ class Sampler(NamedTuple):
     conditional: bool = True
     step_size: str | None = None
     linear_only: bool = False
+    nfe: Callable[[Any], int] | None = None
 
 
 SAMPLERS: dict[str, Sampler] = {}
@@ -57,6 +59,13 @@ def sampler_for(config: Any) -> Sampler:
             return sampler
     names = ", ".join(s.config_type.__name__ for s in SAMPLERS.values())
     raise TypeError(f"config must be one of {names}, got {type(config).__name__}")
+
+
+def nfe(config: Any) -> int:
+    """Denoiser evaluations per image (network forwards; a gradient through the network counts once) of a
+    run with `config`."""
+    count = sampler_for(config).nfe
+    return config.steps if count is None else count(config)
 
 
 def split_step_size(config: Any) -> tuple[Any, float | None]:
