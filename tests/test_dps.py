@@ -9,7 +9,7 @@ from sampler_toys import PRIOR_VAR, SHAPE, counting, gaussian_denoiser, matrix_f
 from spgd_jax.samplers.dps import DPSConfig, dps, get_step_fn
 from spgd_jax.samplers import sample
 from spgd_jax.samplers._loop import Step
-from spgd_jax.samplers.schedule import edm_sigmas
+from spgd_jax.samplers.schedule import ddpm_sigmas, edm_sigmas
 
 
 def numpy_dps_step(x, M, y, sigma, sigma_next, zeta):
@@ -93,3 +93,54 @@ def test_traced_zeta_replaces_the_configs():
                                            matrices, zeta=z).x))(jnp.asarray([0.1, 0.3], jnp.float32))
     np.testing.assert_allclose(swept[1], static.x, rtol=1e-5, atol=1e-6)
     assert not np.allclose(swept[0], static.x)
+
+
+def test_ddpm_schedule_step_is_the_releases_vp_step():
+    """One schedule='ddpm' step == the DPS release's step in VP coordinates x_vp = x / sqrt(1 + t^2) (float64
+    NumPy: p_sample, then x_vp -= zeta * grad_{x_vp} ||y - A x0_hat||), mapped back to ours."""
+    from spgd_jax.samplers._ancestral import vp_step_factors
+
+    matrices, _, y, _ = random_problem(1)
+    M, y64 = np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64)
+    x = np.random.default_rng(0).standard_normal(SHAPE) * 2
+    sigma, sigma_next, zeta = 2.0, 1.5, 0.7
+    key = jax.random.key(3)
+    factor = vp_step_factors(np.array([sigma, sigma_next]))[0]
+    info = Step(jnp.int32(0), jnp.float32(sigma), jnp.float32(sigma_next), jnp.float32(0), jnp.float32(zeta * factor))
+    got, _, _ = jax.jit(get_step_fn(gaussian_denoiser, matrix_forward, "ddpm"))(jnp.asarray(x, jnp.float32), info, key,
+                                                                               (y[0], matrices[0]))
+    z = np.asarray(jax.random.normal(key, SHAPE), np.float64)
+    abar, abar_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+    beta = 1 - abar / abar_prev
+    x_vp = x * np.sqrt(abar)
+    c = PRIOR_VAR / (PRIOR_VAR + sigma**2)
+    x0_hat = c * x_vp / np.sqrt(abar)  # D as a function of x_vp
+    mean = (beta * np.sqrt(abar_prev) * x0_hat + (1 - abar_prev) * np.sqrt(1 - beta) * x_vp) / (1 - abar)
+    sample = mean + np.sqrt(beta * (1 - abar_prev) / (1 - abar)) * z
+    residual = M @ x0_hat.ravel() - y64
+    grad_vp = (c / np.sqrt(abar)) * (M.T @ residual / np.linalg.norm(residual)).reshape(SHAPE)
+    expected = (sample - zeta * grad_vp) / np.sqrt(abar_prev)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ddpm_schedule_config_and_sigma_max():
+    config = DPSConfig(zeta=0.5, schedule="ddpm")
+    assert config.steps == 1000 and 157.3 < config.sigma_max < 157.5
+    assert dataclasses.replace(config, zeta=1.0).sigma_max == config.sigma_max  # replace keeps it valid
+    assert DPSConfig(zeta=0.5).sigma_max == 100.0 and DPSConfig(zeta=0.5).schedule == "edm"
+    np.testing.assert_array_equal(config.sigmas(), ddpm_sigmas(1000))
+    for kwargs, match in [(dict(schedule="vp"), "schedule"), (dict(schedule="ddpm", sigma_max=100.0), "sigma_max"),
+                          (dict(schedule="ddpm", rho=7.0), "sigma_min and rho"),
+                          (dict(schedule="ddpm", steps=1001), "steps")]:
+        with pytest.raises(ValueError, match=match):
+            DPSConfig(zeta=0.5, **kwargs)
+
+
+def test_ddpm_schedule_needs_keys_and_edm_ignores_them():
+    matrices, _, y, x_init = random_problem(1)
+    with pytest.raises(ValueError, match="keys"):
+        dps(gaussian_denoiser, matrix_forward, y, x_init, DPSConfig(zeta=0.5, schedule="ddpm", steps=3), matrices)
+    config = DPSConfig(zeta=0.5, steps=3)
+    keys = jax.random.split(jax.random.key(0), 1)
+    keyed = dps(gaussian_denoiser, matrix_forward, y, x_init, config, matrices, keys=keys)
+    np.testing.assert_array_equal(keyed.x, dps(gaussian_denoiser, matrix_forward, y, x_init, config, matrices).x)

@@ -1,66 +1,100 @@
-"""DPS (Chung et al. 2023) on the EDM schedule with the same denoiser (SPEC section 5, last paragraph).
+"""DPS (Chung et al. 2023, "Diffusion posterior sampling for general noisy inverse problems") in two schedules.
 
-Per outer step i, per image:  x0_hat = D(x_i; t_i);  x'_{i+1} = x_i + (1 - t_{i+1}/t_i)(x0_hat - x_i);
-x_{i+1} = x'_{i+1} - zeta * grad_{x_i} ||A(x0_hat) - y||   (the norm, not its square). T denoiser evaluations.
+schedule="ddpm", as published (DPS Algorithm 1; the release runs guided-diffusion's 1000-step ancestral DDPM
+sampler), per step i = 0..T-1 on ddpm_sigmas(T), per image:
+  x0_hat = D(x_i; t_i)                                          (Alg. 1 line 4, Tweedie)
+  x'_{i+1} = (1 - r) x0_hat + r x_i + t_{i+1} sqrt(1 - r) z,  r = t_{i+1}^2 / t_i^2,  z ~ N(0, I)   (lines 5-6)
+  x_{i+1} = x'_{i+1} - zeta sqrt((1 + t_i^2)(1 + t_{i+1}^2)) grad_{x_i} ||y - A(x0_hat)||          (line 7)
+The norm, not its square (the release's torch.linalg.norm; the paper's zeta_i = zeta' / ||y - A(x0_hat)||
+applied to the squared norm is the same step up to a factor 2). The release applies zeta to VP states x_vp =
+x / sqrt(1 + t^2); the factor converts that step to our coordinates (derivation in
+spgd_jax.samplers._ancestral.vp_step_factors), so a zeta of the release gives the release's iterates.
+Departures: the variance is the DDPM posterior variance beta_tilde, where the release's network also predicts
+a variance (learned_range) that our denoiser D does not return; and x0_hat is not clamped to [-1, 1]
+(clip_denoised), as no sampler of this library clamps the Tweedie estimate. T denoiser evaluations.
+
+schedule="edm" (this library's original variant, SPEC section 5): on the EDM schedule, deterministic,
+  x0_hat = D(x_i; t_i);  x_{i+1} = x_i + (1 - t_{i+1}/t_i)(x0_hat - x_i) - zeta * grad_{x_i} ||A(x0_hat) - y||.
+T denoiser evaluations.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
+from spgd_jax.samplers._ancestral import (ancestral_step, check_positive, require_keys, residual_norm_and_grad,
+                                          vp_step_factors)
 from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
-from spgd_jax.samplers.schedule import check_schedule, edm_sigmas, euler_step
+from spgd_jax.samplers.schedule import check_schedule, ddpm_sigmas, edm_sigmas, euler_step
 
 __all__ = ["DPSConfig", "get_step_fn", "dps"]
+
+SCHEDULES = ("edm", "ddpm")
+_EDM_DEFAULTS = {"sigma_max": 100.0, "sigma_min": 0.1, "rho": 7.0}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPSConfig:
     """DPS settings. `zeta` is per task (DPS release: 0.5 inpainting, 0.3 deblurring and SR x4, 1.0 phase
-    retrieval, tuned for 1000 ancestral DDPM steps). steps: T outer steps (1000 = the DPS release's NFEs).
-    sigma_max, sigma_min, rho: the EDM schedule. trajectory_every: k > 0 also returns x0_hat every k steps."""
+    retrieval, tuned for 1000 ancestral DDPM steps, in VP units, which schedule="ddpm" converts).
+    schedule: "ddpm" (the published ancestral sampler on ddpm_sigmas(steps), steps <= 1000) or "edm" (Euler
+    steps on the EDM schedule, the library's original variant). steps: T outer steps (1000 = the DPS
+    release's NFEs). sigma_max: follows the schedule (None: 100 for "edm"; for "ddpm" always the DDPM
+    schedule's 157.4). sigma_min, rho: the EDM schedule (None: 0.1 and 7; "ddpm" takes none).
+    trajectory_every: k > 0 also returns x0_hat every k steps."""
 
     zeta: float
+    schedule: str = "edm"
     steps: int = 1000
-    sigma_max: float = 100.0
-    sigma_min: float = 0.1
-    rho: float = 7.0
+    sigma_max: float | None = None
+    sigma_min: float | None = None
+    rho: float | None = None
     trajectory_every: int = 0
 
     def __post_init__(self):
-        check_schedule(self.steps, self.sigma_max, self.sigma_min, self.rho)
-        if not isinstance(self.zeta, (int, float)) or isinstance(self.zeta, bool) or not math.isfinite(self.zeta):
-            raise TypeError(f"DPSConfig.zeta must be a finite number, got {self.zeta!r}")
-        if self.zeta <= 0:
-            raise ValueError(f"DPSConfig.zeta must be > 0, got {self.zeta}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"DPSConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "edm":
+            for name, default in _EDM_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, default)
+            check_schedule(self.steps, self.sigma_max, self.sigma_min, self.rho)
+        else:
+            ddpm_max = float(ddpm_sigmas(self.steps)[0])  # ValueError naming steps if out of [2, 1000]
+            if self.sigma_min is not None or self.rho is not None:
+                raise ValueError("DPSConfig.sigma_min and rho set the EDM schedule; schedule='ddpm' takes none "
+                                 "(leave them unset)")
+            if self.sigma_max is not None and self.sigma_max != ddpm_max:
+                raise ValueError(f"DPSConfig.sigma_max follows the DDPM schedule ({ddpm_max:.4f}) with "
+                                 f"schedule='ddpm'; leave it unset (got {self.sigma_max})")
+            object.__setattr__(self, "sigma_max", ddpm_max)
+        check_positive("DPSConfig", "zeta", self.zeta)
         check_trajectory_every(self.trajectory_every)
 
+    def sigmas(self):
+        """The (steps + 1,) float64 noise levels of the schedule, ending with 0."""
+        if self.schedule == "ddpm":
+            return ddpm_sigmas(self.steps)
+        return edm_sigmas(self.steps, self.sigma_max, self.sigma_min, self.rho)
 
-def _norm(residual: jax.Array) -> jax.Array:
-    """||residual||_2 with gradient 0 (not NaN) at residual = 0, as torch.linalg.norm."""
-    squared = jnp.sum(residual**2)
-    positive = squared > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
 
+def get_step_fn(denoiser, forward, schedule: str = "edm"):
+    """The per-image DPS step for loop.run_schedule; step.inputs is the step's zeta ("edm") or zeta times
+    sqrt((1 + t_i^2)(1 + t_{i+1}^2)) ("ddpm", which also needs the loop's key)."""
+    norm_and_grad = residual_norm_and_grad(denoiser, forward)
 
-def get_step_fn(denoiser, forward):
-    """The per-image DPS step for loop.run_schedule; step.inputs is the step's zeta."""
-
-    def residual_norm(x, sigma, y, params):
-        x0_hat = denoiser(x[None], sigma[None])[0]
-        return _norm(forward(x0_hat, params) - y), x0_hat
-
-    residual_norm_and_grad = jax.value_and_grad(residual_norm, has_aux=True)
-
-    def step(x, step, _key, image):
+    def step(x, step, key, image):
         y, params = image
-        (norm, x0_hat), grad = residual_norm_and_grad(x, step.sigma, y, params)
-        return euler_step(x, x0_hat, step.coefficient) - step.inputs * grad, x0_hat, norm
+        (norm, x0_hat), grad = norm_and_grad(x, step.sigma, y, params)
+        if schedule == "ddpm":
+            unguided = ancestral_step(x, x0_hat, step.sigma, step.sigma_next, key)
+        else:
+            unguided = euler_step(x, x0_hat, step.coefficient)
+        return unguided - step.inputs * grad, x0_hat, norm
 
     return step
 
@@ -79,8 +113,14 @@ def dps(
 ) -> SampleResult:
     """DPS from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.samplers._sample.sample.
 
+    keys: (B,) per-image PRNG keys for the ancestral noise (needed by schedule="ddpm"; "edm" is deterministic).
     zeta: a scalar that replaces config.zeta and may be traced (a sweep vmaps over it)."""
-    sigmas = edm_sigmas(config.steps, config.sigma_max, config.sigma_min, config.rho)
+    sigmas = config.sigmas()
     zetas = jnp.full((config.steps,), config.zeta if zeta is None else zeta, jnp.float32)
-    step = get_step_fn(denoiser, forward)
-    return run_schedule(step, x_init, sigmas, zetas, (y, params), config.trajectory_every, progress)
+    if config.schedule == "ddpm":
+        keys = require_keys(keys, "DPS with schedule='ddpm'")
+        zetas = zetas * jnp.asarray(vp_step_factors(sigmas), jnp.float32)
+    else:
+        keys = None
+    step = get_step_fn(denoiser, forward, config.schedule)
+    return run_schedule(step, x_init, sigmas, zetas, (y, params), config.trajectory_every, progress, keys=keys)

@@ -1,0 +1,140 @@
+"""DPPS (Wu et al. 2024, "Diffusion posterior proximal sampling for image restoration", ACM MM 2024; the
+official release github.com/74587887/DPPS_code, built on the DPS release): DPS where the noise of each
+ancestral step is the best of M candidates, and the run starts from the noised measurement.
+
+Start (the paper's "aligned initialisation"): x_0 = lift(y) + t_0 n, n ~ N(0, I) (the release's
+q_sample(y, T - 1), y nearest-neighbour upsampled when it is smaller than the image). Per step i = 0..T-1 on
+ddpm_sigmas(T), per image:
+  x0_hat = D(x_i; t_i);  eps = (x_i - x0_hat) / t_i
+  mu = (1 - r) x0_hat + r x_i - zeta sqrt((1 + t_i^2)(1 + t_{i+1}^2)) grad_{x_i} ||y - A x0_hat||,
+       r = t_{i+1}^2 / t_i^2                                (the DPS step on the ancestral mean)
+  candidates x^k = mu + c z_k, c = t_{i+1} sqrt(1 - r), z_k ~ N(0, I), k = 1..M_i,
+       M_i = floor(max(M (1 - exp(-1 / t_i^2)), 2))     (more candidates as the signal-to-noise ratio grows)
+  x_{i+1} = the x^k minimising ||s y - A(s (x^k - t_{i+1} eps))||, s = 1 / sqrt(1 + t_{i+1}^2)
+            (the candidate's one-step x0 estimate measured against y, in the release's VP scale)
+The release draws M_i candidates; we draw M every step (static shapes) and rank only the first M_i. zeta is
+in the release's VP units, converted by the factor (spgd_jax.samplers._ancestral.vp_step_factors).
+Departures: the DDPM posterior variance c^2 instead of the release network's learned one; x0_hat not clamped
+to [-1, 1] (the release clamps x0_hat, but its candidate test uses the network's eps, which we derive from the
+unclamped x0_hat). T denoiser evaluations; each step also evaluates A on M candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spgd_jax.samplers._ancestral import check_positive, require_keys, residual_norm_and_grad, vp_step_factors
+from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
+from spgd_jax.samplers.schedule import ddim_step, ddpm_sigmas
+
+__all__ = ["DPPSConfig", "candidate_counts", "dpps", "get_step_fn", "lift_measurement"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPPSConfig:
+    """DPPS settings. zeta: the DPS step size in the release's VP units, per task (release configs: 1.0
+    inpainting and SR x4, 0.4 Gaussian and motion deblurring). candidates: M, the most candidate noises per
+    step (the release's n_max = 50). steps: T ancestral steps on ddpm_sigmas(steps), 2..1000 (1000: the
+    release). aligned_init: start from lift(y) + sigma_max n (needs y of the image's shape or a downscaled
+    image; False: from sigma_max n, as DPS). trajectory_every: k > 0 also returns x0_hat every k steps.
+    sigma_max (a property): the DDPM schedule's first level, 157.4."""
+
+    zeta: float
+    candidates: int = 50
+    steps: int = 1000
+    aligned_init: bool = True
+    trajectory_every: int = 0
+
+    def __post_init__(self):
+        ddpm_sigmas(self.steps)  # ValueError naming steps if out of [2, 1000]
+        check_positive("DPPSConfig", "zeta", self.zeta)
+        if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or self.candidates < 2:
+            raise ValueError(f"DPPSConfig.candidates must be an int >= 2 (candidate noises per step), "
+                             f"got {self.candidates!r}")
+        if not isinstance(self.aligned_init, bool):
+            raise TypeError(f"DPPSConfig.aligned_init must be True or False, got {self.aligned_init!r}")
+        check_trajectory_every(self.trajectory_every)
+
+    @property
+    def sigma_max(self) -> float:
+        return float(ddpm_sigmas(self.steps)[0])
+
+
+def candidate_counts(sigmas: np.ndarray, candidates: int) -> np.ndarray:
+    """(T,) int32 M_i = floor(max(M (1 - exp(-snr_i)), 2)), snr_i = 1 / t_i^2 (the release's n_frequency),
+    for the (T + 1,) levels t_i."""
+    snr = 1.0 / np.asarray(sigmas[:-1], np.float64) ** 2
+    return np.floor(np.maximum(candidates * (1.0 - np.exp(-snr)), 2.0)).astype(np.int32)
+
+
+def lift_measurement(y: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
+    """y (B, ...) as images (B,) + x_shape for the aligned start: y itself when it has the image's shape,
+    nearest-neighbour upsampled (the release's F.interpolate) when it is an image smaller by an integer factor
+    s in height and width; ValueError otherwise."""
+    image = tuple(x_shape)
+    if y.shape[1:] == image:
+        return y
+    if y.ndim == 4 and y.shape[3] == image[2] and image[0] % y.shape[1] == 0 and image[1] % y.shape[2] == 0:
+        scale = image[0] // y.shape[1]
+        if scale == image[1] // y.shape[2]:
+            return jnp.repeat(jnp.repeat(y, scale, axis=1), scale, axis=2)
+    raise ValueError(f"DPPSConfig.aligned_init starts from y lifted to the image: it needs per-image y of shape "
+                     f"{image} or an image downscaled by an integer factor, got {y.shape[1:]}; pass "
+                     "aligned_init=False")
+
+
+def get_step_fn(denoiser, forward, candidates: int):
+    """The per-image DPPS step for loop.run_schedule; step.inputs is (zeta * sqrt((1 + t_i^2)(1 + t_{i+1}^2)),
+    M_i)."""
+    norm_and_grad = residual_norm_and_grad(denoiser, forward)
+
+    def step(x, step, key, image):
+        y, params = image
+        step_size, count = step.inputs
+        sigma, sigma_next = step.sigma, step.sigma_next
+        (norm, x0_hat), grad = norm_and_grad(x, sigma, y, params)
+        mean = ddim_step(x, x0_hat, sigma, sigma_next, 1.0, jnp.zeros_like(x)) - step_size * grad
+        spread = sigma_next * jnp.sqrt(jnp.maximum(1.0 - (sigma_next / sigma) ** 2, 0.0))
+        eps = (x - x0_hat) / sigma
+        scale = 1.0 / jnp.sqrt(1.0 + sigma_next**2)
+        noises = jax.random.normal(key, (candidates,) + x.shape, x.dtype)
+
+        def distance(noise):
+            x0_next = scale * (mean + spread * noise - sigma_next * eps)
+            return jnp.sqrt(jnp.sum((scale * y - forward(x0_next, params)) ** 2))
+
+        distances = jnp.where(jnp.arange(candidates) < count, jax.vmap(distance)(noises), jnp.inf)
+        return mean + spread * noises[jnp.argmin(distances)], x0_hat, norm
+
+    return step
+
+
+def dpps(
+    denoiser: Callable[[jax.Array, jax.Array], jax.Array],
+    forward: Callable[[jax.Array, Any], jax.Array],
+    y: jax.Array,
+    x_init: jax.Array,
+    config: DPPSConfig,
+    params: Any = None,
+    progress: Callable[[int], None] | None = None,
+    *,
+    keys: jax.Array | None = None,
+    zeta: jax.Array | float | None = None,
+) -> SampleResult:
+    """DPPS from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I), to which config.aligned_init adds
+    lift_measurement(y); see spgd_jax.samplers._sample.sample. keys: (B,) per-image PRNG keys (required).
+    zeta: a scalar that replaces config.zeta and may be traced. losses: (B, T) ||y - A x0_hat|| per step."""
+    keys = require_keys(keys, "DPPS")
+    sigmas = ddpm_sigmas(config.steps)
+    if config.aligned_init:
+        x_init = x_init + lift_measurement(y, x_init.shape[1:])
+    zetas = jnp.full((config.steps,), config.zeta if zeta is None else zeta, jnp.float32)
+    per_step = (zetas * jnp.asarray(vp_step_factors(sigmas), jnp.float32),
+                jnp.asarray(candidate_counts(sigmas, config.candidates)))
+    step = get_step_fn(denoiser, forward, config.candidates)
+    return run_schedule(step, x_init, sigmas, per_step, (y, params), config.trajectory_every, progress, keys=keys)

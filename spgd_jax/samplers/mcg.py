@@ -1,0 +1,102 @@
+"""MCG (Chung et al. 2022, "Improving diffusion models for inverse problems using manifold constraints").
+
+Per step i = 0..T-1 on ddpm_sigmas(T) (guided-diffusion's 1000-step ancestral sampler, as released), per image:
+  x0_hat = D(x_i; t_i)                                                       (Tweedie, paper Eq. 10)
+  x'_{i+1} = (1 - r) x0_hat + r x_i + t_{i+1} sqrt(1 - r) z,  r = t_{i+1}^2 / t_i^2   (ancestral step, Eq. 12)
+  x''_{i+1} = x'_{i+1} - alpha sqrt((1 + t_i^2)(1 + t_{i+1}^2)) grad_{x_i} ||y - A x0_hat||   (MCG step, Eq. 13)
+  x_{i+1} = the point of {x : A x = y + t_{i+1} A n} closest to x''_{i+1},  n ~ N(0, I)   (projection, Eq. 14)
+The projection puts the measurement noised to the next level (the noisy y_i of Eq. 14; for inpainting it
+replaces the kept pixels by y + t_{i+1} n, as the release's q_sample(y) * mask; the last step projects onto
+A x = y exactly). It is computed by conjugate gradients (operators.project), so A must be linear.
+The gradient is of the norm, not of its square as Eq. 13 writes it, as in the release (th.norm, unit step)
+and in the DPS release's 'mcg' method; W = I. alpha is in the release's VP units (x_vp = x / sqrt(1 + t^2)),
+converted to ours by the factor (spgd_jax.samplers._ancestral.vp_step_factors).
+Departures: the DDPM posterior variance instead of the release network's learned one; x0_hat not clamped to
+[-1, 1]; the release noises y to the current level t_i (q_sample(y, t)) where Eq. 14 and we use t_{i+1}.
+T denoiser evaluations (each with its backward pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from spgd_jax.samplers._ancestral import (ancestral_step, check_positive, noised_projection, require_keys,
+                                          residual_norm_and_grad, vp_step_factors)
+from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
+from spgd_jax.samplers.schedule import ddpm_sigmas
+
+__all__ = ["MCGConfig", "check_cg_iterations", "get_step_fn", "mcg"]
+
+
+def check_cg_iterations(owner: str, value: int) -> None:
+    """ValueError naming `owner.cg_iterations` unless it is an int >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{owner}.cg_iterations must be an int >= 1 (conjugate-gradient iterations of the "
+                         f"projection), got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MCGConfig:
+    """MCG settings. alpha: the manifold-constraint step size in the release's VP units (1.0: the MCG release's
+    unit step, also the DPS release's default for its 'mcg' method). steps: T ancestral steps on
+    ddpm_sigmas(steps), 2..1000 (1000 = the release's NFEs). cg_iterations: conjugate-gradient iterations of
+    each projection (exact for inpainting after one). trajectory_every: k > 0 also returns x0_hat every k
+    steps. sigma_max (a property): the DDPM schedule's first level, 157.4."""
+
+    alpha: float = 1.0
+    steps: int = 1000
+    cg_iterations: int = 30
+    trajectory_every: int = 0
+
+    def __post_init__(self):
+        ddpm_sigmas(self.steps)  # ValueError naming steps if out of [2, 1000]
+        check_positive("MCGConfig", "alpha", self.alpha)
+        check_cg_iterations("MCGConfig", self.cg_iterations)
+        check_trajectory_every(self.trajectory_every)
+
+    @property
+    def sigma_max(self) -> float:
+        return float(ddpm_sigmas(self.steps)[0])
+
+
+def get_step_fn(denoiser, forward, cg_iterations: int):
+    """The per-image MCG step for loop.run_schedule; step.inputs is alpha * sqrt((1 + t_i^2)(1 + t_{i+1}^2))."""
+    norm_and_grad = residual_norm_and_grad(denoiser, forward)
+
+    def step(x, step, key, image):
+        y, params = image
+        (norm, x0_hat), grad = norm_and_grad(x, step.sigma, y, params)
+        ancestral_key, measurement_key = jax.random.split(key)
+        x_next = ancestral_step(x, x0_hat, step.sigma, step.sigma_next, ancestral_key) - step.inputs * grad
+        x_next = noised_projection(forward, params, y, x_next, step.sigma_next, measurement_key, cg_iterations)
+        return x_next, x0_hat, norm
+
+    return step
+
+
+def mcg(
+    denoiser: Callable[[jax.Array, jax.Array], jax.Array],
+    forward: Callable[[jax.Array, Any], jax.Array],
+    y: jax.Array,
+    x_init: jax.Array,
+    config: MCGConfig,
+    params: Any = None,
+    progress: Callable[[int], None] | None = None,
+    *,
+    keys: jax.Array | None = None,
+    alpha: jax.Array | float | None = None,
+) -> SampleResult:
+    """MCG from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.samplers._sample.sample.
+
+    forward must be linear (ValueError otherwise). keys: (B,) per-image PRNG keys (required). alpha: a scalar
+    that replaces config.alpha and may be traced. losses: (B, T) ||y - A x0_hat|| per step."""
+    keys = require_keys(keys, "MCG")
+    sigmas = ddpm_sigmas(config.steps)
+    alphas = jnp.full((config.steps,), config.alpha if alpha is None else alpha, jnp.float32)
+    alphas = alphas * jnp.asarray(vp_step_factors(sigmas), jnp.float32)
+    step = get_step_fn(denoiser, forward, config.cg_iterations)
+    return run_schedule(step, x_init, sigmas, alphas, (y, params), config.trajectory_every, progress, keys=keys)
