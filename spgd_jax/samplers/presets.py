@@ -94,13 +94,19 @@ TUNED_ZETA: dict[str, float] = {
 # Per sampler, per task: the config fields of the method's own paper or release (PAPER) and those changed
 # for the default 64 px prior (TUNED, each with its measurement above or in benchmarks/results/). A
 # task missing from a sampler's table uses the config's own defaults.
+# DPS's PAPER row is the published sampler (1000 ancestral DDPM steps, the release's zeta); for the default
+# prior it runs on the EDM schedule with 500 steps (SPGD's NFEs at T = 100, N = 5) and TUNED_ZETA.
+# DPPS: the release's configs (github.com/74587887/DPPS_code): zeta 1.0 inpainting and SR x4, 0.4 deblurring.
 PAPER: dict[str, dict[str, dict[str, Any]]] = {
     "spgd": {task: {"lr": lr} for task, lr in PAPER_LR.items()},
-    "dps": {task: {"zeta": zeta, "steps": 500} for task, zeta in DPS_ZETA.items()},
+    "dps": {task: {"zeta": zeta, "schedule": "ddpm", "steps": 1000} for task, zeta in DPS_ZETA.items()},
+    "dpps": {"inpaint": {"zeta": 1.0}, "inpaint_box": {"zeta": 1.0}, "gauss_deblur": {"zeta": 0.4},
+             "motion_deblur": {"zeta": 0.4}, "sr4": {"zeta": 1.0}},
 }
 TUNED: dict[str, dict[str, dict[str, Any]]] = {
     "spgd": TUNED_SPGD,
-    "dps": {task: {"zeta": zeta} for task, zeta in TUNED_ZETA.items()},
+    "dps": {task: {"zeta": TUNED_ZETA.get(task, zeta), "schedule": "edm", "steps": 500}
+            for task, zeta in DPS_ZETA.items()},
 }
 
 
@@ -124,7 +130,13 @@ def _config(config_type, task: str, defaults: dict, overrides: dict):
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; {config_type.__name__} takes {', '.join(sorted(fields))}")
-    return config_type(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+    values = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    missing = [f.name for f in dataclasses.fields(config_type) if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ValueError(f"{config_type.__name__} has no preset {', '.join(missing)} for task {task!r}; give it "
+                         f"(keyword {missing[0]}=..., on the command line --set {missing[0]}=...)")
+    return config_type(**values)
 
 
 def spgd_config(task: str, tuned: bool = True, **overrides) -> SPGDConfig:
@@ -136,7 +148,8 @@ def spgd_config(task: str, tuned: bool = True, **overrides) -> SPGDConfig:
 
 
 def dps_config(task: str, tuned: bool = True, **overrides) -> DPSConfig:
-    """DPSConfig for `task` (500 steps: the NFEs of SPGD at T=100, N=5), with any field overridden.
+    """DPSConfig for `task`, with any field overridden.
 
-    tuned: the zeta tuned for the default 64 px prior (TUNED_ZETA); False: the DPS release's."""
+    tuned: for the default 64 px prior, the EDM schedule with 500 steps (the NFEs of SPGD at T=100, N=5) and
+    TUNED_ZETA; False: DPS as published (1000 ancestral DDPM steps, the release's zeta)."""
     return config("dps", task, tuned, **overrides)
