@@ -14,7 +14,8 @@ from spgd_jax.samplers import DAPSConfig, RedDiffConfig, SAMPLERS, daps, red_dif
 from spgd_jax.samplers._loop import Step, step_keys
 from spgd_jax.samplers._sample import image_keys
 from spgd_jax.samplers.daps import DAPSStep, annealing_sigmas, get_step_fn, langevin, langevin_rates, ode_sigmas
-from spgd_jax.samplers.red_diff import initial_mean
+from spgd_jax.samplers.red_diff import adam, initial_mean
+from spgd_jax.samplers.red_diff import get_step_fn as red_diff_step_fn
 from spgd_jax.samplers.schedule import ddpm_sigmas
 
 RED_DIFF = RedDiffConfig(lr=0.05, steps=8)
@@ -30,6 +31,10 @@ def loop_keys(batch, seed=0):
     return step_keys(image_keys(jax.random.PRNGKey(seed), batch))
 
 
+def normal(key):
+    return np.asarray(jax.random.normal(key, SHAPE), np.float64).ravel()
+
+
 def numpy_red_diff(mu, matrix, y, sigmas, noises, lr, lam):
     """reddiff.py's loop in float64 for D(x; s) = x v/(v+s^2), A = M vec(x), with torch.optim.Adam(betas=(0.9,
     0.99), eps=1e-8) and the code's means taken over one image."""
@@ -41,6 +46,35 @@ def numpy_red_diff(mu, matrix, y, sigmas, noises, lr, lam):
         m, v = 0.9 * m + 0.1 * grad, 0.99 * v + 0.01 * grad**2
         mu = mu - lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.99**t)) + 1e-8)
     return mu
+
+
+def numpy_daps_step(x, matrix, y, sigma, sigma_next, grid, lr, tau, langevin_steps, key):
+    """One annealing step of the official DAPS in float64 (flat x); the noise drawn from key as daps.py does.
+    Returns (x_next, the ODE's x0_hat, ||A x0 - y||^2 at the start of the last Langevin step)."""
+    langevin_key, noise_key = jax.random.split(key)
+    ode = x
+    for s, s_next in zip(grid[:-1], grid[1:]):  # DiffusionPFODE, euler: dx = (x - D(x; s)) / s * (s_next - s)
+        ode = ode + (s_next - s) * (ode - shrink(s) * ode) / s
+    x0 = ode
+    for j in range(langevin_steps):  # mcmc.py: langevin, prior_solver 'gaussian', data term grad ||Ax - y||^2 / tau^2
+        score = (ode - x0) / sigma**2 - 2 * matrix.T @ (matrix @ x0 - y) / tau**2
+        loss = np.sum((matrix @ x0 - y) ** 2)
+        x0 = x0 + lr * score + np.sqrt(2 * lr) * normal(jax.random.fold_in(langevin_key, j))
+    return x0 + sigma_next * normal(noise_key), ode, loss
+
+
+def numpy_reference(name, config, matrix, y, x_init, loop_key):
+    """The whole run of one image in float64: RED-Diff from A^+ y, DAPS from x_init (flat)."""
+    matrix, y = np.asarray(matrix, np.float64), np.asarray(y, np.float64)
+    if name == "red_diff":
+        sigmas = ddpm_sigmas(config.steps)[:-1]
+        noises = [normal(jax.random.fold_in(loop_key, i)) for i in range(config.steps)]
+        return numpy_red_diff(np.linalg.pinv(matrix) @ y, matrix, y, sigmas, noises, config.lr, config.lam)
+    x, sigmas, rates = np.asarray(x_init, np.float64).ravel(), annealing_sigmas(config), langevin_rates(config)
+    for i in range(config.steps):
+        x = numpy_daps_step(x, matrix, y, sigmas[i], sigmas[i + 1], ode_sigmas(sigmas[i], config), config.lr * rates[i],
+                            config.tau, config.langevin_steps, jax.random.fold_in(loop_key, i))[0]
+    return x
 
 
 @pytest.mark.parametrize("make, error, match", [
@@ -87,14 +121,12 @@ def test_red_diff_starts_from_the_pseudo_inverse():
 def test_red_diff_matches_numpy_adam_reduces_the_residual_and_uses_t_evaluations():
     matrices, _, y, x_init = random_problem(2, m=48)  # overdetermined, so that A mu_0 != y
     config, keys, record = RedDiffConfig(lr=0.01, steps=100, init_iterations=1), loop_keys(2), []
-    result = jax.jit(lambda k: red_diff(counting(gaussian_denoiser, record), matrix_forward, y, x_init, config, matrices,
-                                        keys=k))(keys)
+    result = red_diff(counting(gaussian_denoiser, record), matrix_forward, y, x_init, config, matrices, keys=keys)
     jax.effects_barrier()
     assert len(record) == config.steps * 2  # one denoiser evaluation per step and image
     sigmas = ddpm_sigmas(config.steps)[:-1]
     for b in range(2):
-        noises = [np.asarray(jax.random.normal(jax.random.fold_in(keys[b], i), SHAPE), np.float64).ravel()
-                  for i in range(config.steps)]
+        noises = [normal(jax.random.fold_in(keys[b], i)) for i in range(config.steps)]
         matrix, y64 = np.asarray(matrices[b], np.float64), np.asarray(y[b], np.float64)
         mu = matrix.T @ y64 * (y64 @ y64) / (y64 @ matrix @ matrix.T @ y64)  # one CG iteration from 0
         expected = numpy_red_diff(mu, matrix, y64, sigmas, noises, config.lr, config.lam)
@@ -107,36 +139,43 @@ def test_red_diff_with_lambda_zero_finds_the_least_squares_fit():
     config = RedDiffConfig(lr=0.01, lam=0.0, init_iterations=1)
     result = red_diff(gaussian_denoiser, matrix_forward, y, x_init, config, matrices, keys=loop_keys(2))
     for b in range(2):
-        least_squares = np.linalg.lstsq(np.asarray(matrices[b], np.float64), np.asarray(y[b], np.float64), rcond=None)[0]
+        matrix, y64 = np.asarray(matrices[b], np.float64), np.asarray(y[b], np.float64)
+        least_squares = np.linalg.lstsq(matrix, y64, rcond=None)[0]
         np.testing.assert_allclose(np.ravel(result.x[b]), least_squares, atol=2e-3)
 
 
-def test_daps_step_matches_numpy():
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_daps_step_matches_numpy(jit):
     matrices, _, y, _ = random_problem(1)
     config = DAPSConfig(lr=1e-3, ode_steps=3, langevin_steps=4, tau=0.3)
     x = 2.0 * np.random.default_rng(1).standard_normal(SHAPE)
-    sigma, sigma_next, lr = 2.0, 1.5, 7e-4
+    sigma, sigma_next, lr, key = 2.0, 1.5, 7e-4, jax.random.key(3)
     grid = ode_sigmas(sigma, config)
-    key = jax.random.key(3)
     info = Step(jnp.int32(0), jnp.float32(sigma), jnp.float32(sigma_next), jnp.float32(0.0),
                 DAPSStep(jnp.asarray(grid, jnp.float32), jnp.float32(lr)))
-    step = jax.jit(get_step_fn(gaussian_denoiser, matrix_forward, config))
-    x_next, x0_hat, loss = step(jnp.asarray(x, jnp.float32), info, key, (y[0], matrices[0]))
-    langevin_key, noise_key = jax.random.split(key)
+    step = get_step_fn(gaussian_denoiser, matrix_forward, config)
+    x_next, x0_hat, loss = (jax.jit(step) if jit else step)(jnp.asarray(x, jnp.float32), info, key, (y[0], matrices[0]))
+    expected = numpy_daps_step(x.ravel(), np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64), sigma,
+                               sigma_next, grid, lr, 0.3, 4, key)
+    for actual, wanted in zip((x_next, x0_hat, loss), expected):
+        np.testing.assert_allclose(np.ravel(actual), np.ravel(wanted), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_red_diff_step_jit_and_eager_agree(jit):
+    matrices, _, y, _ = random_problem(1)
+    mu = jnp.asarray(np.random.default_rng(1).standard_normal(SHAPE), jnp.float32)
+    optimizer, key = adam(0.1), jax.random.key(3)
+    info = Step(jnp.int32(0), jnp.float32(2.0), jnp.float32(1.5), jnp.float32(0.25), jnp.float32(0.5))
+    step = red_diff_step_fn(gaussian_denoiser, matrix_forward, optimizer)
+    step = jax.jit(step) if jit else step
+    (mu_next, _), x0_hat, data = step((mu, optimizer.init(mu)), info, key, (y[0], matrices[0]))
     matrix, y64 = np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64)
-    ode = x.ravel()
-    for s, s_next in zip(grid[:-1], grid[1:]):  # DiffusionPFODE, euler: dx = (x - D(x; s)) / s * (s_next - s)
-        ode = ode + (s_next - s) * (ode - shrink(s) * ode) / s
-    x0 = ode
-    for j in range(4):  # mcmc.py, langevin with prior_solver 'gaussian'
-        score = (ode - x0) / sigma**2 - 2 * matrix.T @ (matrix @ x0 - y64) / 0.3**2
-        last_loss = np.sum((matrix @ x0 - y64) ** 2)
-        noise = np.asarray(jax.random.normal(jax.random.fold_in(langevin_key, j), SHAPE), np.float64).ravel()
-        x0 = x0 + lr * score + np.sqrt(2 * lr) * noise
-    expected = x0 + sigma_next * np.asarray(jax.random.normal(noise_key, SHAPE), np.float64).ravel()
-    np.testing.assert_allclose(np.ravel(x0_hat), ode, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.ravel(x_next), expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(loss, last_loss, rtol=1e-4)
+    expected = numpy_red_diff(np.ravel(mu).astype(np.float64), matrix, y64, [2.0], [normal(key)], 0.1, 0.5 / 2.0)
+    np.testing.assert_allclose(np.ravel(mu_next), expected, rtol=1e-5, atol=1e-6)
+    x = np.ravel(mu) + 2.0 * normal(key)
+    np.testing.assert_allclose(np.ravel(x0_hat), shrink(2.0) * x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(data, np.mean((y64 - matrix @ np.ravel(mu)) ** 2) / 2, rtol=1e-5)
 
 
 def test_daps_langevin_samples_the_exact_gaussian_posterior_mean():
@@ -157,14 +196,15 @@ def test_daps_langevin_samples_the_exact_gaussian_posterior_mean():
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_sample_dispatch_jit_batch_independence_and_traced_step_size(name):
-    config, run = CONFIGS[name], SAMPLERS[name].run
+def test_sample_matches_numpy_is_batch_independent_and_traces_the_step_size(name):
+    config = CONFIGS[name]
     matrices, _, y, _ = random_problem(3)
     keys = jax.random.split(jax.random.PRNGKey(4), 3)  # raw uint32 keys, one per image
     batch = sample(gaussian_denoiser, matrix_forward, y, keys, config, matrices, x_shape=SHAPE)  # jit, lr traced
     x_init = config.sigma_max * jax.vmap(lambda k: jax.random.normal(k, SHAPE))(keys)
-    direct = run(gaussian_denoiser, matrix_forward, y, x_init, config, matrices, keys=step_keys(image_keys(keys, 3)))
-    np.testing.assert_allclose(direct.x, batch.x, rtol=1e-5, atol=1e-6)
+    for b, loop_key in enumerate(step_keys(image_keys(keys, 3))):
+        expected = numpy_reference(name, config, matrices[b], y[b], x_init[b], loop_key)
+        np.testing.assert_allclose(np.ravel(batch.x[b]), expected, rtol=1e-4, atol=2e-4)
     assert not batch.diverged.any() and batch.losses.shape == (3, config.steps)
     # image 1 among other images (other measurements, operators and keys): the same result
     others_matrices, _, others_y, _ = random_problem(3, seed=7)

@@ -6,8 +6,8 @@ DiffusionPFODE), cores/mcmc.py (MCMCSampler, mc_algo 'langevin', prior_solver 'g
 ODE steps). From x_T ~ N(0, sigma_max^2 I), per annealing step i = 0..T-1 (sigma_i, then sigma_{i+1}), per image:
   (a) x0_hat = the probability-flow ODE from x_i at sigma_i down to ode_sigma_min, K Euler steps on the EDM
       poly-7 grid s_0 = sigma_i > ... > s_K = ode_sigma_min:  x <- x + (1 - s_{j+1}/s_j)(D(x; s_j) - x)
-      (paper Sec. 3.3; K denoiser evaluations)
-  (b) Langevin dynamics in x0 space from x0 = x0_hat, N steps (paper Eq. 9-10, mcmc.py):
+      (DiffusionPFODE with solver 'euler'; K denoiser evaluations)
+  (b) Langevin dynamics in x0 space from x0 = x0_hat, N steps (MCMCSampler.sample, mc_update):
         x0 <- x0 + eta_i * score(x0) + sqrt(2 eta_i) * eps,  eps ~ N(0, I)
         score(x0) = (x0_hat - x0) / sigma_i^2 - grad_x0 ||A(x0) - y||^2 / tau^2
       i.e. p(x0 | x_i) ~ N(x0_hat, r_i^2 I) with r_i = sigma_i (prior_solver 'gaussian'), and the code's data term,

@@ -3,22 +3,22 @@ models"): the variational mean mu is optimised by Adam while the timestep runs f
 
 Official code NVlabs/RED-diff, algos/reddiff.py (the update below) with _configs/algo/reddiff.yaml
 (awd=True, cond_awd=False, obs_weight=1, denoise_term_weight='linear', sigma_x0=0, eta=0). Per image:
-  mu_0 = A^+ y                                                        (REDDIFF.initialize: H.H_pinv(y_0))
+  mu_0 = A^+ y                                        (REDDIFF.initialize: H.H_pinv(y_0))
   for i = 0..T-1 over the DDPM timesteps t_i = 999, ..., 0 (sigma_i = sqrt(1/abar_{t_i} - 1)):
-    eps ~ N(0, I);  x_i = mu + sigma_i eps                            (paper Eq. 6 with x = x_vp / sqrt(abar))
-    eps_hat = (x_i - D(x_i; sigma_i)) / sigma_i                       (the eps-network's output, no gradient)
-    loss(mu) = mean((y - A(mu))^2) / 2 + lambda * sigma_i * mean(sg(eps_hat - eps) * mu)     (paper Eq. 10-11)
+    eps ~ N(0, I);  x_i = mu + sigma_i eps              (code: xt = sqrt(abar) mu + sqrt(1 - abar) eps, over sqrt(abar))
+    eps_hat = (x_i - D(x_i; sigma_i)) / sigma_i         (the eps-network's output et, no gradient)
+    loss(mu) = mean((y - A(mu))^2) / 2 + lambda * sigma_i * mean(sg(eps_hat - eps) * mu)  (loss_obs + w_t loss_noise)
     mu = Adam(lr, betas (0.9, 0.99), eps 1e-8)(mu, grad loss(mu))
   return mu
 The weight lambda_t = lambda / SNR_t^(1/2) of the code's 'linear' weighting is lambda * sqrt(1 - abar)/sqrt(abar)
-= lambda * sigma in our coordinates (paper Sec. 4.3). One denoiser evaluation per step (T = 1000: 1000 NFE), no
-backpropagation through the denoiser.
+= lambda * sigma in our coordinates (the paper's SNR-based weighting). One denoiser evaluation per step (T = 1000:
+1000 NFE), no backpropagation through the denoiser.
 
 Departures from the official code, and why:
 - The means run over ONE image's pixels and measurements (the code's torch .mean() also averages over the batch,
   which only scales the gradient by 1/B; Adam is invariant to that scale up to its eps), so an image's result
   does not depend on the batch it is in.
-- We return mu after the last Adam step, as the paper's Algorithm 1; the code returns x0_pred = mu + sigma_x0 *
+- We return mu after the last Adam step, as the paper's algorithm does; the code returns x0_pred = mu + sigma_x0 *
   noise computed before the last step (the same mu, one update earlier).
 - A^+ y is computed for any linear forward by conjugate gradients (operators.project from x = 0: the least-norm
   solution of A x = y, `init_iterations` CG steps); the code uses each operator's SVD pseudo-inverse, which for
