@@ -62,3 +62,11 @@ def counting(denoiser, record):
         return denoiser(x, sigma)
 
     return wrapped
+
+
+def gaussian_posterior(matrix, y, prior_mean, prior_var, noise_var):
+    """Mean (n,) and covariance (n, n), float64, of x ~ N(prior_mean, prior_var I) given y = M x + N(0, noise_var I)."""
+    matrix, y, prior_mean = (np.asarray(a, np.float64) for a in (matrix, y, prior_mean))
+    precision = np.eye(matrix.shape[1]) / prior_var + matrix.T @ matrix / noise_var
+    covariance = np.linalg.inv(precision)
+    return covariance @ (prior_mean.reshape(-1) / prior_var + matrix.T @ y / noise_var), covariance
