@@ -159,10 +159,10 @@ def test_ddrm_reproduces_noiseless_measurements_exactly():
 
 @pytest.mark.parametrize("method", ["ddrm", "diffpir"])
 def test_samplers_average_to_the_exact_posterior_mean(method):
-    """The mean of K = 256 samples of one toy problem lies within 4.5 posterior standard errors of the exact
+    """The mean of K = 128 samples of one toy problem lies within 4.5 posterior standard errors of the exact
     posterior mean in every coordinate (both methods are unbiased here; their spread is narrower than the
-    posterior's, so the bound is loose on purpose), and every sample fits y to about the noise level."""
-    k = 256
+    posterior's, so the bound is loose on purpose), and the samples fit y (the residual falls from ||y||^2)."""
+    k = 128
     matrices, _, y, _ = random_problem(1, m=12)
     mean, std = posterior(matrices[0], y[0], 0.01)
     many_matrices, many_y = jnp.repeat(matrices, k, 0), jnp.repeat(y, k, 0)
@@ -173,18 +173,10 @@ def test_samplers_average_to_the_exact_posterior_mean(method):
     result = sample(gaussian_denoiser, forward, many_y, jax.random.PRNGKey(1), config, params, x_shape=SHAPE)
     samples = np.asarray(result.x, np.float64).reshape(k, -1)
     assert np.abs(samples.mean(0) - mean).max() < 4.5 * std.max() / np.sqrt(k)
-    residual = np.linalg.norm(apply(many_matrices, result.x) - many_y, axis=1)
-    assert np.median(residual) < 0.3  # vs ||y|| ~ 1.7; noise norm 0.035
-
-
-def test_diffpir_reduces_the_residual():
-    matrices, _, y, _ = random_problem(2, m=12)
-    result = sample(gaussian_denoiser, matrix_forward, y, jax.random.PRNGKey(2), DiffPIRConfig(lam=7.0, zeta=0.3),
-                    matrices, x_shape=SHAPE)
-    start = np.linalg.norm(y, axis=1) ** 2  # ||A x0 - y||^2 at x0 = 0
-    assert (result.losses[:, -1] < 0.05 * start).all()
-    np.testing.assert_allclose(result.losses[:, -1], np.linalg.norm(apply(matrices, result.x) - y, axis=1) ** 2,
-                               rtol=1e-4)
+    residual = np.linalg.norm(apply(many_matrices, result.x) - many_y, axis=1) ** 2
+    assert np.median(residual) < 0.03 * np.linalg.norm(y) ** 2  # from ||y||^2 at x = 0 (the noise: 1.2e-3)
+    if method == "diffpir":  # losses: ||A x0 - y||^2 per step, the last one of the returned x0
+        np.testing.assert_allclose(result.losses[:, -1], residual, rtol=1e-3, atol=1e-7)
 
 
 def test_pnp_admm_converges_to_the_posterior_mean_with_the_map_rho():
@@ -203,41 +195,38 @@ def test_pnp_admm_converges_to_the_posterior_mean_with_the_map_rho():
 # ---------------------------------------------------------------- loop contracts
 
 
-def _small_runs():
-    """(name, run(denoiser, y, x_init, params, keys)) for each method with few steps."""
-    return [
-        ("ddrm", lambda d, y, x, m, k: ddrm(d, MATRIX_SVD, y, x, DDRMConfig(steps=4), svd_params(m), keys=k)),
-        ("diffpir", lambda d, y, x, m, k: diffpir(d, matrix_forward, y, x, DiffPIRConfig(lam=2.0, zeta=0.5, steps=4),
-                                                  m, keys=k)),
-        ("pnp_admm", lambda d, y, x, m, k: pnp_admm(d, matrix_forward, y, x, PnPADMMConfig(iterations=4), m, keys=k)),
-    ]
+SMALL = {  # name: (config, uses the SVD forward)
+    "ddrm": (DDRMConfig(steps=4), True),
+    "diffpir": (DiffPIRConfig(lam=2.0, zeta=0.5, steps=4, cg_iterations=12), False),
+    "pnp_admm": (PnPADMMConfig(iterations=4, cg_iterations=12), False),
+}
+RUNS = {"ddrm": ddrm, "diffpir": diffpir, "pnp_admm": pnp_admm}
 
 
-@pytest.mark.parametrize("name, run", _small_runs())
-def test_batch_independence_jit_and_exact_nfe(name, run):
-    matrices, _, y, x_init = random_problem(3, m=12)
-    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_dispatch_jit_batch_independence_and_exact_nfe(name):
+    """sample() (jitted; counting exactly 4 evaluations per image) == the run function called without jit;
+    image 1 of a batch is unchanged when the other images' problems and keys change."""
+    config, uses_svd = SMALL[name]
+    forward = MATRIX_SVD if uses_svd else matrix_forward
+    as_params = svd_params if uses_svd else (lambda m: m)
+    matrices, _, y, _ = random_problem(3, m=12)
+    keys = image_keys(jax.random.PRNGKey(3), 3)
     record = []
-    batch = jax.jit(lambda y_, x_, k_: run(counting(gaussian_denoiser, record), y_, x_, matrices, k_).x)(y, x_init, keys)
+    denoiser = counting(gaussian_denoiser, record)
+    batch = sample(denoiser, forward, y, keys, config, as_params(matrices), x_shape=SHAPE).x
     jax.effects_barrier()
-    assert len(record) == 4 * 3  # 4 denoiser evaluations per image
-    eager = run(gaussian_denoiser, y, x_init, matrices, keys).x
-    np.testing.assert_allclose(batch, eager, rtol=1e-5, atol=1e-5)
-    alone = run(gaussian_denoiser, y[1:2], x_init[1:2], matrices[1:2], keys[1:2]).x
-    np.testing.assert_allclose(alone[0], batch[1], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name, run", _small_runs())
-def test_sample_dispatches_the_config(name, run):
-    matrices, _, y, _ = random_problem(2, m=12)
-    config = {"ddrm": DDRMConfig(steps=4), "diffpir": DiffPIRConfig(lam=2.0, zeta=0.5, steps=4),
-              "pnp_admm": PnPADMMConfig(iterations=4)}[name]
-    forward, params = (MATRIX_SVD, svd_params(matrices)) if name == "ddrm" else (matrix_forward, matrices)
-    key = jax.random.PRNGKey(3)
-    result = sample(gaussian_denoiser, forward, y, key, config, params, x_shape=SHAPE)
-    keys = image_keys(key, 2)
-    direct = run(gaussian_denoiser, y, initial_noise(keys, 2, SHAPE, config.sigma_max), matrices, step_keys(keys))
-    np.testing.assert_allclose(result.x, direct.x, rtol=1e-5, atol=1e-5)
+    assert len(record) == 4 * 3
+    x_init = initial_noise(keys, 3, SHAPE, config.sigma_max)
+    direct = RUNS[name](gaussian_denoiser, forward, y, x_init, config, as_params(matrices), keys=step_keys(keys)).x
+    np.testing.assert_allclose(direct, batch, rtol=1e-5, atol=1e-5)
+    other_matrices, _, other_y, _ = random_problem(3, m=12, seed=9)
+    mix = lambda a, b: jnp.concatenate([b[:1], a[1:2], b[2:]])
+    other_keys = mix(keys, image_keys(jax.random.PRNGKey(11), 3))
+    mixed = sample(denoiser, forward, mix(y, other_y), other_keys, config, as_params(mix(matrices, other_matrices)),
+                   x_shape=SHAPE).x
+    np.testing.assert_allclose(mixed[1], batch[1], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(mixed[0], batch[0])
 
 
 @pytest.mark.parametrize("config", [DiffPIRConfig(lam=1.0, zeta=0.5, steps=3), PnPADMMConfig(iterations=3)])
