@@ -235,3 +235,24 @@ def test_non_linear_operator_is_refused(config):
     squared = lambda x, matrix: (matrix @ x.reshape(-1)) ** 2
     with pytest.raises(ValueError, match="linear"):
         sample(gaussian_denoiser, squared, y, jax.random.PRNGKey(0), config, matrices, x_shape=SHAPE)
+
+
+@pytest.mark.parametrize("task", ["inpaint", "gauss_deblur"])  # sr4: covered by the factor test
+def test_ddrm_on_task_operators_fits_noiseless_measurements(task):
+    """sample() with operators.svd(task operator): at sigma_y = 0 every measured spectral component (singular
+    value >= the floor) of A x equals that of y; for inpaint (no value below the floor) A x = y."""
+    operator = operators.get(task, 16)
+    forward = operators.svd(operator)
+    params = operator.init_params(jax.random.PRNGKey(0), 2, 16)
+    x_true = 0.5 * jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    y = operator.measure(jax.random.PRNGKey(2), x_true, params, sigma_y=0.0)
+    config = DDRMConfig(steps=4, sigma_y=0.0)
+    x = sample(gaussian_denoiser, forward, y, jax.random.PRNGKey(3), config, params, x_shape=(16, 16, 3)).x
+    for b in range(2):
+        one = jax.tree_util.tree_map(lambda p: p[b], params)
+        s = jnp.broadcast_to(forward.singulars(one, x.shape[1:]), x.shape[1:])
+        kept = s >= config.singular_floor
+        np.testing.assert_allclose(jnp.where(kept, s * forward.vt(x[b], one), 0.0),
+                                   jnp.where(kept, forward.ut(y[b], one, x.shape[1:]), 0.0), atol=2e-5)
+        if task != "gauss_deblur":
+            np.testing.assert_allclose(forward(x[b], one), y[b], atol=2e-5)

@@ -17,8 +17,8 @@ Departures, and why:
   paper used a pre-trained DnCNN (Zhang et al. 2017), which is not available here.
 - The regularisation value the SPGD paper states for PnP-ADMM is lost from its text; the defaults
   sigma_d = 0.1 and rho = (sigma_y / sigma_d)^2 = 0.01 (sigma_y = 0.01) are ours, untuned.
-- Chan et al. grow rho by gamma when the residual stalls; with 10 iterations we keep rho fixed (as the
-  released baselines of DPS/DAPS-style comparisons do), so `rho` can be swept as the step size.
+- Chan et al. grow rho by gamma when the residual stalls (their Algorithm 1); we keep rho fixed over the
+  10 iterations, so the method is one ADMM on one objective and `rho` can be swept as the step size.
 - `losses` holds ||A x_{k+1} - y||^2 per iteration; the trajectory holds z_{k+1}.
 """
 
