@@ -90,6 +90,7 @@ def test_registration_and_schedules():
     alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     sigma = lambda k: np.sqrt(1 / alpha_bar[k] - 1)
     np.testing.assert_allclose(ddrm_sigmas(20)[[0, 1, -2, -1]], [sigma(950), sigma(900), sigma(0), 0.0])
+    assert len(ddrm_sigmas(3)) == 4 and len(diffpir_sigmas(7)) == 8  # T levels and the final 0, for any T
     np.testing.assert_allclose(diffpir_sigmas(20)[[0, 1, -2, -1]], [sigma(999), sigma(999 - 229), sigma(0), 0.0])
     assert DDRMConfig().sigma_max == pytest.approx(sigma(950)) and DiffPIRConfig(lam=1, zeta=1).sigma_max > 157
 

@@ -29,7 +29,7 @@ Departures from the release, and why:
   values below 3e-2 of its blur and bicubic operators (ZERO in svd_replacement.py); we floor the 2-D
   products of our exact factors, so the operator itself (forward, the measurements) is unchanged.
 - The release scales its initial state into VP coordinates by 1/sigma_0 instead of sqrt(abar_0), a
-  relative difference of 1 - sqrt(1 - abar_0) ~ 1e-4 at k = 950; we use the exact VE state.
+  relative difference of 1 - sqrt(1 - abar_0) ~ 5e-5 at k = 950; we use the exact VE state.
 - `losses` holds ||A(x0_hat) - y||^2 per step (the release records none).
 """
 
@@ -51,13 +51,14 @@ __all__ = ["DDRMConfig", "ddrm", "ddrm_sigmas", "get_step_fn"]
 
 
 def ddrm_sigmas(steps: int) -> np.ndarray:
-    """DDRM's noise levels: sigma_k = sqrt(1/abar_k - 1) at k = j * (1000 // steps), j = steps-1..0, then 0.
+    """DDRM's noise levels: sigma_k = sqrt(1/abar_k - 1) at k = j * (1000 // steps), j = steps-1..0, then 0
+    (the release's range(0, 1000, 1000 // T), which has more than T entries when T does not divide 1000).
 
     float64, shape (steps + 1,); betas = linspace(1e-4, 0.02, 1000) (guided-diffusion's linear schedule)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= DDPM_STEPS:
         raise ValueError(f"steps must be an int in [1, {DDPM_STEPS}], got {steps!r}")
     alpha_bar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, DDPM_STEPS, dtype=np.float64))
-    timesteps = np.arange(0, DDPM_STEPS, DDPM_STEPS // steps)[::-1]
+    timesteps = (np.arange(steps) * (DDPM_STEPS // steps))[::-1]  # the release's range(0, 1000, 1000 // T)
     return np.append(np.sqrt(1.0 / alpha_bar[timesteps] - 1.0), 0.0)
 
 
