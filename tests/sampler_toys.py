@@ -70,3 +70,38 @@ def gaussian_posterior(matrix, y, prior_mean, prior_var, noise_var):
     precision = np.eye(matrix.shape[1]) / prior_var + matrix.T @ matrix / noise_var
     covariance = np.linalg.inv(precision)
     return covariance @ (prior_mean.reshape(-1) / prior_var + matrix.T @ y / noise_var), covariance
+
+
+from spgd_jax.operators import SVDForward  # noqa: E402  (appended helpers for the SVD samplers)
+
+
+class MatrixSVD(SVDForward):
+    """matrix_forward carrying its SVD, for DDRM: params = svd_params(matrices), per image {"matrix" (m, n),
+    "u" (m, m), "s" (m,), "vt" (n, n)} (NumPy float64 SVD, m <= n = H*W*C); spectral grid = SHAPE."""
+
+    def __call__(self, x, params):
+        return matrix_forward(x, params["matrix"])
+
+    def vt(self, x, params):
+        return (params["vt"] @ x.reshape(-1)).reshape(x.shape)
+
+    def v(self, c, params):
+        return (params["vt"].T @ c.reshape(-1)).reshape(c.shape)
+
+    def ut(self, y, params, x_shape):
+        coefficients = params["u"].T @ y
+        return jnp.zeros(int(np.prod(x_shape)), y.dtype).at[: y.shape[0]].set(coefficients).reshape(x_shape)
+
+    def u(self, c, params):
+        return params["u"] @ c.reshape(-1)[: params["u"].shape[0]]
+
+    def singulars(self, params, x_shape):
+        s = params["s"]
+        return jnp.zeros(int(np.prod(x_shape)), s.dtype).at[: s.shape[0]].set(s).reshape(x_shape)
+
+
+def svd_params(matrices):
+    """MatrixSVD's per-image params of matrices (B, m, n): float32 arrays with the leading axis B."""
+    u, s, vt = np.linalg.svd(np.asarray(matrices, np.float64), full_matrices=True)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return {"matrix": f32(matrices), "u": f32(u), "s": f32(s), "vt": f32(vt)}

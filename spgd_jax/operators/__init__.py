@@ -7,7 +7,7 @@ kernels; leading batch axis), the reference's measurement noise ``sigma_y`` and
 builds the registered tasks (``TASKS``); any differentiable JAX function of (x, params) can
 be used as a forward model instead. The building blocks are exported for direct use, and so is the
 linear algebra the projection and splitting samplers need of a linear operator (``adjoint``,
-``proximal``, ``project``).
+``proximal``, ``project``), and ``svd(operator)``: the operator carrying its SVD, for DDRM.
 """
 
 from ._blur import blur, gaussian_kernel
@@ -18,6 +18,7 @@ from ._operator import Operator
 from ._pointwise import hdr, phase_retrieval
 from ._registry import TASKS, get, options
 from ._resize import downsample, resize, resize_matrix
+from ._svd import SVDForward, svd
 
 __all__ = [
     "Operator", "TASKS", "get", "options",
@@ -26,4 +27,5 @@ __all__ = [
     "resize", "resize_matrix", "downsample",
     "phase_retrieval", "hdr",
     "adjoint", "project", "proximal",
+    "SVDForward", "svd",
 ]
