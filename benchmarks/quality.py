@@ -48,7 +48,7 @@ import numpy as np
 from spgd_jax.io.compile_cache import enable_compilation_cache
 from spgd_jax import default_weights_path, make_denoiser, metrics, models, operators
 from spgd_jax.io import checkpoint, images
-from spgd_jax.samplers import SAMPLERS, nfe, posterior_mean, presets, sample, sampler_for, sweep
+from spgd_jax.samplers import SAMPLERS, forward_for, nfe, posterior_mean, presets, sample, sampler_for, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,14 +182,16 @@ def make_program(unet_config, operator, config, x_shape, dtype: str, samples: in
     the same as with samples = 1; sample j from fold_in(key, j)) over those that did not diverge
     (spgd_jax.samplers.posterior_mean); diverged if every one of them diverged."""
 
+    forward = forward_for(config, operator)
+
     def program(unet_params, y, op_params, keys, values):
         denoiser = make_denoiser(unet_config, unet_params, dtype=dtype)
 
         def one_sample(sample_keys):
             if sampler_for(config).step_size is None:  # one run of the config; values (1,) is a placeholder
-                result = sample(denoiser, operator.forward, y, sample_keys, config, op_params, x_shape=x_shape)
+                result = sample(denoiser, forward, y, sample_keys, config, op_params, x_shape=x_shape)
                 return result.x[None], result.diverged[None]
-            result = sweep(denoiser, operator.forward, y, sample_keys, config, values, op_params, x_shape=x_shape)
+            result = sweep(denoiser, forward, y, sample_keys, config, values, op_params, x_shape=x_shape)
             return result.x, result.diverged
 
         if samples == 1:

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spgd_jax.operators import SVDForward
+
 PRIOR_VAR = 0.25  # data ~ N(0, v I)
 SHAPE = (4, 4, 2)  # one image (H, W, C)
 N_PIXELS = int(np.prod(SHAPE))
@@ -71,8 +73,6 @@ def gaussian_posterior(matrix, y, prior_mean, prior_var, noise_var):
     covariance = np.linalg.inv(precision)
     return covariance @ (prior_mean.reshape(-1) / prior_var + matrix.T @ y / noise_var), covariance
 
-
-from spgd_jax.operators import SVDForward  # noqa: E402  (appended helpers for the SVD samplers)
 
 
 class MatrixSVD(SVDForward):

@@ -36,6 +36,7 @@ and replacing the outputs), _writers (the files).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ import numpy as np
 
 from spgd_jax.io.compile_cache import enable_compilation_cache
 from spgd_jax.io.prior import default_weights_path
-from spgd_jax.samplers import SAMPLERS, presets
+from spgd_jax.samplers import SAMPLERS, forward_for, presets
 from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, UsageError, build_parser,
                                     check_arguments, sampler_config)
 from spgd_jax.restore._folder import OutputFolder
@@ -82,6 +83,12 @@ def _main(args) -> int:
     if SAMPLERS[args.sampler].linear_only and not operator.linear:
         raise UsageError(f"--sampler {args.sampler} needs a linear operator (projections or SVDs of A); {task} is not "
                          "linear: use --sampler spgd, dps or another sampler that only needs gradients")
+    try:
+        forward_for(config, operator)
+    except ValueError as error:
+        raise UsageError(f"--sampler {args.sampler} cannot restore {task}: {error}") from None
+    if "sigma_y" in {f.name for f in dataclasses.fields(config)} and "sigma_y" not in dict(args.settings):
+        config = dataclasses.replace(config, sigma_y=operator.sigma_y)  # the method's noise model is the task's
     key_operator, key_noise, key_sample = jax.random.split(jax.random.key(args.seed), 3)
     inputs = measurements(args, operator, size, key_operator, key_noise)
     if not args.quiet:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from spgd_jax import sharding
-from spgd_jax.samplers import posterior_mean
+from spgd_jax.samplers import forward_for, posterior_mean
 from spgd_jax.restore._args import UsageError
 from spgd_jax.restore._progress import Progress, run_interruptibly
 
@@ -19,6 +19,7 @@ _COMPILED: set = set()  # the (settings, batch) of the programs this process has
 def restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, size: int, label: str, quiet: bool):
     """Every image, in chunks of `batch` split over the devices -> dict of NumPy arrays with a leading axis
     L (the learning rates; 1 without a sweep): x, diverged, diverged_step, trajectory, losses, diagnostics."""
+    forward = forward_for(config, operator)
     parts = []
     chunks = range(0, len(y), batch)
     for number, start in enumerate(chunks):
@@ -28,7 +29,7 @@ def restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, size
         program = (id(denoiser), id(operator), config, batch, lrs is None or len(lrs), np.shape(y)[1:])
         PROGRESS.reset(config.steps, f"{label} {number + 1}/{len(chunks)}", not quiet, program not in _COMPILED)
         call = lambda: sharding.sample_sharded(
-            denoiser, operator.forward, take(y), jax.random.fold_in(key, number), config,
+            denoiser, forward, take(y), jax.random.fold_in(key, number), config,
             jax.tree_util.tree_map(lambda a: take(np.asarray(a)), op_params),
             x_shape=(size, size, 3), progress=PROGRESS, step_sizes=lrs,
         )

@@ -16,12 +16,14 @@ Registered (SAMPLERS), the paper's Table 1 and more:
 - 'euler'     EulerConfig, euler.py: unconditional samples of the prior.
 A new method is one module plus one `register_sampler` line below. `presets` holds the per-task settings;
 `sweep` runs a sampler at several values of its step size (SPGD's lr, DPS's zeta, ...) in one call; `nfe`
-counts a config's denoiser evaluations per image; `diagnostics` the gradient angles SPGD can record.
+counts a config's denoiser evaluations per image; `forward_for(config, operator)` is the forward model a
+sampler runs a task with (DDRM's carries the SVD); `diagnostics` the gradient angles SPGD can record.
 """
 
+from spgd_jax import operators
 from spgd_jax.samplers import diagnostics, presets
 from spgd_jax.samplers._loop import SampleResult
-from spgd_jax.samplers._registry import SAMPLERS, Sampler, nfe, register_sampler, sampler_for
+from spgd_jax.samplers._registry import SAMPLERS, Sampler, forward_for, nfe, register_sampler, sampler_for
 from spgd_jax.samplers._sample import initial_noise, sample
 from spgd_jax.samplers.daps import DAPSConfig, daps
 from spgd_jax.samplers.ddrm import DDRMConfig, ddrm
@@ -44,7 +46,7 @@ register_sampler(Sampler("dps", DPSConfig, dps, step_size="zeta"))
 register_sampler(Sampler("mcg", MCGConfig, mcg, step_size="alpha", linear_only=True))
 register_sampler(Sampler("score_sde", ScoreSDEConfig, score_sde, linear_only=True))
 register_sampler(Sampler("dpps", DPPSConfig, dpps, step_size="zeta"))
-register_sampler(Sampler("ddrm", DDRMConfig, ddrm, linear_only=True))
+register_sampler(Sampler("ddrm", DDRMConfig, ddrm, linear_only=True, forward=operators.svd))
 register_sampler(Sampler("diffpir", DiffPIRConfig, diffpir, step_size="lam", linear_only=True))
 register_sampler(Sampler("pnp_admm", PnPADMMConfig, pnp_admm, step_size="rho", linear_only=True))
 register_sampler(Sampler("red_diff", RedDiffConfig, red_diff, step_size="lr", linear_only=True))
@@ -53,6 +55,6 @@ register_sampler(Sampler("euler", EulerConfig, euler, conditional=False))
 
 __all__ = ["SAMPLERS", "DAPSConfig", "DDRMConfig", "DPPSConfig", "DPSConfig", "DiffPIRConfig", "EulerConfig", "MCGConfig",
            "PnPADMMConfig", "RedDiffConfig", "SPGDConfig", "SampleResult", "Sampler", "ScoreSDEConfig", "daps", "ddrm",
-           "diagnostics", "diffpir", "dpps", "dps", "dps_config", "edm_sigmas", "euler", "initial_noise", "mcg", "nfe",
+           "diagnostics", "diffpir", "dpps", "dps", "dps_config", "edm_sigmas", "euler", "forward_for", "initial_noise", "mcg", "nfe",
            "pnp_admm", "posterior_mean", "presets", "red_diff", "register_sampler", "sample", "sampler_for", "score_sde",
            "spgd", "spgd_config", "sweep"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
-__all__ = ["SAMPLERS", "Sampler", "nfe", "register_sampler", "sampler_for", "split_step_size"]
+__all__ = ["SAMPLERS", "Sampler", "forward_for", "nfe", "register_sampler", "sampler_for", "split_step_size"]
 
 
 class Sampler(NamedTuple):
@@ -25,6 +25,9 @@ class Sampler(NamedTuple):
     conditional: whether it restores measurements (False: it samples the prior).
     linear_only: whether it needs a linear forward operator (projections, proximal steps, SVDs); the
                  command line refuses a non-linear task for it before running.
+    forward:     forward(operator) -> the forward model the sampler runs with, from a task's Operator (DDRM:
+                 spgd_jax.operators.svd, the forward carrying its SVD; ValueError for a task without one);
+                 None: operator.forward. See forward_for.
     nfe:         nfe(config) -> the denoiser evaluations per image of a run (None: config.steps, one per step).
     step_size:   the config field that `run` also takes as a keyword, a scalar that may be traced (SPGD's
                  'lr', DPS's 'zeta'), or None. `sample` passes it traced, so runs that differ only in it
@@ -38,6 +41,7 @@ class Sampler(NamedTuple):
     step_size: str | None = None
     linear_only: bool = False
     nfe: Callable[[Any], int] | None = None
+    forward: Callable[[Any], Callable] | None = None
 
 
 SAMPLERS: dict[str, Sampler] = {}
@@ -66,6 +70,14 @@ def nfe(config: Any) -> int:
     run with `config`."""
     count = sampler_for(config).nfe
     return config.steps if count is None else count(config)
+
+
+def forward_for(config: Any, operator: Any) -> Callable:
+    """The forward model to pass to `sample` with `config` for a task's Operator (operators.get): its
+    forward, or what the sampler derives from the operator (DDRM: its SVD). ValueError if the sampler cannot
+    run on it (e.g. DDRM on motion deblurring)."""
+    derive = sampler_for(config).forward
+    return operator.forward if derive is None else derive(operator)
 
 
 def split_step_size(config: Any) -> tuple[Any, float | None]:

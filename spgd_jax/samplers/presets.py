@@ -102,6 +102,17 @@ PAPER: dict[str, dict[str, dict[str, Any]]] = {
     "dps": {task: {"zeta": zeta, "schedule": "ddpm", "steps": 1000} for task, zeta in DPS_ZETA.items()},
     "dpps": {"inpaint": {"zeta": 1.0}, "inpaint_box": {"zeta": 1.0}, "gauss_deblur": {"zeta": 0.4},
              "motion_deblur": {"zeta": 0.4}, "sr4": {"zeta": 1.0}},
+    # DiffPIR release (main_ddpir_inpainting.py, main_ddpir_deblur.py; sr4: the middle of main_ddpir_sisr.py's
+    # lambda sweep 2-12 at zeta 0.25), noiseless settings, 20 NFE.
+    "diffpir": {"inpaint": {"lam": 1.0, "zeta": 1.0}, "inpaint_box": {"lam": 1.0, "zeta": 1.0},
+                "gauss_deblur": {"lam": 7.0, "zeta": 0.3}, "motion_deblur": {"lam": 7.0, "zeta": 0.3},
+                "sr4": {"lam": 6.0, "zeta": 0.25}},
+    # RED-Diff release (NVlabs/RED-diff sample_test.sh; motion blur has no line there: the yaml default 0.1).
+    "red_diff": {"inpaint": {"lr": 0.25}, "inpaint_box": {"lr": 0.25}, "gauss_deblur": {"lr": 0.5},
+                 "motion_deblur": {"lr": 0.1}, "sr4": {"lr": 0.1}},
+    # DAPS release (configs/task/*.yaml, pixel entries; DAPS-1K).
+    "daps": {"inpaint": {"lr": 1e-4}, "inpaint_box": {"lr": 5e-5}, "gauss_deblur": {"lr": 1e-4},
+             "motion_deblur": {"lr": 5e-5}, "sr4": {"lr": 1e-4}, "phase_retrieval": {"lr": 5e-5}, "hdr": {"lr": 2e-5}},
 }
 TUNED: dict[str, dict[str, dict[str, Any]]] = {
     "spgd": TUNED_SPGD,
