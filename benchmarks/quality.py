@@ -66,7 +66,7 @@ METHOD_NAMES = {"spgd": "SPGD", "dps": "DPS", "ddrm": "DDRM", "diffpir": "DiffPI
 
 
 def table1_methods() -> tuple[str, ...]:
-    """The registered restoring samplers other than SPGD and the equal-NFE DPS of the first rows."""
+    """The registered restoring samplers other than SPGD (DPS: its published form, beside the equal-NFE row)."""
     return tuple(n for n, s in SAMPLERS.items() if s.conditional and n != "spgd")
 
 
@@ -86,6 +86,11 @@ class Job:
     tuned_by: str | None = None
     dtype: str = "float32"
     samples: int = 1
+    tune_only: bool = False  # a sweep over the tuning images alone (its pick feeds later jobs; no table row)
+
+    def rows(self, n_test: int, n_all: int) -> slice:
+        """The images the job restores: the tuning images, all (a sweep), or the test images."""
+        return slice(n_test, n_all) if self.tune_only else slice(0, n_all if self.values else n_test)
 
 
 def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS, lr_factors=LR_FACTORS,
@@ -103,11 +108,19 @@ def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS, lr_fact
                         values=tuple(config.zeta * f for f in zeta_factors)))
     for name in methods:
         for task in tasks:
-            config = presets.config(name, task)
+            # DPS's tuned preset is the equal-NFE row above; its Table 1 row is DPS as published
+            config = presets.config(name, task, tuned=name != "dps")
+            try:
+                forward_for(config, operators.get(task, 64))
+            except ValueError:  # e.g. DDRM has no SVD of motion blur: the paper's "-"
+                continue
             step = sampler_for(config).step_size
             values = None if step is None else tuple(getattr(config, step) * f for f in method_factors)
-            jobs.append(Job(f"t1_{name}_{task}", "1", f"{METHOD_NAMES.get(name, name)} ({nfe(config)} NFE)", task,
-                            config, values=values))
+            label = f"{METHOD_NAMES.get(name, name)} ({nfe(config)} NFE" + (", as published)" if name == "dps" else ")")
+            job = f"{name}{'1000' if name == 'dps' else ''}_{task}"
+            if values is not None:  # tuned on the tuning images alone, then run once on the test images
+                jobs.append(Job(f"tune_{job}", "tune", label, task, config, values=values, tune_only=True))
+            jobs.append(Job(f"t1_{job}", "1", label, task, config, tuned_by=None if values is None else f"tune_{job}"))
     for task in tasks:
         jobs.append(Job(f"t1_spgd_mean{MEAN_SAMPLES}_{task}", "1", f"SPGD, mean of {MEAN_SAMPLES} samples "
                         f"({MEAN_SAMPLES}x NFE)", task, presets.spgd_config(task, steps=steps, warmup=warmup),
@@ -245,10 +258,10 @@ def generate(args) -> int:
 
     def compile_job(job: Job):
         operator, op_params, y = measurements[job.task]
-        count = n_all if job.values else n_test
-        sub = lambda a: a[:count]
+        rows = job.rows(n_test, n_all)
+        sub = lambda a: a[rows]
         lowered = make_program(unet_config, operator, job.config, x_shape, job.dtype, job.samples).lower(
-            abstract, sub(y), jax.tree.map(sub, op_params), keys[:count],
+            abstract, sub(y), jax.tree.map(sub, op_params), keys[rows],
             jax.ShapeDtypeStruct((len(job.values) if job.values else 1,), jnp.float32))
         return lowered.compile()
 
@@ -278,7 +291,8 @@ def generate(args) -> int:
             log(f"{job.name}: skipped ({job.tuned_by} did not run)")
             continue
         values = job.values or ((picked[job.tuned_by],) if job.tuned_by else (0.0,))  # (0.0,): no step size
-        count = n_all if job.values else n_test
+        rows = job.rows(n_test, n_all)
+        count = rows.stop - rows.start
         evaluations = job.samples * nfe(job.config)
         work = count * len(values) * evaluations
         left = args.budget_s - (time.monotonic() - started)
@@ -295,29 +309,33 @@ def generate(args) -> int:
             continue
         log(f"{job.name}: compiled")
         operator, op_params, y = measurements[job.task]
-        sub = lambda a: a[:count]
+        sub = lambda a: a[rows]
         t0 = time.perf_counter()
-        restored, diverged = program(unet_params, sub(y), jax.tree.map(sub, op_params), keys[:count],
+        restored, diverged = program(unet_params, sub(y), jax.tree.map(sub, op_params), keys[rows],
                                                 jnp.asarray(values, jnp.float32))
         restored, diverged = np.asarray(restored), np.asarray(diverged)
         seconds = time.perf_counter() - t0
         rate = seconds / work if rate is None else min(rate, seconds / work)
-        scores = np.asarray(metrics.psnr(restored, x[:count]))  # (L, count)
-        best = int(np.argmax(np.mean(scores[:, n_test:], axis=1))) if len(values) > 1 else 0
+        scores = np.asarray(metrics.psnr(restored, x[rows]))  # (L, count)
+        tuning = scores if job.tune_only else scores[:, n_test:]
+        best = int(np.argmax(np.mean(tuning, axis=1))) if len(values) > 1 else 0
+        tested = 0 if job.tune_only else n_test  # the leading test images among the rows
         if job.values:
             picked[job.name] = float(values[best])
-        np.savez_compressed(out / f"{job.name}.npz", restored=images.to_uint8(restored[best, :n_test]),
-                            restored_float_psnr=scores[best, :n_test], psnr=scores, diverged=diverged,
+        np.savez_compressed(out / f"{job.name}.npz", restored=images.to_uint8(restored[best, :tested]),
+                            restored_float_psnr=scores[best, :tested], psnr=scores, diverged=diverged,
                             values=np.asarray(values))
         config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
         manifest["jobs"][job.name] = {"table": job.table, "row": job.row, "task": job.task, "dtype": job.dtype,
                                       "config": config, "values": list(values), "picked": float(values[best]),
                                       "tuned_by": job.tuned_by, "seconds": seconds, "nfe_per_image": evaluations,
                                       "images": count * len(values), "samples": job.samples,
+                                      "tune_only": job.tune_only,
                                       "device": manifest["device"], "jax": manifest["jax"], "tune": args.tune}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        tune_note = f", tuning PSNR by value {np.round(np.mean(scores[:, n_test:], 1), 2).tolist()}" if job.values and args.tune else ""
-        log(f"{job.name}: value {values[best]:g}, test PSNR {np.mean(scores[best, :n_test]):.2f} dB, "
+        tune_note = f", tuning PSNR by value {np.round(np.mean(tuning, 1), 2).tolist()}" if job.values and args.tune else ""
+        tested_note = f"test PSNR {np.mean(scores[best, :tested]):.2f} dB" if tested else "tuning images only"
+        log(f"{job.name}: value {values[best]:g}, {tested_note}, "
             f"{int(diverged[best].sum())} diverged ({seconds:.1f} s{tune_note})")
     pool.shutdown(wait=False, cancel_futures=True)
     if not all(f.done() for f in futures.values()):
@@ -416,6 +434,8 @@ def score(args) -> int:
     reference = jnp.asarray(x)
     rows = []
     for name, job in manifest["jobs"].items():
+        if job.get("tune_only"):  # no test image: its sweep is in the tuning table
+            continue
         with np.load(run / f"{name}.npz") as f:
             restored = f["restored"].astype(np.float32) / 127.5 - 1.0
             float_psnr, diverged = f["restored_float_psnr"], f["diverged"]
@@ -456,9 +476,11 @@ def _tuning(run: Path, manifest: dict) -> list[dict]:
         if job["tuned_by"] is None and _has_step_size(job["config"]):
             with np.load(run / f"{name}.npz") as f:
                 scores, diverged = f["psnr"], f["diverged"]
+            tested = 0 if job.get("tune_only") else n_test
             out.append({"job": name, "task": job["task"], "row": job["row"], "values": job["values"],
-                        "picked": job["picked"], "tune_psnr": np.mean(scores[:, n_test:], 1).round(3).tolist() if job["tune"] else None,
-                        "test_psnr": np.mean(scores[:, :n_test], 1).round(3).tolist(),
+                        "picked": job["picked"],
+                        "tune_psnr": np.mean(scores[:, tested:], 1).round(3).tolist() if job["tune"] else None,
+                        "test_psnr": np.mean(scores[:, :tested], 1).round(3).tolist() if tested else None,
                         "diverged": diverged.sum(1).tolist()})
     return out
 
@@ -522,16 +544,16 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
             per_image = f"{r['seconds'] / r['images']:.2f}" if r.get("images") else "-"
             extra = (f"{r['psnr_float']:.3f} | {r['diverged']} | {r['nfe_per_image']} | {per_image}" if "picked" in r
                      else "- | - | - | -")
-            vgg = _cell(r, "lpips_vgg", ".3f") if "lpips_vgg" in r else "-"
+            lpips, vgg = (_cell(r, m, ".3f") if m in r else "-" for m in ("lpips", "lpips_vgg"))  # none below 32 px
             lines.append(f"| {r['task']} | {r['row']} | {step} | {_cell(r, 'psnr', '.2f')} | {_cell(r, 'ssim', '.3f')} | "
-                         f"{_cell(r, 'lpips', '.3f')} | {vgg} | {extra} |")
+                         f"{lpips} | {vgg} | {extra} |")
         lines.append("")
     lines += ["## Step-size sweeps (mean PSNR, dB)", "", "| job | values | tuning images | test images | picked |",
               "|---|---|---|---|---:|"]
     for t in tuning:
         tune = ", ".join(f"{v:.2f}" for v in t["tune_psnr"]) if t["tune_psnr"] else "-"
-        lines.append(f"| {t['job']} | {', '.join(f'{v:g}' for v in t['values'])} | {tune} | {', '.join(f'{v:.2f}' for v in t['test_psnr'])} "
-                     f"| {t['picked']:g} |")
+        test = ", ".join(f"{v:.2f}" for v in t["test_psnr"]) if t["test_psnr"] else "-"
+        lines.append(f"| {t['job']} | {', '.join(f'{v:g}' for v in t['values'])} | {tune} | {test} | {t['picked']:g} |")
     return "\n".join(lines) + "\n"
 
 

@@ -245,6 +245,52 @@ def test_generate_runs_later_rows_at_a_one_value_sweeps_value_without_running_it
         np.testing.assert_allclose(f["restored_float_psnr"], f["psnr"][0])
 
 
+def test_plan_tunes_other_methods_on_the_tuning_images_and_skips_tasks_they_cannot_run():
+    jobs = {j.name: j for j in quality.plan(100, 5, methods=("ddrm", "diffpir", "dps"))}
+    assert "t1_ddrm_motion_deblur" not in jobs and "t1_ddrm_sr4" in jobs  # DDRM has no SVD of motion blur
+    assert jobs["t1_ddrm_sr4"].tuned_by is None and "tune_ddrm_sr4" not in jobs  # no step size to tune
+    tune, row = jobs["tune_diffpir_gauss_deblur"], jobs["t1_diffpir_gauss_deblur"]
+    assert tune.tune_only and row.tuned_by == tune.name and row.values is None
+    lam = presets.config("diffpir", "gauss_deblur").lam
+    assert tune.values == tuple(lam * f for f in quality.METHOD_FACTORS)
+    assert (tune.rows(50, 82), row.rows(50, 82)) == (slice(50, 82), slice(0, 50))
+    published = jobs["t1_dps1000_sr4"].config  # DPS's Table 1 row as published, beside the equal-NFE one
+    assert (published.schedule, published.steps) == ("ddpm", 1000) and jobs["t1_dps_sr4"].config.steps == 500
+    assert jobs["t1_dps1000_sr4"].row == "DPS (1000 NFE, as published)"
+
+
+def test_generate_and_score_other_methods_tuned_then_tested(tmp_path):
+    from spgd_jax.io import checkpoint
+
+    weights = tmp_path / "weights"
+    checkpoint.save(weights, _params(), CONFIG)
+    x = np.random.default_rng(5).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", images=x, names=np.asarray(["a.jpg", "b.jpg", "c.jpg"]))
+    out = tmp_path / "q"
+    common = ["--images", str(tmp_path / "images.npz"), "--weights", str(weights), "--tasks", "inpaint"]
+    assert quality.main(["generate", *common, "--out", str(out), "--test", "2", "--tune", "1", "--lr-factors", "1",
+                         "--steps", "2", "--warmup", "1", "--methods", "ddrm,diffpir", "--method-factors", "0.5,2",
+                         "--jobs", "t1_spgd_inpaint,tune_,t1_ddrm,t1_diffpir", "--compile-workers", "1"]) == 0
+    jobs = json.loads((out / "manifest.json").read_text())["jobs"]
+    with np.load(out / "tune_diffpir_inpaint.npz") as f:
+        assert f["psnr"].shape == (2, 1) and f["restored"].shape == (0, 16, 16, 3)  # two values, the tuning image
+        picked = jobs["tune_diffpir_inpaint"]["values"][int(np.argmax(f["psnr"][:, 0]))]
+    assert jobs["t1_diffpir_inpaint"]["picked"] == picked and jobs["t1_diffpir_inpaint"]["nfe_per_image"] == 20
+    with np.load(out / "t1_ddrm_inpaint.npz") as f:
+        assert f["restored"].shape == (2, 16, 16, 3)
+    assert quality.main(["score", "--images", str(tmp_path / "images.npz"), "--run", str(out), "--out",
+                         str(tmp_path / "results"), "--tag", "t"]) == 0
+    report = json.loads((tmp_path / "results" / "quality_t.json").read_text())
+    assert {r["job"] for r in report["rows"]} == {"t1_spgd_inpaint", "t1_ddrm_inpaint", "t1_diffpir_inpaint",
+                                                  "t1_classical_inpaint"}
+    gains = {g["against"]: g for g in report["gains"]}
+    ours = next(r for r in report["rows"] if r["job"] == "t1_spgd_inpaint")["per_image"]["psnr"]
+    theirs = next(r for r in report["rows"] if r["job"] == "t1_ddrm_inpaint")["per_image"]["psnr"]
+    assert gains["DDRM (20 NFE)"]["psnr"]["gain"] == pytest.approx(np.mean(np.subtract(ours, theirs)))
+    markdown = (tmp_path / "results" / "quality_t.md").read_text()
+    assert "| inpaint | DDRM (20 NFE) | - |" in markdown and "## SPGD minus each method" in markdown
+
+
 def test_images_stage_says_what_the_data_folder_must_hold(tmp_path):
     split = tmp_path / "split.txt"
     split.write_text("celeba/000001.jpg\nutkface/1_0_0_x.jpg\n")
