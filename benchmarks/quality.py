@@ -451,9 +451,10 @@ def score(args) -> int:
         restored = jax.jit(jax.vmap(classical(operator, x.shape[1])))(y, params)
         rows.append({"job": f"t1_classical_{task}", "table": "1", "row": "classical", "task": task,
                      **_summary(metrics.all_metrics(jnp.clip(restored, -1, 1), reference, vgg=True))})
+    meta = {k: manifest[k] for k in ("weights", "seed", "test", "steps", "warmup")}
+    rows += compared_rows(args.compare or [], {r["job"] for r in rows}, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {k: manifest[k] for k in ("weights", "seed", "test", "steps", "warmup")}
     meta["sampled_on"] = sampled_on(manifest["jobs"])
     meta["tune"] = sorted({j["tune"] for j in manifest["jobs"].values() if len(j["values"]) > 1})
     meta["weights"] = args.weights_name or meta["weights"]
@@ -467,6 +468,24 @@ def score(args) -> int:
                                        + gains_markdown(rows))
     print(stem.with_suffix(".md").read_text())
     return 0
+
+
+def compared_rows(paths: list[str], jobs: set[str], meta: dict) -> list[dict]:
+    """The rows of earlier score results (quality_*.json) that this run lacks, for the tables and the paired
+    gains: only from results over the same test images and seed (SystemExit otherwise); each row names its
+    source in 'from'."""
+    out = []
+    for path in paths:
+        earlier = json.loads(Path(path).read_text())
+        for key in ("test", "seed"):
+            if earlier["meta"][key] != meta[key]:
+                raise SystemExit(f"error: --compare {path} has {key} = {earlier['meta'][key]} but this run has "
+                                 f"{meta[key]}; only results over the same test images and seed compare")
+        for row in earlier["rows"]:
+            if row["job"] not in jobs:
+                jobs.add(row["job"])
+                out.append({**row, "from": Path(path).name})
+    return out
 
 
 def _tuning(run: Path, manifest: dict) -> list[dict]:
@@ -545,7 +564,8 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
             extra = (f"{r['psnr_float']:.3f} | {r['diverged']} | {r['nfe_per_image']} | {per_image}" if "picked" in r
                      else "- | - | - | -")
             lpips, vgg = (_cell(r, m, ".3f") if m in r else "-" for m in ("lpips", "lpips_vgg"))  # none below 32 px
-            lines.append(f"| {r['task']} | {r['row']} | {step} | {_cell(r, 'psnr', '.2f')} | {_cell(r, 'ssim', '.3f')} | "
+            row = r["row"] + (f" (from {r['from']})" if "from" in r else "")
+            lines.append(f"| {r['task']} | {row} | {step} | {_cell(r, 'psnr', '.2f')} | {_cell(r, 'ssim', '.3f')} | "
                          f"{lpips} | {vgg} | {extra} |")
         lines.append("")
     lines += ["## Step-size sweeps (mean PSNR, dB)", "", "| job | values | tuning images | test images | picked |",
@@ -709,6 +729,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--tag", required=True, help="file name tag, e.g. h200-50img")
     p.add_argument("--weights-name", help="how the tables name the weights (default: the path generate used)")
+    p.add_argument("--compare", nargs="+", help="earlier results (quality_*.json, same test images and seed) whose "
+                   "rows join the tables and the paired gains, e.g. SPGD's rows of another run")
     args = parser.parse_args(argv)
     enable_compilation_cache()  # SPGD_JAX_NO_CACHE=1 turns it off
     return {"images": make_images, "generate": generate, "merge": merge, "score": score}[args.stage](args)

@@ -300,3 +300,13 @@ def test_images_stage_says_what_the_data_folder_must_hold(tmp_path):
     with pytest.raises(SystemExit, match=r"2 of the 2 images are not in .*celeba/000001.jpg.*not part of the "
                                          r"repository"):
         quality.load_split_images(tmp_path / "faces", split, 2, 16)
+
+
+def test_compared_rows_join_only_results_over_the_same_images(tmp_path):
+    earlier = {"meta": {"test": 2, "seed": 0}, "rows": [{"job": "t1_spgd_sr4", "row": "SPGD"}, {"job": "t1_x", "row": "X"}]}
+    path = tmp_path / "quality_old.json"
+    path.write_text(json.dumps(earlier))
+    rows = quality.compared_rows([str(path)], {"t1_x"}, {"test": 2, "seed": 0})
+    assert rows == [{"job": "t1_spgd_sr4", "row": "SPGD", "from": "quality_old.json"}]  # this run's own t1_x wins
+    with pytest.raises(SystemExit, match="seed = 0 but this run has 1"):
+        quality.compared_rows([str(path)], set(), {"test": 2, "seed": 1})
