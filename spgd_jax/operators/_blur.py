@@ -56,16 +56,15 @@ def blur(x: jax.Array, kernel: jax.Array) -> jax.Array:
             f"image {x.shape[0]}x{x.shape[1]} is too small for a {kernel.shape[0]}x{kernel.shape[0]} kernel "
             f"with reflect padding: both sides must exceed {pad}; use a smaller kernel_size"
         )
-    channels = x.shape[2]
     padded = jnp.pad(x, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    weights = jnp.broadcast_to(kernel.astype(x.dtype)[:, :, None, None], kernel.shape + (1, channels))
+    # channels as the batch of a one-channel convolution (not a grouped one: JAX cannot batch the transpose of
+    # a grouped convolution over per-image kernels inside shard_map, which the projection samplers need)
     out = jax.lax.conv_general_dilated(
-        padded[None],
-        weights,
+        jnp.moveaxis(padded, -1, 0)[..., None],
+        kernel.astype(x.dtype)[:, :, None, None],
         window_strides=(1, 1),
         padding="VALID",
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=channels,
         precision=jax.lax.Precision.HIGHEST,
     )
-    return out[0]
+    return jnp.moveaxis(out[..., 0], 0, -1)

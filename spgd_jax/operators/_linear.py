@@ -3,7 +3,7 @@ the data term, and the projection onto the measurement-consistent set.
 
 These are what the projection and splitting samplers (Score-SDE, MCG, DiffPIR, PnP-ADMM) need of an
 operator. All act on ONE image and are jit/vmap friendly; the solves run a fixed number of conjugate-
-gradient iterations (jax.scipy.sparse.linalg.cg), so their cost is static. A non-linear forward model
+gradient iterations (conjugate_gradients), so their cost is static. A non-linear forward model
 (phase retrieval, HDR) raises a ValueError naming the problem.
 """
 
@@ -14,22 +14,30 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["adjoint", "project", "proximal"]
+__all__ = ["adjoint", "conjugate_gradients", "project", "proximal"]
 
 
 def adjoint(forward: Callable[[jax.Array, Any], jax.Array], params: Any, x_shape: tuple[int, ...]):
     """A^T as a function y -> (H, W, C), for the linear x -> forward(x, params) on images of x_shape.
 
-    Calling it raises ValueError if forward is not linear in x."""
-    transpose = jax.linear_transpose(lambda x: forward(x, params), jax.ShapeDtypeStruct(x_shape, jnp.float32))
+    Calling it raises ValueError if forward is not linear in x (jax.linear_transpose finds a primitive
+    without a transpose rule). Where jax.linear_transpose cannot trace a linear forward (inside shard_map it
+    fails on some batched primitives), A^T y is the vector-Jacobian product at x = 0 instead, equal for a
+    linear A."""
+    zeros = jnp.zeros(x_shape, jnp.float32)
+    linear = lambda x: forward(x, params)
 
     def apply(y: jax.Array) -> jax.Array:
         try:
-            return transpose(y)[0]
-        except (NotImplementedError, TypeError, ValueError) as error:  # a primitive without a transpose rule
-            raise ValueError(
-                "this method needs a linear forward operator (inpainting, deblurring, SR); the given one is "
-                f"not linear in x ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+            return jax.linear_transpose(linear, zeros)(y)[0]
+        except NotImplementedError as error:
+            if "Transpose rule" in str(error):  # a non-linear primitive
+                raise ValueError(
+                    "this method needs a linear forward operator (inpainting, deblurring, SR); the given one is "
+                    f"not linear in x ({str(error).splitlines()[0]})") from None
+        except (IndexError, TypeError, ValueError):  # JAX could not transpose here; see the docstring
+            pass
+        return jax.vjp(linear, zeros)[1](y)[0]
 
     return apply
 
@@ -41,8 +49,7 @@ def proximal(forward, params, y: jax.Array, z: jax.Array, rho: jax.Array | float
     (inpainting) after one iteration; for blur and resize, iterations bound the error."""
     transpose = adjoint(forward, params, z.shape)
     normal = lambda x: transpose(forward(x, params)) + rho * x
-    solution, _ = jax.scipy.sparse.linalg.cg(normal, transpose(y) + rho * z, x0=z, maxiter=iterations)
-    return solution
+    return conjugate_gradients(normal, transpose(y) + rho * z, z, iterations)
 
 
 def project(forward, params, y: jax.Array, x: jax.Array, iterations: int = 30) -> jax.Array:
@@ -52,5 +59,24 @@ def project(forward, params, y: jax.Array, x: jax.Array, iterations: int = 30) -
     transpose = adjoint(forward, params, x.shape)
     gram = lambda v: forward(transpose(v), params)
     residual = y - forward(x, params)
-    correction, _ = jax.scipy.sparse.linalg.cg(gram, residual, x0=jnp.zeros_like(residual), maxiter=iterations)
-    return x + transpose(correction)
+    return x + transpose(conjugate_gradients(gram, residual, jnp.zeros_like(residual), iterations))
+
+
+def conjugate_gradients(matrix: Callable[[jax.Array], jax.Array], b: jax.Array, x0: jax.Array,
+                        iterations: int) -> jax.Array:
+    """x with matrix(x) ~= b, for a symmetric positive semi-definite linear `matrix`, by `iterations` steps of
+    conjugate gradients from x0 (a plain fori_loop: it traces under vmap, grad and shard_map alike; a step
+    whose direction has no curvature left, the solve having converged, changes nothing)."""
+
+    def step(_, state):
+        x, r, p, rr = state
+        q = matrix(p)
+        curvature = jnp.vdot(p, q)
+        alpha = jnp.where(curvature > 0, rr / jnp.where(curvature > 0, curvature, 1.0), 0.0)
+        x, r = x + alpha * p, r - alpha * q
+        rr_next = jnp.vdot(r, r)
+        beta = jnp.where(rr > 0, rr_next / jnp.where(rr > 0, rr, 1.0), 0.0)
+        return x, r, r + beta * p, rr_next
+
+    r = b - matrix(x0)
+    return jax.lax.fori_loop(0, iterations, step, (x0, r, r, jnp.vdot(r, r)))[0]

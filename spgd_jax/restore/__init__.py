@@ -80,9 +80,6 @@ def _main(args) -> int:
     denoiser, unet_config = load_prior(weights)
     size = unet_config.image_size
     operator = make_operator(task, size, args.sigma_y)
-    if SAMPLERS[args.sampler].linear_only and not operator.linear:
-        raise UsageError(f"--sampler {args.sampler} needs a linear operator (projections or SVDs of A); {task} is not "
-                         "linear: use --sampler spgd, dps or another sampler that only needs gradients")
     try:
         forward_for(config, operator)
     except ValueError as error:

@@ -123,6 +123,9 @@ def sampler_config(args, tuned: bool):
 
 def _sampler_config(args, tuned: bool):
     task, name = args.task, args.sampler
+    if SAMPLERS[name].linear_only and not operators.get(task, 64).linear:  # linearity does not depend on the size
+        raise UsageError(f"--sampler {name} needs a linear operator (projections or SVDs of A); {task} is not "
+                         "linear: use --sampler spgd, dps or another sampler that only needs gradients")
     spgd_flags = (("--warmup", args.warmup), ("--lr", args.lr), ("--lr-min-ratio", args.lr_min_ratio),
                   ("--beta", args.beta), ("--adm", args.adm))
     if name != "spgd":
