@@ -248,7 +248,7 @@ def generate(args) -> int:
                          f"spgd; choose from {','.join(table1_methods())}")
     full_plan = plan(args.steps, args.warmup, tasks, args.lr_factors, args.zeta_factors, methods, args.method_factors)
     jobs = [j for j in full_plan
-            if (not args.tables or j.table in args.tables.split(","))
+            if (not args.tables or j.table in args.tables.split(",") or (j.tune_only and "1" in args.tables.split(",")))
             and (not args.jobs or any(j.name.startswith(p) for p in args.jobs.split(",")))]
     if args.tune == 0 and any(j.values and len(j.values) > 1 for j in jobs):
         raise SystemExit("error: sweeping needs tuning images: pass --tune > 0, or one factor per sweep")
