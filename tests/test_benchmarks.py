@@ -212,3 +212,13 @@ def test_jax_rows_run_in_priority_order():
                     ("float32", 4), ("bfloat16", 4), ("float32", "largest")]
     smoke = speed.jax_plan(speed.PRESETS["gpu-smoke"])  # profiled row (bfloat16, 2) first though not a target batch
     assert smoke[0] == ("bfloat16", 2) and smoke.count(("bfloat16", 2)) == 1 and len(smoke) == 6
+
+
+def test_cpu64_preset_is_the_issues_configuration():
+    from spgd_jax import UNet
+
+    preset = speed.PRESETS["cpu-64"]
+    config = preset.unet
+    shapes = jax.eval_shape(lambda: UNet(config).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,))))
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+    assert round(count / 1e6, 2) == 4.47 and (preset.steps, preset.warmup) == (20, 5)
