@@ -140,7 +140,7 @@ PRESETS = {
         torch_batches=(1, 4), threads=1, ceiling=(("float32", 4),), profile=("float32", 4), notes=(CPU_NOTE,),
     ),
     "cpu-64": Preset(
-        description="CPU, 64x64 UNet (CPU64, 4.47M parameters), SR x4, T=20, N=5, the CPU's default threads",
+        description="CPU, 64x64 UNet (CPU64, 4.47M parameters), T=20, N=5, the CPU's default threads",
         unet=CPU64, steps=20, warmup=5, timed_steps=4, batches=(1, 4), dtypes=("float32",), torch_batches=(1, 4),
         ceiling=(("float32", 4),), profile=("float32", 4), notes=(CPU_NOTE,),
     ),
