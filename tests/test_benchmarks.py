@@ -222,3 +222,18 @@ def test_cpu64_preset_is_the_issues_configuration():
     shapes = jax.eval_shape(lambda: UNet(config).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,))))
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
     assert round(count / 1e6, 2) == 4.47 and (preset.steps, preset.warmup) == (20, 5)
+
+
+def test_compile_times_measures_each_stage_of_both_programs():
+    from benchmarks import compile_times
+
+    made = compile_times.programs(CONFIGS["tiny16"], "float32", steps=2, warmup=1, batch=1)
+    assert set(made) == {"sampler", "nfe"}
+    function, arguments = made["nfe"]
+    stages = compile_times.time_stages(function, arguments)
+    assert all(stages[k] > 0 for k in ("trace_s", "lower_s", "compile_s"))
+    assert stages["total_s"] == pytest.approx(stages["trace_s"] + stages["lower_s"] + stages["compile_s"])
+    table = compile_times.markdown([{"program": "nfe", "dtype": "float32", **stages}],
+                                   {"config": "tiny16", "device": "cpu", "jax": jax.__version__, "machine": "x",
+                                    "steps": 2, "warmup": 1, "batch": 1})
+    assert "| nfe | float32 |" in table
