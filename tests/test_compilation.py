@@ -5,6 +5,9 @@ XLA compilation) around calls whose inputs are already on the device.
 """
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -77,3 +80,32 @@ def test_the_restore_command_reuses_its_program_for_another_checkpoint(tmp_path)
     with count_compilations() as warm:
         assert restore.main([*fast, "--weights", str(paths[1]), "--out", str(tmp_path / "b"), "--lr", "3"]) == 0
     assert warm[0] == 0
+
+
+def test_a_second_quiet_command_line_process_reads_the_compiled_sampler_from_the_cache(tmp_path):
+    """--quiet runs the sampler without a host callback, so JAX's persistent cache keeps its program: the
+    second process's XLA compile phase (cache reads included) is at most 20% of the first's."""
+    faces = random_faces(tmp_path)
+    weights = checkpoint.save(tmp_path / "w", _params(0), CONFIG)
+    code = (
+        "import sys, jax\n"
+        "total = [0.0]\n"
+        "def listen(event, seconds, **_):\n"
+        "    if event == '/jax/core/compile/backend_compile_duration': total[0] += seconds\n"
+        "jax.monitoring.register_event_duration_secs_listener(listen)\n"
+        "from spgd_jax import restore\n"
+        "assert restore.main(sys.argv[1:]) == 0\n"
+        "print('compile seconds', total[0])\n"
+    )
+    env = {**os.environ, "SPGD_JAX_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("SPGD_JAX_NO_CACHE", None)
+    seconds = []
+    for run in ("a", "b"):
+        arguments = ["--task", "sr4", "--input", str(faces), "--weights", str(weights), "--steps", "3", "--warmup",
+                     "2", "--batch-size", "2", "--quiet", "--out", str(tmp_path / run)]
+        done = subprocess.run([sys.executable, "-c", code, *arguments], env=env, capture_output=True, text=True,
+                              timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        seconds.append(float(done.stdout.split("compile seconds")[-1]))
+    assert any((tmp_path / "cache").iterdir())
+    assert seconds[1] <= 0.2 * seconds[0], seconds

@@ -7,7 +7,8 @@ program (same shapes, device and jax version), which then skips XLA compilation:
 
 Known limit (jax 0.10): a program with a host callback, as the samplers have when given `progress`, is
 keyed by the callback's address, which differs in every process, so it never hits across processes;
-the metrics' programs (LPIPS) and training's do. Runs within one process reuse the compiled sampler
+the metrics' programs (LPIPS), training's and the samplers' without progress do (`restore --quiet` runs
+without its progress callback for this reason). Runs within one process reuse the compiled sampler
 regardless (its weights and step size are arguments).
 
 Set SPGD_JAX_NO_CACHE=1 (or pass --no-cache to the command lines) to turn it off. Library users who
@@ -25,6 +26,7 @@ __all__ = ["ENV_DIR", "ENV_OFF", "default_cache_dir", "enable_compilation_cache"
 
 ENV_DIR = "SPGD_JAX_CACHE_DIR"
 ENV_OFF = "SPGD_JAX_NO_CACHE"
+MIN_COMPILE_S = 0.1  # programs that compile faster are not worth a file (a run compiles dozens of small ones)
 
 
 def default_cache_dir() -> Path:
@@ -37,7 +39,7 @@ def default_cache_dir() -> Path:
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
     """Turns on JAX's persistent compilation cache in `directory` (default: default_cache_dir()) for every
-    program that takes a second or more to compile; returns the directory, or None when SPGD_JAX_NO_CACHE
+    program that takes MIN_COMPILE_S or more to compile; returns the directory, or None when SPGD_JAX_NO_CACHE
     is set or the directory cannot be created (then nothing is cached and nothing fails)."""
     if os.environ.get(ENV_OFF, "") not in ("", "0"):
         return None
@@ -47,6 +49,6 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
     except OSError:
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path

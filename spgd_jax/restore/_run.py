@@ -31,7 +31,9 @@ def restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, size
         call = lambda: sharding.sample_sharded(
             denoiser, forward, take(y), jax.random.fold_in(key, number), config,
             jax.tree_util.tree_map(lambda a: take(np.asarray(a)), op_params),
-            x_shape=(size, size, 3), progress=PROGRESS, step_sizes=lrs,
+            # --quiet: no progress callback, so the program has no host callback and JAX's persistent cache
+            # keeps it for the next process (a program with one is keyed by the callback's address)
+            x_shape=(size, size, 3), progress=None if quiet else PROGRESS, step_sizes=lrs,
         )
         try:
             result = run_interruptibly(call, PROGRESS)
