@@ -470,6 +470,28 @@ def score(args) -> int:
     return 0
 
 
+def missing_rows(rows: list[dict]) -> list[str]:
+    """Lines naming the registered methods with no Table 1 row for a task, and why where it is known."""
+    have = {(r["job"][3:-len(r["task"]) - 1], r["task"]) for r in rows if r["table"] == "1"}  # t1_<method>_<task>
+    lines = []
+    for name in ("spgd",) + table1_methods():
+        job = f"{name}1000" if name == "dps" else name
+        tasks = [t for t in TABLE1_TASKS if (job, t) not in have]
+        if not tasks:
+            continue
+        cannot = []
+        for task in tasks:
+            try:
+                forward_for(presets.config(name, task), operators.get(task, 64))
+            except ValueError:
+                cannot.append(task)
+        reasons = ([f"cannot run {', '.join(cannot)} (the paper's \"-\")"] if cannot else []) + \
+                  ([f"not run on {', '.join(t for t in tasks if t not in cannot)}"] if len(cannot) < len(tasks) else [])
+        label = "DPS as published (1000 NFE)" if name == "dps" else METHOD_NAMES.get(name, name)
+        lines.append(f"- {label}: {'; '.join(reasons)}.")
+    return ["Methods without a row:", ""] + lines + [""] if lines else []
+
+
 def compared_rows(paths: list[str], jobs: set[str], meta: dict) -> list[dict]:
     """The rows of earlier score results (quality_*.json) that this run lacks, for the tables and the paired
     gains: only from results over the same test images and seed (SystemExit otherwise); each row names its
@@ -537,7 +559,7 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
              + f"PSNR (dB) / SSIM / {meta['lpips']}: mean ± std over "
              f"the test images (restorations saved as 8-bit). Seed {meta['seed']}; sampled on {meta['sampled_on']}; SPGD T = {meta['steps']}, N = {meta['warmup']}, its lr decaying linearly to "
              f"1 % over the run unless marked constant.", ""]
-    titles = {"1": "Table 1: SPGD, DPS at equal NFE, classical baselines",
+    titles = {"1": "Table 1: SPGD, the other methods, classical baselines",
               "2": f"Table 2: warm-up x ADM (T = {meta['steps']})",
               "3": f"Table 3: warm-up iterations N (T = {meta['steps']})",
               "bf16": "bfloat16 compute (float32 params) against float32, SPGD"}
@@ -568,6 +590,7 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
             lines.append(f"| {r['task']} | {row} | {step} | {_cell(r, 'psnr', '.2f')} | {_cell(r, 'ssim', '.3f')} | "
                          f"{lpips} | {vgg} | {extra} |")
         lines.append("")
+    lines += missing_rows(rows)
     lines += ["## Step-size sweeps (mean PSNR, dB)", "", "| job | values | tuning images | test images | picked |",
               "|---|---|---|---|---:|"]
     for t in tuning:

@@ -310,3 +310,11 @@ def test_compared_rows_join_only_results_over_the_same_images(tmp_path):
     assert rows == [{"job": "t1_spgd_sr4", "row": "SPGD", "from": "quality_old.json"}]  # this run's own t1_x wins
     with pytest.raises(SystemExit, match="seed = 0 but this run has 1"):
         quality.compared_rows([str(path)], set(), {"test": 2, "seed": 1})
+
+
+def test_missing_rows_name_each_method_and_why():
+    rows = [{"job": "t1_spgd_sr4", "table": "1", "task": "sr4"}, {"job": "t1_ddrm_inpaint", "table": "1", "task": "inpaint"}]
+    lines = "\n".join(quality.missing_rows(rows))
+    assert "- SPGD: not run on inpaint, gauss_deblur, motion_deblur." in lines
+    assert "- DDRM: cannot run motion_deblur (the paper's \"-\"); not run on gauss_deblur, sr4." in lines
+    assert "- DPS as published (1000 NFE): not run on inpaint, gauss_deblur, motion_deblur, sr4." in lines

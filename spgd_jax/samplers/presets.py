@@ -117,9 +117,17 @@ PAPER: dict[str, dict[str, dict[str, Any]]] = {
 # DDRM (20 NFE) with the default prior, validation faces 50-53 (tuning split): eta 1 instead of the paper's
 # 0.85 gains on inpainting (22.1 vs 17.8 dB; 100 steps at 0.85: 24.4, so the 20-step budget is the limit)
 # and SR x4 (26.2 vs 25.5 dB), and loses on Gaussian deblurring (31.2 vs 32.3 dB), which keeps 0.85.
+# DiffPIR and PnP-ADMM: the step size picked per task by benchmarks/quality.py on tuning faces 50-57 from 0.25x,
+# 1x and 4x the release's (benchmarks/results/quality_cpu-2core-methods-50img.md, its sweep table). Only
+# DiffPIR's motion deblurring (lam 28: 31.95 dB against 31.31 at 7) and PnP-ADMM's SR x4 (rho 0.0025: 24.90
+# against 23.59 at 0.01) gain clearly; the others are within 0.1 dB of their neighbours (inpainting identical
+# at every value). Both motion and SR picks are at the grid's edge: a wider sweep may gain more.
 TUNED: dict[str, dict[str, dict[str, Any]]] = {
     "spgd": TUNED_SPGD,
     "ddrm": {"inpaint": {"eta": 1.0}, "sr4": {"eta": 1.0}},
+    "diffpir": {"inpaint": {"lam": 0.25, "zeta": 1.0}, "gauss_deblur": {"lam": 28.0, "zeta": 0.3},
+                "motion_deblur": {"lam": 28.0, "zeta": 0.3}, "sr4": {"lam": 1.5, "zeta": 0.25}},
+    "pnp_admm": {"inpaint": {"rho": 0.0025}, "sr4": {"rho": 0.0025}},
     "dps": {task: {"zeta": TUNED_ZETA.get(task, zeta), "schedule": "edm", "steps": 500}
             for task, zeta in DPS_ZETA.items()},
 }
