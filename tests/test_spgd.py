@@ -322,7 +322,7 @@ def test_sample_rejects_bad_inputs_clearly():
         sample(gaussian_denoiser, matrix_forward, y, key, TINY, matrices[:1], x_shape=SHAPE)
     with pytest.raises(ValueError, match="batch of 2 keys"):
         sample(gaussian_denoiser, matrix_forward, y, jax.random.split(key, 3), TINY, matrices, x_shape=SHAPE)
-    with pytest.raises(TypeError, match="SPGDConfig, DPSConfig, EulerConfig"):
+    with pytest.raises(TypeError, match="config must be one of SPGDConfig, DPSConfig, .*EulerConfig, got dict"):
         sample(gaussian_denoiser, matrix_forward, y, key, {"lr": 1.0}, matrices, x_shape=SHAPE)
 
 

@@ -189,7 +189,8 @@ def test_pnp_admm_converges_to_the_posterior_mean_with_the_map_rho():
     result = sample(gaussian_denoiser, matrix_forward, y, jax.random.PRNGKey(0), config, matrices, x_shape=SHAPE)
     for b in range(2):
         mean, _ = posterior(matrices[b], y[b], 0.01)
-        np.testing.assert_allclose(np.asarray(result.x[b]).ravel(), mean, atol=1e-4)
+        # 10 iterations leave 1.3e-4; rho off by 2x in either direction lands 6.9e-4 or more away
+        np.testing.assert_allclose(np.asarray(result.x[b]).ravel(), mean, atol=2.5e-4)
     assert result.losses.shape == (2, 10) and (result.losses[:, -1] <= result.losses[:, 0] + 1e-6).all()
 
 
