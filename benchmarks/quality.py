@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spgd_jax.io.compile_cache import enable_compilation_cache
+from spgd_jax.io.cpu_flags import use_fast_cpu_flags
 from spgd_jax import default_weights_path, make_denoiser, metrics, models, operators
 from spgd_jax.io import checkpoint, images
 from spgd_jax.samplers import SAMPLERS, forward_for, nfe, posterior_mean, presets, sample, sampler_for, sweep
@@ -755,6 +756,7 @@ def main(argv=None) -> int:
     p.add_argument("--compare", nargs="+", help="earlier results (quality_*.json, same test images and seed) whose "
                    "rows join the tables and the paired gains, e.g. SPGD's rows of another run")
     args = parser.parse_args(argv)
+    use_fast_cpu_flags()  # before JAX starts its backends; SPGD_JAX_CPU_FLAGS=0 turns it off
     enable_compilation_cache()  # SPGD_JAX_NO_CACHE=1 turns it off
     return {"images": make_images, "generate": generate, "merge": merge, "score": score}[args.stage](args)
 

@@ -30,9 +30,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spgd_jax.samplers._loop import SampleResult
+from spgd_jax.samplers._loop import SampleResult, Segment
 from spgd_jax.samplers._registry import split_step_size
 from spgd_jax.samplers._sample import as_traceable, check_x_shape, run_sampler
+from spgd_jax.samplers.segments import run_in_segments
 from spgd_jax.samplers.sweep import check_step_sizes
 
 __all__ = ["BATCH_AXIS", "batch_mesh", "shard_batch", "replicate", "map_images", "image_keys", "sample_sharded"]
@@ -79,7 +80,7 @@ def _pad(leaf: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([leaf, np.repeat(leaf[-1:], extra, axis=0)]) if extra else leaf
 
 
-@functools.lru_cache(maxsize=4)  # each entry keeps its fn alive
+@functools.lru_cache(maxsize=16)  # each entry keeps its fn alive
 def _compiled(fn: Callable, mesh: Mesh, out_axis: int, nargs: int) -> Callable:
     spec = PartitionSpec(*([None] * out_axis + [BATCH_AXIS]))
     in_specs = (PartitionSpec(),) + (PartitionSpec(BATCH_AXIS),) * nargs  # shared, then per-image arguments
@@ -135,8 +136,9 @@ def sample_sharded(
 
     key: one key (split into one per image as sample does) or a batch of keys. step_sizes: optional step
     sizes (SPGD's lr, DPS's zeta): runs spgd_jax.sweep instead, and every array gets a leading axis L.
-    Returns a SampleResult of NumPy arrays for this process's images. progress may be called once per device
-    (and learning rate) for each outer step.
+    Returns a SampleResult of NumPy arrays for this process's images. With progress, the run goes in
+    segments (spgd_jax.samplers.segments: progress(i) once per outer step, between compiled calls that JAX's
+    persistent cache keeps); an exception raised by progress stops it there.
     """
     key = jnp.asarray(key)
     if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -146,18 +148,38 @@ def sample_sharded(
     static, step_size = split_step_size(config)  # the step size is an argument: other values reuse the program
     sweeping = step_sizes is not None
     step = jnp.asarray(check_step_sizes(step_sizes), jnp.float32) if sweeping else step_size
-    restore = _per_device(forward, static, check_x_shape(x_shape), progress, sweeping)
-    return map_images(restore, y, keys, params, shared=(as_traceable(denoiser), step), mesh=mesh,
-                      out_axis=1 if sweeping else 0)
+    x_shape, denoiser, out_axis = check_x_shape(x_shape), as_traceable(denoiser), 1 if sweeping else 0
+    if progress is None:
+        restore = _per_device(forward, static, x_shape, None, sweeping)
+        return map_images(restore, y, keys, params, shared=(denoiser, step), mesh=mesh, out_axis=out_axis)
+
+    def call(segment: Segment):
+        restore = _per_device(forward, static, x_shape, (segment.length, segment.final), sweeping)
+        carry = segment.carry  # host arrays with the image axis at out_axis; map_images splits axis 0
+        if carry is not None and sweeping:
+            carry = jax.tree_util.tree_map(lambda a: np.moveaxis(a, 1, 0), carry)
+        return map_images(restore, y, keys, params, carry, shared=(denoiser, step, np.int32(segment.start)),
+                          mesh=mesh, out_axis=out_axis)
+
+    return run_in_segments(call, progress)
 
 
-@functools.lru_cache(maxsize=4)
-def _per_device(forward, config, x_shape, progress, sweeping: bool) -> Callable:
-    """One function object per setting, so that map_images reuses its compiled computation."""
+@functools.lru_cache(maxsize=16)
+def _per_device(forward, config, x_shape, segment: tuple[int, bool] | None, sweeping: bool) -> Callable:
+    """One function object per setting, so that map_images reuses its compiled computation.
 
-    def restore(shared, y, keys, params):
-        denoiser, step = shared
-        run = lambda value: run_sampler(denoiser, forward, y, keys, config, value, params, x_shape, progress)
-        return jax.vmap(run)(step) if sweeping else run(step)
+    segment: None for a whole run; else (length, final) of the Segment run (its start and carry are arguments)."""
+
+    def restore(shared, y, keys, params, carry=None):
+        denoiser, step, *start = shared
+
+        def run(value, carry):
+            part = None if segment is None else Segment(start[0], segment[0], carry, segment[1])
+            return run_sampler(denoiser, forward, y, keys, config, value, params, x_shape, part)
+
+        if not sweeping:
+            return run(step, carry)
+        carry = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 1, 0), carry)  # (B, L, ...) -> (L, B, ...)
+        return jax.vmap(run)(step, carry)
 
     return restore

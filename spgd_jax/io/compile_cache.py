@@ -5,11 +5,11 @@ program (same shapes, device and jax version), which then skips XLA compilation:
 
     $SPGD_JAX_CACHE_DIR, else $XDG_CACHE_HOME/spgd-jax/xla, else ~/.cache/spgd-jax/xla
 
-Known limit (jax 0.10): a program with a host callback, as the samplers have when given `progress`, is
-keyed by the callback's address, which differs in every process, so it never hits across processes;
-the metrics' programs (LPIPS), training's and the samplers' without progress do (`restore --quiet` runs
-without its progress callback for this reason). Runs within one process reuse the compiled sampler
-regardless (its weights and step size are arguments).
+Known limit (jax 0.10): a program with a host callback, as `spgd_jax.sample` makes when given
+`progress`, is keyed by the callback's address, which differs in every process, so it never hits
+across processes. The command lines' programs have none: `sharding.sample_sharded` runs a sampler with
+progress in segments (spgd_jax.samplers.segments), and without progress in one call. Runs within one
+process reuse the compiled sampler regardless (its weights and step size are arguments).
 
 Set SPGD_JAX_NO_CACHE=1 (or pass --no-cache to the command lines) to turn it off. Library users who
 want it call `enable_compilation_cache()` before their first compilation.

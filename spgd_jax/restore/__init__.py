@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from spgd_jax.io.compile_cache import enable_compilation_cache
+from spgd_jax.io.cpu_flags import use_fast_cpu_flags
 from spgd_jax.io.prior import default_weights_path
 from spgd_jax.samplers import SAMPLERS, forward_for, presets
 from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, UsageError, build_parser,
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     check_arguments(args)
+    use_fast_cpu_flags()  # before JAX starts its backends
     if not args.no_cache:
         enable_compilation_cache()
     task = args.task

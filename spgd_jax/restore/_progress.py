@@ -1,9 +1,9 @@
-"""Progress of a compiled run, reported from inside it, and the way to stop it.
+"""Progress of a run, and the way to stop it.
 
-The sampler calls `Progress` once per outer step from inside the compiled loop (a host callback). On a
-terminal it draws a one-line bar; in a log (stderr not a terminal) it prints a plain line every tenth of
-the run. Setting `cancel` makes the next callback raise, which ends the compiled run at its next outer
-step: that is how Ctrl-C stops a run within a step instead of after it.
+The run goes in segments (spgd_jax.samplers.segments) and calls `Progress` once per outer step after
+each segment. On a terminal it draws a one-line bar; in a log (stderr not a terminal) it prints a plain
+line every tenth of the run. Setting `cancel` makes the next call raise, which ends the run at the end of
+its current segment (a tenth of the run at most); Ctrl-C does not wait for that (run_interruptibly).
 """
 
 from __future__ import annotations
@@ -18,16 +18,12 @@ STOP_WAIT_S = 5.0  # after Ctrl-C, how long to wait for the compiled run to reac
 
 
 class Cancelled(Exception):
-    """Raised inside the compiled run's progress callback once the run is cancelled."""
+    """Raised by the progress call after a segment once the run is cancelled."""
 
 
 class Progress:
-    """Progress over the outer steps of one compiled call, fed from inside the compiled loop.
-
-    One object serves every run: it is a static argument of the compiled sampler (a new object would
-    compile again), and `reset` starts a run. It counts distinct steps, since every device and learning
-    rate reports each step.
-    """
+    """Progress over the outer steps of one run; `reset` starts the next. It counts distinct steps (a step
+    reported twice counts once)."""
 
     def __init__(self, stream=None):
         self.stream = stream
@@ -74,7 +70,7 @@ class Progress:
 def run_interruptibly(function, progress: Progress):
     """function() in a worker thread, waited for by this one, so that Ctrl-C is seen at once.
 
-    On KeyboardInterrupt, progress.cancel is set (the compiled run stops at its next outer step), the
+    On KeyboardInterrupt, progress.cancel is set (the run stops after its current segment), the
     worker is given STOP_WAIT_S to stop, and the KeyboardInterrupt goes on. A worker still compiling then
     is left to finish on its own (a daemon thread; the command line exits without waiting for it).
     """

@@ -12,7 +12,7 @@ from spgd_jax.restore._progress import Progress, run_interruptibly
 
 __all__ = ["PROGRESS", "combine_samples", "restore"]
 
-PROGRESS = Progress()  # one object for every run: it is a static argument of the compiled sampler
+PROGRESS = Progress()  # one object for every run, reset per chunk
 _COMPILED: set = set()  # the (settings, batch) of the programs this process has compiled
 
 
@@ -31,8 +31,8 @@ def restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, size
         call = lambda: sharding.sample_sharded(
             denoiser, forward, take(y), jax.random.fold_in(key, number), config,
             jax.tree_util.tree_map(lambda a: take(np.asarray(a)), op_params),
-            # --quiet: no progress callback, so the program has no host callback and JAX's persistent cache
-            # keeps it for the next process (a program with one is keyed by the callback's address)
+            # progress: a run in segments, --quiet: one call; either way without host callbacks, so JAX's
+            # persistent cache keeps the programs for the next process
             x_shape=(size, size, 3), progress=None if quiet else PROGRESS, step_sizes=lrs,
         )
         try:

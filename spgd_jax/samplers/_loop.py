@@ -4,6 +4,11 @@ Each sampler supplies a per-image step function over its own state (x_i, or a py
 optimiser's); this module vmaps it over the batch, hands each image a fresh PRNG key per step, freezes
 images that become non-finite (without touching the others), records an optional trajectory of Tweedie
 estimates and reports progress.
+
+A run is one `lax.scan` over the T outer steps. Given a `Segment` in place of its progress function, the
+same sampler runs only part of the schedule, from a carried `LoopState`: `spgd_jax.sharding.sample_sharded`
+runs a whole schedule as an initial, several equal and a final segment, each a compiled program without
+host callbacks (so JAX's persistent cache keeps it), and reports progress between them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import numpy as np
 
 from spgd_jax.samplers.schedule import euler_coefficients
 
-__all__ = ["SampleResult", "Step", "StepFn", "check_trajectory_every", "run_schedule", "step_keys"]
+__all__ = ["LoopState", "SampleResult", "Segment", "SegmentResult", "Step", "StepFn", "check_trajectory_every",
+           "run_schedule", "step_keys"]
 
 
 class Step(NamedTuple):
@@ -77,9 +83,32 @@ def check_trajectory_every(value: int) -> None:
 
 
 class LoopState(NamedTuple):
-    state: Any  # the samplers' per-image state, every leaf with leading axis B
+    """The outer loop's carry: every leaf has leading axis B."""
+
+    state: Any  # the samplers' per-image state
     diverged_step: jax.Array  # (B,) int32, -1 while finite
     trajectory: jax.Array | None  # (B, K, H, W, C) or None
+    losses: Any = None  # segments only: every step's loss so far, leaves (B, T, ...) (a whole run scans them out)
+
+
+class Segment(NamedTuple):
+    """Run outer steps start .. start + length - 1 only, from `carry` (None: the sampler's initial state).
+
+    start: () int32, may be traced; length: a static int that must fit in the schedule (start + length <= T);
+    final: return the SampleResult of `carry` instead (then length must be 0). Passed to a sampler in place
+    of its progress function; run_schedule then returns a SegmentResult (or, final, the SampleResult)."""
+
+    start: Any
+    length: int
+    carry: LoopState | None = None
+    final: bool = False
+
+
+class SegmentResult(NamedTuple):
+    """What a sampler returns for a non-final Segment: the carry after it and T, the schedule's outer steps."""
+
+    carry: LoopState
+    steps: jax.Array  # (B,) int32, T for every image
 
 
 def step_keys(keys: jax.Array) -> jax.Array:
@@ -102,11 +131,11 @@ def run_schedule(
     per_step: Any = None,
     per_image: Any = None,
     trajectory_every: int = 0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | Segment | None = None,
     *,
     keys: jax.Array | None = None,
     output: Callable[[Any], jax.Array] | None = None,
-) -> SampleResult:
+) -> SampleResult | SegmentResult:
     """Runs step_fn for i = 0..T-1 over the batch and returns a SampleResult.
 
     init: the batched initial state, an (B, H, W, C) array (x_T) or a pytree whose leaves have leading axis B.
@@ -115,8 +144,11 @@ def run_schedule(
     (step_fn then gets key None); step i of image b gets fold_in(keys[b], i). output(state) -> (B, H, W, C),
     the restored images of a batched state (default: the state itself). progress(i) is called on the host
     once per outer step, from inside the compiled loop (call order not guaranteed); it does not change
-    the result. An image whose new state has a non-finite value keeps its last finite state.
+    the result; a Segment in its place runs part of the schedule (see Segment). An image whose new state has
+    a non-finite value keeps its last finite state.
     """
+    segment = progress if isinstance(progress, Segment) else None
+    progress = None if segment is not None else progress
     output = (lambda state: state) if output is None else output
     steps = len(sigmas) - 1
     batch_step = jax.vmap(step_fn, in_axes=(0, None, 0 if keys is not None else None, 0))
@@ -143,7 +175,10 @@ def run_schedule(
             trajectory = trajectory.at[:, slot].set(jnp.where(step.i % trajectory_every == 0, x0_hat, keep))
         if progress is not None:
             jax.debug.callback(lambda i: progress(int(i)), step.i)
-        return LoopState(state, diverged_step, trajectory), loss
+        losses = carry.losses
+        if losses is not None:  # a segment records the step's loss in the carry
+            losses = jax.tree_util.tree_map(lambda buffer, value: buffer.at[:, step.i].set(value), losses, loss)
+        return LoopState(state, diverged_step, trajectory, losses), loss
 
     x_init = output(init)
     batch = x_init.shape[0]
@@ -151,7 +186,33 @@ def run_schedule(
     if trajectory_every:
         slots = -(-steps // trajectory_every)
         trajectory = jnp.zeros((batch, slots) + x_init.shape[1:], x_init.dtype)
-    final, losses = jax.lax.scan(outer_step, LoopState(init, jnp.full((batch,), -1, jnp.int32), trajectory), xs)
+    initial = LoopState(init, jnp.full((batch,), -1, jnp.int32), trajectory)
+    if segment is not None:
+        return _run_segment(outer_step, initial, xs, segment, output)
+    final, losses = jax.lax.scan(outer_step, initial, xs)
     losses = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), losses)  # (T, B, ...) -> (B, T, ...)
-    diverged = final.diverged_step >= 0
-    return SampleResult(output(final.state), diverged, final.diverged_step, final.trajectory, losses)
+    return _result(final, losses, output)
+
+
+def _result(final: LoopState, losses: Any, output: Callable[[Any], jax.Array]) -> SampleResult:
+    return SampleResult(output(final.state), final.diverged_step >= 0, final.diverged_step, final.trajectory, losses)
+
+
+def _run_segment(outer_step, initial: LoopState, xs: Step, segment: Segment, output) -> SampleResult | SegmentResult:
+    """run_schedule's body for a Segment; initial is the run's first carry (used when segment.carry is None)."""
+    steps = xs.i.shape[0]
+    if segment.final:
+        if segment.length != 0 or segment.carry is None:
+            raise ValueError("a final Segment has length 0 and the carry of the run's last segment")
+        return _result(segment.carry, segment.carry.losses, output)
+    if not 0 <= segment.length <= steps:
+        raise ValueError(f"a Segment of {segment.length} outer steps does not fit in a schedule of {steps}")
+    carry = segment.carry
+    if carry is None:  # the run's first carry, with room for every step's loss
+        first = jax.tree_util.tree_map(lambda a: a[0], xs)
+        loss = jax.eval_shape(lambda c, s: outer_step(c, s)[1], initial, first)
+        buffers = jax.tree_util.tree_map(lambda a: jnp.zeros((a.shape[0], steps) + a.shape[1:], a.dtype), loss)
+        carry = initial._replace(losses=buffers)
+    part = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, segment.start, segment.length), xs)
+    carry, _ = jax.lax.scan(outer_step, carry, part)
+    return SegmentResult(carry, jnp.full((carry.diverged_step.shape[0],), steps, jnp.int32))

@@ -193,7 +193,7 @@ def spgd(
     lrs = jnp.asarray(config.lr if lr is None else lr, jnp.float32) * decay
     step = get_step_fn(denoiser, forward, config)
     result = run_schedule(step, x_init, sigmas, lrs, (y, params), config.trajectory_every, progress)
-    if config.diagnostics:
+    if config.diagnostics and isinstance(result, SampleResult):  # not for a segment's SegmentResult
         losses, angles = result.losses
         result = result._replace(losses=losses, diagnostics=angles)
     return result

@@ -45,6 +45,7 @@ import sys
 from spgd_jax.train._args import DEFAULT64, MODELS, card_path, configs, export_parser, train_parser
 from spgd_jax.train._data import Split, list_images, split_names
 from spgd_jax.io.compile_cache import enable_compilation_cache
+from spgd_jax.io.cpu_flags import use_fast_cpu_flags
 from spgd_jax.train._export import CARD_BEGIN, CARD_END, export
 from spgd_jax.train._loop import train
 from spgd_jax.train._state import TrainConfig, TrainState
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = train_parser()
     a = p.parse_args(argv)
+    use_fast_cpu_flags()  # before JAX starts its backends
     if not a.no_cache:
         enable_compilation_cache()
     try:
