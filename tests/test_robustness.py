@@ -293,8 +293,8 @@ def test_command_line_entry_reports_an_interrupt(monkeypatch, capsys):
 
 
 def test_ctrl_c_stops_the_compiled_run_within_seconds(weights, modes, tmp_path):
-    """SIGINT to the command line while the compiled sampler runs: it stops at its next outer step (not
-    after the whole run), exits with 130 and writes nothing."""
+    """SIGINT to the command line while the compiled sampler runs: it stops within seconds (not after the
+    whole run), exits with 130 and writes nothing."""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "spgd_jax.restore", "--task", "inpaint", "--input", str(modes), "--weights",
                weights, "--out", str(out), "--steps", "20000", "--warmup", "2", "--batch-size", "2"]

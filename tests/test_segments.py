@@ -49,8 +49,8 @@ def assert_same(a, b, context):
                                        err_msg=f"{context} {jax.tree_util.keystr(path)}")
 
 
-@pytest.mark.parametrize(("steps", "length"), [(100, 10), (1000, 100), (20, 2), (25, 1), (36, 3), (7, 1), (1, 1)])
-def test_segment_length_divides_the_schedule_into_about_ten_equal_parts(steps, length):
+@pytest.mark.parametrize(("steps", "length"), [(100, 10), (1000, 25), (20000, 25), (20, 2), (25, 1), (36, 3), (7, 1), (1, 1), (480, 24)])
+def test_segment_length_divides_the_schedule_into_ten_or_more_equal_parts_of_at_most_25(steps, length):
     assert segment_length(steps) == length
     assert steps % length == 0
 

@@ -43,7 +43,9 @@ def sample(
     config:   a registered sampler's config: SPGDConfig, DPSConfig, EulerConfig, ... (spgd_jax.samplers.SAMPLERS).
     params:   per-image operator parameters, a pytree with leading axis B, or None (forward gets None).
     x_shape:  (H, W, C) of ONE restored image (differs from y's shape for e.g. super-resolution).
-    progress: optional host function called with i once per outer step i (order not guaranteed); it does not
+    progress: optional host function called with i once per outer step i (order not guaranteed), from inside
+              the compiled loop (a host callback, so JAX's persistent cache does not keep that program; the
+              command lines' `spgd_jax.sharding.sample_sharded` runs in segments instead); it does not
               change the result. forward and progress are static: pass the same objects across calls to
               reuse the compiled computation. A `spgd_jax.denoisers.Denoiser` (or any pytree of arrays that
               is callable) is traced; another function is static (compared by identity).

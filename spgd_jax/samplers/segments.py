@@ -9,7 +9,7 @@ keeps it. Run in segments, every program is free of callbacks and is cached like
 call(segment) runs the sampler with `segment` (a spgd_jax.samplers._loop.Segment) in place of its progress
 function and returns its result (device or host arrays; `spgd_jax.sharding.sample_sharded` passes one that
 runs over the devices). The run is three programs: the initial carry (a segment of no steps), the steps
-start .. start + L - 1 (L = segment_length(T), called T / L times with the carry of the call before), and
+start .. start + L - 1 (L = segment_length(T), at most T / 10 and 25, called T / L times with the carry of the call before), and
 the SampleResult of the last carry. The result equals one call's to float32 round-off; on a CPU it is the
 same bits (tests/test_segments.py).
 """
@@ -22,16 +22,18 @@ import numpy as np
 
 from spgd_jax.samplers._loop import SampleResult, Segment, SegmentResult
 
-__all__ = ["PARTS", "run_in_segments", "segment_length"]
+__all__ = ["LONGEST", "PARTS", "run_in_segments", "segment_length"]
 
-PARTS = 10  # a run of T outer steps reports progress about every T / PARTS steps
+PARTS = 10  # a run of T outer steps reports progress about every T / PARTS steps,
+LONGEST = 25  # and at least every LONGEST steps
 
 
-def segment_length(steps: int, parts: int = PARTS) -> int:
-    """The largest divisor of `steps` that is at most steps / parts (at least 1): equal segments, one program."""
+def segment_length(steps: int, parts: int = PARTS, longest: int = LONGEST) -> int:
+    """The largest divisor of `steps` that is at most steps / parts and at most `longest` (at least 1):
+    equal segments, so one program runs them all."""
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"a schedule has at least one outer step, got {steps!r}")
-    limit = max(1, int(steps) // parts)
+    limit = max(1, min(int(steps) // parts, longest))
     return max(d for d in range(1, limit + 1) if steps % d == 0)
 
 
