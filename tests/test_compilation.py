@@ -36,6 +36,15 @@ def count_compilations():
     counted.append(len(_compiles) - start)
 
 
+@pytest.fixture(autouse=True)
+def no_shared_cache():
+    """Compilations are counted in this process: none may come from the tests' shared cache (conftest.py)."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
+
+
 def _params(seed):
     return jax.tree_util.tree_map(jnp.asarray, random_params(CONFIG, seed))  # no zero-initialised output layer
 
