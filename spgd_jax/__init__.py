@@ -15,9 +15,11 @@ The core, pure JAX (every function works inside jit, vmap and grad; no files):
   spgd_jax.models      network families (the ADM UNet) and their registry
   spgd_jax.denoisers   preconditionings (VP, EDM) around a network: D(x, sigma)
   spgd_jax.operators   forward models, their seeded per-image parameters, the task registry
-  spgd_jax.samplers    SPGD, DPS, Euler on the EDM schedule, their registry, presets, sweeps
+  spgd_jax.samplers    SPGD and ten more methods (DPS, MCG, Score-SDE, DPPS, DDRM, DiffPIR, PnP-ADMM,
+                       RED-Diff, DAPS; Euler for unconditional samples), their registry, presets, the
+                       one driver (sample, sweep, sample_sharded)
   spgd_jax.metrics     PSNR, SSIM, LPIPS;  spgd_jax.baselines  classical restorations
-  spgd_jax.sharding    the batch over devices and hosts
+  spgd_jax.sharding    a batch of independent images over devices and hosts
 The applications, around it: spgd_jax.io (checkpoints, images, plots, atomic files), spgd_jax.restore and
 spgd_jax.train (the command lines), spgd_jax.convert (PyTorch checkpoints; needs torch).
 Importing spgd_jax loads none of PIL, matplotlib or orbax.
