@@ -423,7 +423,7 @@ def _summary(values: dict) -> dict:
 
 
 def score(args) -> int:
-    from spgd_jax.baselines import classical
+    from spgd_jax.classical import restorer
 
     run = Path(args.run)
     manifest = _read_manifest(run)
@@ -449,7 +449,7 @@ def score(args) -> int:
                      **_summary(metrics.all_metrics(jnp.asarray(restored), reference, vgg=True))})
     for task in sorted({r["task"] for r in rows if r["table"] == "1"}, key=TABLE1_TASKS.index):
         operator, params, y = degrade(task, x, manifest["seed"])
-        restored = jax.jit(jax.vmap(classical(operator, x.shape[1])))(y, params)
+        restored = jax.jit(jax.vmap(restorer(operator, x.shape[1])))(y, params)
         rows.append({"job": f"t1_classical_{task}", "table": "1", "row": "classical", "task": task,
                      **_summary(metrics.all_metrics(jnp.clip(restored, -1, 1), reference, vgg=True))})
     meta = {k: manifest[k] for k in ("weights", "seed", "test", "steps", "warmup")}

@@ -18,14 +18,14 @@ The core, pure JAX (every function works inside jit, vmap and grad; no files):
   spgd_jax.samplers    SPGD and ten more methods (DPS, MCG, Score-SDE, DPPS, DDRM, DiffPIR, PnP-ADMM,
                        RED-Diff, DAPS; Euler for unconditional samples), their registry, presets, the
                        one driver (sample, sweep, sample_sharded)
-  spgd_jax.metrics     PSNR, SSIM, LPIPS;  spgd_jax.baselines  classical restorations
+  spgd_jax.metrics     PSNR, SSIM, LPIPS;  spgd_jax.classical  prior-free restorations (the yardstick)
   spgd_jax.sharding    a batch of independent images over devices and hosts
 The applications, around it: spgd_jax.io (checkpoints, images, plots, atomic files), spgd_jax.restore and
 spgd_jax.train (the command lines), spgd_jax.convert (PyTorch checkpoints; needs torch).
 Importing spgd_jax loads none of PIL, matplotlib or orbax.
 """
 
-from spgd_jax import baselines, denoisers, metrics, models, operators, samplers, sharding
+from spgd_jax import classical, denoisers, metrics, models, operators, samplers, sharding
 from spgd_jax.denoisers import Denoiser, make_denoiser
 from spgd_jax.io.prior import default_weights_path, load_denoiser
 from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
@@ -41,7 +41,7 @@ __all__ = [
     "SampleResult",
     "UNet",
     "UNetConfig",
-    "baselines",
+    "classical",
     "default_weights_path",
     "denoisers",
     "dps_config",
