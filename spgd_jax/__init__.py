@@ -22,38 +22,43 @@ The core, pure JAX (every function works inside jit, vmap and grad; no files):
   spgd_jax.sharding    a batch of independent images over devices and hosts
 The applications, around it: spgd_jax.io (checkpoints, images, plots, atomic files), spgd_jax.restore and
 spgd_jax.train (the command lines), spgd_jax.convert (PyTorch checkpoints; needs torch).
-Importing spgd_jax loads none of PIL, matplotlib or orbax.
+Importing spgd_jax loads nothing else until a name of it is used (then none of PIL, matplotlib or orbax).
 """
 
-from spgd_jax import classical, denoisers, metrics, models, operators, samplers, sharding
-from spgd_jax.denoisers import Denoiser, make_denoiser
-from spgd_jax.io.prior import default_weights_path, load_denoiser
-from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
-from spgd_jax.samplers import (DPSConfig, EulerConfig, SampleResult, SPGDConfig, dps_config, edm_sigmas, sample,
-                               spgd_config, sweep)
+import importlib
 
-__all__ = [
-    "CONFIGS",
-    "DPSConfig",
-    "Denoiser",
-    "EulerConfig",
-    "SPGDConfig",
-    "SampleResult",
-    "UNet",
-    "UNetConfig",
-    "classical",
-    "default_weights_path",
-    "denoisers",
-    "dps_config",
-    "edm_sigmas",
-    "load_denoiser",
-    "make_denoiser",
-    "metrics",
-    "models",
-    "operators",
-    "sample",
-    "samplers",
-    "sharding",
-    "spgd_config",
-    "sweep",
-]
+# name -> the module that defines it; loaded on first use (PEP 562), so that `import spgd_jax` and the command
+# lines' argument checks do not import JAX.
+_PUBLIC = {
+    "CONFIGS": "spgd_jax.models.adm",
+    "DPSConfig": "spgd_jax.samplers",
+    "Denoiser": "spgd_jax.denoisers",
+    "EulerConfig": "spgd_jax.samplers",
+    "SPGDConfig": "spgd_jax.samplers",
+    "SampleResult": "spgd_jax.samplers",
+    "UNet": "spgd_jax.models.adm",
+    "UNetConfig": "spgd_jax.models.adm",
+    "default_weights_path": "spgd_jax.io.prior",
+    "dps_config": "spgd_jax.samplers",
+    "edm_sigmas": "spgd_jax.samplers",
+    "load_denoiser": "spgd_jax.io.prior",
+    "make_denoiser": "spgd_jax.denoisers",
+    "sample": "spgd_jax.samplers",
+    "spgd_config": "spgd_jax.samplers",
+    "sweep": "spgd_jax.samplers",
+}
+_SUBPACKAGES = ("classical", "denoisers", "metrics", "models", "operators", "samplers", "sharding")
+
+__all__ = sorted([*_PUBLIC, *_SUBPACKAGES])
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"spgd_jax.{name}")
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'spgd_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

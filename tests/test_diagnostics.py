@@ -170,7 +170,7 @@ def test_sweep_needs_a_sampler_with_a_step_size_and_sweeps_dps_zeta_too():
 def test_markdown_table_lists_each_rate_with_mean_std_and_divergence():
     summaries = [{"psnr": {"mean": 20.5, "std": 1.25}, "residual_rms": {"mean": 0.01, "std": 0.002}},
                  {"psnr": {"mean": None, "std": None}, "residual_rms": {"mean": None, "std": None}}]
-    table = sweep_markdown([0.5, 2.0], summaries, [0, 3], 3, "title")
+    table = sweep_markdown("lr", [0.5, 2.0], summaries, [0, 3], 3, "title")
     lines = table.splitlines()
     assert lines[0] == "# title"
     assert lines[2] == "| lr | PSNR (dB) | residual RMS | diverged |"
@@ -224,7 +224,7 @@ def test_cli_sweep_writes_a_folder_per_rate_a_table_and_a_plot(sweep_run):
     assert picture(out / "sweep.png").size > 0
     assert picture(out / "grid.png").shape == (3 * 16, 4 * 16, 3)  # input | measurement | lr 2.5 | lr 1e30
     config = json.loads((out / "config.json").read_text())
-    assert config["learning_rates"] == config["sampler_config"]["lr"] == [2.5, 1e30]
+    assert config["step_sizes"] == {"lr": [2.5, 1e30]} and config["sampler_config"]["lr"] == [2.5, 1e30]
     assert config["sampler_config"]["diagnostics"] is True
     assert temporary_files(out) == []
 

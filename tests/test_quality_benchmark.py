@@ -1,4 +1,4 @@
-"""benchmarks/quality.py: its programs run the public sampler, its plan and its scoring helpers."""
+"""benchmarks/quality.py and its parts: its programs run the public sampler, its plan and its scoring helpers."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from spgd_jax import CONFIGS, UNet, make_denoiser, sample
-from spgd_jax.samplers import presets
+from spgd_jax.samplers import posterior_keys, presets
 
-from benchmarks import quality
+from benchmarks import quality, quality_bars, quality_generate, quality_jobs, quality_report
 
 CONFIG = CONFIGS["tiny16"]
 
@@ -31,11 +31,11 @@ def test_program_sweep_equals_the_public_sampler_at_each_value():
     params = _params()
     rng = np.random.default_rng(0)
     x = np.clip(rng.normal(0, 0.5, (3, 16, 16, 3)), -1, 1).astype(np.float32)
-    operator, op_params, y = quality.degrade("inpaint", x, seed=0)
-    keys = quality.image_keys(0, 3)
+    operator, op_params, y = quality_generate.degrade("inpaint", x, seed=0)
+    keys = quality_generate.sampler_keys(0, 3)
     for config, values in ((presets.spgd_config("inpaint", steps=3, warmup=2), (0.5, 2.0)),
                            (presets.dps_config("inpaint", steps=4), (0.1, 0.4))):
-        program = quality.make_program(CONFIG, operator, config, (16, 16, 3), "float32")
+        program = quality_generate.make_program(CONFIG, operator, config, (16, 16, 3), "float32")
         swept, diverged = program(params, y, op_params, keys, jnp.asarray(values, jnp.float32))
         assert swept.shape == (2, 3, 16, 16, 3) and diverged.shape == (2, 3)
         denoiser = make_denoiser(CONFIG, params)
@@ -54,16 +54,18 @@ def test_program_sweep_equals_the_public_sampler_at_each_value():
         assert not np.allclose(swept[0], swept[1])
 
 
-def test_program_mean_of_samples_averages_runs_from_folded_keys():
+def test_program_mean_of_samples_averages_the_runs_of_the_posterior_keys():
+    """K samples per image from posterior_keys, as the restore command draws them."""
     params = _params()
     x = np.clip(np.random.default_rng(3).normal(0, 0.5, (3, 16, 16, 3)), -1, 1).astype(np.float32)
-    operator, op_params, y = quality.degrade("sr4", x, seed=0)
-    keys, values = quality.image_keys(0, 3), jnp.asarray([4.0, 8.0])
+    operator, op_params, y = quality_generate.degrade("sr4", x, seed=0)
+    keys, values = quality_generate.sampler_keys(0, 3), jnp.asarray([4.0, 8.0])
     config = presets.spgd_config("sr4", steps=3, warmup=2)
-    single = quality.make_program(CONFIG, operator, config, (16, 16, 3), "float32")
-    first, _ = single(params, y, op_params, keys, values)
-    second, _ = single(params, y, op_params, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), values)
-    mean, diverged = quality.make_program(CONFIG, operator, config, (16, 16, 3), "float32", samples=2)(
+    single = quality_generate.make_program(CONFIG, operator, config, (16, 16, 3), "float32")
+    per_sample = posterior_keys(keys, 2).reshape(3, 2)  # image-major: image b's samples in a row
+    first, _ = single(params, y, op_params, per_sample[:, 0], values)
+    second, _ = single(params, y, op_params, per_sample[:, 1], values)
+    mean, diverged = quality_generate.make_program(CONFIG, operator, config, (16, 16, 3), "float32", samples=2)(
         params, y, op_params, keys, values)
     assert mean.shape == (2, 3, 16, 16, 3) and diverged.shape == (2, 3)
     assert not np.allclose(first, second)
@@ -77,8 +79,8 @@ def test_measurements_and_keys_of_an_image_do_not_depend_on_the_image_count():
     operator parameters, noise and keys that generate gave them among all the images."""
     x = np.random.default_rng(1).uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)
     for task in ("inpaint", "motion_deblur"):
-        _, params5, y5 = quality.degrade(task, x, seed=3)
-        _, params3, y3 = quality.degrade(task, x[:3], seed=3)
+        _, params5, y5 = quality_generate.degrade(task, x, seed=3)
+        _, params3, y3 = quality_generate.degrade(task, x[:3], seed=3)
         # y is the operator vmapped over 5 or 3 images (two programs, whose 5x5 blur may round its 25-term
         # sums differently: <= 1.5e-6), plus the noise: to 1e-5. Noise drawn for another image count
         # exceeds that 4e3x, another image's kernel 7e4x. The parameters (masks, NumPy-drawn kernels)
@@ -86,24 +88,24 @@ def test_measurements_and_keys_of_an_image_do_not_depend_on_the_image_count():
         np.testing.assert_allclose(np.asarray(y5)[:3], np.asarray(y3), rtol=1e-5, atol=1e-5)
         for a, b in zip(jax.tree.leaves(params5), jax.tree.leaves(params3), strict=True):
             np.testing.assert_array_equal(np.asarray(a)[:3], np.asarray(b))
-    np.testing.assert_array_equal(jax.random.key_data(quality.image_keys(3, 5))[:3],
-                                  jax.random.key_data(quality.image_keys(3, 3)))
+    np.testing.assert_array_equal(jax.random.key_data(quality_generate.sampler_keys(3, 5))[:3],
+                                  jax.random.key_data(quality_generate.sampler_keys(3, 3)))
 
 
 def test_plan_orders_table1_first_and_ties_later_rows_to_its_sweeps():
-    jobs = quality.plan(steps=100, warmup=5)
+    jobs = quality_jobs.plan(steps=100, warmup=5)
     names = [j.name for j in jobs]
-    assert names[:8] == [f"t1_{s}_{t}" for s in ("spgd", "dps") for t in quality.TABLE1_TASKS]
+    assert names[:8] == [f"t1_{s}_{t}" for s in ("spgd", "dps") for t in quality_jobs.TABLE1_TASKS]
     by_name = {j.name: j for j in jobs}
     for job in jobs:
         if job.values is None:
             assert job.tuned_by in by_name and by_name[job.tuned_by].values
-    assert by_name["t1_spgd_sr4"].values == tuple(presets.PAPER_LR["sr4"] * f for f in quality.LR_FACTORS)
+    assert by_name["t1_spgd_sr4"].values == tuple(presets.PAPER_LR["sr4"] * f for f in quality_jobs.LR_FACTORS)
     gauss = by_name["t1_spgd_gauss_deblur"]  # the sweep keeps the default prior's tuned schedule
     assert gauss.config.lr_min_ratio == presets.TUNED_SPGD["gauss_deblur"]["lr_min_ratio"]
-    assert gauss.values == tuple(presets.TUNED_SPGD["gauss_deblur"]["lr"] * f for f in quality.LR_FACTORS)
-    mean = by_name[f"t1_spgd_mean{quality.MEAN_SAMPLES}_sr4"]  # the posterior-mean row at SPGD's picked lr
-    assert mean.table == "1" and mean.tuned_by == "t1_spgd_sr4" and mean.samples == quality.MEAN_SAMPLES > 1
+    assert gauss.values == tuple(presets.TUNED_SPGD["gauss_deblur"]["lr"] * f for f in quality_jobs.LR_FACTORS)
+    mean = by_name[f"t1_spgd_mean{quality_jobs.MEAN_SAMPLES}_sr4"]  # the posterior-mean row at SPGD's picked lr
+    assert mean.table == "1" and mean.tuned_by == "t1_spgd_sr4" and mean.samples == quality_jobs.MEAN_SAMPLES > 1
     assert names.index(mean.name) < min(names.index(j.name) for j in jobs if j.table != "1")
     dps = by_name["t1_dps_inpaint"].config
     assert dps.steps == 500  # equal NFE: T * N of SPGD
@@ -113,12 +115,12 @@ def test_plan_orders_table1_first_and_ties_later_rows_to_its_sweeps():
 def test_step_size_column_names_the_spgd_schedule():
     typed = lambda config: {"type": type(config).__name__, **dataclasses.asdict(config)}  # as generate records it
     spgd = lambda task: {"picked": 0.8, "config": typed(presets.spgd_config(task))}
-    assert quality._step_size(spgd("inpaint")) == "0.8"  # the paper's decay
-    assert quality._step_size(spgd("gauss_deblur")) == "0.8 constant"  # the default prior's tuned schedule
+    assert quality_report._step_size(spgd("inpaint")) == "0.8"  # the paper's decay
+    assert quality_report._step_size(spgd("gauss_deblur")) == "0.8 constant"  # the default prior's tuned schedule
     half = {"picked": 2.0, "config": typed(presets.spgd_config("sr4", lr_min_ratio=0.5))}
-    assert quality._step_size(half) == "2 to x0.5"
-    assert quality._step_size({"picked": 3.0, "config": typed(presets.dps_config("sr4"))}) == "3"
-    assert quality._step_size({"task": "sr4"}) == "-"  # a classical baseline
+    assert quality_report._step_size(half) == "2 to x0.5"
+    assert quality_report._step_size({"picked": 3.0, "config": typed(presets.dps_config("sr4"))}) == "3"
+    assert quality_report._step_size({"task": "sr4"}) == "-"  # a classical baseline
 
 
 def _row(job: str, row: str, task: str, psnr: list[float], lpips: float) -> dict:
@@ -133,7 +135,7 @@ def test_quality_bars_compare_paired_images_and_need_lower_lpips_over_classical(
             _row("t1_spgd_mean4_sr4", "SPGD, mean of 4", "sr4", [26.0, 27.0, 27.0], 0.40),
             _row("t1_spgd_inpaint", "SPGD", "inpaint", [30.0, 30.0, 30.0], 0.01),
             _row("t1_dps_inpaint", "DPS", "inpaint", [29.0, 29.5, 30.5], 0.02)]
-    bars = {(c["task"], c["spgd"], c["against"]): c for c in quality.quality_bars(rows)}
+    bars = {(c["task"], c["spgd"], c["against"]): c for c in quality_bars.quality_bars(rows)}
     assert set(bars) == {("sr4", "SPGD", "classical"), ("sr4", "SPGD, mean of 4", "classical"),
                          ("sr4", "SPGD", "DPS"), ("inpaint", "SPGD", "DPS")}  # no DPS row for the 4x-NFE mean
     one = bars["sr4", "SPGD", "classical"]
@@ -144,14 +146,14 @@ def test_quality_bars_compare_paired_images_and_need_lower_lpips_over_classical(
     assert not bars["sr4", "SPGD, mean of 4", "classical"]["met"]  # +3.5 dB, but higher LPIPS
     assert not bars["sr4", "SPGD", "DPS"]["met"] and bars["sr4", "SPGD", "DPS"]["ahead"] == 1  # -0.33 dB
     assert bars["inpaint", "SPGD", "DPS"]["met"]  # +0.33 dB on average, though behind on one image
-    text = quality.bars_markdown(rows)
+    text = quality_bars.bars_markdown(rows)
     assert "SPGD matches or beats it on 1 of 2 tasks (inpaint)" in text
     assert "open (2 of 4 tasks have a DPS row)" in text  # no verdict before every task has run
     assert "Classical baselines, SPGD: bar met on 1 of 1 tasks (sr4)" in text
     assert "Classical baselines, SPGD, mean of 4: bar met on 0 of 1 tasks (none)" in text
     rows += [_row(f"t1_{m}_{t}", m, t, [20.0, 20.0, 20.0], 0.1) for t in ("gauss_deblur", "motion_deblur")
              for m in ("spgd", "dps")]
-    assert "on 3 of 4 tasks (inpaint, gauss_deblur, motion_deblur); bar 3 of 4: met" in quality.bars_markdown(rows)
+    assert "on 3 of 4 tasks (inpaint, gauss_deblur, motion_deblur); bar 3 of 4: met" in quality_bars.bars_markdown(rows)
 
 
 def _fake_run(folder: Path, names: list[str], test: int, tune: int, device: str, jobs: dict[str, float],
@@ -226,7 +228,7 @@ def test_generate_runs_later_rows_at_a_one_value_sweeps_value_without_running_it
     weights = tmp_path / "weights"
     checkpoint.save(weights, _params(), CONFIG)
     # --config: a checkpoint folder or its config.json (the file alone, when generate compiles before the weights exist)
-    assert quality.read_config(weights) == quality.read_config(weights / checkpoint.CONFIG_FILE) == CONFIG
+    assert quality_generate.read_config(weights) == quality_generate.read_config(weights / checkpoint.CONFIG_FILE) == CONFIG
     x = np.random.default_rng(4).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", images=x, names=np.asarray(["a.jpg", "b.jpg", "c.jpg"]))
     out = tmp_path / "q"
@@ -235,24 +237,24 @@ def test_generate_runs_later_rows_at_a_one_value_sweeps_value_without_running_it
                          "--steps", "2", "--warmup", "2", "--tasks", "sr4", "--jobs", "t1_spgd_mean",
                          "--compile-workers", "1"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    name = f"t1_spgd_mean{quality.MEAN_SAMPLES}_sr4"
+    name = f"t1_spgd_mean{quality_jobs.MEAN_SAMPLES}_sr4"
     assert list(manifest["jobs"]) == [name]  # t1_spgd_sr4 itself did not run
     job = manifest["jobs"][name]
-    assert job["picked"] == presets.spgd_config("sr4").lr and job["samples"] == quality.MEAN_SAMPLES
-    assert job["nfe_per_image"] == quality.MEAN_SAMPLES * 2 * 2 and job["device"] == manifest["device"]
+    assert job["picked"] == presets.spgd_config("sr4").lr and job["samples"] == quality_jobs.MEAN_SAMPLES
+    assert job["nfe_per_image"] == quality_jobs.MEAN_SAMPLES * 2 * 2 and job["device"] == manifest["device"]
     with np.load(out / f"{name}.npz") as f:
         assert f["restored"].shape == (2, 16, 16, 3) and f["psnr"].shape == (1, 2)
         np.testing.assert_allclose(f["restored_float_psnr"], f["psnr"][0])
 
 
 def test_plan_tunes_other_methods_on_the_tuning_images_and_skips_tasks_they_cannot_run():
-    jobs = {j.name: j for j in quality.plan(100, 5, methods=("ddrm", "diffpir", "dps"))}
+    jobs = {j.name: j for j in quality_jobs.plan(100, 5, methods=("ddrm", "diffpir", "dps"))}
     assert "t1_ddrm_motion_deblur" not in jobs and "t1_ddrm_sr4" in jobs  # DDRM has no SVD of motion blur
     assert jobs["t1_ddrm_sr4"].tuned_by is None and "tune_ddrm_sr4" not in jobs  # no step size to tune
     tune, row = jobs["tune_diffpir_gauss_deblur"], jobs["t1_diffpir_gauss_deblur"]
     assert tune.tune_only and row.tuned_by == tune.name and row.values is None
     lam = presets.config("diffpir", "gauss_deblur").lam
-    assert tune.values == tuple(lam * f for f in quality.METHOD_FACTORS)
+    assert tune.values == tuple(lam * f for f in quality_jobs.METHOD_FACTORS)
     assert (tune.rows(50, 82), row.rows(50, 82)) == (slice(50, 82), slice(0, 50))
     published = jobs["t1_dps1000_sr4"].config  # DPS's Table 1 row as published, beside the equal-NFE one
     assert (published.schedule, published.steps) == ("ddpm", 1000) and jobs["t1_dps_sr4"].config.steps == 500
@@ -295,26 +297,26 @@ def test_images_stage_says_what_the_data_folder_must_hold(tmp_path):
     split = tmp_path / "split.txt"
     split.write_text("celeba/000001.jpg\nutkface/1_0_0_x.jpg\n")
     with pytest.raises(SystemExit, match=r"data folder .* does not exist; --data DIR must be the folder that holds"):
-        quality.load_split_images(tmp_path / "nowhere", split, 2, 16)
+        quality_generate.load_split_images(tmp_path / "nowhere", split, 2, 16)
     (tmp_path / "faces").mkdir()
     with pytest.raises(SystemExit, match=r"2 of the 2 images are not in .*celeba/000001.jpg.*not part of the "
                                          r"repository"):
-        quality.load_split_images(tmp_path / "faces", split, 2, 16)
+        quality_generate.load_split_images(tmp_path / "faces", split, 2, 16)
 
 
 def test_compared_rows_join_only_results_over_the_same_images(tmp_path):
     earlier = {"meta": {"test": 2, "seed": 0}, "rows": [{"job": "t1_spgd_sr4", "row": "SPGD"}, {"job": "t1_x", "row": "X"}]}
     path = tmp_path / "quality_old.json"
     path.write_text(json.dumps(earlier))
-    rows = quality.compared_rows([str(path)], {"t1_x"}, {"test": 2, "seed": 0})
+    rows = quality_report.compared_rows([str(path)], {"t1_x"}, {"test": 2, "seed": 0})
     assert rows == [{"job": "t1_spgd_sr4", "row": "SPGD", "from": "quality_old.json"}]  # this run's own t1_x wins
     with pytest.raises(SystemExit, match="seed = 0 but this run has 1"):
-        quality.compared_rows([str(path)], set(), {"test": 2, "seed": 1})
+        quality_report.compared_rows([str(path)], set(), {"test": 2, "seed": 1})
 
 
 def test_missing_rows_name_each_method_and_why():
     rows = [{"job": "t1_spgd_sr4", "table": "1", "task": "sr4"}, {"job": "t1_ddrm_inpaint", "table": "1", "task": "inpaint"}]
-    lines = "\n".join(quality.missing_rows(rows))
+    lines = "\n".join(quality_report.missing_rows(rows))
     assert "- SPGD: not run on inpaint, gauss_deblur, motion_deblur." in lines
     assert "- DDRM: cannot run motion_deblur (the paper's \"-\"); not run on gauss_deblur, sr4." in lines
     assert "- DPS as published (1000 NFE): not run on inpaint, gauss_deblur, motion_deblur, sr4." in lines

@@ -12,10 +12,16 @@ import pytest
 from cli_helpers import FAST, picture, random_faces, temporary_files, tiny_weights
 from spgd_jax import restore
 from spgd_jax.samplers import SAMPLERS
-from spgd_jax.restore._args import sampler_config
+from spgd_jax.restore import _command
+from spgd_jax.restore._args import check_arguments
 from spgd_jax.restore._progress import Cancelled, Progress
 from spgd_jax.restore._run import combine_samples
 from spgd_jax.restore._writers import measurement_picture
+
+
+def sampler_config(args, tuned):
+    """The sampler config the command builds from parsed arguments."""
+    return _command.sampler_config(check_arguments(args), args.task, tuned)
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +152,8 @@ def test_same_seed_same_bits_other_seed_differs(first_run, faces, weights, tmp_p
         (["--task", "sr4", "--weights", "/nonexistent/w"], "cannot load weights"),
         (["--task", "sr4", "--input", "/nonexistent/*.png"], "no image file"),
         (["--task", "sr4", "--batch-size", "0"], "batch-size"),
-        (["--task", "sr4", "--sampler", "dps", "--lr", "1"], "SPGD setting"),
-        (["--task", "sr4", "--sampler", "dps", "--lr-min-ratio", "1"], "--lr-min-ratio is an SPGD setting"),
+        (["--task", "sr4", "--sampler", "dps", "--lr", "1"], "--lr is not a setting of --sampler dps"),
+        (["--task", "sr4", "--sampler", "dps", "--lr-min-ratio", "1"], "--lr-min-ratio is not a setting of --sampler"),
         (["--task", "sr4", "--lr-min-ratio", "2"], "lr_min_ratio must be in"),
         (["--task", "sr4", "--warmup", "0"], "warmup"),
         (["--task", "sr4", "--input", "x.png", "--measurement", "m.npz"], "not both"),

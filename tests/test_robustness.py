@@ -64,38 +64,45 @@ def cli(*arguments):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--adm", "bogus"], "invalid choice: 'bogus'"),
     (["--sampler", "ddim"], "invalid choice: 'ddim'"),
-    (["--lr", "fast"], "'fast' is not a number or a comma-separated list"),
-    (["--lr", "1,2,1"], "lists a learning rate twice"),
-    (["--steps", "many"], "invalid int value"),
+    (["--task", "sr5"], "invalid choice: 'sr5'"),
     (["--set", "warmup"], "'warmup' is not FIELD=VALUE"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_malformed_option_values_are_argparse_errors(arguments, message, weights, capsys):
     with pytest.raises(SystemExit) as info:
-        cli("--task", "sr4", "--weights", weights, *arguments)
+        cli("--task", "sr4", "--weights", weights, *arguments)  # a second --task replaces the first
     assert info.value.code == 2
     assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arguments, message", [
+    (["--adm", "bogus"], "SPGDConfig.adm must be one of"),
+    (["--lr", "fast"], "--lr fast: lr takes a value of type float"),
+    (["--lr", "1,2,1"], "lists a value twice"),
+    (["--steps", "many"], "steps takes a value of type int"),
     (["--lr", "-1"], "lr must be > 0"),
     (["--lr", "1,0"], "lr must be > 0"),
-    (["--lr", "nan"], "lr must be a finite number"),
+    (["--lr", "nan"], r"lr must be > 0 \(a finite number\)"),
     (["--steps", "1"], "steps"),
+    (["--steps", "4,8"], "only the step size takes several values.*--lr"),
     (["--beta", "1.5"], r"beta must be in \[0, 1\)"),
-    (["--sigma-y", "-0.1"], "sigma_y must be >= 0"),
-    (["--sampler", "dps", "--diagnostics"], "--diagnostics records SPGD's warm-up gradients"),
+    (["--sigma-y", "-0.1"], "--sigma-y must be >= 0"),
+    (["--sampler", "dps", "--diagnostics"], "--diagnostics is not a setting of --sampler dps"),
     (["--sampler", "dps", "--zeta", "0"], "zeta must be > 0"),
-    (["--sampler", "dps", "--lr", "1"], "--lr is an SPGD setting; leave it out with --sampler dps"),
-    (["--zeta", "1"], "--zeta is a DPS setting"),
+    (["--sampler", "dps", "--lr", "1"], "--lr is not a setting of --sampler dps.*--zeta"),
+    (["--zeta", "1"], "--zeta is not a setting of --sampler spgd"),
     (["--set", "momentum=0.9"], "SPGDConfig has no field 'momentum'"),
+    (["--set", "nosuch=1"], "SPGDConfig has no field 'nosuch'"),
     (["--set", "warmup=two"], "warmup takes a value of type int"),
     (["--set", "diagnostics=maybe"], "diagnostics takes a value of type bool"),
+    (["--measurement", "m.png"], "--measurement m.png is not an .npz file"),
 ])
 def test_out_of_range_values_are_clear_errors(arguments, message, weights, tmp_path):
-    with pytest.raises(SystemExit, match=message):
+    """Every bad value is a usage error: exit status 2 and a message naming the argument and the fix."""
+    with pytest.raises(SystemExit, match=message) as info:
         cli("--task", "sr4", "--weights", weights, "--out", str(tmp_path / "out"), "--quiet", *arguments)
+    assert info.value.code == 2
     assert not (tmp_path / "out").exists()
 
 
@@ -277,7 +284,9 @@ def test_ctrl_c_while_sampling_leaves_no_output_folder(modes, weights, tmp_path,
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(restore._run.sharding, "sample_sharded", interrupted)
+    from spgd_jax.restore import _run
+
+    monkeypatch.setattr(_run, "sample_sharded", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(tmp_path / "a" / "b"), *FAST)
     assert not (tmp_path / "a" / "b").exists()

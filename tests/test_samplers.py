@@ -82,6 +82,8 @@ COMMAND_LINE = [name for name in RESTORING if name not in ("spgd", "dps")]
 
 @pytest.mark.parametrize("index", range(len(COMMAND_LINE)))
 def test_every_sampler_runs_from_the_command_line(index, weights, tmp_path):
+    """Each method restores from the command line; one with a step size sweeps two values of it in the same
+    run (one compiled call: --set FIELD=A,B)."""
     name = COMMAND_LINE[index]
     task = next(t for t in CORE_TASKS[index % 4:] + CORE_TASKS if runnable(name, t))  # the tasks take turns
     config = small_config(name, task)
@@ -91,14 +93,19 @@ def test_every_sampler_runs_from_the_command_line(index, weights, tmp_path):
     out = tmp_path / "out"
     arguments = ["--task", task, "--sampler", name, "--input", str(faces), "--weights", weights, "--out", str(out),
                  "--batch-size", "2", "--quiet"]
+    step = SAMPLERS[name].step_size
+    values = None if step is None else [getattr(config, step), getattr(config, step) / 2]
+    if step is not None:
+        settings.append(f"{step}={values[0]!r},{values[1]!r}")
     for setting in settings:
         arguments += ["--set", setting]
     assert restore.main(arguments) == 0
     written = json.loads((out / "config.json").read_text())
-    assert written["sampler"] == name
+    assert written["sampler"] == name and written["step_sizes"] == (None if step is None else {step: values})
     assert {k: written["sampler_config"][k] for k in SMALL if k in fields} == {k: SMALL[k] for k in SMALL if k in fields}
-    records = json.loads((out / "metrics.json").read_text())["images"]
-    assert len(records) == 2 and all(np.isfinite(r["psnr"]) for r in records)
+    for folder in [out] if step is None else [out / f"{step}-{value:g}" for value in values]:
+        records = json.loads((folder / "metrics.json").read_text())["images"]
+        assert len(records) == 2 and all(np.isfinite(r["psnr"]) for r in records), folder
 
 
 def test_a_method_refuses_a_task_it_cannot_run_before_any_work(weights, tmp_path):

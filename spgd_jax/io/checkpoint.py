@@ -6,8 +6,8 @@ A checkpoint is a directory::
     <path>/params/       orbax PyTree checkpoint of the Flax params tree (float32)
 
 The family is a name in `spgd_jax.models.FAMILIES`, the preconditioning one in
-`spgd_jax.denoisers.PRECONDITIONINGS` (stored as given: a denoiser built from the checkpoint checks it). A config.json that is a bare ADM UNet config (spgd-jax 0.1) reads
-as family 'adm' with 'vp' preconditioning. ``save`` is atomic: it writes everything into a temporary
+`spgd_jax.denoisers.PRECONDITIONINGS` (stored as given: a denoiser built from the checkpoint checks it).
+A config.json that is a bare ADM UNet config (spgd-jax 0.1) reads as family 'adm' with 'vp' preconditioning. ``save`` is atomic: it writes everything into a temporary
 directory beside ``path`` and renames it into place at the end, so an error or Ctrl-C leaves either the
 previous state or a complete checkpoint, never a partial one. Building a denoiser from a checkpoint is
 `spgd_jax.io.prior.load_denoiser`'s job.

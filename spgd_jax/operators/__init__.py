@@ -4,8 +4,8 @@ An ``Operator`` bundles a forward model ``forward(x, params)`` acting on ONE ima
 in [-1, 1], ``init_params(key, batch, image_size)`` for per-image parameters (masks, motion
 kernels; leading batch axis), the reference's measurement noise ``sigma_y`` and
 ``measure(key, x, params, sigma_y=None)`` over NHWC batches. ``get(task, image_size)``
-builds the registered tasks (``TASKS``, by name; ``register_task`` adds one); any differentiable JAX function of (x, params) can
-be used as a forward model instead. The building blocks are exported for direct use, and so is the
+builds the registered tasks (``TASKS``, by name; ``register_task`` adds one); any differentiable JAX
+function of (x, params) can be used as a forward model instead. The building blocks are exported for direct use, and so is the
 linear algebra the projection and splitting samplers need of a linear operator (``adjoint``,
 ``proximal``, ``project``), and ``svd(operator)``: the operator carrying its SVD, for DDRM.
 """

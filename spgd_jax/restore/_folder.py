@@ -2,7 +2,7 @@
 
 A run writes everything into a hidden staging folder inside --out and, once every file is complete, swaps
 its outputs in: the earlier run's outputs (the entries this tool writes: restored/, measurement/, grid.png,
-metrics.json, lr-VALUE/, ...) are moved aside and deleted, so no stale file of an earlier run survives
+metrics.json, lr-VALUE/ of a sweep, ...) are moved aside and deleted, so no stale file of an earlier run survives
 --overwrite. Files of the user's own in --out are never touched. An error or Ctrl-C before the swap leaves
 --out as it was (and removes a folder this run created).
 """
@@ -14,20 +14,27 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from spgd_jax import catalog
 from spgd_jax.restore._args import UsageError
 
 __all__ = ["OWNED_NAMES", "OutputFolder", "owned_entries"]
 
 OWNED_NAMES = ("restored", "measurement", "std", "video", "grid.png", "config.json", "metrics.json",
                "measurement.npz", "samples.npz", "diagnostics.png", "diagnostics.npz", "sweep.md", "sweep.png")
-_SWEEP_FOLDER = re.compile(r"lr-[0-9.eE+-]+")  # lr-VALUE/, one per learning rate of a sweep
+
+
+def _sweep_folder() -> re.Pattern:
+    """FIELD-VALUE/, one folder per step size of a sweep (lr-2.5, zeta-3, ...), for any registered step size."""
+    fields = sorted({d["step_size"] for d in catalog.samplers().values() if d["step_size"]})
+    return re.compile("(" + "|".join(map(re.escape, fields)) + r")-[0-9.eE+-]+")
 
 
 def owned_entries(out: Path) -> list[Path]:
     """The entries of `out` that a restore run writes (sorted); nothing else in `out` is ever touched."""
     if not out.is_dir():
         return []
-    return sorted(p for p in out.iterdir() if p.name in OWNED_NAMES or (p.is_dir() and _SWEEP_FOLDER.fullmatch(p.name)))
+    sweep_folder = _sweep_folder()
+    return sorted(p for p in out.iterdir() if p.name in OWNED_NAMES or (p.is_dir() and sweep_folder.fullmatch(p.name)))
 
 
 class OutputFolder:

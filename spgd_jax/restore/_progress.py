@@ -1,7 +1,9 @@
 """Progress of a run, and the way to stop it.
 
-The run goes in segments (spgd_jax.samplers.segments) and calls `Progress` once per outer step after
-each segment. On a terminal it draws a one-line bar; in a log (stderr not a terminal) it prints a plain
+The run goes in segments (spgd_jax.samplers.run_in_segments) and calls `Progress` once per outer step after
+each segment. The time JAX spends tracing and compiling (its monitoring events) is reported as compile time
+and left out of the sampling time, so the first segment, whose program compiles on its first call, shows
+the time it sampled. On a terminal it draws a one-line bar; in a log (stderr not a terminal) it prints a plain
 line every tenth of the run. Setting `cancel` makes the next call raise, which ends the run at the end of
 its current segment (a tenth of the run at most); Ctrl-C does not wait for that (run_interruptibly).
 """
@@ -12,9 +14,28 @@ import sys
 import threading
 import time
 
+import jax
+
 __all__ = ["Cancelled", "Progress", "run_interruptibly"]
 
 STOP_WAIT_S = 5.0  # after Ctrl-C, how long to wait for the compiled run to reach its next step
+# JAX's monitoring events of the work of a compilation: tracing, lowering, XLA's compile (or the cache's read)
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]  # the process's total, from the listener below
+
+
+def _count_compile(event: str, duration: float, *args, **kwargs) -> None:
+    if event in COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent tracing and compiling JAX programs so far."""
+    return _compile_seconds[0]
 
 
 class Cancelled(Exception):
@@ -34,6 +55,7 @@ class Progress:
         """Starts a run of `total` steps; compiling: say first that the program is being compiled."""
         self.total, self.label, self.enabled = total, label, enabled
         self.seen, self.start, self.compiling = set(), time.perf_counter(), compiling
+        self.compiled_before = compile_seconds()
         self.cancel.clear()
         if enabled and compiling:
             self._write(f"{label}: compiling the sampler (once per settings and batch size)...\n")
@@ -43,10 +65,10 @@ class Progress:
             raise Cancelled("the run was cancelled")
         if step in self.seen or not self.enabled:
             return
-        elapsed = time.perf_counter() - self.start
+        compiled = min(compile_seconds() - self.compiled_before, time.perf_counter() - self.start)
+        elapsed = time.perf_counter() - self.start - compiled  # sampling time
         if not self.seen and self.compiling:
-            self._write(f"{self.label}: compiled in {elapsed:.1f} s, sampling\n")
-            self.start, elapsed = time.perf_counter(), 0.0
+            self._write(f"{self.label}: compiled in {compiled:.1f} s, sampling\n")
         self.seen.add(step)
         done = len(self.seen)
         if self._terminal():

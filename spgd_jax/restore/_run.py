@@ -15,24 +15,27 @@ PROGRESS = Progress()  # one object for every run, reset per chunk
 _COMPILED: set = set()  # the (settings, batch) of the programs this process has compiled
 
 
-def restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, size: int, label: str, quiet: bool):
-    """Every image, in chunks of `batch` split over the devices -> dict of NumPy arrays with a leading axis
-    L (the learning rates; 1 without a sweep): x, diverged, diverged_step, trajectory, losses, diagnostics."""
+def restore(denoiser, operator, y, op_params, keys, config, step_sizes, batch: int, size: int, label: str,
+            quiet: bool):
+    """Every image (y, op_params and keys (N,), one key per image), in chunks of `batch` split over the devices
+    -> dict of NumPy arrays with a leading axis L (the step sizes of a sweep; 1 without one): x, diverged,
+    diverged_step, trajectory, losses, diagnostics."""
     forward = forward_for(config, operator)
+    raw_keys = np.asarray(jax.random.key_data(keys))  # (N, ...) uint32: chunked and padded as the images
     parts = []
     chunks = range(0, len(y), batch)
     for number, start in enumerate(chunks):
         stop = min(start + batch, len(y))
         pad = batch - (stop - start)  # pad the last chunk so every chunk reuses one compiled call
         take = lambda a: np.concatenate([a[start:stop]] + [a[stop - 1 : stop]] * pad) if pad else a[start:stop]
-        program = (id(denoiser), id(operator), config, batch, lrs is None or len(lrs), np.shape(y)[1:])
+        program = (id(denoiser), id(operator), config, batch, step_sizes and len(step_sizes), np.shape(y)[1:])
         PROGRESS.reset(config.steps, f"{label} {number + 1}/{len(chunks)}", not quiet, program not in _COMPILED)
         call = lambda: sample_sharded(
-            denoiser, forward, take(y), jax.random.fold_in(key, number), config,
+            denoiser, forward, take(y), take(raw_keys), config,
             jax.tree_util.tree_map(lambda a: take(np.asarray(a)), op_params),
             # progress: a run in segments, --quiet: one call; either way without host callbacks, so JAX's
             # persistent cache keeps the programs for the next process
-            x_shape=(size, size, 3), progress=None if quiet else PROGRESS, step_sizes=lrs,
+            x_shape=(size, size, 3), progress=None if quiet else PROGRESS, step_sizes=step_sizes,
         )
         try:
             result = run_interruptibly(call, PROGRESS)
@@ -41,7 +44,7 @@ def restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, size
         _COMPILED.add(program)
         keep = stop - start
         result = result._asdict()
-        if lrs is None:  # a leading axis of one learning rate
+        if step_sizes is None:  # a leading axis of one step size
             result = jax.tree_util.tree_map(lambda a: np.asarray(a)[None], result)
         parts.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:, :keep], result))
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=1), *parts)

@@ -12,19 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from spgd_jax import metrics
-from spgd_jax.samplers import sampler_of
 from spgd_jax.io import images, plots
 from spgd_jax.io.files import write_json, write_npz, write_text
 from spgd_jax.io.plots import METRIC_LABELS
+from spgd_jax.restore._args import hint
+from spgd_jax.samplers import describe, sampler_of
 
-__all__ = ["measurement_picture", "run_folders", "step_size_flag", "sweep_markdown", "video_frames", "write_outputs"]
+__all__ = ["measurement_picture", "run_folders", "sweep_markdown", "video_frames", "write_outputs"]
 
 STD_WHITE = 0.25  # std/NAME.png: a per-pixel std (mean over channels, [-1, 1] units) of this or more is white
 
 
-def run_folders(root: Path, lrs: tuple[float, ...] | None) -> list[Path]:
-    """One folder per run: root itself, or root/lr-VALUE for each rate of a sweep."""
-    return [root] if lrs is None else [root / f"lr-{lr:g}" for lr in lrs]
+def run_folders(root: Path, field: str | None, step_sizes: tuple[float, ...] | None) -> list[Path]:
+    """One folder per run: root itself, or root/FIELD-VALUE for each step size of a sweep (e.g. lr-2.5)."""
+    return [root] if step_sizes is None else [root / f"{field}-{value:g}" for value in step_sizes]
 
 
 def measurement_picture(y: np.ndarray, size: int) -> np.ndarray:
@@ -65,17 +66,14 @@ def _summary(values: dict[str, np.ndarray], finite: np.ndarray) -> dict:
                 "std": float(v[finite].std()) if finite.any() else None} for k, v in values.items()}
 
 
-def step_size_flag(field: str | None) -> str:
-    """The command-line setting of a sampler's step-size field: --lr, --zeta, --set FIELD=..., or 'step size'."""
-    return {"lr": "--lr", "zeta": "--zeta"}.get(field, f"--set {field}=..." if field else "step size")
-
-
-def _flag_divergences(per_image, run, args, config, lr) -> None:
-    """Records in per_image (and warns about) every image with a diverged sample."""
-    field = sampler_of(config).step_size
-    rate = getattr(config, field) if lr is None and field else lr
-    hint = f"a smaller {step_size_flag(field)}" + ("" if rate is None else f" (this run: {rate:g})")
-    where = "" if lr is None else f" at lr {lr:g}"
+def _flag_divergences(per_image, run, args, config, value) -> None:
+    """Records in per_image (and warns about) every image with a diverged sample; the warning gives the
+    method's hint (Sampler.hint, with the flags of the fields it names) and the run's step size."""
+    sampler = sampler_of(config)
+    field = sampler.step_size
+    rate = getattr(config, field) if value is None and field else value
+    advice = hint(describe()[sampler.name]) + ("" if rate is None else f" (this run: {field} {rate:g})")
+    where = "" if value is None else f" at {field} {value:g}"
     lost = run.get("diverged_samples", run["diverged"].astype(int))  # how many of the image's samples diverged
     for record, count, step in zip(per_image, lost, run["diverged_step"]):
         if not count:
@@ -83,20 +81,21 @@ def _flag_divergences(per_image, run, args, config, lr) -> None:
         record["diverged_at_step"] = int(step)
         if args.samples == 1:
             print(f"warning: {record['name']}{where} diverged (became NaN or inf) at outer step {int(step)}; "
-                  f"its image is the last finite state. Try {hint}.", file=sys.stderr)
+                  f"its image is the last finite state. Try {advice}.", file=sys.stderr)
             continue
         record["diverged_samples"] = int(count)
         rest = (f"the restoration is the mean of the other {args.samples - count}" if count < args.samples
                 else "the restoration is the mean of their last finite states")
         print(f"warning: {count} of {args.samples} samples of {record['name']}{where} diverged (became NaN or inf), "
-              f"the first at outer step {int(step)}; {rest}. Try {hint}.", file=sys.stderr)
+              f"the first at outer step {int(step)}; {rest}. Try {advice}.", file=sys.stderr)
 
 
-def write_run(folder: Path, names, run: dict, truth, y, op_params, operator, config, args, lr) -> dict:
-    """One run's restored/, metrics.json, diagnostics and videos in folder; returns its metric summary."""
+def write_run(folder: Path, names, run: dict, truth, y, op_params, operator, config, args, value) -> dict:
+    """One run's restored/, metrics.json, diagnostics and videos in folder; returns its metric summary.
+    value: the run's step size in a sweep (None: the config's own)."""
     x, diverged, diverged_step = run["x"], run["diverged"], run["diverged_step"]
     per_image = [{"name": name, "diverged": bool(flag)} for name, flag in zip(names, diverged)]
-    _flag_divergences(per_image, run, args, config, lr)
+    _flag_divergences(per_image, run, args, config, value)
     values = {"residual_rms": residual_rms(operator, x, y, op_params)}
     if truth is not None:
         found = metrics.all_metrics(jnp.asarray(x), jnp.asarray(truth))
@@ -115,14 +114,15 @@ def write_run(folder: Path, names, run: dict, truth, y, op_params, operator, con
         for b, name in enumerate(names):
             frames = video_frames(run["trajectory"][b], x[b], int(diverged_step[b]), config.trajectory_every)
             plots.save_gif(folder / "video" / f"{name}.gif", frames)
-    if args.diagnostics:
-        rate = config.lr if lr is None else lr
+    if run.get("diagnostics") is not None:
+        sampler = sampler_of(config)
+        rate = getattr(config, sampler.step_size) if value is None else value
         angles = {k: np.asarray(v) for k, v in run["diagnostics"].items()}
         write_npz(folder / "diagnostics.npz", names=np.asarray(names), diverged_step=diverged_step, **angles)
         plots.plot_angles(folder / "diagnostics.png", {k: v[~diverged] for k, v in angles.items()},
-                                title=f"{args.task}, SPGD, lr {rate:g}")
+                          title=f"{args.task}, {sampler.name}, {sampler.step_size} {rate:g}")
     write_json(folder / "metrics.json", {
-        **({} if lr is None else {"lr": lr}),
+        **({} if value is None else {sampler_of(config).step_size: value}),
         **({} if args.samples == 1 else {"samples": args.samples, "restored": "the mean of the samples"}),
         "lpips": metrics.LPIPS_NAME,
         "residual_rms": "sqrt(mean((A(x) - y)^2)) per image in [-1, 1] units; compare with sigma_y",
@@ -150,28 +150,29 @@ def _write_samples(folder: Path, names, samples: np.ndarray, truth, per_image: l
             record["sample_psnr"] = [float(v) for v in scores]
 
 
-def sweep_markdown(lrs: Sequence[float], summaries: Sequence[dict], diverged: Sequence[int], images: int,
-                   title: str) -> str:
-    """A markdown report: one row per learning rate, mean +- std over the images that did not diverge.
+def sweep_markdown(field: str, step_sizes: Sequence[float], summaries: Sequence[dict], diverged: Sequence[int],
+                   images: int, title: str) -> str:
+    """A markdown report: one row per step size (the config field `field`), mean +- std over the images that
+    did not diverge.
 
     summaries[k]: {metric: {"mean": float | None, "std": float | None}} (restore's metrics.json summary).
-    diverged[k]: how many of the `images` images diverged at lrs[k].
+    diverged[k]: how many of the `images` images diverged at step_sizes[k].
     """
     names = [n for n in METRIC_LABELS if any(n in s for s in summaries)]
-    lines = [f"# {title}", "", "| lr | " + " | ".join(METRIC_LABELS[n] for n in names) + " | diverged |",
+    lines = [f"# {title}", "", f"| {field} | " + " | ".join(METRIC_LABELS[n] for n in names) + " | diverged |",
              "|---:|" + "---:|" * len(names) + "---:|"]
-    for lr, summary, count in zip(lrs, summaries, diverged):
+    for value, summary, count in zip(step_sizes, summaries, diverged):
         cells = []
         for name in names:
-            value = summary.get(name, {})
-            cells.append("-" if value.get("mean") is None else f"{value['mean']:.4g} ± {value['std']:.2g}")
-        lines.append(f"| {lr:g} | " + " | ".join(cells) + f" | {count} / {images} |")
+            found = summary.get(name, {})
+            cells.append("-" if found.get("mean") is None else f"{found['mean']:.4g} ± {found['std']:.2g}")
+        lines.append(f"| {value:g} | " + " | ".join(cells) + f" | {count} / {images} |")
     lines += ["", "Mean ± std over the images that did not diverge; residual RMS = sqrt(mean((A(x) - y)^2)), "
-              "in [-1, 1] units (compare with sigma_y). Per-image values: lr-VALUE/metrics.json."]
+              f"in [-1, 1] units (compare with sigma_y). Per-image values: {field}-VALUE/metrics.json."]
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(root: Path, runs: dict, inputs, operator, config, lrs, args, settings: dict) -> list[dict]:
+def write_outputs(root: Path, runs: dict, inputs, operator, config, step_sizes, args, settings: dict) -> list[dict]:
     """Every output of the run into root (the staging folder); returns one metric summary per run folder.
 
     inputs: the run's Measurements; settings: what config.json records besides the sampler config."""
@@ -183,25 +184,29 @@ def write_outputs(root: Path, runs: dict, inputs, operator, config, lrs, args, s
         images.save_png(root / "measurement" / f"{name}.png", picture)
     write_npz(root / "measurement.npz", y=np.asarray(y), names=np.asarray(names), task=np.asarray(args.task),
               **{f"param_{k}": v for k, v in op_params.items()})
+    sampler = sampler_of(config)
     summaries = []
-    for k, folder in enumerate(run_folders(root, lrs)):
+    for k, folder in enumerate(run_folders(root, sampler.step_size, step_sizes)):
         run = jax.tree_util.tree_map(lambda a: a[k], runs)
         summaries.append(write_run(folder, names, run, truth, y, op_params, operator, config, args,
-                                   None if lrs is None else lrs[k]))
+                                   None if step_sizes is None else step_sizes[k]))
     rows = [np.concatenate(([truth[i]] if truth is not None else []) + [pictures[i]] + list(runs["x"][:, i]), axis=1)
             for i in range(len(names))]
     images.save_png(root / "grid.png", np.concatenate(rows, axis=0))
-    if lrs is not None:
+    if step_sizes is not None:
         diverged = [int(d.sum()) for d in runs["diverged"]]
-        title = f"{args.task}: SPGD learning-rate sweep ({len(names)} image(s), T={config.steps}, N={config.warmup})"
-        write_text(root / "sweep.md", sweep_markdown(lrs, summaries, diverged, len(names), title))
-        plots.plot_sweep(root / "sweep.png", lrs, summaries, title)
+        title = (f"{args.task}: {sampler.name} {sampler.step_size} sweep ({len(names)} image(s), "
+                 f"{config.steps} steps)")
+        write_text(root / "sweep.md", sweep_markdown(sampler.step_size, step_sizes, summaries, diverged, len(names),
+                                                     title))
+        plots.plot_sweep(root / "sweep.png", step_sizes, summaries, title)
+    swept = {} if step_sizes is None else {sampler.step_size: list(step_sizes)}
     write_json(root / "config.json", {
         "task": args.task,
         "operator": {"sigma_y": operator.sigma_y, **dict(operator.settings)},
-        "sampler": args.sampler,
-        "sampler_config": {**dataclasses.asdict(config), **({} if lrs is None else {"lr": list(lrs)})},
-        "learning_rates": None if lrs is None else list(lrs),
+        "sampler": sampler.name,
+        "sampler_config": {**dataclasses.asdict(config), **swept},
+        "step_sizes": swept or None,
         **settings,
     })
     return summaries

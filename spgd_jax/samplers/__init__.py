@@ -38,17 +38,17 @@ from spgd_jax.samplers.daps import DAPSConfig
 from spgd_jax.samplers.euler import EulerConfig
 from spgd_jax.samplers import diagnostics, presets  # noqa: E402 (after the methods, on purpose)
 from spgd_jax.samplers._loop import Recorded, SampleResult, Segment, SegmentResult, Step, step_keys
-from spgd_jax.samplers._registry import (SAMPLERS, Sampler, Schedule, forward_for, get_sampler, nfe,
+from spgd_jax.samplers._registry import (SAMPLERS, Sampler, Schedule, describe, forward_for, get_sampler, nfe,
                                          register_sampler, sampler_of)
 from spgd_jax.samplers.driver import (image_keys, initial_noise, run, run_in_segments, sample, sample_sharded,
                                       sweep)
-from spgd_jax.samplers.posterior import posterior_keys, posterior_mean
+from spgd_jax.samplers.posterior import posterior_keys, posterior_mean, run_keys
 from spgd_jax.samplers.presets import dps_config, spgd_config
 from spgd_jax.samplers.schedule import edm_sigmas
 
 __all__ = ["SAMPLERS", "DAPSConfig", "DDRMConfig", "DPPSConfig", "DPSConfig", "DiffPIRConfig", "EulerConfig",
            "MCGConfig", "PnPADMMConfig", "Recorded", "RedDiffConfig", "SPGDConfig", "SampleResult", "Sampler",
-           "Schedule", "ScoreSDEConfig", "Segment", "SegmentResult", "Step", "diagnostics", "dps_config",
+           "Schedule", "ScoreSDEConfig", "Segment", "SegmentResult", "Step", "describe", "diagnostics", "dps_config",
            "edm_sigmas", "forward_for", "get_sampler", "image_keys", "initial_noise", "nfe", "posterior_keys",
-           "posterior_mean", "presets", "register_sampler", "run", "run_in_segments", "sample", "sample_sharded",
-           "sampler_of", "spgd_config", "step_keys", "sweep"]
+           "posterior_mean", "presets", "register_sampler", "run", "run_in_segments", "run_keys", "sample",
+           "sample_sharded", "sampler_of", "spgd_config", "step_keys", "sweep"]

@@ -19,8 +19,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-__all__ = ["SAMPLERS", "Sampler", "Schedule", "forward_for", "get_sampler", "nfe", "register_sampler",
-           "sampler_of"]
+__all__ = ["SAMPLERS", "Sampler", "Schedule", "describe", "field_types", "forward_for", "get_sampler", "hint",
+           "nfe", "register_sampler", "sampler_of"]
 
 
 class Schedule(NamedTuple):
@@ -51,8 +51,9 @@ class Sampler:
     output:      output(state) -> (B,H,W,C) the images of a batched state (None: the state itself).
     step_size:   the config field that is the method's step size (a data leaf; may be traced, swept),
                  or None.
-    hint:        what to change when a run diverges, with the field to change (the command line turns a
-                 field into its flag); None: "a smaller <step_size>".
+    hint:        what to try when a run diverges, naming config fields in braces, e.g. "a smaller {lr}" (the
+                 command line writes each as its flag); None: "a smaller {<step_size>}", or "more {steps}"
+                 for a method without a step size. See `hint`.
     conditional: whether it restores measurements (False: it samples the prior; forward and y are None).
     linear_only: whether it needs a linear forward operator (projections, proximal steps, SVDs).
     forward:     forward(operator) -> the forward model the method runs a task's Operator with (DDRM:
@@ -126,3 +127,33 @@ def forward_for(config: Any, operator: Any) -> Callable:
     run on it (e.g. DDRM on motion deblurring)."""
     derive = sampler_of(config).forward
     return operator.forward if derive is None else derive(operator)
+
+
+def hint(sampler: Sampler) -> str:
+    """The sampler's advice for a diverged run, with config fields in braces (Sampler.hint or its default)."""
+    if sampler.hint is not None:
+        return sampler.hint
+    return "more {steps}" if sampler.step_size is None else f"a smaller {{{sampler.step_size}}}"
+
+
+def field_types(config_type: type) -> dict[str, str]:
+    """{field: 'bool' | 'int' | 'float' | 'str'} of a config dataclass, from its annotations (an optional
+    'float | None' is 'float')."""
+    types = {}
+    for field in dataclasses.fields(config_type):
+        annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        kinds = [kind for kind in ("bool", "int", "float", "str") if kind in annotation.replace(" ", "").split("|")]
+        if len(kinds) != 1:
+            raise TypeError(f"{config_type.__name__}.{field.name}: a config field is a bool, int, float or str "
+                            f"(optionally | None), got {annotation!r}")
+        types[field.name] = kinds[0]
+    return types
+
+
+def describe() -> dict:
+    """The registered samplers as plain data (no JAX needed to read it): {name: {"config": class name,
+    "step_size", "conditional", "linear_only", "hint", "fields": {field: type name}}}. spgd_jax.catalog
+    holds this for the built-in methods, for the command line to read before it imports JAX."""
+    return {name: {"config": s.config_type.__name__, "step_size": s.step_size, "conditional": s.conditional,
+                   "linear_only": s.linear_only, "hint": hint(s), "fields": field_types(s.config_type)}
+            for name, s in SAMPLERS.items()}

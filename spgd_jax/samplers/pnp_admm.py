@@ -41,7 +41,8 @@ __all__ = ["PNP_ADMM", "PnPADMMConfig", "adjoint_start", "get_step_fn", "schedul
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PnPADMMConfig:
     """PnP-ADMM settings. penalty: rho, the ADMM penalty, the weight of ||x - (z - u)||^2 against ||Ax - y||^2
-    in the x-update (the step size; may be traced in a sweep). sigma_d: the denoiser's fixed noise level in [-1, 1] units.
+    in the x-update (the step size; may be traced in a sweep). sigma_d: the denoiser's fixed noise level in
+    [-1, 1] units.
     iterations: K ADMM iterations = denoiser evaluations (10). cg_iterations: CG iterations of the x-update.
     trajectory_every: k > 0 also returns z every k iterations. steps, sigma_max (properties): K and sigma_d,
     for sample() (which draws an x_init that PnP-ADMM uses only for its shape: it starts from A^T y)."""

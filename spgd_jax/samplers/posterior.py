@@ -1,10 +1,11 @@
-"""K posterior samples per image: their keys, and their mean leaving out the samples that diverged.
+"""K posterior samples per image: the keys of a run, and the mean of the samples that did not diverge.
 
 One run is one draw from the posterior; the mean of K draws from independent noise estimates the
 posterior mean (the MMSE restoration: higher PSNR, smoother, K times the work). The command line and the
-quality benchmark both draw them this way, so the same seed gives the same samples:
+quality benchmark both draw them this way, so the same seed gives the same measurements and samples:
 
-    keys = posterior_keys(image_keys(key, B), K)            # (B * K,), image-major
+    key_operator, key_noise, key_sampler = run_keys(seed)
+    keys = posterior_keys(image_keys(key_sampler, B), K)    # (B * K,), image-major
     result = sample(denoiser, forward, jnp.repeat(y, K, axis=0), keys, config, repeated params, ...)
     mean, all_diverged = posterior_mean(result.x.reshape(B, K, H, W, C), result.diverged.reshape(B, K))
 """
@@ -14,7 +15,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["posterior_keys", "posterior_mean"]
+__all__ = ["posterior_keys", "posterior_mean", "run_keys"]
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(operator, noise, sampler) keys of a restoration run from one seed: the operator's per-image
+    parameters (operator.init_params), the measurement noise (operator.measure) and the sampler's per-image
+    keys (image_keys(key, B): image b's depend on b and the seed only, so a subset of the images gets the
+    same measurements and samples)."""
+    key = jax.random.key(seed)
+    key_operator, key_noise = jax.random.split(jax.random.fold_in(key, 1))
+    return key_operator, key_noise, jax.random.fold_in(key, 2)
 
 
 def posterior_keys(keys: jax.Array, samples: int) -> jax.Array:

@@ -22,9 +22,9 @@ __all__ = ["DPS_ZETA", "PAPER_LR", "TUNED_SPGD", "TUNED_ZETA", "UNSUPPORTED_BY_D
            "dps_config", "spgd_config"]
 
 # Tasks the default 64 px prior does not restore (the command line warns; README): phase retrieval gives
-# texture (7.6 dB on the demo face with the paper's settings); with SPGD's tuned start (spgd.TUNED_SPGD) it recovers about
-# half of the validation faces (17.15 dB mean on faces 50-53: 19.8 / 9.1 / 12.6 / 27.1); the paper itself
-# needs restarts and a 256 px prior.
+# texture (7.6 dB on the demo face with the paper's settings); with SPGD's tuned start (spgd.TUNED_SPGD) it
+# recovers about half of the validation faces (17.15 dB mean on faces 50-53: 19.8 / 9.1 / 12.6 / 27.1); the
+# paper itself needs restarts and a 256 px prior.
 UNSUPPORTED_BY_DEFAULT_PRIOR: dict[str, str] = {
     "phase_retrieval": "phase retrieval is not supported by the 64 px default prior (it returns texture, not "
                        "a face); use a full-size prior with --weights",

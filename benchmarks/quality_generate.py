@@ -1,0 +1,262 @@
+"""The quality benchmark's sampling: ground-truth images, measurements, the compiled programs, `generate`.
+
+Part of benchmarks/quality.py (run it as `python -m benchmarks.quality`). Measurements and sampler keys come
+from the seed as in the restore command (spgd_jax.samplers.run_keys), and K posterior samples per image are
+drawn as it draws them (posterior_keys), so the same seed gives the same noise in both.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.quality_jobs import TABLE1_TASKS, Job, plan, table1_methods
+from spgd_jax import default_weights_path, make_denoiser, metrics, models, operators
+from spgd_jax.io import checkpoint, images
+from spgd_jax.samplers import (SAMPLERS, forward_for, image_keys, nfe, posterior_keys, posterior_mean, run_keys,
+                               sample, sampler_of, sweep)
+
+def load_split_images(data: Path, split: Path, count: int, size: int) -> tuple[np.ndarray, list[str]]:
+    """uint8 (count, size, size, 3): the first `count` images of the split file, preprocessed."""
+    needs = (f"--data DIR must be the folder that holds the face folders named in {split} (celeba/, utkface/: "
+             "the default prior's training data, which is not part of the repository; weights/MODEL_CARD.md says "
+             "where it comes from)")
+    if not data.is_dir():
+        raise SystemExit(f"error: data folder {data} does not exist; {needs}")
+    names = [n for n in split.read_text().split("\n") if n.strip()][:count]
+    if len(names) < count:
+        raise SystemExit(f"error: {split} lists {len(names)} images, fewer than {count}")
+    missing = [n for n in names if not (data / n).is_file()]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} of the {count} images are not in {data} (e.g. {missing[0]}); {needs}")
+    return np.stack([images.to_uint8(images.load_image(data / n, size)) for n in names]), names
+
+
+def read_images(path: Path, count: int) -> tuple[np.ndarray, list[str]]:
+    """Ground truth from an `images` npz: (x in [-1, 1] float32 (count, S, S, 3), names)."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist; make it with `python benchmarks/quality.py images`")
+    with np.load(path) as f:
+        x, names = f["images"], [str(n) for n in f["names"]]
+    if len(x) < count:
+        raise SystemExit(f"error: {path} holds {len(x)} images; need --test + --tune = {count}")
+    return x[:count].astype(np.float32) / 127.5 - 1.0, names[:count]
+
+
+def degrade(task: str, x: np.ndarray, seed: int):
+    """(operator, params, y): per-image operator parameters and noise from `seed` (image k's depend
+    only on k and the seed, so a subset of the images gets the same measurements)."""
+    operator = operators.get(task, x.shape[1])
+    key_params, key_noise, _ = run_keys(seed)
+    params = operator.init_params(key_params, len(x), x.shape[1])
+    return operator, params, operator.measure(key_noise, jnp.asarray(x), params)
+
+
+def sampler_keys(seed: int, count: int) -> jax.Array:
+    """One sampler key per image, (count,): image k's depends on k and the seed only."""
+    return image_keys(run_keys(seed)[2], count)
+
+
+def make_program(unet_config, operator, config, x_shape, dtype: str, samples: int = 1):
+    """jit((unet_params, y, op_params, keys, values (L,) or None) -> (x (L, B, H, W, C), diverged (L, B))).
+
+    values: the config's step sizes (a sweep), or None for one run of the config as it is (L = 1).
+    unet_config: the network's config (any registered family's; the prior's is an ADM UNetConfig).
+    samples > 1: x is the posterior mean of that many samples per image (posterior_keys: the restore
+    command's samples), over those that did not diverge; diverged if every one of them diverged. The
+    samples run one after another (lax.map), so the memory is that of one sample per image."""
+    forward = forward_for(config, operator)
+
+    def one_sample(denoiser, y, op_params, keys, values):
+        if values is None:
+            result = sample(denoiser, forward, y, keys, config, op_params, x_shape=x_shape)
+            return result.x[None], result.diverged[None]
+        result = sweep(denoiser, forward, y, keys, config, values, op_params, x_shape=x_shape)
+        return result.x, result.diverged
+
+    def program(unet_params, y, op_params, keys, values):
+        denoiser = make_denoiser(unet_config, unet_params, dtype=dtype)
+        if samples == 1:
+            return one_sample(denoiser, y, op_params, keys, values)
+        by_sample = jnp.moveaxis(posterior_keys(keys, samples).reshape(len(y), samples), 1, 0)  # (K, B)
+        x, diverged = jax.lax.map(lambda k: one_sample(denoiser, y, op_params, k, values), by_sample)
+        return posterior_mean(jnp.moveaxis(x, 0, -4), jnp.moveaxis(diverged, 0, -1))
+
+    return jax.jit(program)
+
+
+def weights_path(args) -> Path:
+    """--weights, or the default prior (package data)."""
+    return Path(args.weights) if args.weights else default_weights_path()
+
+
+def read_config(path: Path):
+    """The network config of a checkpoint directory, or of its config.json (the file alone: generate may
+    compile before the weights beside it exist)."""
+    return checkpoint.load_config(path.parent if path.name == checkpoint.CONFIG_FILE else path).config
+
+
+def make_images(args) -> int:
+    size = read_config(weights_path(args)).image_size
+    x, names = load_split_images(Path(args.data), Path(args.split), args.count, size)
+    np.savez(args.out, images=x, names=np.asarray(names))
+    print(f"wrote {len(x)} images of {size} px to {args.out}")
+    return 0
+
+
+def _jobs(args, tasks: tuple[str, ...]) -> tuple[list[Job], list[Job]]:
+    """(the full plan, the jobs selected by --tables and --jobs); SystemExit for unknown --methods."""
+    methods = table1_methods() if args.methods == "all" else tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in methods if m not in SAMPLERS or m == "spgd"]
+    if unknown:
+        raise SystemExit(f"error: --methods {','.join(unknown)}: not a registered restoring sampler other than "
+                         f"spgd; choose from {','.join(table1_methods())}")
+    full_plan = plan(args.steps, args.warmup, tasks, args.lr_factors, args.zeta_factors, methods, args.method_factors)
+    tables = args.tables.split(",") if args.tables else None
+    jobs = [j for j in full_plan
+            if (tables is None or j.table in tables or (j.tune_only and "1" in tables))
+            and (not args.jobs or any(j.name.startswith(p) for p in args.jobs.split(",")))]
+    if args.tune == 0 and any(j.values and len(j.values) > 1 for j in jobs):
+        raise SystemExit("error: sweeping needs tuning images: pass --tune > 0, or one factor per sweep")
+    return full_plan, jobs
+
+
+def _load_weights(weights: Path, unet_config, started: float, budget_s: float):
+    """The weights' params once they exist (waiting for a prior still training); SystemExit past the budget
+    or for another architecture than the compiled one."""
+    while not (weights / checkpoint.CONFIG_FILE).exists():
+        if time.monotonic() - started > budget_s:
+            raise SystemExit(f"error: no weights at {weights} within the budget")
+        time.sleep(2)
+    time.sleep(1)
+    unet_params, loaded = checkpoint.load(weights)
+    if loaded.config != unet_config:
+        raise SystemExit(f"error: {weights} holds another architecture than the compiled one")
+    return unet_params
+
+
+class Generation:
+    """One generate run: the images, measurements and keys, the programs compiled on a thread pool, and the
+    manifest the jobs' results go into."""
+
+    def __init__(self, args):
+        self.args, self.out, self.started = args, Path(args.out), time.monotonic()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.n_test, self.n_all = args.test, args.test + args.tune
+        self.x, names = read_images(Path(args.images), self.n_all)
+        self.weights = weights_path(args)
+        self.unet_config = read_config(Path(args.config) if args.config else self.weights)
+        size = self.unet_config.image_size
+        if self.x.shape[1] != size:
+            raise SystemExit(f"error: the images are {self.x.shape[1]} px, the model {size} px")
+        self.x_shape = (size, size, 3)
+        tasks = tuple(args.tasks.split(",")) if args.tasks else TABLE1_TASKS
+        self.full_plan, self.jobs = _jobs(args, tasks)
+        self.measurements = {task: degrade(task, self.x, args.seed) for task in tasks}
+        self.keys = sampler_keys(args.seed, self.n_all)
+        self.manifest = {"weights": str(self.weights), "unet_config": self.unet_config.to_dict(), "seed": args.seed,
+                         "test": self.n_test, "tune": args.tune, "names": names, "device": str(jax.devices()[0]),
+                         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": args.steps,
+                         "warmup": args.warmup, "jobs": {}}
+
+    def log(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f} s] {text}", flush=True)
+
+    def inputs(self, job: Job, values):
+        """The job's (y, op_params, keys, values) over its rows (the test images, or all of them)."""
+        _, op_params, y = self.measurements[job.task]
+        rows = job.rows(self.n_test, self.n_all)
+        sub = lambda a: a[rows]
+        return sub(y), jax.tree.map(sub, op_params), self.keys[rows], values
+
+    def compile(self, job: Job):
+        operator = self.measurements[job.task][0]
+        abstract = jax.eval_shape(lambda: models.family_of(self.unet_config).init(self.unet_config, jax.random.key(0)))
+        swept = sampler_of(job.config).step_size is not None
+        values = jax.ShapeDtypeStruct((len(job.values or (None,)),), jnp.float32) if swept else None
+        program = make_program(self.unet_config, operator, job.config, self.x_shape, job.dtype, job.samples)
+        return program.lower(abstract, *self.inputs(job, None)[:3], values).compile()
+
+    def run_job(self, job: Job, program, unet_params, values) -> None:
+        """Runs one compiled job over its images and records its restorations, PSNR and pick."""
+        rows = job.rows(self.n_test, self.n_all)
+        step_sizes = None if values == (None,) else jnp.asarray(values, jnp.float32)
+        t0 = time.perf_counter()
+        restored, diverged = (np.asarray(a) for a in program(unet_params, *self.inputs(job, step_sizes)))
+        seconds = time.perf_counter() - t0
+        scores = np.asarray(metrics.psnr(restored, self.x[rows]))  # (L, count)
+        tuning = scores if job.tune_only else scores[:, self.n_test:]
+        best = int(np.argmax(np.mean(tuning, axis=1))) if len(values) > 1 else 0
+        tested = 0 if job.tune_only else self.n_test  # the leading test images among the rows
+        np.savez_compressed(self.out / f"{job.name}.npz", restored=images.to_uint8(restored[best, :tested]),
+                            restored_float_psnr=scores[best, :tested], psnr=scores, diverged=diverged,
+                            values=np.asarray([v for v in values if v is not None], np.float64))
+        config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
+        count = rows.stop - rows.start
+        self.manifest["jobs"][job.name] = {
+            "table": job.table, "row": job.row, "task": job.task, "dtype": job.dtype, "config": config,
+            "values": list(values), "picked": values[best], "tuned_by": job.tuned_by, "seconds": seconds,
+            "nfe_per_image": job.samples * nfe(job.config), "images": count * len(values), "samples": job.samples,
+            "tune_only": job.tune_only, "device": self.manifest["device"], "jax": self.manifest["jax"],
+            "tune": self.args.tune}
+        (self.out / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
+        tune_note = (f", tuning PSNR by value {np.round(np.mean(tuning, 1), 2).tolist()}"
+                     if job.values and self.args.tune else "")
+        tested_note = f"test PSNR {np.mean(scores[best, :tested]):.2f} dB" if tested else "tuning images only"
+        shown = "-" if values[best] is None else f"{values[best]:g}"
+        self.log(f"{job.name}: value {shown}, {tested_note}, "
+                 f"{int(diverged[best].sum())} diverged ({seconds:.1f} s{tune_note})")
+
+
+def generate(args) -> int:
+    """Compiles every job's program on a thread pool (while the weights may still be training), then runs
+    the jobs in plan order within --budget-s; a sweep's pick feeds the jobs tuned by it."""
+    run = Generation(args)
+    run.log(f"compiling {len(run.jobs)} programs with {args.compile_workers} threads")
+    pool = concurrent.futures.ThreadPoolExecutor(args.compile_workers)
+    futures = {job.name: pool.submit(run.compile, job) for job in run.jobs}
+    unet_params = _load_weights(run.weights, run.unet_config, run.started, args.budget_s)
+    run.log(f"loaded {run.weights}")
+    # A one-value sweep picks its value without running, so later rows may run without it.
+    picked = {j.name: j.values[0] for j in run.full_plan if j.values and len(j.values) == 1}
+    rate = None  # seconds per (image x value x NFE), from the jobs run so far
+    for job in run.jobs:
+        if job.values is None and job.tuned_by is not None and job.tuned_by not in picked:
+            run.log(f"{job.name}: skipped ({job.tuned_by} did not run)")
+            continue
+        values = job.values or ((picked[job.tuned_by],) if job.tuned_by else (None,))  # (None,): no step size
+        rows = job.rows(run.n_test, run.n_all)
+        work = (rows.stop - rows.start) * len(values) * job.samples * nfe(job.config)
+        left = args.budget_s - (time.monotonic() - run.started)
+        if rate is not None and rate * work > left:
+            run.log(f"{job.name}: skipped (needs ~{rate * work:.0f} s, {left:.0f} s left)")
+            continue
+        try:
+            program = futures[job.name].result(timeout=max(left, 0.0))
+        except concurrent.futures.TimeoutError:
+            run.log(f"{job.name}: skipped (not compiled within the budget)")
+            continue
+        except Exception as error:  # report and go on: one broken job must not lose the others
+            run.log(f"{job.name}: compile FAILED: {type(error).__name__}: {error}")
+            continue
+        run.log(f"{job.name}: compiled")
+        run.run_job(job, program, unet_params, values)
+        seconds = run.manifest["jobs"][job.name]["seconds"]
+        rate = seconds / work if rate is None else min(rate, seconds / work)
+        if job.values:
+            picked[job.name] = run.manifest["jobs"][job.name]["picked"]
+    pool.shutdown(wait=False, cancel_futures=True)
+    if not all(f.done() for f in futures.values()):
+        run.log("leaving compilations still in flight")
+        sys.stdout.flush()
+        os._exit(0)  # a running XLA compilation cannot be cancelled; do not wait for it
+    return 0
