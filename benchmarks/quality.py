@@ -45,8 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spgd_jax.io.compile_cache import enable_compilation_cache
-from spgd_jax.io.cpu_flags import use_fast_cpu_flags
+from spgd_jax.xla_setup.compile_cache import enable_compilation_cache
+from spgd_jax.xla_setup.cpu_flags import use_fast_cpu_flags
 from spgd_jax import default_weights_path, make_denoiser, metrics, models, operators
 from spgd_jax.io import checkpoint, images
 from spgd_jax.samplers import SAMPLERS, forward_for, nfe, posterior_mean, presets, sample, sampler_for, sweep

@@ -58,7 +58,7 @@ if not __package__:  # run as a file: its sibling modules are not importable as 
     raise SystemExit("run the speed benchmark as a module, from the repository root: python -m benchmarks.speed")
 
 from benchmarks import roofline, trace_summary  # noqa: E402
-from spgd_jax.io.cpu_flags import use_fast_cpu_flags  # noqa: E402
+from spgd_jax.xla_setup.cpu_flags import use_fast_cpu_flags  # noqa: E402
 from spgd_jax.models.adm import CONFIGS, UNetConfig  # noqa: E402  (no JAX backend is started by this import)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ CPU_NOTE = (
 )
 
 CPU64_NOTE = (
-    "XLA:CPU's library fusions are off (spgd_jax/io/cpu_flags.py, which the command lines and benchmarks "
+    "XLA:CPU's library fusions are off (spgd_jax/xla_setup/cpu_flags.py, which the command lines and benchmarks "
     "call; the XLA_FLAGS above): with jaxlib 0.10's defaults, which hand convolutions, dots, reductions and "
     "element-wise ops to XNNPACK/YNNPACK, the same rows took 13.10 s/image at batch 1 (1.00x the PyTorch "
     "reference) and 11.87 at batch 4 (0.76x), with 80% of the op time in those fusions. Alone, Eigen's 3x3 "

@@ -20,8 +20,13 @@ The core, pure JAX (every function works inside jit, vmap and grad; no files):
   spgd_jax.sharding    the batch over devices and hosts
 The applications, around it: spgd_jax.io (checkpoints, images, plots, atomic files), spgd_jax.restore and
 spgd_jax.train (the command lines), spgd_jax.convert (PyTorch checkpoints; needs torch).
-Importing spgd_jax loads none of PIL, matplotlib or orbax.
+Importing spgd_jax loads none of PIL, matplotlib or orbax. It sets XLA:CPU flags under which its programs run
+faster, before JAX starts its backends (spgd_jax.xla_setup.cpu_flags; SPGD_JAX_CPU_FLAGS=0 keeps XLA's defaults).
 """
+
+from spgd_jax.xla_setup.cpu_flags import use_fast_cpu_flags_on_import
+
+use_fast_cpu_flags_on_import()  # first: before anything below can start JAX's backends
 
 from spgd_jax import baselines, denoisers, metrics, models, operators, samplers, sharding
 from spgd_jax.denoisers import Denoiser, make_denoiser

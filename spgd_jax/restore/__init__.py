@@ -43,8 +43,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from spgd_jax.io.compile_cache import enable_compilation_cache
-from spgd_jax.io.cpu_flags import use_fast_cpu_flags
+from spgd_jax.xla_setup.compile_cache import enable_compilation_cache
+from spgd_jax.xla_setup.cpu_flags import use_fast_cpu_flags
 from spgd_jax.io.prior import default_weights_path
 from spgd_jax.samplers import SAMPLERS, forward_for, presets
 from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, UsageError, build_parser,

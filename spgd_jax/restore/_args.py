@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notices")
     parser.add_argument("--no-cache", action="store_true",
                         help="do not use JAX's persistent compilation cache (default: on, in $SPGD_JAX_CACHE_DIR or "
-                             "~/.cache/spgd-jax/xla; spgd_jax.io.compile_cache)")
+                             "~/.cache/spgd-jax/xla; spgd_jax.xla_setup.compile_cache)")
     return parser
 
 
