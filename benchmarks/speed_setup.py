@@ -97,15 +97,19 @@ CPU_NOTE = (
 )
 
 CPU64_NOTE = (
-    "XLA:CPU's library fusions are off (spgd_jax/xla_setup/cpu_flags.py, which the command lines and benchmarks "
-    "call; the XLA_FLAGS above): with jaxlib 0.10's defaults, which hand convolutions, dots, reductions and "
-    "element-wise ops to XNNPACK/YNNPACK, the same rows took 13.10 s/image at batch 1 (1.00x the PyTorch "
-    "reference) and 11.87 at batch 4 (0.76x), with 80% of the op time in those fusions. Alone, Eigen's 3x3 "
-    "convolutions now run at PyTorch's (oneDNN's) speed, 150-220 GFLOP/s on this CPU at these shapes, so "
-    "what remains is the rest of the network: its GroupNorms' reductions and element-wise ops and the "
-    "attention's small batched matmuls (the profile below; it under-counts the convolutions, which Eigen "
-    "runs on its own threads). A GroupNorm with a hand-written backward, channel-minor reductions, and "
-    "other attention layouts measured no faster within this machine's run-to-run noise (about 10%)."
+    "XLA:CPU's library fusions are off (spgd_jax/xla_setup/cpu_flags.py, applied on `import spgd_jax`; the "
+    "XLA_FLAGS above): with jaxlib 0.10's defaults, which hand convolutions, dots, reductions and element-wise "
+    "ops to XNNPACK/YNNPACK, the same rows took 13.10 s/image at batch 1 (1.00x the PyTorch reference) and 11.87 "
+    "at batch 4 (0.76x). GroupNorm32 has a hand-written gradient (spgd_jax/models/adm/_group_norm.py): the "
+    "likelihood gradient 4-10% faster, the profile's reductions 33% -> 18% of the op time. Batching gains JAX "
+    "little: per kind of op, batch 4 costs 2.3x (copies) to 3.9x (element-wise fusions) batch 1's time, about "
+    "0.9x per image in all, because a compiled program has no per-op dispatch cost to amortise; the eager "
+    "reference's batch-1 -> 8 gain (1.66x) is mostly that cost. A batched gradient of the summed loss (instead "
+    "of vmap of the per-image gradient) measured no faster (69 / 75 against 67-79 / 62-64 ms per image-NFE at "
+    "batch 1 / 4). bfloat16 measured no faster either (60-66 against 63-65 ms at batch 4): XLA:CPU runs its "
+    "bfloat16 dots and convolutions without the CPU's BF16 instructions (a 2048^2 bfloat16 matmul at 180 "
+    "GFLOP/s against 213 in float32, PyTorch's oneDNN 432); --xla_cpu_use_onednn and the oneDNN dot fusion "
+    "measured no faster."
 )
 
 PRESETS = {
