@@ -42,8 +42,8 @@ if not __package__:  # run as a file: its sibling modules are not importable as 
 from benchmarks.quality_generate import generate, make_images  # noqa: E402
 from benchmarks.quality_jobs import LR_FACTORS, METHOD_FACTORS, ZETA_FACTORS  # noqa: E402
 from benchmarks.quality_report import merge, score  # noqa: E402
-from spgd_jax.io.compile_cache import enable_compilation_cache  # noqa: E402
-from spgd_jax.io.cpu_flags import use_fast_cpu_flags  # noqa: E402
+from spgd_jax.xla_setup.compile_cache import enable_compilation_cache  # noqa: E402
+from spgd_jax.xla_setup.cpu_flags import use_fast_cpu_flags  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,8 @@ sigma cast to float32, c_noise = (M - 1) * sigma_inv(sigma) with sigma_inv writt
 Reference details kept because they cost time: the model's weights keep ``requires_grad`` (the
 reference's ``requires_grad_`` call is commented out), so every backward also computes weight
 gradients; ``cudnn.deterministic = True`` is set by its entry script. ``variant="tuned"``
-drops both (frozen weights, cudnn.benchmark) for a stronger eager baseline.
+drops both (frozen weights, cudnn.benchmark) for a stronger eager baseline; ``"tuned-bf16"`` also runs
+the UNet under ``torch.autocast(dtype=torch.bfloat16)`` (oneDNN's AMX kernels on a recent Xeon).
 
 Layout NCHW, float32. The model is any ``nn.Module`` called as ``model(x, timesteps)`` (e.g.
 spgd_jax.convert.torch_adm's UNetModel); ``forward`` is the measurement operator on a batch.
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 
 BETA_D, BETA_MIN, M = 19.9, 0.1, 1000
-VARIANTS = ("reference", "tuned")
+VARIANTS = ("reference", "tuned", "tuned-bf16")
+VARIANT_DTYPES = {"reference": "float32", "tuned": "float32", "tuned-bf16": "bfloat16"}
 
 
 def edm_sigmas(steps: int, sigma_max: float = 100.0, sigma_min: float = 0.1, rho: float = 7.0) -> np.ndarray:
@@ -128,6 +130,7 @@ def settings(model: torch.nn.Module, variant: str, true_float32: bool = False) -
 
     reference: weights require grad, cudnn.deterministic = True (as the reference runs).
     tuned: weights frozen, cudnn.benchmark = True, deterministic off.
+    tuned-bf16: tuned, under torch.autocast(dtype=torch.bfloat16) on the model's device.
     true_float32: also switch TF32 off for convolutions and matmuls (for cross-checks on GPUs).
     """
     if variant not in VARIANTS:
@@ -140,7 +143,9 @@ def settings(model: torch.nn.Module, variant: str, true_float32: bool = False) -
         if true_float32:
             cudnn.allow_tf32 = matmul.allow_tf32 = False
         model.requires_grad_(variant == "reference")
-        yield
+        device = next(model.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=variant == "tuned-bf16"):
+            yield
     finally:
         cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
         for p, g in zip(model.parameters(), grads):

@@ -22,10 +22,16 @@ The core, pure JAX (every function works inside jit, vmap and grad; no files):
   spgd_jax.sharding    a batch of independent images over devices and hosts
 The applications, around it: spgd_jax.io (checkpoints, images, plots, atomic files), spgd_jax.restore and
 spgd_jax.train (the command lines), spgd_jax.convert (PyTorch checkpoints; needs torch).
-Importing spgd_jax loads nothing else until a name of it is used (then none of PIL, matplotlib or orbax).
+Importing spgd_jax loads nothing else until a name of it is used (then none of PIL, matplotlib or orbax). It
+sets XLA:CPU flags under which its programs run faster, before JAX starts its backends
+(spgd_jax.xla_setup.cpu_flags; SPGD_JAX_CPU_FLAGS=0 keeps XLA's defaults).
 """
 
 import importlib
+
+from spgd_jax.xla_setup.cpu_flags import use_fast_cpu_flags_on_import
+
+use_fast_cpu_flags_on_import()  # first: before anything below can start JAX's backends (imports no JAX itself)
 
 # name -> the module that defines it; loaded on first use (PEP 562), so that `import spgd_jax` and the command
 # lines' argument checks do not import JAX.

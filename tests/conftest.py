@@ -28,7 +28,7 @@ def _run_cache() -> Path:
 
 if os.environ.get("SPGD_JAX_NO_CACHE", "") in ("", "0"):
     os.environ["SPGD_JAX_CACHE_DIR"] = str(_run_cache())  # inherited by the command lines' subprocesses
-    from spgd_jax.io.compile_cache import enable_compilation_cache
+    from spgd_jax.xla_setup.compile_cache import enable_compilation_cache
 
     enable_compilation_cache()  # in this process too
 

@@ -20,7 +20,7 @@ from spgd_jax.convert import to_flax_params
 from spgd_jax.convert import torch_adm as tr
 from spgd_jax.samplers import SPGDConfig, run
 
-from benchmarks import roofline, speed, torch_spgd, trace_summary
+from benchmarks import roofline, speed_jax, speed_report, speed_setup, torch_spgd, trace_summary
 
 
 def nchw(a: np.ndarray) -> torch.Tensor:
@@ -31,7 +31,7 @@ def test_torch_baseline_matches_jax_sampler_with_adm_off():
     config = CONFIGS["tiny16"]  # learned sigma, scale-shift norm, resblock up/down, attention
     model = tr.from_config(config, seed=3)
     params = to_flax_params({k: v.numpy().copy() for k, v in model.state_dict().items()}, config)
-    inputs = speed.make_inputs(batch=2, size=config.image_size, seed=1)
+    inputs = speed_setup.make_inputs(batch=2, size=config.image_size, seed=1)
     steps, warmup, lr = 3, 2, 1.0
 
     mask = nchw(inputs["mask"])
@@ -48,7 +48,7 @@ def test_torch_baseline_matches_jax_sampler_with_adm_off():
     assert np.isfinite(expected).all()
     assert np.abs(expected - inputs["x_T"]).max() > 1.0  # the run moved far from x_T
     scale = np.abs(expected).max()
-    assert np.abs(got - expected).max() <= speed.XCHECK_RTOL * scale
+    assert np.abs(got - expected).max() <= speed_setup.XCHECK_RTOL * scale
 
 
 def test_baseline_schedule_is_the_samplers():
@@ -77,12 +77,12 @@ def test_largest_batch_estimate():
     # 1 GiB fixed + 2 GiB per image, limit 40 GiB -> 19 images fit; multiples of 8 -> 16.
     gib = 2**30
     memory = {1: 3 * gib, 16: 33 * gib}
-    assert speed.largest_batch(memory, 0, 40 * gib, 1, 1024) == 19
-    assert speed.largest_batch(memory, 0, 40 * gib, 8, 1024) == 16
-    assert speed.largest_batch(memory, 0, 40 * gib, 1, 12) == 12
-    assert speed.largest_batch(memory, 0, 2 * gib, 1, 1024) == 0
+    assert speed_setup.largest_batch(memory, 0, 40 * gib, 1, 1024) == 19
+    assert speed_setup.largest_batch(memory, 0, 40 * gib, 8, 1024) == 16
+    assert speed_setup.largest_batch(memory, 0, 40 * gib, 1, 12) == 12
+    assert speed_setup.largest_batch(memory, 0, 2 * gib, 1, 1024) == 0
     # One measurement: a line through the fixed bytes at batch 0.
-    assert speed.largest_batch({4: 9 * gib}, 1 * gib, 41 * gib, 1, 1024) == 20
+    assert speed_setup.largest_batch({4: 9 * gib}, 1 * gib, 41 * gib, 1, 1024) == 20
 
 
 def _trace_file(tmp_path, events):
@@ -163,7 +163,7 @@ def test_roofline_counts_and_peaks():
 
 
 def test_speed_report_derives_speedups_targets_and_roofline(tmp_path):
-    preset = speed.PRESETS["gpu-ffhq256"]  # T=100, N=5, timed 4 outer steps (x25)
+    preset = speed_setup.PRESETS["gpu-ffhq256"]  # T=100, N=5, timed 4 outer steps (x25)
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     host = {"cpu": "x", "cpu_count": 16, "python": "3", "loadavg_1_5_15min": [0, 0, 0]}
@@ -180,12 +180,12 @@ def test_speed_report_derives_speedups_targets_and_roofline(tmp_path):
     info = {"device": "NVIDIA H200", "backend": "gpu", "jax": "0", "jaxlib": "0", "flax": "0",
             "jax_default_matmul_precision": None, "XLA_FLAGS": "", "host": host,
             "flops_per_image_nfe": 7.7e11, "peaks": roofline.device_peaks("NVIDIA H200")}
-    speed.write_json(work / "torch.json", {"info": dict(speed._INFO_STUBS["torch"], host=host), "rows": torch_rows,
+    speed_setup.write_json(work / "torch.json", {"info": dict(speed_report._INFO_STUBS["torch"], host=host), "rows": torch_rows,
                                            "xcheck": {}, "skipped": []})
     failed_profile = {"dtype": "bfloat16", "batch": 16, "outer_steps": 4, "error": "RuntimeError: no profiler"}
-    speed.write_json(work / "jax.json", {"info": info, "rows": jax_rows, "xcheck": {}, "skipped": [],
+    speed_setup.write_json(work / "jax.json", {"info": info, "rows": jax_rows, "xcheck": {}, "skipped": [],
                                          "profile": failed_profile})
-    stem = speed.report("gpu-ffhq256", preset, work, out, None)
+    stem = speed_report.report("gpu-ffhq256", preset, work, out, None)
     assert stem.name == "speed_gpu-h200"
     s = json.loads(stem.with_suffix(".json").read_text())
     f32 = next(r for r in s["rows"] if r["framework"] == "jax" and r["dtype"] == "float32")
@@ -206,18 +206,48 @@ def test_speed_report_derives_speedups_targets_and_roofline(tmp_path):
     assert "No profile: RuntimeError: no profiler." in md
 
 
+def test_cpu_report_checks_batch_scaling_the_fastest_torch_and_the_measured_peak(tmp_path):
+    preset = speed_setup.PRESETS["cpu-64"]  # T=20, N=5, timed 4 outer steps (x5)
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    host = {"cpu": "x", "cpu_count": 2, "python": "3", "loadavg_1_5_15min": [0, 0, 0]}
+    torch_s = {"reference": {1: 13.0, 2: 11.0, 4: 9.0, 8: 9.0}, "tuned-bf16": {1: 8.0, 2: 6.0, 4: 5.0, 8: 5.0}}
+    torch_rows = [{"framework": "torch", "variant": v, "dtype": torch_spgd.VARIANT_DTYPES[v], "batch": b,
+                   "status": "ok", "run_s": s_img * b / 5} for v, by_batch in torch_s.items() for b, s_img in by_batch.items()]
+    jax_s = {1: 6.0, 2: 5.0, 4: 4.0, 8: 4.5}  # falls at batch 8
+    jax_rows = [{"framework": "jax", "variant": "sample", "dtype": "float32", "batch": b, "status": "ok",
+                 "run_s": s_img * b / 5, "compile_s": 9.0, "trace_s": 1.0} for b, s_img in jax_s.items()]
+    peaks = {"xla float32": 170.0, "xla bfloat16": 150.0, "torch float32": 230.0, "torch bfloat16": 650.0, "peak": 650.0}
+    info = {"device": "cpu", "backend": "cpu", "jax": "0", "jaxlib": "0", "flax": "0",
+            "jax_default_matmul_precision": None, "XLA_FLAGS": "", "host": host, "flops_per_image_nfe": 6.5e9,
+            "peaks": None, "cpu_matmul_gflops": peaks}
+    speed_setup.write_json(work / "torch.json", {"info": dict(speed_report._INFO_STUBS["torch"], host=host), "rows": torch_rows,
+                                           "xcheck": {}, "skipped": []})
+    speed_setup.write_json(work / "jax.json", {"info": info, "rows": jax_rows, "xcheck": {}, "skipped": []})
+    s = json.loads(speed_report.report("cpu-64", preset, work, out, "cpu-test").with_suffix(".json").read_text())
+    b4 = next(r for r in s["rows"] if r["framework"] == "jax" and r["batch"] == 4)
+    assert b4["speedup_vs_torch_fastest"] == pytest.approx(5.0 / 4.0)  # tuned-bf16 is the fastest at batch 4
+    assert b4["fraction_of_peak"] == pytest.approx(b4["tflops"] / 0.230)  # float32: the faster framework's peak
+    targets = {t["what"].split(" (")[0]: t for t in s["targets"]}
+    assert not targets["JAX float32 images/s rises with the batch 1, 2, 4, 8"]["met"]
+    gain = targets["JAX images/s gain batch 1 -> 8 over the reference's"]
+    assert gain["value"] == pytest.approx((6.0 / 4.5) / (13.0 / 9.0)) and not gain["met"]
+    fastest = targets["JAX best images/s"]
+    assert fastest["value"] == pytest.approx(5.0 / 4.0) and not fastest["met"]  # needs 1.5x
+
+
 def test_jax_rows_run_in_priority_order():
-    plan = speed.jax_plan(speed.PRESETS["gpu-ffhq256"])
+    plan = speed_jax.jax_plan(speed_setup.PRESETS["gpu-ffhq256"])
     assert plan == [("bfloat16", 16), ("float32", 1), ("bfloat16", 1), ("float32", 16), ("bfloat16", "largest"),
                     ("float32", 4), ("bfloat16", 4), ("float32", "largest")]
-    smoke = speed.jax_plan(speed.PRESETS["gpu-smoke"])  # profiled row (bfloat16, 2) first though not a target batch
+    smoke = speed_jax.jax_plan(speed_setup.PRESETS["gpu-smoke"])  # profiled row (bfloat16, 2) first though not a target batch
     assert smoke[0] == ("bfloat16", 2) and smoke.count(("bfloat16", 2)) == 1 and len(smoke) == 6
 
 
 def test_cpu64_preset_is_the_issues_configuration():
     from spgd_jax import UNet
 
-    preset = speed.PRESETS["cpu-64"]
+    preset = speed_setup.PRESETS["cpu-64"]
     config = preset.unet
     shapes = jax.eval_shape(lambda: UNet(config).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,))))
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))

@@ -1,4 +1,4 @@
-"""The XLA:CPU settings of the command lines (spgd_jax.io.cpu_flags)."""
+"""The XLA:CPU settings applied on `import spgd_jax` and by the command lines (spgd_jax.xla_setup.cpu_flags)."""
 
 import os
 import subprocess
@@ -7,27 +7,32 @@ import sys
 import jaxlib
 import pytest
 
-from spgd_jax.io import cpu_flags
+from spgd_jax.xla_setup import cpu_flags
 
-# In a fresh process: optionally set the flags, then compile a convolution's gradient and say whether XLA:CPU
-# handed any of it to an XNNPACK/YNNPACK library fusion.
+# In a fresh process: import spgd_jax as a library user does (or as the command lines do: then also their own
+# call of use_fast_cpu_flags), compile SPGD on a tiny UNet, and print what the command line's call added after
+# the import, whether the compiled program holds any XNNPACK/YNNPACK library fusion, and $XLA_FLAGS.
 PROBE = """
-import sys
-from spgd_jax.io.cpu_flags import use_fast_cpu_flags
-added = use_fast_cpu_flags() if sys.argv[1] == "on" else []
+import os, sys
+import spgd_jax
+added = spgd_jax.xla_setup.use_fast_cpu_flags() if sys.argv[1] == "cli" else []
 import jax, jax.numpy as jnp
-loss = lambda x, k: jnp.sum(jax.nn.silu(jax.lax.conv_general_dilated(
-    x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))) ** 2)
-text = jax.jit(jax.grad(loss)).lower(jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()
-print(len(added), "ynn_fusion" in text or "xnn_fusion" in text)
+config = spgd_jax.UNetConfig(image_size=8, num_channels=32, num_res_blocks=1, channel_mult=(1,),
+                             attention_resolutions=(8,), num_head_channels=32, use_scale_shift_norm=True)
+x = jnp.zeros((2, 8, 8, 3))
+params = spgd_jax.UNet(config).init(jax.random.key(0), x, jnp.zeros((2,)))["params"]
+run = lambda p, y: spgd_jax.sample(spgd_jax.make_denoiser(config, p), lambda x, _: x, y, jax.random.key(1),
+                                   spgd_jax.SPGDConfig(lr=1.0, steps=2, warmup=1), x_shape=(8, 8, 3)).x
+text = jax.jit(run).lower(params, x).compile().as_text()
+print(len(added), "ynn_fusion" in text or "xnn_fusion" in text, os.environ.get("XLA_FLAGS", ""))
 """
 
 
-def probe(mode: str, env: dict | None = None) -> tuple[int, bool]:
-    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env, timeout=120)
+def probe(mode: str, env: dict) -> tuple[int, bool, str]:
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    added, library = done.stdout.split()
-    return int(added), library == "True"
+    added, library, *flags = done.stdout.split()
+    return int(added), library == "True", " ".join(flags)
 
 
 @pytest.fixture
@@ -62,7 +67,32 @@ def test_nothing_is_set_when_off_on_another_jaxlib_or_too_late(fresh, monkeypatc
 
 
 @pytest.mark.skipif(not jaxlib.__version__.startswith(cpu_flags.MEASURED_JAXLIB), reason="flags measured on jaxlib 0.10")
-def test_this_xla_knows_the_flags_and_they_turn_the_library_fusions_off():
+def test_a_plain_import_compiles_the_sampler_with_the_command_lines_settings():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cpu_flags.ENV_OFF)}
-    assert probe("off", env) == (0, True)  # XLA:CPU's default uses them for this program
-    assert probe("on", env) == (len(cpu_flags.CPU_FLAGS), False)
+    library = probe("library", env)
+    assert library == probe("cli", env)  # the command line's own call adds nothing: the same XLA settings
+    assert library == (0, False, " ".join(cpu_flags.CPU_FLAGS))
+    # Turned off, XLA:CPU's defaults hand parts of the same program to its library fusions.
+    assert probe("library", {**env, cpu_flags.ENV_OFF: "0"}) == (0, True, "")
+
+
+LATE_IMPORT = """
+import warnings
+import jax
+jax.numpy.ones(2).block_until_ready()  # starts JAX's backends before spgd_jax is imported
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import spgd_jax
+print(sum(issubclass(w.category, spgd_jax.xla_setup.LateFlagsWarning) for w in caught))
+"""
+
+
+@pytest.mark.skipif(not jaxlib.__version__.startswith(cpu_flags.MEASURED_JAXLIB), reason="flags measured on jaxlib 0.10")
+@pytest.mark.parametrize("off, warnings", [(False, 1), (True, 0)])
+def test_importing_spgd_jax_too_late_warns_unless_turned_off(off, warnings):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cpu_flags.ENV_OFF)}
+    if off:
+        env[cpu_flags.ENV_OFF] = "0"
+    done = subprocess.run([sys.executable, "-c", LATE_IMPORT], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) == warnings

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "spgd_jax"
 
 # The core (pure JAX) and the applications around it; the core never imports an application.
-CORE_PACKAGES = ("models", "denoisers", "operators", "samplers")
+CORE_PACKAGES = ("models", "denoisers", "operators", "samplers", "xla_setup")
 CORE_MODULES = ("metrics", "classical", "sharding")
 APPLICATIONS = ("spgd_jax.io", "spgd_jax.restore", "spgd_jax.train", "spgd_jax.convert", "spgd_jax.weights")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from spgd_jax.io.compile_cache import enable_compilation_cache
-from spgd_jax.io.cpu_flags import use_fast_cpu_flags
+from spgd_jax.xla_setup.compile_cache import enable_compilation_cache
+from spgd_jax.xla_setup.cpu_flags import use_fast_cpu_flags
 from spgd_jax.io.prior import default_weights_path
 from spgd_jax.restore._args import EXIT_NO_IMAGE_FINISHED, VIDEO_FRAMES, Request, UsageError, hint
 from spgd_jax.restore._folder import OutputFolder

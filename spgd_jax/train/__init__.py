@@ -44,8 +44,8 @@ import sys
 
 from spgd_jax.train._args import DEFAULT64, MODELS, card_path, configs, export_parser, train_parser
 from spgd_jax.train._data import Split, list_images, split_names
-from spgd_jax.io.compile_cache import enable_compilation_cache
-from spgd_jax.io.cpu_flags import use_fast_cpu_flags
+from spgd_jax.xla_setup.compile_cache import enable_compilation_cache
+from spgd_jax.xla_setup.cpu_flags import use_fast_cpu_flags
 from spgd_jax.train._export import CARD_BEGIN, CARD_END, export
 from spgd_jax.train._loop import train
 from spgd_jax.train._state import TrainConfig, TrainState

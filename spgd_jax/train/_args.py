@@ -38,7 +38,7 @@ def train_parser() -> argparse.ArgumentParser:
                         "e.g. --set num_channels=32 --set channel_mult=[1,2,2] --set batch_size=64")
     p.add_argument("--cache-dir", default="data_cache", help="where decoded images are cached (.npy)")
     p.add_argument("--no-cache", action="store_true",
-                   help="do not use the persistent compilation cache (default: on; spgd_jax.io.compile_cache)")
+                   help="do not use the persistent compilation cache (default: on; spgd_jax.xla_setup.compile_cache)")
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="start a new run from these weights (e.g. weights/default64): params and EMA, "
                         "fresh optimiser")

@@ -9,8 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spgd_jax.models.adm._config import NORM_EPS, NORM_GROUPS, NUM_CLASSES, UNetConfig
+from spgd_jax.models.adm._config import NUM_CLASSES, UNetConfig
 from spgd_jax.models.adm._conv import conv_general_dilated
+from spgd_jax.models.adm._group_norm import GroupNorm32
 
 __all__ = ["UNet", "init_shapes", "param_count", "timestep_embedding"]
 
@@ -36,14 +37,7 @@ _zeros = nn.initializers.zeros
 
 def _norm(h: jax.Array, name: str) -> jax.Array:
     """GroupNorm32: computed in float32, returned in h's dtype."""
-    out = nn.GroupNorm(
-        num_groups=NORM_GROUPS,
-        epsilon=NORM_EPS,
-        dtype=jnp.float32,
-        use_fast_variance=False,
-        name=name,
-    )(h.astype(jnp.float32))
-    return out.astype(h.dtype)
+    return GroupNorm32(name=name)(h).astype(h.dtype)
 
 
 def _conv3(features: int, dtype: Any, name: str, strides: int = 1, zero: bool = False) -> nn.Conv:
