@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spgd_jax.denoisers import trained_timesteps
 from spgd_jax.operators import SVDForward
 from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
 from spgd_jax.samplers.schedule import DDPM_STEPS
@@ -174,5 +175,5 @@ def ddrm(
     sigma_0 = float(sigmas[0])
     init = jax.vmap(lambda y_b, p_b, x_b: initial_state(forward, y_b, p_b, x_b / sigma_0, sigma_0, config.sigma_y,
                                                         config.singular_floor))(y, params, x_init)
-    step = get_step_fn(denoiser, forward, config)
+    step = get_step_fn(trained_timesteps(denoiser), forward, config)  # integer DDPM timesteps, as released
     return run_schedule(step, init, sigmas, None, (y, params), config.trajectory_every, progress, keys=keys)

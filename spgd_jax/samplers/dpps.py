@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spgd_jax.denoisers import trained_timesteps
 from spgd_jax.samplers._ancestral import check_positive, require_keys, residual_norm_and_grad, vp_step_factors
 from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
 from spgd_jax.samplers.schedule import ddim_step, ddpm_sigmas
@@ -136,5 +137,5 @@ def dpps(
     zetas = jnp.full((config.steps,), config.zeta if zeta is None else zeta, jnp.float32)
     per_step = (zetas * jnp.asarray(vp_step_factors(sigmas), jnp.float32),
                 jnp.asarray(candidate_counts(sigmas, config.candidates)))
-    step = get_step_fn(denoiser, forward, config.candidates)
+    step = get_step_fn(trained_timesteps(denoiser), forward, config.candidates)  # integer DDPM timesteps
     return run_schedule(step, x_init, sigmas, per_step, (y, params), config.trajectory_every, progress, keys=keys)

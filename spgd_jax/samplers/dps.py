@@ -26,6 +26,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from spgd_jax.denoisers import trained_timesteps
 from spgd_jax.samplers._ancestral import (ancestral_step, check_positive, require_keys, residual_norm_and_grad,
                                           vp_step_factors)
 from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
@@ -122,5 +123,7 @@ def dps(
         zetas = zetas * jnp.asarray(vp_step_factors(sigmas), jnp.float32)
     else:
         keys = None
+    if config.schedule == "ddpm":  # the network sees the trained integer timesteps, as in the release (issue 25)
+        denoiser = trained_timesteps(denoiser)
     step = get_step_fn(denoiser, forward, config.schedule)
     return run_schedule(step, x_init, sigmas, zetas, (y, params), config.trajectory_every, progress, keys=keys)

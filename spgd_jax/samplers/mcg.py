@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from spgd_jax.denoisers import trained_timesteps
 from spgd_jax.samplers._ancestral import (ancestral_step, check_positive, noised_projection, require_keys,
                                           residual_norm_and_grad, vp_step_factors)
 from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
@@ -98,5 +99,5 @@ def mcg(
     sigmas = ddpm_sigmas(config.steps)
     alphas = jnp.full((config.steps,), config.alpha if alpha is None else alpha, jnp.float32)
     alphas = alphas * jnp.asarray(vp_step_factors(sigmas), jnp.float32)
-    step = get_step_fn(denoiser, forward, config.cg_iterations)
+    step = get_step_fn(trained_timesteps(denoiser), forward, config.cg_iterations)  # integer DDPM timesteps
     return run_schedule(step, x_init, sigmas, alphas, (y, params), config.trajectory_every, progress, keys=keys)

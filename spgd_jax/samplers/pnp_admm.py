@@ -4,10 +4,13 @@ ADMM on min_x ||A x - y||^2 + prior(x) with the prior's proximal step replaced b
 for k = 0..K-1 (K = `iterations`, 10 in the SPGD paper for every task):
 
   x_{k+1} = argmin_x ||A x - y||^2 + rho ||x - (z_k - u_k)||^2      (Eq. 5a, operators.proximal, CG)
-  z_{k+1} = D(x_{k+1} + u_k; sigma_d)                                (Eq. 5b: the denoiser at a fixed level)
+  z_{k+1} = D(clip(x_{k+1} + u_k, -1, 1); sigma_d)                   (Eq. 5b: the denoiser at a fixed level)
   u_{k+1} = u_k + x_{k+1} - z_{k+1}                                  (Eq. 5c)
 
-from x_0 = z_0 = A^T y, u_0 = 0; the result is x_K. K denoiser evaluations.
+from x_0 = z_0 = 0 (mid-grey), u_0 = 0; the result is z_K, the denoised variable. K denoiser evaluations.
+As the reference MATLAB code (Chan's PlugPlayADMM, PlugPlayADMM_general.m): it starts from v = x = 0.5 in
+[0, 1] units (0 in ours) with u = 0, clips x + u to the image range before denoising (its proj) and returns
+v (our z). (Before issue 25 we started from A^T y, did not clip and returned x.)
 Correspondence: for a prior p(x), rho = sigma_y^2 / sigma_d^2 makes this ADMM on the MAP objective
 ||A x - y||^2 / (2 sigma_y^2) - log p(x) when D(.; sigma_d) is the proximal map of -sigma_d^2 log p
 (for a Gaussian prior it is, and the iterates converge to the posterior mean).
@@ -51,7 +54,7 @@ class PnPADMMConfig:
     step size; may be traced in a sweep). sigma_d: the denoiser's fixed noise level in [-1, 1] units.
     iterations: K ADMM iterations = denoiser evaluations (10). cg_iterations: CG iterations of the x-update.
     trajectory_every: k > 0 also returns z every k iterations. steps, sigma_max (properties): K and sigma_d,
-    for sample() (which draws an x_init that PnP-ADMM does not use: it starts from A^T y)."""
+    for sample() (which draws an x_init that PnP-ADMM does not use: it starts from 0)."""
 
     rho: float = 0.01
     sigma_d: float = 0.1
@@ -84,7 +87,7 @@ def get_step_fn(denoiser, forward, cg_iterations: int):
     def step(state, step, _key, image):
         (_, z, u), (y, params) = state, image
         x = proximal(forward, params, y, z - u, step.inputs, cg_iterations)
-        z = denoiser((x + u)[None], step.sigma[None])[0]
+        z = denoiser(jnp.clip(x + u, -1.0, 1.0)[None], step.sigma[None])[0]  # the reference's proj to the range
         return (x, z, u + x - z), z, jnp.sum((forward(x, params) - y) ** 2)
 
     return step
@@ -103,13 +106,15 @@ def pnp_admm(
     rho: jax.Array | float | None = None,
 ) -> SampleResult:
     """PnP-ADMM for measurements y (B, ...) in [-1, 1] with a LINEAR forward A(x (H,W,C), params_b) (ValueError
-    otherwise). x_init (B, H, W, C) gives only the image shape (the start is A^T y); keys are not used (the
-    method is deterministic). rho: a scalar replacing config.rho, may be traced. Returns SampleResult with
-    x = x_K and losses (B, K) = ||A x_{k+1} - y||^2."""
-    x_shape = x_init.shape[1:]
-    start = jax.vmap(lambda y_b, p_b: adjoint(forward, p_b, x_shape)(y_b))(y, params)
+    otherwise). x_init (B, H, W, C) gives only the image shape (the start is x = z = 0, u = 0); keys are not
+    used (the method is deterministic). rho: a scalar replacing config.rho, may be traced. Returns
+    SampleResult with x = z_K (the denoised variable, as the reference returns v) and losses (B, K) =
+    ||A x_{k+1} - y||^2."""
+    one_params = jax.tree_util.tree_map(lambda p: p[0], params)
+    adjoint(forward, one_params, x_init.shape[1:])(y[0])  # ValueError now when forward is not linear
+    start = jnp.zeros_like(x_init)
     sigmas = np.append(np.full(config.iterations, float(config.sigma_d)), 0.0)
     rhos = jnp.full((config.iterations,), config.rho if rho is None else rho, jnp.float32)
     step = get_step_fn(denoiser, forward, config.cg_iterations)
     return run_schedule(step, (start, start, jnp.zeros_like(start)), sigmas, rhos, (y, params),
-                        config.trajectory_every, progress, output=lambda state: state[0])
+                        config.trajectory_every, progress, output=lambda state: state[1])

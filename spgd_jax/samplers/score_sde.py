@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import jax
 
+from spgd_jax.denoisers import trained_timesteps
 from spgd_jax.samplers._ancestral import ancestral_step, noised_projection, require_keys
 from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
 from spgd_jax.samplers.mcg import check_cg_iterations
@@ -77,6 +78,6 @@ def score_sde(
     spgd_jax.samplers._sample.sample. forward must be linear (ValueError otherwise); keys: (B,) per-image
     PRNG keys (required). losses is None."""
     keys = require_keys(keys, "Score-SDE")
-    step = get_step_fn(denoiser, forward, config.cg_iterations)
+    step = get_step_fn(trained_timesteps(denoiser), forward, config.cg_iterations)  # integer DDPM timesteps
     return run_schedule(step, x_init, ddpm_sigmas(config.steps), None, (y, params), config.trajectory_every,
                         progress, keys=keys)
