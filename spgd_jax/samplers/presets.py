@@ -15,10 +15,10 @@ import dataclasses
 from typing import Any
 
 from spgd_jax.samplers.dps import DPSConfig
-from spgd_jax.operators import TASKS
+from spgd_jax.operators import TASKS, get as get_operator
 from spgd_jax.samplers.spgd import SPGDConfig
 
-__all__ = ["DPS_ZETA", "PAPER", "PAPER_LR", "TUNED", "config", "TUNED_SPGD", "TUNED_ZETA", "UNSUPPORTED_BY_DEFAULT_PRIOR", "dps_config",
+__all__ = ["DPS_ZETA", "PAPER", "PAPER_LR", "TASK_SIGMA_Y", "TUNED", "config", "TUNED_SPGD", "TUNED_ZETA", "UNSUPPORTED_BY_DEFAULT_PRIOR", "dps_config",
            "spgd_config"]
 
 # Paper Table 5 (FFHQ); phase retrieval and HDR from the reference configs. The reference's
@@ -32,7 +32,8 @@ PAPER_LR = {
     "phase_retrieval": 2.0,
     "hdr": 1.0,
 }
-# DPS release (1000 ancestral steps): 0.5 inpainting, 0.3 deblurring and SR, 1.0 phase retrieval.
+# DPS release (1000 ancestral steps): 0.5 inpainting, 0.3 deblurring and SR, 1.0 phase retrieval. The release
+# has no HDR task: hdr's 0.3 is ours (the deblurring value), not the release's.
 DPS_ZETA = {
     "inpaint": 0.5,
     "inpaint_box": 0.5,
@@ -91,6 +92,10 @@ TUNED_ZETA: dict[str, float] = {
 }
 
 
+# The measurement noise std of each task's operator ([-1, 1] units; the same at every size): the default of a
+# config's sigma_y (DDRM, DiffPIR), so that presets.config's noise model is the task's, as on the command line.
+TASK_SIGMA_Y: dict[str, float] = {task: get_operator(task, 64).sigma_y for task in TASKS}
+
 # Per sampler, per task: the config fields of the method's own paper or release (PAPER) and those changed
 # for the default 64 px prior (TUNED, each with its measurement above or in benchmarks/results/). A
 # task missing from a sampler's table uses the config's own defaults.
@@ -102,8 +107,9 @@ PAPER: dict[str, dict[str, dict[str, Any]]] = {
     "dps": {task: {"zeta": zeta, "schedule": "ddpm", "steps": 1000} for task, zeta in DPS_ZETA.items()},
     "dpps": {"inpaint": {"zeta": 1.0}, "inpaint_box": {"zeta": 1.0}, "gauss_deblur": {"zeta": 0.4},
              "motion_deblur": {"zeta": 0.4}, "sr4": {"zeta": 1.0}},
-    # DiffPIR release (main_ddpir_inpainting.py, main_ddpir_deblur.py; sr4: the middle of main_ddpir_sisr.py's
-    # lambda sweep 2-12 at zeta 0.25), noiseless settings, 20 NFE.
+    # DiffPIR release's lambda and zeta (main_ddpir_inpainting.py, main_ddpir_deblur.py; sr4: the middle of
+    # main_ddpir_sisr.py's lambda sweep 2-12 at zeta 0.25). Its deblurring and SR scripts run 100 steps at noise
+    # 12.75/255 in [0, 1] units (sigma_y 0.1 here); we run them at the SPGD paper's 20 NFE and the task's sigma_y.
     "diffpir": {"inpaint": {"lam": 1.0, "zeta": 1.0}, "inpaint_box": {"lam": 1.0, "zeta": 1.0},
                 "gauss_deblur": {"lam": 7.0, "zeta": 0.3}, "motion_deblur": {"lam": 7.0, "zeta": 0.3},
                 "sr4": {"lam": 6.0, "zeta": 0.25}},
@@ -141,8 +147,11 @@ def config(sampler: str, task: str, tuned: bool = True, **overrides):
 
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    config_type = SAMPLERS[sampler].config_type
     defaults = {**PAPER.get(sampler, {}).get(task, {}), **(TUNED.get(sampler, {}).get(task, {}) if tuned else {})}
-    return _config(SAMPLERS[sampler].config_type, task, defaults, overrides)
+    if "sigma_y" in {f.name for f in dataclasses.fields(config_type)} and task in TASKS:
+        defaults = {"sigma_y": TASK_SIGMA_Y[task], **defaults}  # the method's noise model is the task's (0.05 for the box)
+    return _config(config_type, task, defaults, overrides)
 
 
 def _config(config_type, task: str, defaults: dict, overrides: dict):
