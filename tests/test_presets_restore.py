@@ -83,9 +83,12 @@ def demo():
 
 
 def naive_inverse(task, operator, y, params):
-    """The measurement's prior-free inverse: the classical restorations, harmonic filling for the box, y / 2 for HDR."""
-    if task == "inpaint_box":
+    """The measurement mapped back to an image without a prior and without deconvolving: the kept pixels with
+    harmonic filling (inpainting), the blurred image itself (deblurring), bicubic upsampling (SR), y / 2 (HDR)."""
+    if task in ("inpaint", "inpaint_box"):
         return jax.vmap(baselines.harmonic_inpaint)(y, params["mask"])
+    if task in ("gauss_deblur", "motion_deblur"):
+        return y
     if task == "hdr":
         return y / 2
     return jax.vmap(baselines.classical(operator, 64))(y, params)
@@ -97,9 +100,10 @@ def laplacian_rms(x):
 
 
 def accepted_tasks(name):
-    """The tasks the command line runs `name` on with the default prior (not those it refuses or warns about)."""
+    """The tasks the command line runs `name` on with the default prior without a warning (it refuses a non-linear
+    task to a linear-only method, and warns where presets.default_prior_warning says the prior cannot)."""
     sampler = SAMPLERS[name]
-    tasks = [t for t in operators.TASKS if t not in presets.UNSUPPORTED_BY_DEFAULT_PRIOR
+    tasks = [t for t in operators.TASKS if presets.default_prior_warning(name, t) is None
              and (operators.get(t, 64).linear or not sampler.linear_only)]
     if sampler.forward is not None:  # DDRM: the tasks with an SVD
         tasks = [t for t in tasks if _derivable(sampler, t)]
@@ -136,3 +140,9 @@ def test_every_preset_restores_the_demo_face_better_than_the_naive_inverse(name,
         if bool(result.diverged[0]) or psnr <= naive or residual < NOISE_FIT * operator.sigma_y or speckle > SPECKLE:
             failures.append(line)
     assert not failures, "\n".join(failures)
+
+
+def test_the_warned_pairs_name_registered_methods_and_tasks():
+    for name, task in presets.UNSUPPORTED_PAIRS_BY_DEFAULT_PRIOR:
+        assert name in SAMPLERS and task in operators.TASKS
+        assert presets.default_prior_warning(name, task) and presets.default_prior_warning("spgd", task) is None

@@ -75,8 +75,8 @@ def _main(args) -> int:
     weights = Path(args.weights) if args.weights else default_weights_path()
     default_prior = weights.resolve() == default_weights_path().resolve()
     config = sampler_config(args, tuned=default_prior)
-    if default_prior and task in presets.UNSUPPORTED_BY_DEFAULT_PRIOR:
-        print(f"warning: {presets.UNSUPPORTED_BY_DEFAULT_PRIOR[task]}", file=sys.stderr)
+    if default_prior and presets.default_prior_warning(args.sampler, task):  # a task or a (method, task) pair
+        print(f"warning: {presets.default_prior_warning(args.sampler, task)}", file=sys.stderr)
     lrs = args.lr if args.lr and len(args.lr) > 1 else None
 
     denoiser, unet_config = load_prior(weights)
