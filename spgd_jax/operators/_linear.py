@@ -53,13 +53,15 @@ def proximal(forward, params, y: jax.Array, z: jax.Array, rho: jax.Array | float
 
 
 def project(forward, params, y: jax.Array, x: jax.Array, iterations: int = 30) -> jax.Array:
-    """The point of {x' : A x' = y} closest to x, for ONE image: x + A^T (A A^T)^{-1} (y - A x), by CG in the
-    measurement space. For inpainting this replaces the kept pixels by y; for an A without full row rank
-    CG returns a least-squares point."""
+    """The point of {x' : A x' = y} closest to x, for ONE image: x + A^+ (y - A x), A^+ r the least-norm
+    least-squares solution of A d = r, by CG on A^T A d = A^T r from d = 0 in image space. For inpainting this
+    replaces the kept pixels by y; for an A without full row rank it is the closest least-squares point.
+
+    (CG on A A^T v = y - A x in measurement space diverged where y has a component outside A's range, as our
+    inpainting y has: noise on the removed pixels, where A A^T is 0; A^T r always lies in A^T A's range.)"""
     transpose = adjoint(forward, params, x.shape)
-    gram = lambda v: forward(transpose(v), params)
-    residual = y - forward(x, params)
-    return x + transpose(conjugate_gradients(gram, residual, jnp.zeros_like(residual), iterations))
+    normal = lambda d: transpose(forward(d, params))
+    return x + conjugate_gradients(normal, transpose(y - forward(x, params)), jnp.zeros_like(x), iterations)
 
 
 def conjugate_gradients(matrix: Callable[[jax.Array], jax.Array], b: jax.Array, x0: jax.Array,
