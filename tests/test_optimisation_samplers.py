@@ -127,7 +127,8 @@ def test_red_diff_matches_numpy_adam_reduces_the_residual_and_uses_t_evaluations
     for b in range(2):
         noises = [normal(jax.random.fold_in(keys[b], i)) for i in range(config.steps)]
         matrix, y64 = np.asarray(matrices[b], np.float64), np.asarray(y[b], np.float64)
-        mu = matrix.T @ y64 * (y64 @ y64) / (y64 @ matrix @ matrix.T @ y64)  # one CG iteration from 0
+        g = matrix.T @ y64
+        mu = g * (g @ g) / np.sum((matrix @ g) ** 2)  # one CG iteration on A^T A mu = A^T y from 0
         expected = numpy_red_diff(mu, matrix, y64, sigmas, noises, config.lr, config.lam)
         np.testing.assert_allclose(np.ravel(result.x[b]), expected, atol=2e-4)
     assert result.losses.shape == (2, config.steps) and np.all(result.losses[:, -1] < 0.1 * result.losses[:, 0])
