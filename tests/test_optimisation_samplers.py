@@ -14,6 +14,7 @@ from spgd_jax.samplers import DAPSConfig, RedDiffConfig, SAMPLERS, Step, image_k
 from spgd_jax.samplers.daps import DAPSStep, annealing_sigmas, get_step_fn, langevin, langevin_rates, ode_sigmas
 from spgd_jax.samplers.red_diff import adam, initial_mean
 from spgd_jax.samplers.red_diff import get_step_fn as red_diff_step_fn
+from spgd_jax.samplers.ddrm import ddrm_sigmas  # RED-Diff steps on the release's range(0, 1000, 1000 // T)
 from spgd_jax.samplers.schedule import ddpm_sigmas
 
 RED_DIFF = RedDiffConfig(lr=0.05, steps=8)
@@ -65,7 +66,7 @@ def numpy_reference(name, config, matrix, y, x_init, loop_key):
     """The whole run of one image in float64: RED-Diff from A^+ y, DAPS from x_init (flat)."""
     matrix, y = np.asarray(matrix, np.float64), np.asarray(y, np.float64)
     if name == "red_diff":
-        sigmas = ddpm_sigmas(config.steps)[:-1]
+        sigmas = ddrm_sigmas(config.steps)[:-1]
         noises = [normal(jax.random.fold_in(loop_key, i)) for i in range(config.steps)]
         return numpy_red_diff(np.linalg.pinv(matrix) @ y, matrix, y, sigmas, noises, config.lr, config.lam)
     x, sigmas, rates = np.asarray(x_init, np.float64).ravel(), annealing_sigmas(config), langevin_rates(config)
@@ -122,11 +123,12 @@ def test_red_diff_matches_numpy_adam_reduces_the_residual_and_uses_t_evaluations
     result = run(counting(gaussian_denoiser, record), matrix_forward, y, x_init, config, matrices, keys=keys)
     jax.effects_barrier()
     assert len(record) == config.steps * 2  # one denoiser evaluation per step and image
-    sigmas = ddpm_sigmas(config.steps)[:-1]
+    sigmas = ddrm_sigmas(config.steps)[:-1]
     for b in range(2):
         noises = [normal(jax.random.fold_in(keys[b], i)) for i in range(config.steps)]
         matrix, y64 = np.asarray(matrices[b], np.float64), np.asarray(y[b], np.float64)
-        mu = matrix.T @ y64 * (y64 @ y64) / (y64 @ matrix @ matrix.T @ y64)  # one CG iteration from 0
+        g = matrix.T @ y64
+        mu = g * (g @ g) / np.sum((matrix @ g) ** 2)  # one CG iteration on A^T A mu = A^T y from 0
         expected = numpy_red_diff(mu, matrix, y64, sigmas, noises, config.lr, config.lam)
         np.testing.assert_allclose(np.ravel(result.x[b]), expected, atol=2e-4)
     assert result.losses.shape == (2, config.steps) and np.all(result.losses[:, -1] < 0.1 * result.losses[:, 0])

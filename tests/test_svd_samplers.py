@@ -181,16 +181,20 @@ def test_samplers_average_to_the_exact_posterior_mean(method):
 
 def test_pnp_admm_converges_to_the_posterior_mean_with_the_map_rho():
     """For the Gaussian prior D(.; sigma_d) is the proximal map of the prior, so with rho = (sigma_y/sigma_d)^2
-    ADMM solves the MAP problem, whose solution is the exact posterior mean; 10 iterations suffice here."""
+    ADMM solves the MAP problem, whose solution is the exact posterior mean; 20 iterations from 0 suffice
+    here. y is halved so that the posterior means lie inside [-1, 1], where the reference's clip of x + u
+    is inactive at convergence."""
     matrices, _, y, _ = random_problem(2, m=12)
+    y = 0.5 * y
     sigma_d = 0.5
-    config = PnPADMMConfig(penalty=(0.01 / sigma_d) ** 2, sigma_d=sigma_d)
+    config = PnPADMMConfig(penalty=(0.01 / sigma_d) ** 2, sigma_d=sigma_d, iterations=20)
     result = sample(gaussian_denoiser, matrix_forward, y, jax.random.PRNGKey(0), config, matrices, x_shape=SHAPE)
     for b in range(2):
         mean, _ = posterior(matrices[b], y[b], 0.01)
-        # 10 iterations leave 1.3e-4; rho off by 2x in either direction lands 6.9e-4 or more away
-        np.testing.assert_allclose(np.asarray(result.x[b]).ravel(), mean, atol=2.5e-4)
-    assert result.losses.shape == (2, 10) and (result.losses[:, -1] <= result.losses[:, 0] + 1e-6).all()
+        assert np.abs(mean).max() < 0.95
+        # 20 iterations leave 1e-6; rho off by 2x in either direction lands 2.8e-4 or more away
+        np.testing.assert_allclose(np.asarray(result.x[b]).ravel(), mean, atol=1e-4)
+    assert result.losses.shape == (2, 20) and (result.losses[:, -1] <= result.losses[:, 0] + 1e-6).all()
 
 
 # ---------------------------------------------------------------- loop contracts

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from spgd_jax import models
+from spgd_jax.denoisers.ddpm import vp_ddpm_preconditioning
 from spgd_jax.denoisers.edm import edm_preconditioning
 from spgd_jax.denoisers.vp import vp_preconditioning
 
@@ -23,6 +24,7 @@ __all__ = ["PRECONDITIONINGS", "Denoiser", "make_denoiser"]
 # name -> preconditioning(network_fn (x_scaled, noise_labels) -> out, x (B,H,W,C), sigma (B,)) -> x0_hat
 PRECONDITIONINGS: dict[str, Callable[[Callable, jax.Array, jax.Array], jax.Array]] = {
     "vp": vp_preconditioning,
+    "vp_ddpm": vp_ddpm_preconditioning,  # the trained integer timesteps (denoisers/ddpm.py; issue 25)
     "edm": edm_preconditioning,
 }
 

@@ -2,8 +2,8 @@
 the data term, and the projection onto the measurement-consistent set.
 
 These are what the projection and splitting samplers (Score-SDE, MCG, DiffPIR, PnP-ADMM) need of an
-operator. All act on ONE image and are jit/vmap friendly; the solves run a fixed number of conjugate-
-gradient iterations (conjugate_gradients), so their cost is static. A non-linear forward model
+operator. All act on ONE image and are jit/vmap friendly; the solves run at most a fixed number of conjugate-
+gradient iterations (conjugate_gradients, which stops at convergence), so their cost is static. A non-linear forward model
 (phase retrieval, HDR) raises a ValueError naming the problem.
 """
 
@@ -53,30 +53,41 @@ def proximal(forward, params, y: jax.Array, z: jax.Array, rho: jax.Array | float
 
 
 def project(forward, params, y: jax.Array, x: jax.Array, iterations: int = 30) -> jax.Array:
-    """The point of {x' : A x' = y} closest to x, for ONE image: x + A^T (A A^T)^{-1} (y - A x), by CG in the
-    measurement space. For inpainting this replaces the kept pixels by y; for an A without full row rank
-    CG returns a least-squares point."""
+    """The point of {x' : A x' = y} closest to x, for ONE image: x + A^+ (y - A x), A^+ r the least-norm
+    least-squares solution of A d = r, by CG on A^T A d = A^T r from d = 0 in image space. For inpainting this
+    replaces the kept pixels by y; for an A without full row rank it is the closest least-squares point.
+
+    (CG on A A^T v = y - A x in measurement space diverged where y has a component outside A's range, as our
+    inpainting y has: noise on the removed pixels, where A A^T is 0; A^T r always lies in A^T A's range.)"""
     transpose = adjoint(forward, params, x.shape)
-    gram = lambda v: forward(transpose(v), params)
-    residual = y - forward(x, params)
-    return x + transpose(conjugate_gradients(gram, residual, jnp.zeros_like(residual), iterations))
+    normal = lambda d: transpose(forward(d, params))
+    return x + conjugate_gradients(normal, transpose(y - forward(x, params)), jnp.zeros_like(x), iterations)
 
 
 def conjugate_gradients(matrix: Callable[[jax.Array], jax.Array], b: jax.Array, x0: jax.Array,
-                        iterations: int) -> jax.Array:
-    """x with matrix(x) ~= b, for a symmetric positive semi-definite linear `matrix`, by `iterations` steps of
-    conjugate gradients from x0 (a plain fori_loop: it traces under vmap, grad and shard_map alike; a step
-    whose direction has no curvature left, the solve having converged, changes nothing)."""
+                        iterations: int, tolerance: float = 1e-6) -> jax.Array:
+    """x with matrix(x) ~= b, for a symmetric positive semi-definite linear `matrix`, by at most `iterations`
+    steps of conjugate gradients from x0.
+
+    The solve stops once the residual norm is at most `tolerance` ||b|| (1e-6: about float32's resolution of
+    the residual) or a step has no curvature left: later iterations leave x unchanged, so x stays finite at
+    any iteration count. (Run on, float32 CG drives its recursive residual below the smallest normal float,
+    loses conjugacy and diverges: Gaussian deblurring at 64 px, rho 2.7e-2, gave NaN at 500 iterations.)
+    A plain fori_loop with a frozen state, not a while_loop: it traces under vmap, grad and shard_map alike,
+    and its cost is static."""
+    threshold = tolerance**2 * jnp.vdot(b, b)
 
     def step(_, state):
         x, r, p, rr = state
         q = matrix(p)
         curvature = jnp.vdot(p, q)
-        alpha = jnp.where(curvature > 0, rr / jnp.where(curvature > 0, curvature, 1.0), 0.0)
-        x, r = x + alpha * p, r - alpha * q
-        rr_next = jnp.vdot(r, r)
-        beta = jnp.where(rr > 0, rr_next / jnp.where(rr > 0, rr, 1.0), 0.0)
-        return x, r, r + beta * p, rr_next
+        active = (rr > threshold) & (curvature > 0)
+        alpha = jnp.where(active, rr / jnp.where(active, curvature, 1.0), 0.0)
+        x_next, r_next = x + alpha * p, r - alpha * q
+        rr_next = jnp.vdot(r_next, r_next)
+        beta = rr_next / jnp.where(active, rr, 1.0)
+        keep = lambda new, old: jnp.where(active, new, old)
+        return keep(x_next, x), keep(r_next, r), keep(r_next + beta * p, p), keep(rr_next, rr)
 
     r = b - matrix(x0)
     return jax.lax.fori_loop(0, iterations, step, (x0, r, r, jnp.vdot(r, r)))[0]

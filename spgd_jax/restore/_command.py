@@ -46,8 +46,9 @@ def run_command(args, request: Request) -> int:
     weights = Path(args.weights) if args.weights else default_weights_path()
     default_prior = weights.resolve() == default_weights_path().resolve()
     config = sampler_config(request, task, tuned=default_prior, video=args.video)
-    if default_prior and task in presets.UNSUPPORTED_BY_DEFAULT_PRIOR:
-        print(f"warning: {presets.UNSUPPORTED_BY_DEFAULT_PRIOR[task]}", file=sys.stderr)
+    warning = presets.default_prior_warning(args.sampler, task) if default_prior else None
+    if warning:  # a task, or a (method, task) pair, this prior cannot do
+        print(f"warning: {warning}", file=sys.stderr)
 
     denoiser, unet_config = load_prior(weights)
     size = unet_config.image_size

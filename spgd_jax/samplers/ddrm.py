@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spgd_jax import operators
+from spgd_jax.denoisers import trained_timesteps
 from spgd_jax.operators import SVDForward
 from spgd_jax.samplers._checks import check_number, check_trajectory_every
 from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
@@ -121,6 +122,7 @@ def initial_state(forward: SVDForward, y, params, noise, sigma, sigma_y, floor):
 
 def get_step_fn(denoiser, forward, config: DDRMConfig):
     """The per-image DDRM step (Eq. 7); needs a key per step (the noise)."""
+    denoiser = trained_timesteps(denoiser)  # the network sees the trained integer DDPM timesteps, as released
     forward = _check_svd(forward)
     eta, eta_b, sigma_y, floor = config.eta, config.eta_b, config.sigma_y, config.singular_floor
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spgd_jax.denoisers import trained_timesteps
 from spgd_jax.samplers._checks import check_bool, check_int, check_step_size, check_trajectory_every
 from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
 from spgd_jax.samplers.guidance import residual_norm_and_grad
@@ -101,6 +102,7 @@ def aligned_start(denoiser, forward, y, x_init, config: DPPSConfig, params):
 
 def get_step_fn(denoiser, forward, config: DPPSConfig):
     """The per-image DPPS step; step.inputs is (zeta * sqrt((1 + t_i^2)(1 + t_{i+1}^2)), M_i)."""
+    denoiser = trained_timesteps(denoiser)  # the network sees the trained integer DDPM timesteps, as released
     candidates = config.candidates
     norm_and_grad = residual_norm_and_grad(denoiser, forward)
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from spgd_jax import operators
+from spgd_jax.denoisers import trained_timesteps
 from spgd_jax.samplers._checks import check_int, check_step_size, check_trajectory_every
 from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
 from spgd_jax.samplers.guidance import residual_norm_and_grad
@@ -76,6 +77,7 @@ def schedule(config: MCGConfig) -> Schedule:
 
 def get_step_fn(denoiser, forward, config: MCGConfig):
     """The per-image MCG step; step.inputs is alpha * sqrt((1 + t_i^2)(1 + t_{i+1}^2))."""
+    denoiser = trained_timesteps(denoiser)  # the network sees the trained integer DDPM timesteps, as released
     norm_and_grad = residual_norm_and_grad(denoiser, forward)
 
     def step(x, step, key, image):
@@ -90,4 +92,6 @@ def get_step_fn(denoiser, forward, config: MCGConfig):
     return step
 
 
-MCG = register_sampler(Sampler("mcg", MCGConfig, schedule, get_step_fn, step_size="alpha", linear_only=True))
+# TUNED: deblurring with 5 projection CG iterations, as Score-SDE (spgd_jax/samplers/score_sde.py says why).
+MCG = register_sampler(Sampler("mcg", MCGConfig, schedule, get_step_fn, step_size="alpha", linear_only=True,
+                               tuned={"gauss_deblur": {"cg_iterations": 5}, "motion_deblur": {"cg_iterations": 5}}))

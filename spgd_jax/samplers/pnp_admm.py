@@ -4,10 +4,14 @@ ADMM on min_x ||A x - y||^2 + prior(x) with the prior's proximal step replaced b
 for k = 0..K-1 (K = `iterations`, 10 in the SPGD paper for every task):
 
   x_{k+1} = argmin_x ||A x - y||^2 + rho ||x - (z_k - u_k)||^2      (Eq. 5a, operators.proximal, CG)
-  z_{k+1} = D(x_{k+1} + u_k; sigma_d)                                (Eq. 5b: the denoiser at a fixed level)
+  z_{k+1} = D(clip(x_{k+1} + u_k, -1, 1); sigma_d)                   (Eq. 5b: the denoiser at a fixed level)
   u_{k+1} = u_k + x_{k+1} - z_{k+1}                                  (Eq. 5c)
 
-from x_0 = z_0 = A^T y, u_0 = 0; the result is x_K. K denoiser evaluations.
+from x_0 = z_0 = 0 (mid-grey), u_0 = 0; the result is z_K, the denoised variable. K denoiser evaluations.
+As the reference MATLAB code (Chan's PlugPlayADMM, PlugPlayADMM_general.m): it starts from v = x = 0.5 in
+[0, 1] units (0 in ours) with u = 0, clips x + u to the image range before denoising (its proj) and returns
+v (our z). (Before issue 25 we started from A^T y, did not clip and returned x: Gaussian deblurring, tuning
+faces 50-57, 35.01 dB then, 34.90 dB now; Wiener 31.66.)
 Correspondence: for a prior p(x), rho = sigma_y^2 / sigma_d^2 makes this ADMM on the MAP objective
 ||A x - y||^2 / (2 sigma_y^2) - log p(x) when D(.; sigma_d) is the proximal map of -sigma_d^2 log p
 (for a Gaussian prior it is, and the iterates converge to the posterior mean).
@@ -35,7 +39,7 @@ from spgd_jax.operators import adjoint, proximal
 from spgd_jax.samplers._checks import check_int, check_number, check_step_size, check_trajectory_every
 from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
 
-__all__ = ["PNP_ADMM", "PnPADMMConfig", "adjoint_start", "get_step_fn", "schedule"]
+__all__ = ["PNP_ADMM", "PnPADMMConfig", "get_step_fn", "schedule", "zero_start"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,7 +49,7 @@ class PnPADMMConfig:
     [-1, 1] units.
     iterations: K ADMM iterations = denoiser evaluations (10). cg_iterations: CG iterations of the x-update.
     trajectory_every: k > 0 also returns z every k iterations. steps, sigma_max (properties): K and sigma_d,
-    for sample() (which draws an x_init that PnP-ADMM uses only for its shape: it starts from A^T y)."""
+    for sample() (which draws an x_init that PnP-ADMM uses only for its shape: it starts from 0)."""
 
     penalty: float = 0.01
     sigma_d: float = 0.1
@@ -76,7 +80,7 @@ def get_step_fn(denoiser, forward, config: PnPADMMConfig):
     def step(state, step, _key, image):
         (_, z, u), (y, params) = state, image
         x = proximal(forward, params, y, z - u, step.inputs, cg_iterations)
-        z = denoiser((x + u)[None], step.sigma[None])[0]
+        z = denoiser(jnp.clip(x + u, -1.0, 1.0)[None], step.sigma[None])[0]  # the reference's proj to the range
         return (x, z, u + x - z), z, jnp.sum((forward(x, params) - y) ** 2)
 
     return step
@@ -88,17 +92,19 @@ def schedule(config: PnPADMMConfig) -> Schedule:
     return Schedule(sigmas, jnp.full((config.iterations,), config.penalty, jnp.float32))
 
 
-def adjoint_start(denoiser, forward, y, x_init, config, params):
-    """The state (x, z, u) = (A^T y, A^T y, 0) (B, H, W, C) each; x_init gives only the image shape.
-    ValueError if forward is not linear."""
-    start = jax.vmap(lambda y_b, p_b: adjoint(forward, p_b, x_init.shape[1:])(y_b))(y, params)
-    return start, start, jnp.zeros_like(start)
+def zero_start(denoiser, forward, y, x_init, config, params):
+    """The reference's state (x, z, u) = (0, 0, 0) (B, H, W, C) each; x_init gives only the image shape.
+    ValueError if forward is not linear (its adjoint on the first image's y)."""
+    one_params = jax.tree_util.tree_map(lambda p: p[0], params)
+    adjoint(forward, one_params, x_init.shape[1:])(y[0])
+    start = jnp.zeros_like(x_init)
+    return start, start, start
 
 
 # TUNED: the penalty picked per task by benchmarks/quality.py on tuning faces 50-57 from 0.25x, 1x and 4x
 # the default (benchmarks/results/quality_cpu-2core-methods-50img.md, its sweep table): SR x4 gains clearly
 # (0.0025: 24.90 dB against 23.59 at 0.01, at the grid's edge), inpainting is identical at every value.
 PNP_ADMM = register_sampler(Sampler(
-    "pnp_admm", PnPADMMConfig, schedule, get_step_fn, init=adjoint_start, output=lambda state: state[0],
+    "pnp_admm", PnPADMMConfig, schedule, get_step_fn, init=zero_start, output=lambda state: state[1],
     step_size="penalty", linear_only=True,
     tuned={"inpaint": {"penalty": 0.0025}, "sr4": {"penalty": 0.0025}}))

@@ -4,15 +4,19 @@ models"): the variational mean mu is optimised by Adam while the timestep runs f
 Official code NVlabs/RED-diff, algos/reddiff.py (the update below) with _configs/algo/reddiff.yaml
 (awd=True, cond_awd=False, obs_weight=1, denoise_term_weight='linear', sigma_x0=0, eta=0). Per image:
   mu_0 = A^+ y                                        (REDDIFF.initialize: H.H_pinv(y_0))
-  for i = 0..T-1 over the DDPM timesteps t_i = 999, ..., 0 (sigma_i = sqrt(1/abar_{t_i} - 1)):
+  for i = 0..T-1 over the DDPM timesteps t_i of range(0, 1000, 1000 // T), reversed (ddrm_sigmas: 999..0 at T = 1000,
+  950..0 at T = 20; sigma_i = sqrt(1/abar_{t_i} - 1)), the network seeing the integer t_i:
     eps ~ N(0, I);  x_i = mu + sigma_i eps              (code: xt = sqrt(abar) mu + sqrt(1 - abar) eps, over sqrt(abar))
     eps_hat = (x_i - D(x_i; sigma_i)) / sigma_i         (the eps-network's output et, no gradient)
-    loss(mu) = mean((y - A(mu))^2) / 2 + lambda * sigma_i * mean(sg(eps_hat - eps) * mu)  (loss_obs + w_t loss_noise)
+    loss(mu) = mean_m((y - A(mu))^2) / 2 + lambda * sigma_i * mean(sg(eps_hat - eps) * mu)  (loss_obs + w_t loss_noise)
+  mean_m: the mean over the m measured entries of y (those with A(1) != 0; for inpainting the kept pixels, as
+  the code's H.H returns only those; every entry for blur and resize)
     mu = Adam(lr, betas (0.9, 0.99), eps 1e-8)(mu, grad loss(mu))
   return mu
 The weight lambda_t = lambda / SNR_t^(1/2) of the code's 'linear' weighting is lambda * sqrt(1 - abar)/sqrt(abar)
 = lambda * sigma in our coordinates (the paper's SNR-based weighting). One denoiser evaluation per step (T = 1000:
-1000 NFE), no backpropagation through the denoiser.
+1000 NFE, the paper's; the release's yaml defaults to 50 steps and its sample_test.sh to 10), no backpropagation
+through the denoiser.
 
 Departures from the official code, and why:
 - The means run over ONE image's pixels and measurements (the code's torch .mean() also averages over the batch,
@@ -35,10 +39,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spgd_jax.denoisers import trained_timesteps
 from spgd_jax.operators import project
 from spgd_jax.samplers._checks import check_int, check_number, check_step_size, check_trajectory_every
 from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
-from spgd_jax.samplers.schedule import DDPM_STEPS, ddpm_sigmas
+from spgd_jax.samplers.ddrm import ddrm_sigmas  # RED-Diff's release steps on DDRM's timesteps
+from spgd_jax.samplers.schedule import DDPM_STEPS
 
 __all__ = ["RED_DIFF", "RedDiffConfig", "adam", "get_step_fn", "initial_mean", "mean_start", "schedule"]
 
@@ -54,8 +60,9 @@ class RedDiffConfig:
     lr 0.1 (sr4 line, no override), motion_deblur lr 0.1 (no line for it: the yaml default); lam 0.25 for all four.
 
     lam: lambda, the weight of the denoising term (official grad_term_weight); lambda_t = lam * sigma_t.
-    steps: T DDPM timesteps respaced over 999..0 (ddpm_sigmas), one denoiser evaluation each (1000 = the
-    paper's and the code's 1000 steps). init_iterations: CG iterations of mu_0 = A^+ y.
+    steps: T DDPM timesteps, the release's range(0, 1000, 1000 // T) (ddrm_sigmas), one denoiser evaluation each
+    (1000: the paper's; the release's yaml says 50, its sample_test.sh 10). init_iterations: CG iterations of
+    mu_0 = A^+ y.
     trajectory_every: k > 0 also returns the Tweedie estimate D(x_i; sigma_i) every k steps.
     sigma_max (property): sigma of the first timestep (157.4 at T = 1000); RED-Diff starts from A^+ y and uses
     only the shape of the initial noise that `sample` draws at this level.
@@ -76,7 +83,7 @@ class RedDiffConfig:
 
     @property
     def sigma_max(self) -> float:
-        return float(ddpm_sigmas(self.steps)[0])
+        return float(ddrm_sigmas(self.steps)[0])
 
 
 def adam(lr: jax.Array | float) -> optax.GradientTransformation:
@@ -95,10 +102,15 @@ def initial_mean(forward, y: jax.Array, params: Any, x_shape: tuple[int, ...], i
 def get_step_fn(denoiser, forward, config: RedDiffConfig):
     """The per-image RED-Diff step: state (mu (H,W,C), Adam state); step.inputs is the step's
     lambda_t = lam * sigma_t; key draws eps. Returns ((mu, adam state), D(x; sigma), data term)."""
+    denoiser = trained_timesteps(denoiser)  # the network sees the trained integer DDPM timesteps, as released
     optimizer = adam(config.lr)
 
     def loss_fn(mu, residual_noise, weight, y, params):
-        data = jnp.mean((y - forward(mu, params)) ** 2) / 2
+        # The mean over the MEASURED entries of y, as the official H.H returns only the kept pixels: our
+        # inpainting y is full-size with zeros where A(1) = 0, and a mean over all of it made the data term
+        # 5x too weak for `inpaint` (20 % kept) and 1.33x for `inpaint_box` (issue 25.1).
+        measured = jnp.sum(forward(jnp.ones_like(mu), params) != 0)
+        data = jnp.sum((y - forward(mu, params)) ** 2) / (2 * measured)
         return data + weight * jnp.mean(residual_noise * mu), data
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -118,8 +130,9 @@ def get_step_fn(denoiser, forward, config: RedDiffConfig):
 
 
 def schedule(config: RedDiffConfig) -> Schedule:
-    """ddpm_sigmas(T) and lambda_t = lam * sigma_t per step; every step draws eps."""
-    sigmas = ddpm_sigmas(config.steps)
+    """The release's timesteps range(0, 1000, 1000 // T) (ddrm_sigmas(T)) and lambda_t = lam * sigma_t per
+    step; every step draws eps."""
+    sigmas = ddrm_sigmas(config.steps)
     return Schedule(sigmas, jnp.asarray(config.lam * sigmas[:-1], jnp.float32), stochastic=True)
 
 

@@ -19,6 +19,7 @@ import dataclasses
 
 import jax
 
+from spgd_jax.denoisers import trained_timesteps
 from spgd_jax.samplers._checks import check_int, check_trajectory_every
 from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
 from spgd_jax.samplers.mcg import noised_projection
@@ -55,6 +56,7 @@ def schedule(config: ScoreSDEConfig) -> Schedule:
 
 def get_step_fn(denoiser, forward, config: ScoreSDEConfig):
     """The per-image Score-SDE step (no loss: the method has no objective)."""
+    denoiser = trained_timesteps(denoiser)  # the network sees the trained integer DDPM timesteps, as released
 
     def step(x, step, key, image):
         y, params = image
@@ -68,4 +70,10 @@ def get_step_fn(denoiser, forward, config: ScoreSDEConfig):
     return step
 
 
-SCORE_SDE = register_sampler(Sampler("score_sde", ScoreSDEConfig, schedule, get_step_fn, linear_only=True))
+# TUNED, deblurring: the projection onto A x = y + sigma' A n solved to convergence passes the measurement noise
+# through the inverse blur, whose weak frequencies amplify it into colour noise (Gaussian deblurring, 200 steps,
+# tuning faces 50-51: 14.07 dB with 30 CG iterations, Laplacian RMS 7-8x the truth's; 24.35 dB with 10; 29.41 dB
+# with 5; Wiener 31.42). Five iterations stop before the weak directions move (early stopping as a regulariser).
+SCORE_SDE = register_sampler(Sampler(
+    "score_sde", ScoreSDEConfig, schedule, get_step_fn, linear_only=True,
+    tuned={"gauss_deblur": {"cg_iterations": 5}, "motion_deblur": {"cg_iterations": 5}}))
