@@ -47,14 +47,17 @@ from spgd_jax.io.compile_cache import enable_compilation_cache
 from spgd_jax.io.cpu_flags import use_fast_cpu_flags
 from spgd_jax.io.prior import default_weights_path
 from spgd_jax.samplers import SAMPLERS, forward_for, presets
-from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, UsageError, build_parser,
-                                    check_arguments, sampler_config)
+from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, EXIT_SOME_SKIPPED, UsageError,
+                                    build_parser, check_arguments, sampler_config)
 from spgd_jax.restore._folder import OutputFolder
 from spgd_jax.restore._inputs import load_prior, make_operator, measurements
 from spgd_jax.restore._run import combine_samples, restore
 from spgd_jax.restore._writers import step_size_flag, write_outputs
+from spgd_jax.restore.dataset import run_dataset
+from spgd_jax.restore.dataset_command import dataset_run, is_dataset_run
+from spgd_jax.restore.processes import initialize
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "build_parser", "entry", "main"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "EXIT_SOME_SKIPPED", "build_parser", "entry", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     check_arguments(args)
+    dataset = is_dataset_run(args)
     use_fast_cpu_flags()  # before JAX starts its backends
+    initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
     if not args.no_cache:
         enable_compilation_cache()
     task = args.task
@@ -88,6 +93,11 @@ def _main(args) -> int:
         raise UsageError(f"--sampler {args.sampler} cannot restore {task}: {error}") from None
     if "sigma_y" in {f.name for f in dataclasses.fields(config)} and "sigma_y" not in dict(args.settings):
         config = dataclasses.replace(config, sigma_y=operator.sigma_y)  # the method's noise model is the task's
+    record = {"weights": str(weights), "unet_config": unet_config.to_dict(), "seed": args.seed, "samples": args.samples,
+              "devices": [str(d) for d in jax.local_devices()], "versions": {"jax": jax.__version__, "spgd_jax": _version()}}
+    if dataset:
+        run = dataset_run(args, config, operator, weights, unet_config, batch, {**record, "input": args.input})
+        return run_dataset(run, denoiser, operator, size)
     key_operator, key_noise, key_sample = jax.random.split(jax.random.key(args.seed), 3)
     inputs = measurements(args, operator, size, key_operator, key_noise)
     if not args.quiet:
@@ -103,15 +113,10 @@ def _main(args) -> int:
                        key_sample, config, lrs, batch, size, f"{args.sampler} {task}", args.quiet)
         runs = combine_samples(runs, args.samples)
         summaries = write_outputs(staging, runs, inputs, operator, config, lrs, args, {
-            "weights": str(weights),
-            "unet_config": unet_config.to_dict(),
-            "seed": args.seed,
-            "samples": args.samples,
+            **record,
             "batch_size": batch,
-            "devices": [str(d) for d in jax.local_devices()],
             "input": None if args.measurement else args.input or "demo: matplotlib's grace_hopper.jpg, face crop",
             "measurement": args.measurement,
-            "versions": {"jax": jax.__version__, "spgd_jax": _version()},
         })
         folder.commit()
     finished = [int((~d).sum()) for d in runs["diverged"]]
@@ -143,6 +148,6 @@ def entry() -> int:
     """main() for `python -m spgd_jax.restore`: Ctrl-C ends it with EXIT_INTERRUPTED and a message."""
     try:
         return main()
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing of this run was written; --out is as it was", file=sys.stderr)
+    except KeyboardInterrupt as error:  # a dataset run's says what it kept
+        print("\n" + (str(error) or "interrupted: nothing of this run was written; --out is as it was"), file=sys.stderr)
         return EXIT_INTERRUPTED

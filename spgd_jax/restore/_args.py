@@ -9,10 +9,11 @@ import math
 from spgd_jax import operators
 from spgd_jax.samplers import SAMPLERS, presets
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "UsageError", "build_parser", "sampler_config", "settings"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "EXIT_SOME_SKIPPED", "UsageError", "build_parser", "sampler_config", "settings"]
 
 EXIT_NO_IMAGE_FINISHED = 3  # every image diverged: the outputs (with their flags) are written, nothing restored
-EXIT_INTERRUPTED = 130  # Ctrl-C: nothing of this run was written
+EXIT_INTERRUPTED = 130  # Ctrl-C: nothing of this run was written (but an --input run's finished images)
+EXIT_SOME_SKIPPED = 4  # an --input run finished, but some input files were unreadable (listed in the manifest)
 VIDEO_FRAMES = 50  # at most this many x0_hat frames (plus the result) per video
 
 
@@ -42,10 +43,14 @@ def _learning_rates(text: str) -> tuple[float, ...]:
     return values
 
 
-_EPILOG = f"""exit status: 0 done (images that diverged are flagged in metrics.json); 1 an error (the message
-names it and the fix; nothing is written); 2 a malformed command line; {EXIT_NO_IMAGE_FINISHED} no image finished
-(every one diverged; the outputs are written with their flags: try a smaller --lr or --zeta);
-{EXIT_INTERRUPTED} interrupted (Ctrl-C; nothing of the run is written)."""
+_EPILOG = f"""--input runs (one image, a folder or a glob) stream the images a batch at a time and write each
+image's outputs when its batch is done; the same command continues an interrupted run (manifest.json in
+--out), and with --coordinator (or --distributed) several processes share the images. exit status: 0
+done (images that diverged are flagged in metrics.json); 1 an error (the message names it and the fix);
+2 a malformed command line; {EXIT_NO_IMAGE_FINISHED} no image finished (every one diverged; the outputs are
+written with their flags: try a smaller --lr or --zeta); {EXIT_SOME_SKIPPED} done, but some input files were
+unreadable and skipped (listed in manifest.json); {EXIT_INTERRUPTED} interrupted (Ctrl-C; the finished images of
+an --input run are kept, nothing else is written)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-cache", action="store_true",
                         help="do not use JAX's persistent compilation cache (default: on, in $SPGD_JAX_CACHE_DIR or "
                              "~/.cache/spgd-jax/xla; spgd_jax.io.compile_cache)")
+    from spgd_jax.restore.processes import add_process_arguments  # (it imports this module)
+
+    add_process_arguments(parser)
     return parser
 
 

@@ -19,7 +19,8 @@ from spgd_jax.restore._args import UsageError
 __all__ = ["OWNED_NAMES", "OutputFolder", "owned_entries"]
 
 OWNED_NAMES = ("restored", "measurement", "std", "video", "grid.png", "config.json", "metrics.json",
-               "measurement.npz", "samples.npz", "diagnostics.png", "diagnostics.npz", "sweep.md", "sweep.png")
+               "measurement.npz", "samples.npz", "diagnostics.png", "diagnostics.npz", "sweep.md", "sweep.png",
+               "manifest.json", "finished", "skipped", "logs")  # the last four: a dataset run's (manifest.py)
 _SWEEP_FOLDER = re.compile(r"lr-[0-9.eE+-]+")  # lr-VALUE/, one per learning rate of a sweep
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 
 from spgd_jax import sharding
 from spgd_jax.samplers import forward_for, sampler_for
-from spgd_jax.restore._args import EXIT_NO_IMAGE_FINISHED, UsageError
+from spgd_jax.restore._args import EXIT_NO_IMAGE_FINISHED, EXIT_SOME_SKIPPED, UsageError
 from spgd_jax.restore._progress import Progress, run_interruptibly
 from spgd_jax.restore._run import combine_samples
 from spgd_jax.restore._writers import step_size_flag
@@ -42,9 +43,8 @@ from spgd_jax.restore.image_stream import list_images, read_batches
 from spgd_jax.restore.manifest import LOGS, Manifest
 from spgd_jax.restore.processes import Processes, share
 
-__all__ = ["EXIT_SOME_SKIPPED", "DatasetRun", "image_key", "run_dataset"]
+__all__ = ["EXIT_SOME_SKIPPED", "DatasetInterrupted", "DatasetRun", "image_key", "run_dataset"]
 
-EXIT_SOME_SKIPPED = 4  # the run finished, but some input files were unreadable (listed in the manifest)
 POLL_S = 1.0  # how often a process that finished its share looks for the others' rows
 
 
@@ -120,15 +120,35 @@ def _wait_for_shares(manifest: Manifest, pending: set[str], progress: DatasetPro
         time.sleep(POLL_S)
 
 
+class DatasetInterrupted(KeyboardInterrupt):
+    """Ctrl-C in a dataset run; its message says what was kept."""
+
+
 def run_dataset(run: DatasetRun, denoiser, operator, size: int) -> int:
     """Restores every image of run.input into run.out (continuing a run of the same settings there);
-    returns the exit status: 0, EXIT_SOME_SKIPPED or EXIT_NO_IMAGE_FINISHED. KeyboardInterrupt goes on
-    (the finished images are kept). UsageError for a bad input, folder or refused settings."""
+    returns the exit status: 0, EXIT_SOME_SKIPPED or EXIT_NO_IMAGE_FINISHED. Ctrl-C raises
+    DatasetInterrupted (the finished images are kept). UsageError for a bad input, folder or refused
+    settings. A folder this run created is removed again when it ends (error, Ctrl-C) with no image done."""
+    processes, manifest = Processes(), Manifest(run.out)
+    created = processes.count == 1 and not run.out.exists()
+    try:
+        return _run(run, denoiser, operator, size, processes, manifest)
+    except BaseException as error:
+        kept = len(manifest.finished()) if run.out.is_dir() else 0
+        if created and not kept:
+            shutil.rmtree(run.out, ignore_errors=True)
+        if isinstance(error, KeyboardInterrupt):
+            raise DatasetInterrupted(
+                f"interrupted: {kept} restored image(s) kept in {run.out}; run the same command again to continue"
+                if kept else "interrupted: no image was finished; --out is as it was") from None
+        raise
+
+
+def _run(run: DatasetRun, denoiser, operator, size: int, processes: Processes, manifest: Manifest) -> int:
     try:
         entries = list_images(run.input)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
-    processes, manifest = Processes(), Manifest(run.out)
     continuing = manifest.check(run.settings, run.overwrite)
     if processes.main:
         manifest.start(run.settings, continuing, len(entries))
@@ -145,6 +165,8 @@ def run_dataset(run: DatasetRun, denoiser, operator, size: int) -> int:
     steps = Progress(stream=sys.stderr)
     batch = dataclasses.replace(run, batch=min(run.batch, len(entries) * run.samples))
     for part in read_batches(mine, size, max(1, batch.batch // run.samples)):
+        for notice in [] if run.quiet else part.notices:
+            print(f"notice: {notice}", file=sys.stderr)
         for entry, reason in part.skipped:
             print(f"warning: skipped {entry.path}: {reason}", file=sys.stderr)
             manifest.write_skipped(entry.name, entry.identity, reason)
@@ -169,7 +191,11 @@ def run_dataset(run: DatasetRun, denoiser, operator, size: int) -> int:
               f" listed in {run.out}/manifest.json and metrics.json", file=sys.stderr)
     if skipped:
         return EXIT_SOME_SKIPPED
-    return 0 if _any_restored(manifest, entries) else EXIT_NO_IMAGE_FINISHED
+    if not _any_restored(manifest, entries):
+        print(f"error: no image finished: every one diverged (flags in {run.out}/metrics.json); try a smaller {hint}",
+              file=sys.stderr)
+        return EXIT_NO_IMAGE_FINISHED
+    return 0
 
 
 def _any_restored(manifest: Manifest, entries) -> bool:

@@ -26,11 +26,10 @@ from spgd_jax.io.files import write_json, write_npz
 from spgd_jax.restore._args import UsageError
 from spgd_jax.restore._folder import owned_entries
 
-__all__ = ["DATASET_NAMES", "Manifest", "settings_differences"]
+__all__ = ["Manifest", "settings_differences"]
 
 MANIFEST = "manifest.json"
-FINISHED, SKIPPED, LOGS = "finished", "skipped", "logs"
-DATASET_NAMES = (MANIFEST, FINISHED, SKIPPED, LOGS)  # besides restore's own outputs (_folder.OWNED_NAMES)
+FINISHED, SKIPPED, LOGS = "finished", "skipped", "logs"  # all four among _folder.OWNED_NAMES
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -54,8 +53,7 @@ class Manifest:
 
     def earlier_outputs(self) -> list[Path]:
         """What an earlier run (a dataset run or a plain restore) left in out."""
-        dataset = [self.out / n for n in DATASET_NAMES if (self.out / n).exists()]
-        return sorted(set(owned_entries(self.out)) | set(dataset))
+        return owned_entries(self.out)
 
     def check(self, settings: dict, overwrite: bool) -> bool:
         """Whether the run continues an earlier one in out. UsageError when out holds a run of other

@@ -13,13 +13,26 @@ timeout: each loses at most the batch it was restoring, and the same command res
 
 from __future__ import annotations
 
+import argparse
 from typing import Sequence, TypeVar
 
 from spgd_jax.restore._args import UsageError
 
-__all__ = ["Processes", "initialize", "share"]
+__all__ = ["Processes", "add_process_arguments", "initialize", "share"]
 
 T = TypeVar("T")
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    """--distributed, --coordinator, --num-processes, --process-id: the arguments of `initialize`."""
+    group = parser.add_argument_group(
+        "many processes and hosts (a dataset run, --input: each process restores its share into the same --out)")
+    group.add_argument("--distributed", action="store_true",
+                       help="start JAX's multi-process runtime from the environment (SLURM, Open MPI, "
+                            "JAX_COORDINATOR_ADDRESS); the flags below override what it finds")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same for every process")
+    group.add_argument("--num-processes", type=int, help="how many processes the run has")
+    group.add_argument("--process-id", type=int, help="this process's number, 0 .. N-1")
 
 
 def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None, auto: bool) -> bool:
