@@ -188,7 +188,7 @@ def test_one_process_restores_every_readable_image_and_reports_the_corrupt_one(r
     assert "face07b.png" in output and "skipped" in output
     files = outputs(out)
     for name in NAMES:
-        assert f"restored/{name}.png" in files and f"measurement/{name}.png" in files and f"finished/{name}.npz" in files
+        assert {f"restored/{name}.png", f"measurement/{name}.png", f"finished/{name}.npz"} <= set(files)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["finished"] == 16
     assert [s["identity"] for s in manifest["skipped"]] == ["face07b.png"]
@@ -239,3 +239,13 @@ def test_other_settings_are_refused_and_overwrite_starts_afresh(weights, faces, 
     now, before = outputs(out), outputs(reference[0])
     assert set(now) == set(before)  # the stale picture is gone
     assert now["restored/face00.png"] != before["restored/face00.png"]
+
+
+def test_process_flags_need_a_dataset_run(tmp_path):
+    from spgd_jax import restore
+
+    for extra in ([], ["--input", str(tmp_path), "--video"]):
+        with pytest.raises(SystemExit, match="split a dataset run: give --input"):
+            restore.main(["--task", "sr4", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0",
+                          "--out", str(tmp_path / "out"), *extra])
+    assert not (tmp_path / "out").exists()

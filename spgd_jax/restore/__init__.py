@@ -54,7 +54,7 @@ from spgd_jax.restore._inputs import load_prior, make_operator, measurements
 from spgd_jax.restore._run import combine_samples, restore
 from spgd_jax.restore._writers import step_size_flag, write_outputs
 from spgd_jax.restore.dataset import run_dataset
-from spgd_jax.restore.dataset_command import dataset_run, is_dataset_run
+from spgd_jax.restore.dataset_command import dataset_run, is_dataset_run, measurement_keys
 from spgd_jax.restore.processes import initialize
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "EXIT_SOME_SKIPPED", "build_parser", "entry", "main"]
@@ -93,13 +93,15 @@ def _main(args) -> int:
         raise UsageError(f"--sampler {args.sampler} cannot restore {task}: {error}") from None
     if "sigma_y" in {f.name for f in dataclasses.fields(config)} and "sigma_y" not in dict(args.settings):
         config = dataclasses.replace(config, sigma_y=operator.sigma_y)  # the method's noise model is the task's
-    record = {"weights": str(weights), "unet_config": unet_config.to_dict(), "seed": args.seed, "samples": args.samples,
-              "devices": [str(d) for d in jax.local_devices()], "versions": {"jax": jax.__version__, "spgd_jax": _version()}}
+    record = {"weights": str(weights), "unet_config": unet_config.to_dict(), "seed": args.seed,
+              "samples": args.samples, "devices": [str(d) for d in jax.local_devices()],
+              "versions": {"jax": jax.__version__, "spgd_jax": _version()}}
     if dataset:
         run = dataset_run(args, config, operator, weights, unet_config, batch, {**record, "input": args.input})
         return run_dataset(run, denoiser, operator, size)
     key_operator, key_noise, key_sample = jax.random.split(jax.random.key(args.seed), 3)
     inputs = measurements(args, operator, size, key_operator, key_noise)
+    key_sample = measurement_keys(args, len(inputs.y), key_sample)  # a dataset run's measurement: its own keys
     if not args.quiet:
         for notice in inputs.notices:
             print(f"notice: {notice}", file=sys.stderr)
@@ -149,5 +151,6 @@ def entry() -> int:
     try:
         return main()
     except KeyboardInterrupt as error:  # a dataset run's says what it kept
-        print("\n" + (str(error) or "interrupted: nothing of this run was written; --out is as it was"), file=sys.stderr)
+        message = str(error) or "interrupted: nothing of this run was written; --out is as it was"
+        print(f"\n{message}", file=sys.stderr)
         return EXIT_INTERRUPTED

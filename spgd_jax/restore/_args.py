@@ -9,7 +9,8 @@ import math
 from spgd_jax import operators
 from spgd_jax.samplers import SAMPLERS, presets
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "EXIT_SOME_SKIPPED", "UsageError", "build_parser", "sampler_config", "settings"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "EXIT_SOME_SKIPPED", "UsageError", "build_parser",
+           "sampler_config", "settings"]
 
 EXIT_NO_IMAGE_FINISHED = 3  # every image diverged: the outputs (with their flags) are written, nothing restored
 EXIT_INTERRUPTED = 130  # Ctrl-C: nothing of this run was written (but an --input run's finished images)

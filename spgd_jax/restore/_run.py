@@ -18,7 +18,8 @@ _COMPILED: set = set()  # the (settings, batch) of the programs this process has
 
 def restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, size: int, label: str, quiet: bool):
     """Every image, in chunks of `batch` split over the devices -> dict of NumPy arrays with a leading axis
-    L (the learning rates; 1 without a sweep): x, diverged, diverged_step, trajectory, losses, diagnostics."""
+    L (the learning rates; 1 without a sweep): x, diverged, diverged_step, trajectory, losses, diagnostics.
+    key: one typed key (chunk i's images split fold_in(key, i)) or raw keys (N, 2), one per item of y."""
     forward = forward_for(config, operator)
     parts = []
     chunks = range(0, len(y), batch)
@@ -29,7 +30,7 @@ def restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, size
         program = (id(denoiser), id(operator), config, batch, lrs is None or len(lrs), np.shape(y)[1:])
         PROGRESS.reset(config.steps, f"{label} {number + 1}/{len(chunks)}", not quiet, program not in _COMPILED)
         call = lambda: sharding.sample_sharded(
-            denoiser, forward, take(y), jax.random.fold_in(key, number), config,
+            denoiser, forward, take(y), take(key) if np.ndim(key) else jax.random.fold_in(key, number), config,
             jax.tree_util.tree_map(lambda a: take(np.asarray(a)), op_params),
             # progress: a run in segments, --quiet: one call; either way without host callbacks, so JAX's
             # persistent cache keeps the programs for the next process

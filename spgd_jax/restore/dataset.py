@@ -43,7 +43,8 @@ from spgd_jax.restore.image_stream import list_images, read_batches
 from spgd_jax.restore.manifest import LOGS, Manifest
 from spgd_jax.restore.processes import Processes, share
 
-__all__ = ["EXIT_SOME_SKIPPED", "DatasetInterrupted", "DatasetRun", "image_key", "run_dataset"]
+__all__ = ["EXIT_SOME_SKIPPED", "DatasetInterrupted", "DatasetRun", "image_key", "image_keys", "run_dataset",
+           "sampler_keys"]
 
 POLL_S = 1.0  # how often a process that finished its share looks for the others' rows
 
@@ -75,28 +76,36 @@ class DatasetRun:
     record: dict = dataclasses.field(default_factory=dict)
 
 
-def _sample_keys(keys: jax.Array, samples: int) -> jax.Array:
-    """(B * K,) image-major: image b's sample 0 from its key, sample j from fold_in(key, j)."""
-    rows = [[key if j == 0 else jax.random.fold_in(key, j) for j in range(samples)] for key in keys]
-    return jax.numpy.stack([k for row in rows for k in row])
+def image_keys(seed: int, identities: list[str]) -> jax.Array:
+    """(B, 3) typed keys: each image's operator, noise and sampler keys, split from image_key."""
+    return jax.numpy.stack([jax.random.split(image_key(seed, identity), 3) for identity in identities])
+
+
+def sampler_keys(seed: int, identities: list[str], samples: int) -> np.ndarray:
+    """(B * K, 2) raw uint32 sampler keys, image-major: image b's sample 0 from its sampler key, sample j from
+    fold_in(that key, j). A --measurement written by a dataset run (it stores the identities) uses them too."""
+    rows = [[key if j == 0 else jax.random.fold_in(key, j) for j in range(samples)]
+            for key in image_keys(seed, identities)[:, 2]]
+    return np.asarray(jax.random.key_data(jax.numpy.stack([k for row in rows for k in row])))
 
 
 def _restore_batch(run: DatasetRun, denoiser, operator, size: int, truth: np.ndarray, identities: list[str],
                    progress: Progress) -> dict:
     """One batch: measurements and restorations, as dataset_outputs.write_images takes them."""
-    keys = jax.numpy.stack([jax.random.split(image_key(run.seed, i), 3) for i in identities])  # (B, 3)
+    keys = image_keys(run.seed, identities)
     params = operator.params_per_image(keys[:, 0], size)
     y = operator.measure_per_image(keys[:, 1], truth, params)
     params = {k: np.asarray(v) for k, v in dict(params or {}).items()}
     repeat = lambda a: np.repeat(np.asarray(a), run.samples, axis=0)
     count = len(identities) * run.samples
     pad = lambda a: np.concatenate([a] + [a[-1:]] * (run.batch - count)) if count < run.batch else a
-    sample_keys = jax.random.key_data(_sample_keys(keys[:, 2], run.samples))
+    sample_keys = sampler_keys(run.seed, identities, run.samples)
     forward = forward_for(run.config, operator)
     call = lambda: sharding.sample_sharded(
-        denoiser, forward, pad(repeat(y)), pad(np.asarray(sample_keys)), run.config,
+        denoiser, forward, pad(repeat(y)), pad(sample_keys), run.config,
         {k: pad(repeat(v)) for k, v in params.items()}, x_shape=(size, size, 3),
-        mesh=sharding.batch_mesh(jax.local_devices()), progress=progress)
+        # --quiet: one compiled call, as the command's other runs (the same program, so the same bits)
+        mesh=sharding.batch_mesh(jax.local_devices()), progress=None if run.quiet else progress)
     try:
         result = run_interruptibly(call, progress)
     except (TypeError, ValueError) as error:
@@ -140,7 +149,7 @@ def run_dataset(run: DatasetRun, denoiser, operator, size: int) -> int:
         if isinstance(error, KeyboardInterrupt):
             raise DatasetInterrupted(
                 f"interrupted: {kept} restored image(s) kept in {run.out}; run the same command again to continue"
-                if kept else "interrupted: no image was finished; --out is as it was") from None
+                if kept else "interrupted: nothing of this run was written; --out is as it was") from None
         raise
 
 
@@ -170,8 +179,9 @@ def _run(run: DatasetRun, denoiser, operator, size: int, processes: Processes, m
         for entry, reason in part.skipped:
             print(f"warning: skipped {entry.path}: {reason}", file=sys.stderr)
             manifest.write_skipped(entry.name, entry.identity, reason)
-        if part.entries:
-            steps.reset(run.config.steps, label, False)
+        if part.entries:  # the steps of the first batch (it compiles the sampler), of every one on a terminal
+            first = progress.done == 0
+            steps.reset(run.config.steps, label, not run.quiet and (first or sys.stderr.isatty()), first)
             result = _restore_batch(batch, denoiser, operator, size, part.truth, [e.identity for e in part.entries],
                                     steps)
             write_images(manifest, part.entries, part.truth, result, operator, f"a smaller {hint}")
@@ -187,8 +197,9 @@ def _run(run: DatasetRun, denoiser, operator, size: int, processes: Processes, m
             print(f"wrote {len(entries) - len(skipped)} restored image(s) to {run.out}"
                   + (f"\n  {shown}" if shown else ""), file=sys.stderr)
     if processes.main and skipped:
-        print(f"warning: {len(skipped)} unreadable file(s) skipped ({', '.join(r['identity'] for r in skipped.values())});"
-              f" listed in {run.out}/manifest.json and metrics.json", file=sys.stderr)
+        files = ", ".join(record["identity"] for record in skipped.values())
+        print(f"warning: {len(skipped)} unreadable file(s) skipped ({files}); listed in {run.out}/manifest.json and "
+              "metrics.json", file=sys.stderr)
     if skipped:
         return EXIT_SOME_SKIPPED
     if not _any_restored(manifest, entries):

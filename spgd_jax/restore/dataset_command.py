@@ -11,10 +11,12 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-from spgd_jax.restore._args import UsageError
-from spgd_jax.restore.dataset import DatasetRun
+import numpy as np
 
-__all__ = ["dataset_run", "is_dataset_run", "weights_digest"]
+from spgd_jax.restore._args import UsageError
+from spgd_jax.restore.dataset import DatasetRun, sampler_keys
+
+__all__ = ["dataset_run", "is_dataset_run", "measurement_keys", "weights_digest"]
 
 
 def is_dataset_run(args) -> bool:
@@ -26,6 +28,18 @@ def is_dataset_run(args) -> bool:
         raise UsageError("--distributed, --coordinator, --num-processes and --process-id split a dataset run: give "
                          "--input, without a learning-rate sweep, --diagnostics or --video")
     return dataset
+
+
+def measurement_keys(args, count: int, key):
+    """The sampler keys of a --measurement written by a dataset run (it holds the images' identities: the
+    same --seed then gives the same bits, spgd_jax.restore.dataset.sampler_keys); else `key` as it is."""
+    if not args.measurement:
+        return key
+    with np.load(args.measurement, allow_pickle=False) as data:
+        identities = [str(i) for i in data["identities"]] if "identities" in data.files else None
+    if identities is None or len(identities) != count:
+        return key
+    return sampler_keys(args.seed, identities, args.samples)
 
 
 def weights_digest(path: Path) -> str:

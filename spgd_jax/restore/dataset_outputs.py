@@ -6,7 +6,8 @@ restored/NAME.png, measurement/NAME.png, std/NAME.png (with --samples K > 1), an
 The aggregate, written by one process from the rows alone (memory for one image at a time):
 metrics.json (per-image rows in the listing's order, mean and std over the finite images), grid.png
 (input | measurement | restored for the first GRID_IMAGES images), measurement.npz (every y and
-parameter: feed it back with --measurement), samples.npz (K > 1) and config.json.
+parameter, and the identities: fed back with --measurement and the same --seed it restores the same
+bits), samples.npz (K > 1) and config.json.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def write_aggregate(manifest: Manifest, entries: list[ImageEntry], size: int, ta
         column = lambda key: (first[key].shape, first[key].dtype, (a[key] for _, _, a in manifest.rows(names)))
         params = {key: column(key) for key in first if key.startswith(_PARAM)}
         write_stacked_npz(manifest.out / "measurement.npz", {"y": column("y"), **params}, len(finished),
-                          names=np.asarray(names), task=np.asarray(task))
+                          names=np.asarray(names), identities=np.asarray([e.identity for e in finished]),
+                          task=np.asarray(task))
         if samples > 1:
             write_stacked_npz(manifest.out / "samples.npz", {"samples": column("samples"), "std": column("std")},
                               len(finished), names=np.asarray(names))
