@@ -2,6 +2,8 @@
 
     python -m benchmarks.dataset_memory                  # 64 and 1,024 inputs, a few minutes on a CPU
     python -m benchmarks.dataset_memory --counts 64,256
+    git archive REV | tar -x -C /tmp/rev && python -m benchmarks.dataset_memory --source /tmp/rev --tag old
+                                                         # a control: the restore command of another commit
 
 For each count it writes that many random 16 px PNGs into a temporary folder and runs the restore
 command on them (`python -m spgd_jax.restore --task inpaint --input FOLDER`, a tiny16 UNet with random
@@ -52,12 +54,14 @@ def random_images(folder: Path, count: int) -> Path:
     return folder
 
 
-def measure(weights: Path, images: Path, out: Path) -> dict:
-    """Peak RSS (MiB) and wall seconds of one restore process over `images`."""
+def measure(weights: Path, images: Path, out: Path, source: Path | None) -> dict:
+    """Peak RSS (MiB) and wall seconds of one restore process over `images` (source: the package's source
+    tree to run, default this one)."""
     command = [sys.executable, "-m", "spgd_jax.restore", "--input", str(images), "--weights", str(weights),
                "--out", str(out), *COMMAND]
+    environment = {**os.environ, **({} if source is None else {"PYTHONPATH": str(source)})}
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=source or REPO, env=environment, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     error = process.stderr.read()
@@ -71,27 +75,30 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", default="64,1024", help="comma-separated input counts (default 64,1024)")
     parser.add_argument("--tag", default=f"cpu-{os.cpu_count()}core", help="results file suffix")
+    parser.add_argument("--source", type=Path, help="run the restore command of this source tree (a control)")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = tiny_weights(tmp)
-        measure(weights, random_images(tmp / "warm", 8), tmp / "warm-out")  # fills the compilation cache
+        measure(weights, random_images(tmp / "warm", 8), tmp / "warm-out", args.source)  # fills the compile cache
         for count in counts:
-            row = {"inputs": count, **measure(weights, random_images(tmp / f"in{count}", count), tmp / f"out{count}")}
+            images = random_images(tmp / f"in{count}", count)
+            row = {"inputs": count, **measure(weights, images, tmp / f"out{count}", args.source)}
             print(f"{count} inputs: peak RSS {row['peak_rss_mib']:.0f} MiB, {row['seconds']:.1f} s", flush=True)
             rows.append(row)
     load = os.getloadavg()
     result = {"command": "python -m spgd_jax.restore --input FOLDER " + " ".join(COMMAND), "image_size": SIZE,
               "network": "tiny16 (random weights)", "rows": rows, "load_average": load,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+              "source": str(args.source or "this tree"),
               "jax": jax.__version__}
     results = REPO / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     (results / f"dataset_memory_{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# Peak memory of a dataset run against its number of inputs", "",
-             f"`{result['command']}`, {SIZE} px inputs, {result['network']}, one process each, "
+             f"`{result['command']}` ({result['source']}), {SIZE} px inputs, {result['network']}, one process each, "
              f"{result['machine']}, jax {jax.__version__}; load average after the runs "
              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}.", "",
              "| inputs | peak RSS (MiB) | wall (s) | images/s |", "|---:|---:|---:|---:|"]
