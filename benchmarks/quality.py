@@ -49,7 +49,7 @@ from spgd_jax.io.compile_cache import enable_compilation_cache
 from spgd_jax.io.cpu_flags import use_fast_cpu_flags
 from spgd_jax import default_weights_path, make_denoiser, metrics, models, operators
 from spgd_jax.io import checkpoint, images
-from spgd_jax.samplers import SAMPLERS, forward_for, nfe, posterior_mean, presets, sample, sampler_for, sweep
+from spgd_jax.samplers import SAMPLERS, forward_for, nfe, posterior_mean, presets, sample, sampler_of, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS, lr_fact
                 forward_for(config, operators.get(task, 64))
             except ValueError:  # e.g. DDRM has no SVD of motion blur: the paper's "-"
                 continue
-            step = sampler_for(config).step_size
+            step = sampler_of(config).step_size
             values = None if step is None else tuple(getattr(config, step) * f for f in method_factors)
             label = f"{METHOD_NAMES.get(name, name)} ({nfe(config)} NFE" + (", as published)" if name == "dps" else ")")
             job = f"{name}{'1000' if name == 'dps' else ''}_{task}"
@@ -202,7 +202,7 @@ def make_program(unet_config, operator, config, x_shape, dtype: str, samples: in
         denoiser = make_denoiser(unet_config, unet_params, dtype=dtype)
 
         def one_sample(sample_keys):
-            if sampler_for(config).step_size is None:  # one run of the config; values (1,) is a placeholder
+            if sampler_of(config).step_size is None:  # one run of the config; values (1,) is a placeholder
                 result = sample(denoiser, forward, y, sample_keys, config, op_params, x_shape=x_shape)
                 return result.x[None], result.diverged[None]
             result = sweep(denoiser, forward, y, sample_keys, config, values, op_params, x_shape=x_shape)
@@ -423,7 +423,7 @@ def _summary(values: dict) -> dict:
 
 
 def score(args) -> int:
-    from spgd_jax.baselines import classical
+    from spgd_jax.classical import restorer
 
     run = Path(args.run)
     manifest = _read_manifest(run)
@@ -449,7 +449,7 @@ def score(args) -> int:
                      **_summary(metrics.all_metrics(jnp.asarray(restored), reference, vgg=True))})
     for task in sorted({r["task"] for r in rows if r["table"] == "1"}, key=TABLE1_TASKS.index):
         operator, params, y = degrade(task, x, manifest["seed"])
-        restored = jax.jit(jax.vmap(classical(operator, x.shape[1])))(y, params)
+        restored = jax.jit(jax.vmap(restorer(operator, x.shape[1])))(y, params)
         rows.append({"job": f"t1_classical_{task}", "table": "1", "row": "classical", "task": task,
                      **_summary(metrics.all_metrics(jnp.clip(restored, -1, 1), reference, vgg=True))})
     meta = {k: manifest[k] for k in ("weights", "seed", "test", "steps", "warmup")}

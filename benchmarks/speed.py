@@ -401,7 +401,7 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
     from spgd_jax import make_denoiser, operators, sample
     from spgd_jax.convert import to_flax_params
     from spgd_jax.convert import torch_adm as tr
-    from spgd_jax.samplers import SPGDConfig, spgd
+    from spgd_jax.samplers import SPGDConfig, run
 
     deadline = Deadline(budget_s)
     device = jax.devices()[0]
@@ -442,7 +442,7 @@ def jax_phase(preset: Preset, work: Path, budget_s: float, compile_workers: int)
         @jax.jit
         def run_xcheck(p, x_t, y, mask):
             denoiser = make_denoiser(xc.unet, p)
-            return spgd(denoiser, op.forward, y, x_t, config, {"mask": mask}).x
+            return run(denoiser, op.forward, y, x_t, config, {"mask": mask}).x
 
         context = jax.default_matmul_precision("highest") if precision == "highest" else contextlib.nullcontext()
         with context:

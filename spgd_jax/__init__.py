@@ -15,15 +15,17 @@ The core, pure JAX (every function works inside jit, vmap and grad; no files):
   spgd_jax.models      network families (the ADM UNet) and their registry
   spgd_jax.denoisers   preconditionings (VP, EDM) around a network: D(x, sigma)
   spgd_jax.operators   forward models, their seeded per-image parameters, the task registry
-  spgd_jax.samplers    SPGD, DPS, Euler on the EDM schedule, their registry, presets, sweeps
-  spgd_jax.metrics     PSNR, SSIM, LPIPS;  spgd_jax.baselines  classical restorations
-  spgd_jax.sharding    the batch over devices and hosts
+  spgd_jax.samplers    SPGD and ten more methods (DPS, MCG, Score-SDE, DPPS, DDRM, DiffPIR, PnP-ADMM,
+                       RED-Diff, DAPS; Euler for unconditional samples), their registry, presets, the
+                       one driver (sample, sweep, sample_sharded)
+  spgd_jax.metrics     PSNR, SSIM, LPIPS;  spgd_jax.classical  prior-free restorations (the yardstick)
+  spgd_jax.sharding    a batch of independent images over devices and hosts
 The applications, around it: spgd_jax.io (checkpoints, images, plots, atomic files), spgd_jax.restore and
 spgd_jax.train (the command lines), spgd_jax.convert (PyTorch checkpoints; needs torch).
 Importing spgd_jax loads none of PIL, matplotlib or orbax.
 """
 
-from spgd_jax import baselines, denoisers, metrics, models, operators, samplers, sharding
+from spgd_jax import classical, denoisers, metrics, models, operators, samplers, sharding
 from spgd_jax.denoisers import Denoiser, make_denoiser
 from spgd_jax.io.prior import default_weights_path, load_denoiser
 from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
@@ -39,7 +41,7 @@ __all__ = [
     "SampleResult",
     "UNet",
     "UNetConfig",
-    "baselines",
+    "classical",
     "default_weights_path",
     "denoisers",
     "dps_config",

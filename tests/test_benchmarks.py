@@ -18,7 +18,7 @@ import torch
 from spgd_jax import CONFIGS, edm_sigmas, make_denoiser, operators
 from spgd_jax.convert import to_flax_params
 from spgd_jax.convert import torch_adm as tr
-from spgd_jax.samplers import SPGDConfig, spgd
+from spgd_jax.samplers import SPGDConfig, run
 
 from benchmarks import roofline, speed, torch_spgd, trace_summary
 
@@ -41,9 +41,9 @@ def test_torch_baseline_matches_jax_sampler_with_adm_off():
 
     op = operators.get("inpaint", config.image_size)
     sampler_config = SPGDConfig(lr=lr, steps=steps, warmup=warmup, adm="off")
-    run = jax.jit(lambda p, x_t, y, m: spgd(make_denoiser(config, p), op.forward, y, x_t, sampler_config,
+    program = jax.jit(lambda p, x_t, y, m: run(make_denoiser(config, p), op.forward, y, x_t, sampler_config,
                                             {"mask": m}).x)
-    got = np.asarray(run(params, inputs["x_T"], inputs["y"], inputs["mask"]))
+    got = np.asarray(program(params, inputs["x_T"], inputs["y"], inputs["mask"]))
 
     assert np.isfinite(expected).all()
     assert np.abs(expected - inputs["x_T"]).max() > 1.0  # the run moved far from x_T

@@ -68,7 +68,7 @@ def test_box_inpainting_preset_restores_the_demo_face_where_the_papers_rate_dive
     finishes and beats harmonic inpainting on the demo face; the paper's rate diverges (T = 25 here)."""
     import dataclasses
 
-    from spgd_jax import baselines, metrics, operators
+    from spgd_jax import classical, metrics, operators
     from spgd_jax.samplers import presets, sample
 
     denoiser = load_denoiser(WEIGHTS)
@@ -80,7 +80,7 @@ def test_box_inpainting_preset_restores_the_demo_face_where_the_papers_rate_dive
     runs = {lr: sample(denoiser, operator.forward, y, jax.random.key(3), dataclasses.replace(tuned, lr=lr), params,
                        x_shape=(64, 64, 3)) for lr in (tuned.lr, presets.PAPER_LR["inpaint_box"])}
     restored = runs[tuned.lr]
-    classical = jax.vmap(baselines.harmonic_inpaint)(y, params["mask"])
+    classical = jax.vmap(classical.harmonic_inpaint)(y, params["mask"])
     assert not bool(restored.diverged[0]) and bool(runs[2.5].diverged[0])
     assert float(metrics.psnr(restored.x, x)[0]) > float(metrics.psnr(classical, x)[0]) + 1.0
 

@@ -16,7 +16,7 @@ from sampler_toys import PRIOR_VAR, SHAPE, conv_denoiser, gaussian_denoiser, mat
 from spgd_jax import restore
 from spgd_jax.io import plots
 from spgd_jax.restore._writers import sweep_markdown, video_frames
-from spgd_jax.samplers import SPGDConfig, diagnostics, sample, spgd, sweep
+from spgd_jax.samplers import SPGDConfig, diagnostics, run, sample, sweep
 
 CONV = conv_denoiser()
 TINY = SPGDConfig(lr=0.5, steps=4, warmup=3, diagnostics=True)
@@ -75,7 +75,7 @@ def numpy_diagnostics(x_init, matrices, y, config):
 def test_angles_match_a_numpy_reference(adm):
     matrices, _, y, x_init = random_problem(2)
     config = dataclasses.replace(TINY, adm=adm, lr=2.0, steps=5)
-    result = jax.jit(lambda x: spgd(gaussian_denoiser, matrix_forward, y, x, config, matrices))(x_init)
+    result = jax.jit(lambda x: run(gaussian_denoiser, matrix_forward, y, x, config, matrices))(x_init)
     expected = numpy_diagnostics(x_init, matrices, y, config)
     assert set(result.diagnostics) == set(diagnostics.NAMES)
     for name in diagnostics.NAMES:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sampler_toys import PRIOR_VAR, SHAPE, counting, gaussian_denoiser, matrix_forward, random_problem
-from spgd_jax.samplers.dps import DPSConfig, dps, get_step_fn
-from spgd_jax.samplers import sample
+from spgd_jax.samplers.dps import DPSConfig, get_step_fn
+from spgd_jax.samplers import run, sample
 from spgd_jax.samplers._loop import Step
 from spgd_jax.samplers.schedule import ddpm_sigmas, edm_sigmas
 
@@ -32,7 +32,7 @@ def test_config_validation(kwargs, error):
 def test_one_dps_step_matches_numpy():
     matrices, _, y, _ = random_problem(1)
     x = np.random.default_rng(0).standard_normal(SHAPE) * 2
-    step = jax.jit(get_step_fn(gaussian_denoiser, matrix_forward))
+    step = jax.jit(get_step_fn(gaussian_denoiser, matrix_forward, DPSConfig(zeta=1.0)))
     sigma, sigma_next = 2.0, 1.5
     coefficient = jnp.float32(1 - sigma_next / sigma)
     info = Step(jnp.int32(0), jnp.float32(sigma), jnp.float32(sigma_next), coefficient, jnp.float32(0.7))
@@ -49,7 +49,7 @@ def test_dps_run_matches_numpy_and_uses_t_evaluations_per_image():
     matrices, _, y, x_init = random_problem(2)
     config = DPSConfig(zeta=0.3, steps=6)
     record = []
-    result = jax.jit(lambda x: dps(counting(gaussian_denoiser, record), matrix_forward, y, x, config, matrices))(x_init)
+    result = jax.jit(lambda x: run(counting(gaussian_denoiser, record), matrix_forward, y, x, config, matrices))(x_init)
     jax.effects_barrier()
     sigmas = edm_sigmas(6)
     for b in range(2):
@@ -65,7 +65,7 @@ def test_dps_run_matches_numpy_and_uses_t_evaluations_per_image():
 
 def test_zero_residual_gives_a_zero_gradient_not_nan():
     x = jnp.ones(SHAPE)
-    step = get_step_fn(gaussian_denoiser, lambda x0, _: x0)
+    step = get_step_fn(gaussian_denoiser, lambda x0, _: x0, DPSConfig(zeta=1.0))
     sigma = jnp.float32(1.0)
     y = x * PRIOR_VAR / (PRIOR_VAR + 1.0)  # = A(D(x)) exactly
     info = Step(jnp.int32(0), sigma, jnp.float32(0.5), jnp.float32(0.5), jnp.float32(1.0))
@@ -81,16 +81,16 @@ def test_sample_dispatches_dps_with_trajectory_and_batched_keys():
     assert result.x.shape == (2,) + SHAPE and result.trajectory.shape == (2, 3) + SHAPE
     x_init = 100.0 * jax.vmap(lambda k: jax.random.normal(k, SHAPE))(keys)
     without_trajectory = dataclasses.replace(config, trajectory_every=0)
-    direct = dps(gaussian_denoiser, matrix_forward, y, x_init, without_trajectory, matrices)
+    direct = run(gaussian_denoiser, matrix_forward, y, x_init, without_trajectory, matrices)
     np.testing.assert_allclose(result.x, direct.x, rtol=1e-5, atol=1e-6)
 
 
 def test_traced_zeta_replaces_the_configs():
     matrices, _, y, x_init = random_problem(2)
     config = DPSConfig(zeta=0.3, steps=4)
-    static = dps(gaussian_denoiser, matrix_forward, y, x_init, config, matrices)
-    swept = jax.jit(jax.vmap(lambda z: dps(gaussian_denoiser, matrix_forward, y, x_init, DPSConfig(zeta=9.0, steps=4),
-                                           matrices, zeta=z).x))(jnp.asarray([0.1, 0.3], jnp.float32))
+    static = run(gaussian_denoiser, matrix_forward, y, x_init, config, matrices)
+    swept = jax.jit(jax.vmap(lambda z: run(gaussian_denoiser, matrix_forward, y, x_init, DPSConfig(zeta=z, steps=4),
+                                           matrices).x))(jnp.asarray([0.1, 0.3], jnp.float32))
     np.testing.assert_allclose(swept[1], static.x, rtol=1e-5, atol=1e-6)
     assert not np.allclose(swept[0], static.x)
 
@@ -98,7 +98,7 @@ def test_traced_zeta_replaces_the_configs():
 def test_ddpm_schedule_step_is_the_releases_vp_step():
     """One schedule='ddpm' step == the DPS release's step in VP coordinates x_vp = x / sqrt(1 + t^2) (float64
     NumPy: p_sample, then x_vp -= zeta * grad_{x_vp} ||y - A x0_hat||), mapped back to ours."""
-    from spgd_jax.samplers._ancestral import vp_step_factors
+    from spgd_jax.samplers.schedule import vp_step_factors
 
     matrices, _, y, _ = random_problem(1)
     M, y64 = np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64)
@@ -107,7 +107,7 @@ def test_ddpm_schedule_step_is_the_releases_vp_step():
     key = jax.random.key(3)
     factor = vp_step_factors(np.array([sigma, sigma_next]))[0]
     info = Step(jnp.int32(0), jnp.float32(sigma), jnp.float32(sigma_next), jnp.float32(0), jnp.float32(zeta * factor))
-    got, _, _ = jax.jit(get_step_fn(gaussian_denoiser, matrix_forward, "ddpm"))(jnp.asarray(x, jnp.float32), info, key,
+    got, _, _ = jax.jit(get_step_fn(gaussian_denoiser, matrix_forward, DPSConfig(zeta=1.0, schedule="ddpm")))(jnp.asarray(x, jnp.float32), info, key,
                                                                                (y[0], matrices[0]))
     z = np.asarray(jax.random.normal(key, SHAPE), np.float64)
     abar, abar_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
@@ -139,8 +139,8 @@ def test_ddpm_schedule_config_and_sigma_max():
 def test_ddpm_schedule_needs_keys_and_edm_ignores_them():
     matrices, _, y, x_init = random_problem(1)
     with pytest.raises(ValueError, match="keys"):
-        dps(gaussian_denoiser, matrix_forward, y, x_init, DPSConfig(zeta=0.5, schedule="ddpm", steps=3), matrices)
+        run(gaussian_denoiser, matrix_forward, y, x_init, DPSConfig(zeta=0.5, schedule="ddpm", steps=3), matrices)
     config = DPSConfig(zeta=0.5, steps=3)
     keys = jax.random.split(jax.random.key(0), 1)
-    keyed = dps(gaussian_denoiser, matrix_forward, y, x_init, config, matrices, keys=keys)
-    np.testing.assert_array_equal(keyed.x, dps(gaussian_denoiser, matrix_forward, y, x_init, config, matrices).x)
+    keyed = run(gaussian_denoiser, matrix_forward, y, x_init, config, matrices, keys=keys)
+    np.testing.assert_array_equal(keyed.x, run(gaussian_denoiser, matrix_forward, y, x_init, config, matrices).x)

@@ -256,7 +256,7 @@ def test_hdr_clips_twice_the_image():
 
 
 def test_registry_names_and_reference_defaults_at_256():
-    assert ops.TASKS == ("sr4", "inpaint", "inpaint_box", "gauss_deblur", "motion_deblur", "phase_retrieval", "hdr")
+    assert tuple(ops.TASKS) == ("sr4", "inpaint", "inpaint_box", "gauss_deblur", "motion_deblur", "phase_retrieval", "hdr")
     expected = {
         "sr4": (0.01, {"factor": 4}),
         "inpaint": (0.01, {"keep_fraction": 0.2}),

@@ -10,9 +10,7 @@ import pytest
 
 from sampler_toys import (PRIOR_VAR, SHAPE, counting, gaussian_denoiser, gaussian_posterior, matrix_forward,
                           random_problem)
-from spgd_jax.samplers import DAPSConfig, RedDiffConfig, SAMPLERS, daps, red_diff, sample
-from spgd_jax.samplers._loop import Step, step_keys
-from spgd_jax.samplers._sample import image_keys
+from spgd_jax.samplers import DAPSConfig, RedDiffConfig, SAMPLERS, Step, image_keys, run, sample, step_keys
 from spgd_jax.samplers.daps import DAPSStep, annealing_sigmas, get_step_fn, langevin, langevin_rates, ode_sigmas
 from spgd_jax.samplers.red_diff import adam, initial_mean
 from spgd_jax.samplers.red_diff import get_step_fn as red_diff_step_fn
@@ -121,7 +119,7 @@ def test_red_diff_starts_from_the_pseudo_inverse():
 def test_red_diff_matches_numpy_adam_reduces_the_residual_and_uses_t_evaluations():
     matrices, _, y, x_init = random_problem(2, m=48)  # overdetermined, so that A mu_0 != y
     config, keys, record = RedDiffConfig(lr=0.01, steps=100, init_iterations=1), loop_keys(2), []
-    result = red_diff(counting(gaussian_denoiser, record), matrix_forward, y, x_init, config, matrices, keys=keys)
+    result = run(counting(gaussian_denoiser, record), matrix_forward, y, x_init, config, matrices, keys=keys)
     jax.effects_barrier()
     assert len(record) == config.steps * 2  # one denoiser evaluation per step and image
     sigmas = ddpm_sigmas(config.steps)[:-1]
@@ -137,7 +135,7 @@ def test_red_diff_matches_numpy_adam_reduces_the_residual_and_uses_t_evaluations
 def test_red_diff_with_lambda_zero_finds_the_least_squares_fit():
     matrices, _, y, x_init = random_problem(2, m=48)  # overdetermined: a unique least-squares fit
     config = RedDiffConfig(lr=0.01, lam=0.0, init_iterations=1)
-    result = red_diff(gaussian_denoiser, matrix_forward, y, x_init, config, matrices, keys=loop_keys(2))
+    result = run(gaussian_denoiser, matrix_forward, y, x_init, config, matrices, keys=loop_keys(2))
     for b in range(2):
         matrix, y64 = np.asarray(matrices[b], np.float64), np.asarray(y[b], np.float64)
         least_squares = np.linalg.lstsq(matrix, y64, rcond=None)[0]
@@ -167,7 +165,7 @@ def test_red_diff_step_jit_and_eager_agree(jit):
     mu = jnp.asarray(np.random.default_rng(1).standard_normal(SHAPE), jnp.float32)
     optimizer, key = adam(0.1), jax.random.key(3)
     info = Step(jnp.int32(0), jnp.float32(2.0), jnp.float32(1.5), jnp.float32(0.25), jnp.float32(0.5))
-    step = red_diff_step_fn(gaussian_denoiser, matrix_forward, optimizer)
+    step = red_diff_step_fn(gaussian_denoiser, matrix_forward, RedDiffConfig(lr=0.1))
     step = jax.jit(step) if jit else step
     (mu_next, _), x0_hat, data = step((mu, optimizer.init(mu)), info, key, (y[0], matrices[0]))
     matrix, y64 = np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64)
@@ -223,8 +221,8 @@ def test_red_diff_refuses_a_nonlinear_operator_and_both_methods_need_keys():
     assert SAMPLERS["red_diff"].linear_only and not SAMPLERS["daps"].linear_only
     nonlinear = lambda x, matrix: jnp.abs(matrix_forward(x, matrix))
     with pytest.raises(ValueError, match="linear"):
-        red_diff(gaussian_denoiser, nonlinear, y, x_init, RED_DIFF, matrices, keys=loop_keys(2))
-    for run, config in ((red_diff, RED_DIFF), (daps, DAPS)):
+        run(gaussian_denoiser, nonlinear, y, x_init, RED_DIFF, matrices, keys=loop_keys(2))
+    for config in (RED_DIFF, DAPS):
         with pytest.raises(ValueError, match="keys"):
             run(gaussian_denoiser, matrix_forward, y, x_init, config, matrices)
 

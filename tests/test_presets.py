@@ -68,8 +68,7 @@ def test_every_restoring_sampler_has_a_config_for_every_core_task():
             for tuned in (True, False):
                 config = presets.config(name, task, tuned)
                 assert type(config) is sampler.config_type
-                expected = {**presets.PAPER.get(name, {}).get(task, {}),
-                            **(presets.TUNED.get(name, {}).get(task, {}) if tuned else {})}
+                expected = {**sampler.paper.get(task, {}), **(sampler.tuned.get(task, {}) if tuned else {})}
                 assert {k: getattr(config, k) for k in expected} == expected
     with pytest.raises(ValueError, match="unknown sampler 'ddim'; choose one of spgd, dps"):
         presets.config("ddim", "sr4")

@@ -10,13 +10,12 @@ import pytest
 
 from sampler_toys import PRIOR_VAR, SHAPE, counting, gaussian_denoiser, matrix_forward, random_problem
 from spgd_jax import operators
-from spgd_jax.samplers import SAMPLERS, DPPSConfig, DPSConfig, MCGConfig, ScoreSDEConfig, sample
-from spgd_jax.samplers._ancestral import ancestral_step
-from spgd_jax.samplers._loop import Step, step_keys
+from spgd_jax import samplers
+from spgd_jax.samplers import SAMPLERS, DPPSConfig, DPSConfig, MCGConfig, ScoreSDEConfig, Step, sample, step_keys
 from spgd_jax.samplers.dpps import candidate_counts, lift_measurement
 from spgd_jax.samplers.mcg import get_step_fn as mcg_step_fn
 from spgd_jax.samplers.dpps import get_step_fn as dpps_step_fn
-from spgd_jax.samplers.schedule import ddpm_sigmas
+from spgd_jax.samplers.schedule import ancestral_step, ddpm_sigmas
 
 CONFIGS = {
     "mcg": MCGConfig(alpha=1.0, steps=5),
@@ -36,7 +35,7 @@ def exact_problem(batch, seed=0):
 
 def run(name, denoiser, y, matrices, x_init, keys, config=None):
     config = CONFIGS[name] if config is None else config
-    return SAMPLERS[name].run(denoiser, matrix_forward, y, x_init, config, matrices, keys=keys)
+    return samplers.run(denoiser, matrix_forward, y, x_init, config, matrices, keys=keys)
 
 
 def ddpm_posterior_numpy(x, x0_hat, sigma, sigma_next, z):
@@ -71,7 +70,7 @@ def test_one_mcg_step_matches_numpy():
     factor = np.sqrt((1 + sigma**2) * (1 + sigma_next**2))
     key = jax.random.key(5)
     info = Step(jnp.int32(0), jnp.float32(sigma), jnp.float32(sigma_next), jnp.float32(0), jnp.float32(alpha * factor))
-    got, _, norm = jax.jit(mcg_step_fn(gaussian_denoiser, matrix_forward, 30))(jnp.asarray(x, jnp.float32), info, key,
+    got, _, norm = jax.jit(mcg_step_fn(gaussian_denoiser, matrix_forward, MCGConfig()))(jnp.asarray(x, jnp.float32), info, key,
                                                                               (y[0], matrices[0]))
     k_ancestral, k_measure = jax.random.split(key)
     z = np.asarray(jax.random.normal(k_ancestral, SHAPE), np.float64)
@@ -94,7 +93,7 @@ def test_one_dpps_step_keeps_the_best_of_its_first_m_candidates():
     key = jax.random.key(7)
     info = Step(jnp.int32(0), jnp.float32(sigma), jnp.float32(sigma_next), jnp.float32(0),
                 (jnp.float32(step_size), jnp.int32(count)))
-    got, _, _ = jax.jit(dpps_step_fn(gaussian_denoiser, matrix_forward, candidates))(
+    got, _, _ = jax.jit(dpps_step_fn(gaussian_denoiser, matrix_forward, DPPSConfig(zeta=1.0, candidates=candidates)))(
         jnp.asarray(x, jnp.float32), info, key, (y[0], matrices[0]))
     noises = np.asarray(jax.random.normal(key, (candidates,) + SHAPE), np.float64)
     c = PRIOR_VAR / (PRIOR_VAR + sigma**2)
@@ -123,7 +122,7 @@ def test_projection_replaces_the_kept_pixels_for_inpainting():
     y = x0 * mask
     keys = step_keys(jax.random.split(jax.random.key(1), 2))
     x_init = 157.4 * jax.random.normal(jax.random.key(2), (2,) + SHAPE)
-    result = jax.jit(lambda x: SAMPLERS["mcg"].run(gaussian_denoiser, forward, y, x, MCGConfig(steps=3), mask,
+    result = jax.jit(lambda x: samplers.run(gaussian_denoiser, forward, y, x, MCGConfig(steps=3), mask,
                                                    keys=keys))(x_init)
     np.testing.assert_allclose(result.x * mask, y, atol=1e-5)
 
@@ -135,8 +134,8 @@ def test_guidance_reduces_the_residual_of_the_unconditional_ancestral_sampler(na
     step_size = SAMPLERS[name].step_size
 
     def residuals(size):
-        out = SAMPLERS[name].run(gaussian_denoiser, matrix_forward, y, x_init, config, matrices, keys=keys,
-                                 **{step_size: size}).x
+        out = samplers.run(gaussian_denoiser, matrix_forward, y, x_init,
+                           dataclasses.replace(config, **{step_size: size}), matrices, keys=keys).x
         return jnp.linalg.norm(jnp.einsum("bmn,bn->bm", matrices, out.reshape(8, -1)) - y, axis=1)
 
     unconditional, guided = (float(jnp.mean(r)) for r in jax.jit(jax.vmap(residuals))(jnp.asarray([0.0, 0.5])))
@@ -195,7 +194,7 @@ def test_dpps_aligned_init_starts_from_the_lifted_measurement():
     forward = lambda x, _: x.reshape(2, 2, 2, 2, 2).mean(axis=(1, 3))  # noqa: E731  (2x average pooling)
     x_init = 157.4 * jax.random.normal(jax.random.key(1), (1,) + SHAPE)
     keys = step_keys(jax.random.split(jax.random.key(2), 1))
-    SAMPLERS["dpps"].run(denoiser, forward, y, x_init, DPPSConfig(zeta=1.0, steps=2), keys=keys)
+    samplers.run(denoiser, forward, y, x_init, DPPSConfig(zeta=1.0, steps=2), keys=keys)
     jax.effects_barrier()
     first = min(seen, key=lambda item: -item[1])[0]
     np.testing.assert_allclose(first[0], x_init[0] + jnp.repeat(jnp.repeat(y[0], 2, 0), 2, 1), rtol=1e-6)

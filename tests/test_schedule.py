@@ -7,7 +7,7 @@ import pytest
 
 from sampler_toys import SHAPE, counting, gaussian_denoiser
 from spgd_jax.samplers.schedule import edm_sigmas, euler_coefficients, euler_step
-from spgd_jax.samplers.euler import EulerConfig, euler
+from spgd_jax.samplers import EulerConfig, run
 
 
 @pytest.mark.parametrize("steps, sigma_max, sigma_min, rho", [(100, 100.0, 0.1, 7.0), (5, 80.0, 0.002, 3.0)])
@@ -53,7 +53,7 @@ def test_unconditional_euler_matches_numpy_loop():
     steps, batch = 6, 2
     x_init = 100.0 * np.random.default_rng(0).standard_normal((batch,) + SHAPE)
     record = []
-    result = jax.jit(lambda x: euler(counting(gaussian_denoiser, record), x, EulerConfig(steps=steps)))(
+    result = jax.jit(lambda x: run(counting(gaussian_denoiser, record), None, None, x, EulerConfig(steps=steps)))(
         jnp.asarray(x_init, jnp.float32)
     )
     sigmas = [(100 ** (1 / 7) + i / (steps - 1) * (0.1 ** (1 / 7) - 100 ** (1 / 7))) ** 7 for i in range(steps)] + [0]
@@ -70,7 +70,7 @@ def test_unconditional_euler_converges_to_exact_ode_solution():
     """For data ~ N(0, v I) the probability-flow ODE scales x by sqrt(v + t^2): exact down to sigma_min = 0.1,
     then the last step (coefficient 1) lands on the Tweedie estimate D(x; 0.1) = x * v / (v + 0.01)."""
     x_init = 100.0 * jax.random.normal(jax.random.PRNGKey(0), (2,) + SHAPE)
-    result = euler(gaussian_denoiser, x_init, EulerConfig(steps=400))
+    result = run(gaussian_denoiser, None, None, x_init, EulerConfig(steps=400))
     at_sigma_min = x_init * np.sqrt((0.25 + 0.1**2) / (0.25 + 100.0**2))
     np.testing.assert_allclose(result.x, at_sigma_min * 0.25 / (0.25 + 0.1**2), rtol=1e-2, atol=1e-6)
 
@@ -85,7 +85,7 @@ def test_sample_dispatches_unconditional_euler_on_a_batch_of_keys():
     # sample's vmapped, jitted program against euler's: every term of a step is proportional to the pixel,
     # so each pixel carries a relative error of ~16 float32 roundings (4 steps), up to 1e-6; 8e-7 seen on
     # XLA built for AVX (no FMA). 1e-5 keeps 12x; sigma_max or x_init off by 1e-3 exceeds it 100x, rho 37x.
-    np.testing.assert_allclose(result.x, euler(gaussian_denoiser, x_init, config).x, rtol=1e-5)
+    np.testing.assert_allclose(result.x, run(gaussian_denoiser, None, None, x_init, config).x, rtol=1e-5)
     with pytest.raises(ValueError, match="batch of B keys"):
         sample(gaussian_denoiser, None, None, keys[0], config, x_shape=SHAPE)
 

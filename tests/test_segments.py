@@ -1,4 +1,4 @@
-"""A run in segments (spgd_jax.samplers.segments): the same result as one call, progress between the calls."""
+"""A run in segments (spgd_jax.samplers.run_in_segments): the same result as one call, progress between the calls."""
 
 import dataclasses
 
@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from sampler_toys import gaussian_denoiser
-from spgd_jax import operators, sharding
-from spgd_jax.samplers import SAMPLERS, SPGDConfig, forward_for, presets
-from spgd_jax.samplers._loop import Segment
-from spgd_jax.samplers.segments import run_in_segments, segment_length
+from spgd_jax import operators, samplers
+from spgd_jax.samplers import SAMPLERS, SPGDConfig, Segment, forward_for, presets, sample, sample_sharded
+from spgd_jax.samplers.driver import segment_length
 
 RESTORING = [name for name, sampler in SAMPLERS.items() if sampler.conditional]
 SMALL = {"steps": 4, "warmup": 2, "iterations": 2, "ode_steps": 2, "langevin_steps": 2, "candidates": 3,
@@ -65,7 +64,7 @@ def test_every_sampler_run_in_segments_equals_one_call_and_reports_every_step(na
     operator, y, op_params = problem
     config = small_config(name)
     forward = forward_for(config, operator)
-    run = lambda progress: sharding.sample_sharded(gaussian_denoiser, forward, y, jax.random.key(3), config,
+    run = lambda progress: sample_sharded(gaussian_denoiser, forward, y, jax.random.key(3), config,
                                                    op_params, x_shape=(8, 8, 3), progress=progress)
     calls = []
     assert_same(run(calls.append), run(None), name)
@@ -77,7 +76,7 @@ def test_segments_keep_the_trajectory_diagnostics_divergence_and_a_sweep(problem
     (one of which diverges)."""
     operator, y, op_params = problem
     config = SPGDConfig(lr=2.0, steps=20, warmup=2, trajectory_every=3, diagnostics=True)
-    run = lambda progress: sharding.sample_sharded(gaussian_denoiser, operator.forward, y, jax.random.key(3), config,
+    run = lambda progress: sample_sharded(gaussian_denoiser, operator.forward, y, jax.random.key(3), config,
                                                    op_params, x_shape=(8, 8, 3), progress=progress,
                                                    step_sizes=[0.5, 2.0, 1e30])
     calls = []
@@ -99,25 +98,20 @@ def test_an_exception_from_progress_stops_the_run_after_its_segment(problem):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sharding.sample_sharded(gaussian_denoiser, operator.forward, y, jax.random.key(3), config, op_params,
+        sample_sharded(gaussian_denoiser, operator.forward, y, jax.random.key(3), config, op_params,
                                 x_shape=(8, 8, 3), progress=progress)
     assert seen == [0, 1, 2, 3, 4]
 
 
 def test_segments_run_under_a_plain_jit_too(problem):
-    """run_in_segments needs only a call(segment): here one jitted sampler, no devices or sharding."""
-    from spgd_jax.samplers._sample import run_sampler
-    from spgd_jax.samplers._registry import split_step_size
-
+    """sample with progress runs in segments of one jitted program: no devices or sharding."""
     operator, y, op_params = problem
-    static, step = split_step_size(SPGDConfig(lr=1.0, steps=6, warmup=2))
-    segment_fn = jax.jit(lambda start, carry, length, final: run_sampler(
-        jax.tree_util.Partial(gaussian_denoiser), operator.forward, y, jax.random.key(3), static, step, op_params,
-        (8, 8, 3), Segment(start, length, carry, final)), static_argnums=(2, 3))
-    result = run_in_segments(lambda s: segment_fn(s.start, s.carry, s.length, s.final))
-    whole = run_sampler(jax.tree_util.Partial(gaussian_denoiser), operator.forward, y, jax.random.key(3), static, step,
-                        op_params, (8, 8, 3), None)
-    assert_same(result, whole, "jit")
+    config = SPGDConfig(lr=1.0, steps=6, warmup=2)
+    run = lambda progress: sample(gaussian_denoiser, operator.forward, y, jax.random.key(3), config, op_params,
+                                  x_shape=(8, 8, 3), progress=progress)
+    calls = []
+    assert_same(run(calls.append), run(None), "jit")
+    assert calls == list(range(6))
+    x_init = jnp.zeros((3, 8, 8, 3))
     with pytest.raises(ValueError, match="does not fit"):
-        run_sampler(jax.tree_util.Partial(gaussian_denoiser), operator.forward, y, jax.random.key(3), static, step,
-                    op_params, (8, 8, 3), Segment(0, 7))
+        samplers.run(gaussian_denoiser, operator.forward, y, x_init, config, op_params, segment=Segment(0, 7))

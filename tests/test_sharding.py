@@ -21,8 +21,7 @@ import pytest
 from cli_helpers import FAST, picture, random_faces, tiny_weights
 from sampler_toys import SHAPE, gaussian_denoiser, matrix_forward, random_problem
 from spgd_jax import restore, sharding
-from spgd_jax.samplers import sample
-from spgd_jax.samplers.spgd import SPGDConfig
+from spgd_jax.samplers import SPGDConfig, sample, sample_sharded
 
 FOUR_DEVICES = textwrap.dedent("""
     import sys
@@ -32,10 +31,7 @@ FOUR_DEVICES = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from sampler_toys import SHAPE, conv_denoiser, matrix_forward, random_problem
     from spgd_jax import restore, sharding
-    from spgd_jax.samplers.dps import DPSConfig
-    from spgd_jax.samplers import sample
-    from spgd_jax.samplers.spgd import SPGDConfig
-    from spgd_jax.samplers import sweep
+    from spgd_jax.samplers import DPSConfig, SPGDConfig, sample, sample_sharded, sweep
 
     assert jax.device_count() == 4, jax.devices()
     # Each field to 3e-5 of its largest value (the toy conv net's floor, as in test_spgd): round-off
@@ -49,14 +45,14 @@ FOUR_DEVICES = textwrap.dedent("""
     for config in (SPGDConfig(lr=1.0, steps=4, warmup=3, diagnostics=True, trajectory_every=2),
                    DPSConfig(zeta=0.5, steps=4)):
         single = sample(denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE)
-        split = sharding.sample_sharded(denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE)
+        split = sample_sharded(denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE)
         assert single.x.devices() == {jax.devices()[0]}
         jax.tree_util.tree_map(close, split, jax.device_get(single))
         np.testing.assert_array_equal(split.diverged_step, single.diverged_step)
     lrs = [0.5, 2.0]
     single = sweep(denoiser, matrix_forward, y, key, config := SPGDConfig(lr=1.0, steps=4, warmup=3), lrs,
                       matrices, x_shape=SHAPE)
-    split = sharding.sample_sharded(denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE, step_sizes=lrs)
+    split = sample_sharded(denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE, step_sizes=lrs)
     jax.tree_util.tree_map(close, split, jax.device_get(single))
     try:
         sharding.shard_batch(np.zeros((5, 2)), sharding.batch_mesh())
@@ -115,8 +111,8 @@ def test_map_images_on_this_process_pads_and_checks_inputs():
     matrices, _, y, _ = random_problem(3)
     mesh = sharding.batch_mesh()
     config = SPGDConfig(lr=1.0, steps=3, warmup=2)
-    result = sharding.sample_sharded(gaussian_denoiser, matrix_forward, y, jax.random.key(0), config, matrices,
-                                     x_shape=SHAPE, mesh=mesh)
+    result = sample_sharded(gaussian_denoiser, matrix_forward, y, jax.random.key(0), config, matrices,
+                            x_shape=SHAPE, mesh=mesh)
     assert isinstance(result.x, np.ndarray) and result.x.shape == (3,) + SHAPE
     alone = sample(gaussian_denoiser, matrix_forward, y, jax.random.key(0), config, matrices, x_shape=SHAPE)
     # shard_map over a one-device mesh compiles another program: equal to round-off (a few ulp of the

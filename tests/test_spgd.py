@@ -15,8 +15,9 @@ from sampler_toys import (
     random_problem,
 )
 from spgd_jax.samplers._loop import run_schedule
+from spgd_jax import samplers
 from spgd_jax.samplers import sample
-from spgd_jax.samplers.spgd import SPGDConfig, adm_update, get_warmup_fn, learning_rates, spgd
+from spgd_jax.samplers.spgd import SPGDConfig, adm_update, get_warmup_fn, learning_rates
 
 TINY = SPGDConfig(lr=0.5, steps=4, warmup=3)
 CONV = conv_denoiser()  # one object: sample() compiles once per shape for it
@@ -165,7 +166,7 @@ def test_warmup_and_euler_match_numpy_reference():
     matrices, _, y, x_init = random_problem(2)
     for adm in ("paper", "off"):
         config = dataclasses.replace(TINY, adm=adm, steps=5, warmup=3, lr=2.0)
-        result = jax.jit(lambda x: spgd(gaussian_denoiser, matrix_forward, y, x, config, matrices))(x_init)
+        result = jax.jit(lambda x: samplers.run(gaussian_denoiser, matrix_forward, y, x, config, matrices))(x_init)
         expected_x, expected_losses = numpy_spgd(x_init, matrices, y, config)
         np.testing.assert_allclose(result.x, expected_x, rtol=1e-4, atol=1e-5)
         assert result.losses.shape == (2, config.steps, config.warmup)
@@ -223,7 +224,7 @@ def test_exactly_t_times_n_denoiser_evaluations():
     record = []
     matrices, _, y, x_init = random_problem(2)
     config = SPGDConfig(lr=0.5, steps=3, warmup=4)
-    run = jax.jit(lambda x: spgd(counting(gaussian_denoiser, record), matrix_forward, y, x, config, matrices))
+    run = jax.jit(lambda x: samplers.run(counting(gaussian_denoiser, record), matrix_forward, y, x, config, matrices))
     run(x_init).x.block_until_ready()
     jax.effects_barrier()
     sigmas = [(100 ** (1 / 7) + i / 2 * (0.1 ** (1 / 7) - 100 ** (1 / 7))) ** 7 for i in range(3)]
@@ -237,7 +238,7 @@ def test_exactly_t_times_n_denoiser_evaluations():
 def test_trajectory_does_not_change_the_result():
     matrices, _, y, x_init = random_problem(2)
     run = lambda every: jax.jit(
-        lambda x: spgd(CONV, matrix_forward, y, x, dataclasses.replace(TINY, steps=5, trajectory_every=every), matrices)
+        lambda x: samplers.run(CONV, matrix_forward, y, x, dataclasses.replace(TINY, steps=5, trajectory_every=every), matrices)
     )(x_init)
     plain, every_one, every_two = run(0), run(1), run(2)
     assert plain.trajectory is None and every_two.trajectory.shape == (2, 3) + SHAPE
@@ -288,7 +289,7 @@ def test_spgd_divergence_is_confined_to_its_image():
     matrices, _, y, x_init = random_problem(3)
     matrices = matrices.at[1].multiply(1e4)  # image 1: a huge operator norm, the step size is far beyond 2/L
     config = dataclasses.replace(TINY, lr=5.0, steps=6)
-    run = jax.jit(lambda x, y, m: spgd(gaussian_denoiser, matrix_forward, y, x, config, m))
+    run = jax.jit(lambda x, y, m: samplers.run(gaussian_denoiser, matrix_forward, y, x, config, m))
     result = run(x_init, y, matrices)
     assert result.diverged.tolist() == [False, True, False] and result.diverged_step[1] >= 0
     assert np.all(np.isfinite(result.x))

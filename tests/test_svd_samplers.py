@@ -8,9 +8,8 @@ import pytest
 from sampler_toys import (PRIOR_VAR, SHAPE, MatrixSVD, counting, gaussian_denoiser, matrix_forward, random_problem,
                           svd_params)
 from spgd_jax import operators
-from spgd_jax.samplers import (DDRMConfig, DiffPIRConfig, PnPADMMConfig, SAMPLERS, ddrm, diffpir, pnp_admm, sample)
-from spgd_jax.samplers._loop import Step, step_keys
-from spgd_jax.samplers._sample import image_keys, initial_noise
+from spgd_jax.samplers import (DDRMConfig, DiffPIRConfig, PnPADMMConfig, SAMPLERS, Step, image_keys, initial_noise, run,
+                               sample, step_keys)
 from spgd_jax.samplers.ddrm import ddrm_sigmas, get_step_fn as ddrm_step
 from spgd_jax.samplers.diffpir import diffpir_sigmas, get_step_fn as diffpir_step
 
@@ -62,7 +61,7 @@ def test_svd_is_refused_for_motion_deblur_and_non_linear_tasks():
 def test_ddrm_refuses_a_forward_without_svd():
     matrices, _, y, x_init = random_problem(1)
     with pytest.raises(ValueError, match="DDRM needs the SVD"):
-        ddrm(gaussian_denoiser, matrix_forward, y, x_init, DDRMConfig(steps=3), matrices,
+        run(gaussian_denoiser, matrix_forward, y, x_init, DDRMConfig(steps=3), matrices,
              keys=jax.random.split(jax.random.PRNGKey(0), 1))
 
 
@@ -76,7 +75,7 @@ def test_ddrm_refuses_a_forward_without_svd():
     (lambda: DiffPIRConfig(lam=0.0, zeta=0.3), ValueError, "lam"),
     (lambda: DiffPIRConfig(lam=1.0, zeta=1.2), ValueError, "zeta"),
     (lambda: DiffPIRConfig(lam="1", zeta=0.3), TypeError, "lam"),
-    (lambda: PnPADMMConfig(rho=0.0), ValueError, "rho"),
+    (lambda: PnPADMMConfig(penalty=0.0), ValueError, "penalty"),
     (lambda: PnPADMMConfig(iterations=0), ValueError, "iterations"),
 ])
 def test_config_validation(make, error, match):
@@ -86,7 +85,7 @@ def test_config_validation(make, error, match):
 
 def test_registration_and_schedules():
     assert SAMPLERS["ddrm"].linear_only and SAMPLERS["diffpir"].linear_only and SAMPLERS["pnp_admm"].linear_only
-    assert SAMPLERS["diffpir"].step_size == "lam" and SAMPLERS["pnp_admm"].step_size == "rho"
+    assert SAMPLERS["diffpir"].step_size == "lam" and SAMPLERS["pnp_admm"].step_size == "penalty"
     alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     sigma = lambda k: np.sqrt(1 / alpha_bar[k] - 1)
     np.testing.assert_allclose(ddrm_sigmas(20)[[0, 1, -2, -1]], [sigma(950), sigma(900), sigma(0), 0.0])
@@ -135,7 +134,7 @@ def test_one_diffpir_step_matches_algorithm_1():
     x = np.random.default_rng(4).standard_normal(SHAPE) * 2
     key = jax.random.PRNGKey(6)
     info = Step(jnp.int32(0), jnp.float32(sigma), jnp.float32(sigma_next), jnp.float32(0.0), jnp.float32(rho))
-    x_next, x0_out, _ = jax.jit(diffpir_step(gaussian_denoiser, matrix_forward, zeta, 60))(
+    x_next, x0_out, _ = jax.jit(diffpir_step(gaussian_denoiser, matrix_forward, DiffPIRConfig(lam=1.0, zeta=zeta, cg_iterations=60)))(
         jnp.asarray(x, jnp.float32), info, key, (y[0], matrices[0]))
     matrix, y64 = np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64)
     denoised = x.ravel() * PRIOR_VAR / (PRIOR_VAR + sigma**2)
@@ -185,7 +184,7 @@ def test_pnp_admm_converges_to_the_posterior_mean_with_the_map_rho():
     ADMM solves the MAP problem, whose solution is the exact posterior mean; 10 iterations suffice here."""
     matrices, _, y, _ = random_problem(2, m=12)
     sigma_d = 0.5
-    config = PnPADMMConfig(rho=(0.01 / sigma_d) ** 2, sigma_d=sigma_d)
+    config = PnPADMMConfig(penalty=(0.01 / sigma_d) ** 2, sigma_d=sigma_d)
     result = sample(gaussian_denoiser, matrix_forward, y, jax.random.PRNGKey(0), config, matrices, x_shape=SHAPE)
     for b in range(2):
         mean, _ = posterior(matrices[b], y[b], 0.01)
@@ -202,7 +201,6 @@ SMALL = {  # name: (config, uses the SVD forward)
     "diffpir": (DiffPIRConfig(lam=2.0, zeta=0.5, steps=4, cg_iterations=12), False),
     "pnp_admm": (PnPADMMConfig(iterations=4, cg_iterations=12), False),
 }
-RUNS = {"ddrm": ddrm, "diffpir": diffpir, "pnp_admm": pnp_admm}
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -220,7 +218,7 @@ def test_dispatch_jit_batch_independence_and_exact_nfe(name):
     jax.effects_barrier()
     assert len(record) == 4 * 3
     x_init = initial_noise(keys, 3, SHAPE, config.sigma_max)
-    direct = RUNS[name](gaussian_denoiser, forward, y, x_init, config, as_params(matrices), keys=step_keys(keys)).x
+    direct = run(gaussian_denoiser, forward, y, x_init, config, as_params(matrices), keys=step_keys(keys)).x
     np.testing.assert_allclose(direct, batch, rtol=1e-5, atol=1e-5)
     other_matrices, _, other_y, _ = random_problem(3, m=12, seed=9)
     mix = lambda a, b: jnp.concatenate([b[:1], a[1:2], b[2:]])

@@ -6,7 +6,7 @@ A checkpoint is a directory::
     <path>/params/       orbax PyTree checkpoint of the Flax params tree (float32)
 
 The family is a name in `spgd_jax.models.FAMILIES`, the preconditioning one in
-`spgd_jax.denoisers.PRECONDITIONINGS`. A config.json that is a bare ADM UNet config (spgd-jax 0.1) reads
+`spgd_jax.denoisers.PRECONDITIONINGS` (stored as given: a denoiser built from the checkpoint checks it). A config.json that is a bare ADM UNet config (spgd-jax 0.1) reads
 as family 'adm' with 'vp' preconditioning. ``save`` is atomic: it writes everything into a temporary
 directory beside ``path`` and renames it into place at the end, so an error or Ctrl-C leaves either the
 previous state or a complete checkpoint, never a partial one. Building a denoiser from a checkpoint is
@@ -28,7 +28,6 @@ import numpy as np
 from flax import traverse_util
 
 from spgd_jax import models
-from spgd_jax.denoisers import PRECONDITIONINGS
 
 __all__ = ["CONFIG_FILE", "PARAMS_DIR", "Checkpoint", "check_params", "load", "load_config", "save"]
 
@@ -50,12 +49,11 @@ class Checkpoint:
     @classmethod
     def of(cls, config: Any, preconditioning: str | None = None) -> "Checkpoint":
         """The description of params for `config` (a registered family's); default: the family's
-        preconditioning."""
+        preconditioning (a name; spgd_jax.denoisers.make_denoiser refuses an unknown one)."""
         family = models.family_of(config)
         preconditioning = family.preconditioning if preconditioning is None else preconditioning
-        if preconditioning not in PRECONDITIONINGS:
-            raise ValueError(f"unknown preconditioning {preconditioning!r}; choose one of "
-                             f"{', '.join(PRECONDITIONINGS)}")
+        if not isinstance(preconditioning, str) or not preconditioning:
+            raise TypeError(f"preconditioning must be a name such as 'vp' or 'edm', got {preconditioning!r}")
         return cls(config, family.name, preconditioning)
 
 

@@ -1,5 +1,9 @@
 """The task registry: ``get(task, image_size, **overrides) -> Operator``.
 
+A task is a name and a builder `build(image_size, **options) -> Operator` (a `Task`), registered beside
+the builder with `register_task`; the registry has the shape of the samplers' (spgd_jax.samplers) and the
+network families' (spgd_jax.models): a record, a dict by name (TASKS), `register_task`, `get_task`.
+
 At 256 px every default is the reference's (SPGD/DAPS task configs, SPEC section 4). Other
 sizes get defaults that keep each task about as hard as at 256 px, measured as the PSNR of
 the degraded image against the original on faces; see
@@ -23,8 +27,10 @@ is the odd number nearest 61 * size / 256; box side = size / 2, margin = size / 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +40,37 @@ from ._blur import blur, gaussian_kernel
 from ._inpaint import box_mask, inpaint, random_mask
 from ._motion import motion_kernels
 from ._operator import Operator
-from ._pointwise import hdr, phase_retrieval
+from ._nonlinear import hdr, phase_retrieval
 from ._resize import downsample
+
+__all__ = ["TASKS", "Task", "get", "get_task", "options", "register_task"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A registered task: its name and build(image_size, **options) -> Operator (options with defaults,
+    None where the default depends on the image size; `options(name)` lists them)."""
+
+    name: str
+    build: Callable[..., Operator]
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Adds `task` to TASKS (ValueError if its name is taken); returns it."""
+    if task.name in TASKS:
+        raise ValueError(f"a task named {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The registered task `name`; ValueError listing the known ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
 
 # size: (Gaussian std, motion kernel size). 256 is the reference; 64 and 128 match its
 # degraded-image PSNR on held-out faces (Gaussian 25.87 dB, motion 20.83 dB at 256 px;
@@ -73,6 +108,9 @@ def _sr4(image_size: int, factor: int = 4, sigma_y: float = 0.01) -> Operator:
                     settings=(("factor", int(factor)),))
 
 
+register_task(Task("sr4", _sr4))
+
+
 def _inpaint(image_size: int, keep_fraction: float = 0.2, sigma_y: float = 0.01) -> Operator:
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
@@ -83,6 +121,9 @@ def _inpaint(image_size: int, keep_fraction: float = 0.2, sigma_y: float = 0.01)
 
     return Operator("inpaint", sigma_y, True, lambda x, params: inpaint(x, params["mask"]), init_params,
                     (("keep_fraction", keep_fraction),))
+
+
+register_task(Task("inpaint", _inpaint))
 
 
 def _inpaint_box(image_size: int, box_size: int | None = None, margin: int | None = None,
@@ -102,6 +143,9 @@ def _inpaint_box(image_size: int, box_size: int | None = None, margin: int | Non
                     (("box_size", box_size), ("margin", margin)))
 
 
+register_task(Task("inpaint_box", _inpaint_box))
+
+
 def _gauss_deblur(image_size: int, kernel_size: int | None = None, std: float | None = None,
                   truncate: float = 4.0, sigma_y: float = 0.01) -> Operator:
     kernel_size = _odd(61 * image_size / 256) if kernel_size is None else kernel_size
@@ -112,6 +156,9 @@ def _gauss_deblur(image_size: int, kernel_size: int | None = None, std: float | 
                          f"(reflect padding); use a smaller kernel_size")
     return Operator("gauss_deblur", sigma_y, True, lambda x, params: blur(x, kernel),
                     settings=(("kernel_size", kernel_size), ("std", std), ("truncate", truncate)))
+
+
+register_task(Task("gauss_deblur", _gauss_deblur))
 
 
 def _motion_deblur(image_size: int, kernel_size: int | None = None, intensity: float = 0.5,
@@ -132,6 +179,9 @@ def _motion_deblur(image_size: int, kernel_size: int | None = None, intensity: f
                     (("kernel_size", int(kernel_size)), ("intensity", intensity)))
 
 
+register_task(Task("motion_deblur", _motion_deblur))
+
+
 def _phase_retrieval(image_size: int, oversample: float = 2.0, sigma_y: float = 0.05) -> Operator:
     if oversample < 0:
         raise ValueError(f"oversample must be >= 0, got {oversample}")
@@ -139,32 +189,20 @@ def _phase_retrieval(image_size: int, oversample: float = 2.0, sigma_y: float = 
                     settings=(("oversample", oversample),))
 
 
+register_task(Task("phase_retrieval", _phase_retrieval))
+
+
 def _hdr(image_size: int, scale: float = 2.0, sigma_y: float = 0.05) -> Operator:
     return Operator("hdr", sigma_y, False, lambda x, params: hdr(x, scale), settings=(("scale", scale),))
 
 
-_BUILDERS = {
-    "sr4": _sr4,
-    "inpaint": _inpaint,
-    "inpaint_box": _inpaint_box,
-    "gauss_deblur": _gauss_deblur,
-    "motion_deblur": _motion_deblur,
-    "phase_retrieval": _phase_retrieval,
-    "hdr": _hdr,
-}
-TASKS: tuple[str, ...] = tuple(_BUILDERS)
+register_task(Task("hdr", _hdr))
 
 
 def options(task: str) -> dict[str, object]:
     """The overridable settings of a task and their defaults (None: chosen by image size)."""
-    builder = _builder(task)
-    return {name: p.default for name, p in inspect.signature(builder).parameters.items() if name != "image_size"}
-
-
-def _builder(task: str):
-    if task not in _BUILDERS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return _BUILDERS[task]
+    parameters = inspect.signature(get_task(task).build).parameters
+    return {name: p.default for name, p in parameters.items() if name != "image_size"}
 
 
 def get(task: str, image_size: int, **overrides) -> Operator:
@@ -174,7 +212,7 @@ def get(task: str, image_size: int, **overrides) -> Operator:
     ``overrides`` set any of the task's options (``options(task)`` lists them; every task
     takes ``sigma_y``), e.g. ``get("gauss_deblur", 64, std=2.0)``.
     """
-    builder = _builder(task)
+    builder = get_task(task).build
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer (pixels per side), got {image_size!r}")
     allowed = options(task)

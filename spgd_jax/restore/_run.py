@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from spgd_jax import sharding
-from spgd_jax.samplers import forward_for, posterior_mean
+from spgd_jax.samplers import forward_for, posterior_mean, sample_sharded
 from spgd_jax.restore._args import UsageError
 from spgd_jax.restore._progress import Progress, run_interruptibly
 
@@ -29,7 +28,7 @@ def restore(denoiser, operator, y, op_params, key, config, lrs, batch: int, size
         take = lambda a: np.concatenate([a[start:stop]] + [a[stop - 1 : stop]] * pad) if pad else a[start:stop]
         program = (id(denoiser), id(operator), config, batch, lrs is None or len(lrs), np.shape(y)[1:])
         PROGRESS.reset(config.steps, f"{label} {number + 1}/{len(chunks)}", not quiet, program not in _COMPILED)
-        call = lambda: sharding.sample_sharded(
+        call = lambda: sample_sharded(
             denoiser, forward, take(y), take(key) if np.ndim(key) else jax.random.fold_in(key, number), config,
             jax.tree_util.tree_map(lambda a: take(np.asarray(a)), op_params),
             # progress: a run in segments, --quiet: one call; either way without host callbacks, so JAX's

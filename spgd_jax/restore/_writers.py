@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spgd_jax import metrics
-from spgd_jax.samplers import sampler_for
+from spgd_jax.samplers import sampler_of
 from spgd_jax.io import images, plots
 from spgd_jax.io.files import write_json, write_npz, write_text
 from spgd_jax.io.plots import METRIC_LABELS
@@ -72,7 +72,7 @@ def step_size_flag(field: str | None) -> str:
 
 def _flag_divergences(per_image, run, args, config, lr) -> None:
     """Records in per_image (and warns about) every image with a diverged sample."""
-    field = sampler_for(config).step_size
+    field = sampler_of(config).step_size
     rate = getattr(config, field) if lr is None and field else lr
     hint = f"a smaller {step_size_flag(field)}" + ("" if rate is None else f" (this run: {rate:g})")
     where = "" if lr is None else f" at lr {lr:g}"

@@ -13,7 +13,7 @@ status then says so (EXIT_SOME_SKIPPED).
 
 An image's randomness depends on the seed and its identity (its relative path) alone: image_key(seed,
 identity) splits into the keys of its operator parameters, its measurement noise and its sampler noise
-(sample j > 0 of --samples K from fold_in(sampler key, j)). Every compiled call restores `batch` samples
+(--samples K: posterior_keys of the sampler key). Every compiled call restores `batch` samples
 (a short last batch is padded with copies of its last image), so a run split any way, interrupted and
 resumed, gives the same bits as one uninterrupted process on the same machine and devices per process.
 """
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from spgd_jax import sharding
-from spgd_jax.samplers import forward_for, sampler_for
+from spgd_jax.samplers import forward_for, posterior_keys, sample_sharded, sampler_of
 from spgd_jax.restore._args import EXIT_NO_IMAGE_FINISHED, EXIT_SOME_SKIPPED, UsageError
 from spgd_jax.restore._progress import Progress, run_interruptibly
 from spgd_jax.restore._run import combine_samples
@@ -82,11 +82,10 @@ def image_keys(seed: int, identities: list[str]) -> jax.Array:
 
 
 def sampler_keys(seed: int, identities: list[str], samples: int) -> np.ndarray:
-    """(B * K, 2) raw uint32 sampler keys, image-major: image b's sample 0 from its sampler key, sample j from
-    fold_in(that key, j). A --measurement written by a dataset run (it stores the identities) uses them too."""
-    rows = [[key if j == 0 else jax.random.fold_in(key, j) for j in range(samples)]
-            for key in image_keys(seed, identities)[:, 2]]
-    return np.asarray(jax.random.key_data(jax.numpy.stack([k for row in rows for k in row])))
+    """(B * K, 2) raw uint32 sampler keys, image-major: the images' sampler keys, drawn into K posterior
+    samples each (spgd_jax.samplers.posterior_keys). A --measurement written by a dataset run (it stores the
+    identities) uses them too."""
+    return np.asarray(jax.random.key_data(posterior_keys(image_keys(seed, identities)[:, 2], samples)))
 
 
 def _restore_batch(run: DatasetRun, denoiser, operator, size: int, truth: np.ndarray, identities: list[str],
@@ -101,7 +100,7 @@ def _restore_batch(run: DatasetRun, denoiser, operator, size: int, truth: np.nda
     pad = lambda a: np.concatenate([a] + [a[-1:]] * (run.batch - count)) if count < run.batch else a
     sample_keys = sampler_keys(run.seed, identities, run.samples)
     forward = forward_for(run.config, operator)
-    call = lambda: sharding.sample_sharded(
+    call = lambda: sample_sharded(
         denoiser, forward, pad(repeat(y)), pad(sample_keys), run.config,
         {k: pad(repeat(v)) for k, v in params.items()}, x_shape=(size, size, 3),
         # --quiet: one compiled call, as the command's other runs (the same program, so the same bits)
@@ -170,7 +169,7 @@ def _run(run: DatasetRun, denoiser, operator, size: int, processes: Processes, m
     progress = DatasetProgress(len(mine), label, run.out / LOGS / f"process-{processes.index}.log", not run.quiet)
     if done:
         progress.write(f"{label}: continuing: {len(done)} of {len(entries)} image(s) already restored in {run.out}")
-    hint = step_size_flag(sampler_for(run.config).step_size)
+    hint = step_size_flag(sampler_of(run.config).step_size)
     steps = Progress(stream=sys.stderr)
     batch = dataclasses.replace(run, batch=min(run.batch, len(entries) * run.samples))
     for part in read_batches(mine, size, max(1, batch.batch // run.samples)):

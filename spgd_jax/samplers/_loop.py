@@ -2,13 +2,9 @@
 
 Each sampler supplies a per-image step function over its own state (x_i, or a pytree such as an
 optimiser's); this module vmaps it over the batch, hands each image a fresh PRNG key per step, freezes
-images that become non-finite (without touching the others), records an optional trajectory of Tweedie
-estimates and reports progress.
-
-A run is one `lax.scan` over the T outer steps. Given a `Segment` in place of its progress function, the
-same sampler runs only part of the schedule, from a carried `LoopState`: `spgd_jax.sharding.sample_sharded`
-runs a whole schedule as an initial, several equal and a final segment, each a compiled program without
-host callbacks (so JAX's persistent cache keeps it), and reports progress between them.
+images that become non-finite (without touching the others) and records an optional trajectory of Tweedie
+estimates. Given a `Segment`, the same loop runs only part of the schedule, from a carried `LoopState`:
+spgd_jax.samplers.driver runs a whole schedule as several such programs and reports progress between them.
 """
 
 from __future__ import annotations
@@ -22,8 +18,8 @@ import numpy as np
 
 from spgd_jax.samplers.schedule import euler_coefficients
 
-__all__ = ["LoopState", "SampleResult", "Segment", "SegmentResult", "Step", "StepFn", "check_trajectory_every",
-           "run_schedule", "step_keys"]
+__all__ = ["LoopState", "Recorded", "SampleResult", "Segment", "SegmentResult", "Step", "StepFn", "run_schedule",
+           "step_keys"]
 
 
 class Step(NamedTuple):
@@ -76,10 +72,12 @@ class SampleResult(NamedTuple):
     diagnostics: dict[str, jax.Array] | None = None
 
 
-def check_trajectory_every(value: int) -> None:
-    """Raises ValueError unless value is an int >= 0 (a config's trajectory_every)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"trajectory_every must be an int >= 0 (0 = no trajectory), got {value!r}")
+class Recorded(NamedTuple):
+    """What a step function returns as its loss when it also records diagnostics (SPGD's gradient angles):
+    SampleResult then gets losses and diagnostics {name: (B, T)} apart."""
+
+    losses: Any
+    diagnostics: dict[str, jax.Array]
 
 
 class LoopState(NamedTuple):
@@ -95,8 +93,8 @@ class Segment(NamedTuple):
     """Run outer steps start .. start + length - 1 only, from `carry` (None: the sampler's initial state).
 
     start: () int32, may be traced; length: a static int that must fit in the schedule (start + length <= T);
-    final: return the SampleResult of `carry` instead (then length must be 0). Passed to a sampler in place
-    of its progress function; run_schedule then returns a SegmentResult (or, final, the SampleResult)."""
+    final: return the SampleResult of `carry` instead (then length must be 0). run_schedule then returns a
+    SegmentResult (or, final, the SampleResult)."""
 
     start: Any
     length: int
@@ -131,10 +129,10 @@ def run_schedule(
     per_step: Any = None,
     per_image: Any = None,
     trajectory_every: int = 0,
-    progress: Callable[[int], None] | Segment | None = None,
     *,
     keys: jax.Array | None = None,
     output: Callable[[Any], jax.Array] | None = None,
+    segment: Segment | None = None,
 ) -> SampleResult | SegmentResult:
     """Runs step_fn for i = 0..T-1 over the batch and returns a SampleResult.
 
@@ -142,13 +140,10 @@ def run_schedule(
     sigmas: host float64 (T + 1,) noise levels, e.g. edm_sigmas. per_step: pytree with leading axis T (or
     None). per_image: pytree with leading axis B (or None). keys: (B,) PRNG keys, one per image, or None
     (step_fn then gets key None); step i of image b gets fold_in(keys[b], i). output(state) -> (B, H, W, C),
-    the restored images of a batched state (default: the state itself). progress(i) is called on the host
-    once per outer step, from inside the compiled loop (call order not guaranteed); it does not change
-    the result; a Segment in its place runs part of the schedule (see Segment). An image whose new state has
-    a non-finite value keeps its last finite state.
+    the restored images of a batched state (default: the state itself). segment: run only part of the
+    schedule (see Segment); None: all of it. An image whose new state has a non-finite value keeps its last
+    finite state.
     """
-    segment = progress if isinstance(progress, Segment) else None
-    progress = None if segment is not None else progress
     output = (lambda state: state) if output is None else output
     steps = len(sigmas) - 1
     batch_step = jax.vmap(step_fn, in_axes=(0, None, 0 if keys is not None else None, 0))
@@ -173,8 +168,6 @@ def run_schedule(
             slot = step.i // trajectory_every
             keep = trajectory[:, slot]
             trajectory = trajectory.at[:, slot].set(jnp.where(step.i % trajectory_every == 0, x0_hat, keep))
-        if progress is not None:
-            jax.debug.callback(lambda i: progress(int(i)), step.i)
         losses = carry.losses
         if losses is not None:  # a segment records the step's loss in the carry
             losses = jax.tree_util.tree_map(lambda buffer, value: buffer.at[:, step.i].set(value), losses, loss)
@@ -195,7 +188,11 @@ def run_schedule(
 
 
 def _result(final: LoopState, losses: Any, output: Callable[[Any], jax.Array]) -> SampleResult:
-    return SampleResult(output(final.state), final.diverged_step >= 0, final.diverged_step, final.trajectory, losses)
+    diagnostics = None
+    if isinstance(losses, Recorded):
+        losses, diagnostics = losses
+    return SampleResult(output(final.state), final.diverged_step >= 0, final.diverged_step, final.trajectory, losses,
+                        diagnostics)
 
 
 def _run_segment(outer_step, initial: LoopState, xs: Step, segment: Segment, output) -> SampleResult | SegmentResult:

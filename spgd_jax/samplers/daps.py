@@ -22,7 +22,7 @@ gradient (T * N = 20000 of each), never the denoiser. Works for non-linear forwa
 
 Departures from the official code, and why:
 - An image whose Langevin chain becomes non-finite is frozen at its last finite state by the shared loop
-  (spgd_jax.samplers._loop); mcmc.py instead returns zeros for the whole batch's x0 when any value is NaN.
+  (spgd_jax.samplers.driver); mcmc.py instead returns zeros for the whole batch's x0 when any value is NaN.
 - Noise: annealing step i of image b draws from fold_in(key_b, i) (split into the Langevin and the forward-
   diffusion noise), so an image's result depends on its own key only.
 """
@@ -30,18 +30,18 @@ Departures from the official code, and why:
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
+from spgd_jax.samplers._checks import check_int, check_number, check_step_size, check_trajectory_every
+from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
 from spgd_jax.samplers.schedule import check_schedule, edm_sigmas
 
-__all__ = ["DAPSConfig", "DAPSStep", "annealing_sigmas", "get_step_fn", "langevin", "langevin_rates", "ode_sigmas",
-           "daps"]
+__all__ = ["DAPS", "DAPSConfig", "DAPSStep", "annealing_sigmas", "get_step_fn", "langevin", "langevin_rates",
+           "ode_sigmas", "schedule"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,19 +74,14 @@ class DAPSConfig:
 
     def __post_init__(self):
         check_schedule(self.steps, self.sigma_max, self.sigma_min, self.rho)
-        for name in ("lr", "tau", "lr_min_ratio", "ode_sigma_min"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise TypeError(f"DAPSConfig.{name} must be a finite number, got {value!r}")
-            if value <= 0:
-                raise ValueError(f"DAPSConfig.{name} must be > 0, got {value}")
+        check_step_size("DAPSConfig", "lr", self.lr)
+        for name in ("tau", "lr_min_ratio", "ode_sigma_min"):
+            check_number("DAPSConfig", name, getattr(self, name), 0.0, open_low=True)
         if self.ode_sigma_min >= self.sigma_min:
             raise ValueError(f"DAPSConfig.ode_sigma_min ({self.ode_sigma_min}) must be < sigma_min ({self.sigma_min}): "
                              "each ODE solve runs from the annealing level down to ode_sigma_min")
-        for name in ("ode_steps", "langevin_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DAPSConfig.{name} must be an int >= 1, got {value!r}")
+        check_int("DAPSConfig", "ode_steps", self.ode_steps)
+        check_int("DAPSConfig", "langevin_steps", self.langevin_steps)
         check_trajectory_every(self.trajectory_every)
 
 
@@ -130,7 +125,7 @@ def langevin(forward, x0_hat: jax.Array, sigma: jax.Array, lr: jax.Array, tau: f
 
 
 def get_step_fn(denoiser, forward, config: DAPSConfig):
-    """The per-image DAPS annealing step for loop.run_schedule; step.inputs is a DAPSStep.
+    """The per-image DAPS annealing step; step.inputs is a DAPSStep.
 
     Returns (x_{i+1}, the ODE's x0_hat, ||A(x0) - y||^2 at the last Langevin step's start)."""
 
@@ -154,29 +149,17 @@ def get_step_fn(denoiser, forward, config: DAPSConfig):
     return step
 
 
-def daps(
-    denoiser: Callable[[jax.Array, jax.Array], jax.Array],
-    forward: Callable[[jax.Array, Any], jax.Array],
-    y: jax.Array,
-    x_init: jax.Array,
-    config: DAPSConfig,
-    params: Any = None,
-    progress: Callable[[int], None] | None = None,
-    *,
-    keys: jax.Array | None = None,
-    lr: jax.Array | float | None = None,
-) -> SampleResult:
-    """DAPS from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.samplers._sample.sample.
-
-    keys: (B,) per-image PRNG keys (required: annealing step i of image b draws from fold_in(keys[b], i)).
-    lr: a scalar that replaces config.lr and may be traced (a sweep vmaps over it). Returns SampleResult with
-    losses (B, T) = ||A(x0) - y||^2 at the start of each annealing step's last Langevin step."""
-    if keys is None:
-        raise ValueError("daps draws Langevin and forward-diffusion noise: pass keys, (B,) per-image PRNG keys "
-                         "(spgd_jax.samplers.sample does)")
+def schedule(config: DAPSConfig) -> Schedule:
+    """The annealing levels and, per step, the ODE's grid and eta_i = float32(lr) * float32(eta_i / lr);
+    every step draws Langevin and forward-diffusion noise."""
     sigmas = annealing_sigmas(config)
     grids = np.stack([ode_sigmas(sigma, config) for sigma in sigmas[:-1]])
-    lrs = jnp.asarray(config.lr if lr is None else lr, jnp.float32) * jnp.asarray(langevin_rates(config), jnp.float32)
-    inputs = DAPSStep(jnp.asarray(grids, jnp.float32), lrs)
-    step = get_step_fn(denoiser, forward, config)
-    return run_schedule(step, x_init, sigmas, inputs, (y, params), config.trajectory_every, progress, keys=keys)
+    lrs = jnp.asarray(config.lr, jnp.float32) * jnp.asarray(langevin_rates(config), jnp.float32)
+    return Schedule(sigmas, DAPSStep(jnp.asarray(grids, jnp.float32), lrs), stochastic=True)
+
+
+# DAPS release (configs/task/*.yaml, pixel entries; DAPS-1K).
+DAPS = register_sampler(Sampler(
+    "daps", DAPSConfig, schedule, get_step_fn, step_size="lr", nfe=lambda config: config.steps * config.ode_steps,
+    paper={"inpaint": {"lr": 1e-4}, "inpaint_box": {"lr": 5e-5}, "gauss_deblur": {"lr": 1e-4},
+           "motion_deblur": {"lr": 5e-5}, "sr4": {"lr": 1e-4}, "phase_retrieval": {"lr": 5e-5}, "hdr": {"lr": 2e-5}}))

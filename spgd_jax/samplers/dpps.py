@@ -13,7 +13,7 @@ ddpm_sigmas(T), per image:
   x_{i+1} = the x^k minimising ||s y - A(s (x^k - t_{i+1} eps))||, s = 1 / sqrt(1 + t_{i+1}^2)
             (the candidate's one-step x0 estimate measured against y, in the release's VP scale)
 The release draws M_i candidates; we draw M every step (static shapes) and rank only the first M_i. zeta is
-in the release's VP units, converted by the factor (spgd_jax.samplers._ancestral.vp_step_factors).
+in the release's VP units, converted by the factor (spgd_jax.samplers.schedule.vp_step_factors).
 Departures: the DDPM posterior variance c^2 instead of the release network's learned one; x0_hat not clamped
 to [-1, 1] (the release clamps x0_hat, but its candidate test uses the network's eps, which we derive from the
 unclamped x0_hat). T denoiser evaluations; each step also evaluates A on M candidates.
@@ -22,17 +22,17 @@ unclamped x0_hat). T denoiser evaluations; each step also evaluates A on M candi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spgd_jax.samplers._ancestral import check_positive, require_keys, residual_norm_and_grad, vp_step_factors
-from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
-from spgd_jax.samplers.schedule import ddim_step, ddpm_sigmas
+from spgd_jax.samplers._checks import check_bool, check_int, check_step_size, check_trajectory_every
+from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
+from spgd_jax.samplers.guidance import residual_norm_and_grad
+from spgd_jax.samplers.schedule import ddim_step, ddpm_sigmas, vp_step_factors
 
-__all__ = ["DPPSConfig", "candidate_counts", "dpps", "get_step_fn", "lift_measurement"]
+__all__ = ["DPPS", "DPPSConfig", "aligned_start", "candidate_counts", "get_step_fn", "lift_measurement", "schedule"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,12 +52,9 @@ class DPPSConfig:
 
     def __post_init__(self):
         ddpm_sigmas(self.steps)  # ValueError naming steps if out of [2, 1000]
-        check_positive("DPPSConfig", "zeta", self.zeta)
-        if not isinstance(self.candidates, int) or isinstance(self.candidates, bool) or self.candidates < 2:
-            raise ValueError(f"DPPSConfig.candidates must be an int >= 2 (candidate noises per step), "
-                             f"got {self.candidates!r}")
-        if not isinstance(self.aligned_init, bool):
-            raise TypeError(f"DPPSConfig.aligned_init must be True or False, got {self.aligned_init!r}")
+        check_step_size("DPPSConfig", "zeta", self.zeta)
+        check_int("DPPSConfig", "candidates", self.candidates, 2, meaning="candidate noises per step")
+        check_bool("DPPSConfig", "aligned_init", self.aligned_init)
         check_trajectory_every(self.trajectory_every)
 
     @property
@@ -88,9 +85,23 @@ def lift_measurement(y: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
                      "aligned_init=False")
 
 
-def get_step_fn(denoiser, forward, candidates: int):
-    """The per-image DPPS step for loop.run_schedule; step.inputs is (zeta * sqrt((1 + t_i^2)(1 + t_{i+1}^2)),
-    M_i)."""
+def schedule(config: DPPSConfig) -> Schedule:
+    """ddpm_sigmas(T) and per step (zeta converted from VP units, M_i); every step draws candidate noises."""
+    sigmas = ddpm_sigmas(config.steps)
+    zetas = jnp.full((config.steps,), config.zeta, jnp.float32)
+    per_step = (zetas * jnp.asarray(vp_step_factors(sigmas), jnp.float32),
+                jnp.asarray(candidate_counts(sigmas, config.candidates)))
+    return Schedule(sigmas, per_step, stochastic=True)
+
+
+def aligned_start(denoiser, forward, y, x_init, config: DPPSConfig, params):
+    """x_init, plus lift_measurement(y) with config.aligned_init (the release's q_sample(y, T - 1))."""
+    return x_init + lift_measurement(y, x_init.shape[1:]) if config.aligned_init else x_init
+
+
+def get_step_fn(denoiser, forward, config: DPPSConfig):
+    """The per-image DPPS step; step.inputs is (zeta * sqrt((1 + t_i^2)(1 + t_{i+1}^2)), M_i)."""
+    candidates = config.candidates
     norm_and_grad = residual_norm_and_grad(denoiser, forward)
 
     def step(x, step, key, image):
@@ -114,27 +125,8 @@ def get_step_fn(denoiser, forward, candidates: int):
     return step
 
 
-def dpps(
-    denoiser: Callable[[jax.Array, jax.Array], jax.Array],
-    forward: Callable[[jax.Array, Any], jax.Array],
-    y: jax.Array,
-    x_init: jax.Array,
-    config: DPPSConfig,
-    params: Any = None,
-    progress: Callable[[int], None] | None = None,
-    *,
-    keys: jax.Array | None = None,
-    zeta: jax.Array | float | None = None,
-) -> SampleResult:
-    """DPPS from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I), to which config.aligned_init adds
-    lift_measurement(y); see spgd_jax.samplers._sample.sample. keys: (B,) per-image PRNG keys (required).
-    zeta: a scalar that replaces config.zeta and may be traced. losses: (B, T) ||y - A x0_hat|| per step."""
-    keys = require_keys(keys, "DPPS")
-    sigmas = ddpm_sigmas(config.steps)
-    if config.aligned_init:
-        x_init = x_init + lift_measurement(y, x_init.shape[1:])
-    zetas = jnp.full((config.steps,), config.zeta if zeta is None else zeta, jnp.float32)
-    per_step = (zetas * jnp.asarray(vp_step_factors(sigmas), jnp.float32),
-                jnp.asarray(candidate_counts(sigmas, config.candidates)))
-    step = get_step_fn(denoiser, forward, config.candidates)
-    return run_schedule(step, x_init, sigmas, per_step, (y, params), config.trajectory_every, progress, keys=keys)
+# The release's configs (github.com/74587887/DPPS_code): zeta 1.0 inpainting and SR x4, 0.4 deblurring.
+DPPS = register_sampler(Sampler(
+    "dpps", DPPSConfig, schedule, get_step_fn, init=aligned_start, step_size="zeta",
+    paper={"inpaint": {"zeta": 1.0}, "inpaint_box": {"zeta": 1.0}, "gauss_deblur": {"zeta": 0.4},
+           "motion_deblur": {"zeta": 0.4}, "sr4": {"zeta": 1.0}}))

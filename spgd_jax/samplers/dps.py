@@ -8,7 +8,7 @@ sampler), per step i = 0..T-1 on ddpm_sigmas(T), per image:
 The norm, not its square (the release's torch.linalg.norm; the paper's zeta_i = zeta' / ||y - A(x0_hat)||
 applied to the squared norm is the same step up to a factor 2). The release applies zeta to VP states x_vp =
 x / sqrt(1 + t^2); the factor converts that step to our coordinates (derivation in
-spgd_jax.samplers._ancestral.vp_step_factors), so a zeta of the release gives the release's iterates.
+spgd_jax.samplers.schedule.vp_step_factors), so a zeta of the release gives the release's iterates.
 Departures: the variance is the DDPM posterior variance beta_tilde, where the release's network also predicts
 a variance (learned_range) that our denoiser D does not return; and x0_hat is not clamped to [-1, 1]
 (clip_denoised), as no sampler of this library clamps the Tweedie estimate. T denoiser evaluations.
@@ -21,17 +21,16 @@ T denoiser evaluations.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 
-from spgd_jax.samplers._ancestral import (ancestral_step, check_positive, require_keys, residual_norm_and_grad,
-                                          vp_step_factors)
-from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
-from spgd_jax.samplers.schedule import check_schedule, ddpm_sigmas, edm_sigmas, euler_step
+from spgd_jax.samplers._checks import check_step_size, check_trajectory_every
+from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
+from spgd_jax.samplers.guidance import residual_norm_and_grad
+from spgd_jax.samplers.schedule import (ancestral_step, check_schedule, ddpm_sigmas, edm_sigmas, euler_step,
+                                        vp_step_factors)
 
-__all__ = ["DPSConfig", "get_step_fn", "dps"]
+__all__ = ["DPS", "DPSConfig", "DPS_ZETA", "SCHEDULES", "TUNED_ZETA", "get_step_fn", "schedule"]
 
 SCHEDULES = ("edm", "ddpm")
 _EDM_DEFAULTS = {"sigma_max": 100.0, "sigma_min": 0.1, "rho": 7.0}
@@ -72,7 +71,7 @@ class DPSConfig:
                 raise ValueError(f"DPSConfig.sigma_max follows the DDPM schedule ({ddpm_max:.4f}) with "
                                  f"schedule='ddpm'; leave it unset (got {self.sigma_max})")
             object.__setattr__(self, "sigma_max", ddpm_max)
-        check_positive("DPSConfig", "zeta", self.zeta)
+        check_step_size("DPSConfig", "zeta", self.zeta)
         check_trajectory_every(self.trajectory_every)
 
     def sigmas(self):
@@ -82,15 +81,25 @@ class DPSConfig:
         return edm_sigmas(self.steps, self.sigma_max, self.sigma_min, self.rho)
 
 
-def get_step_fn(denoiser, forward, schedule: str = "edm"):
-    """The per-image DPS step for loop.run_schedule; step.inputs is the step's zeta ("edm") or zeta times
+def schedule(config: DPSConfig) -> Schedule:
+    """The config's noise levels and per-step zeta (converted from VP units with schedule="ddpm", whose
+    ancestral steps draw noise)."""
+    sigmas = config.sigmas()
+    zetas = jnp.full((config.steps,), config.zeta, jnp.float32)
+    if config.schedule == "ddpm":
+        return Schedule(sigmas, zetas * jnp.asarray(vp_step_factors(sigmas), jnp.float32), stochastic=True)
+    return Schedule(sigmas, zetas)
+
+
+def get_step_fn(denoiser, forward, config: DPSConfig):
+    """The per-image DPS step; step.inputs is the step's zeta ("edm") or zeta times
     sqrt((1 + t_i^2)(1 + t_{i+1}^2)) ("ddpm", which also needs the loop's key)."""
     norm_and_grad = residual_norm_and_grad(denoiser, forward)
 
     def step(x, step, key, image):
         y, params = image
         (norm, x0_hat), grad = norm_and_grad(x, step.sigma, y, params)
-        if schedule == "ddpm":
+        if config.schedule == "ddpm":
             unguided = ancestral_step(x, x0_hat, step.sigma, step.sigma_next, key)
         else:
             unguided = euler_step(x, x0_hat, step.coefficient)
@@ -99,28 +108,31 @@ def get_step_fn(denoiser, forward, schedule: str = "edm"):
     return step
 
 
-def dps(
-    denoiser: Callable[[jax.Array, jax.Array], jax.Array],
-    forward: Callable[[jax.Array, Any], jax.Array],
-    y: jax.Array,
-    x_init: jax.Array,
-    config: DPSConfig,
-    params: Any = None,
-    progress: Callable[[int], None] | None = None,
-    *,
-    keys: jax.Array | None = None,
-    zeta: jax.Array | float | None = None,
-) -> SampleResult:
-    """DPS from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.samplers._sample.sample.
+# DPS release (1000 ancestral steps): 0.5 inpainting, 0.3 deblurring and SR, 1.0 phase retrieval.
+DPS_ZETA = {
+    "inpaint": 0.5,
+    "inpaint_box": 0.5,
+    "gauss_deblur": 0.3,
+    "motion_deblur": 0.3,
+    "sr4": 0.3,
+    "phase_retrieval": 1.0,
+    "hdr": 0.3,
+}
+# DPS: the release's zetas (tuned for 1000 ancestral steps at 256 px) leave the 64 px default prior's
+# samples unguided (random inpainting, 500 EDM steps: 6.0 / 6.4 / 15.3 dB at zeta 0.05 / 0.25 / 1; 22.3 /
+# 23.3 / 22.5 dB at 2 / 5 / 12.5, mean of validation faces 1-2); 10x the release value is used for every
+# task (benchmarks/results/dps_zeta_probe.md). benchmarks/quality.py re-picks them on faces 50-81.
+TUNED_ZETA: dict[str, float] = {
+    "inpaint": 5.0,
+    "gauss_deblur": 3.0,
+    "motion_deblur": 3.0,
+    "sr4": 3.0,
+}
 
-    keys: (B,) per-image PRNG keys for the ancestral noise (needed by schedule="ddpm"; "edm" is deterministic).
-    zeta: a scalar that replaces config.zeta and may be traced (a sweep vmaps over it)."""
-    sigmas = config.sigmas()
-    zetas = jnp.full((config.steps,), config.zeta if zeta is None else zeta, jnp.float32)
-    if config.schedule == "ddpm":
-        keys = require_keys(keys, "DPS with schedule='ddpm'")
-        zetas = zetas * jnp.asarray(vp_step_factors(sigmas), jnp.float32)
-    else:
-        keys = None
-    step = get_step_fn(denoiser, forward, config.schedule)
-    return run_schedule(step, x_init, sigmas, zetas, (y, params), config.trajectory_every, progress, keys=keys)
+# DPS's paper row is the published sampler (1000 ancestral DDPM steps, the release's zeta); for the default
+# prior it runs on the EDM schedule with 500 steps (SPGD's NFEs at T = 100, N = 5) and TUNED_ZETA.
+DPS = register_sampler(Sampler(
+    "dps", DPSConfig, schedule, get_step_fn, step_size="zeta",
+    paper={task: {"zeta": zeta, "schedule": "ddpm", "steps": 1000} for task, zeta in DPS_ZETA.items()},
+    tuned={task: {"zeta": TUNED_ZETA.get(task, zeta), "schedule": "edm", "steps": 500}
+           for task, zeta in DPS_ZETA.items()}))

@@ -6,14 +6,12 @@ x_{i+1} = x_i + (1 - t_{i+1}/t_i) * (D(x_i; t_i) - x_i), i = 0..T-1; T denoiser 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
-import jax
-
-from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
+from spgd_jax.samplers._checks import check_trajectory_every
+from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
 from spgd_jax.samplers.schedule import check_schedule, edm_sigmas, euler_step
 
-__all__ = ["EulerConfig", "get_step_fn", "euler"]
+__all__ = ["EULER", "EulerConfig", "get_step_fn", "schedule"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,8 +29,13 @@ class EulerConfig:
         check_trajectory_every(self.trajectory_every)
 
 
-def get_step_fn(denoiser):
-    """The per-image Euler step for loop.run_schedule."""
+def schedule(config: EulerConfig) -> Schedule:
+    """The EDM noise levels; deterministic."""
+    return Schedule(edm_sigmas(config.steps, config.sigma_max, config.sigma_min, config.rho))
+
+
+def get_step_fn(denoiser, forward, config: EulerConfig):
+    """The per-image Euler step (forward is None: unconditional)."""
 
     def step(x, step, _key, _image):
         x0_hat = denoiser(x[None], step.sigma[None])[0]
@@ -41,14 +44,4 @@ def get_step_fn(denoiser):
     return step
 
 
-def euler(
-    denoiser: Callable[[jax.Array, jax.Array], jax.Array],
-    x_init: jax.Array,
-    config: EulerConfig,
-    progress: Callable[[int], None] | None = None,
-    *,
-    keys: jax.Array | None = None,
-) -> SampleResult:
-    """Unconditional sample from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I)."""
-    sigmas = edm_sigmas(config.steps, config.sigma_max, config.sigma_min, config.rho)
-    return run_schedule(get_step_fn(denoiser), x_init, sigmas, None, None, config.trajectory_every, progress)
+EULER = register_sampler(Sampler("euler", EulerConfig, schedule, get_step_fn, conditional=False))

@@ -10,7 +10,7 @@ replaces the kept pixels by y + t_{i+1} n, as the release's q_sample(y) * mask; 
 A x = y exactly). It is computed by conjugate gradients (operators.project), so A must be linear.
 The gradient is of the norm, not of its square as Eq. 13 writes it, as in the release (th.norm, unit step)
 and in the DPS release's 'mcg' method; W = I. alpha is in the release's VP units (x_vp = x / sqrt(1 + t^2)),
-converted to ours by the factor (spgd_jax.samplers._ancestral.vp_step_factors).
+converted to ours by the factor (spgd_jax.samplers.schedule.vp_step_factors).
 Departures: the DDPM posterior variance instead of the release network's learned one; x0_hat not clamped to
 [-1, 1]; the release noises y to the current level t_i (q_sample(y, t)) where Eq. 14 and we use t_{i+1}.
 T denoiser evaluations (each with its backward pass).
@@ -24,19 +24,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from spgd_jax.samplers._ancestral import (ancestral_step, check_positive, noised_projection, require_keys,
-                                          residual_norm_and_grad, vp_step_factors)
-from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
-from spgd_jax.samplers.schedule import ddpm_sigmas
+from spgd_jax import operators
+from spgd_jax.samplers._checks import check_int, check_step_size, check_trajectory_every
+from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
+from spgd_jax.samplers.guidance import residual_norm_and_grad
+from spgd_jax.samplers.schedule import ancestral_step, ddpm_sigmas, vp_step_factors
 
-__all__ = ["MCGConfig", "check_cg_iterations", "get_step_fn", "mcg"]
-
-
-def check_cg_iterations(owner: str, value: int) -> None:
-    """ValueError naming `owner.cg_iterations` unless it is an int >= 1."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}.cg_iterations must be an int >= 1 (conjugate-gradient iterations of the "
-                         f"projection), got {value!r}")
+__all__ = ["MCG", "MCGConfig", "get_step_fn", "noised_projection", "schedule"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,8 +48,9 @@ class MCGConfig:
 
     def __post_init__(self):
         ddpm_sigmas(self.steps)  # ValueError naming steps if out of [2, 1000]
-        check_positive("MCGConfig", "alpha", self.alpha)
-        check_cg_iterations("MCGConfig", self.cg_iterations)
+        check_step_size("MCGConfig", "alpha", self.alpha)
+        check_int("MCGConfig", "cg_iterations", self.cg_iterations, meaning="conjugate-gradient iterations of "
+                  "the projection")
         check_trajectory_every(self.trajectory_every)
 
     @property
@@ -63,8 +58,24 @@ class MCGConfig:
         return float(ddpm_sigmas(self.steps)[0])
 
 
-def get_step_fn(denoiser, forward, cg_iterations: int):
-    """The per-image MCG step for loop.run_schedule; step.inputs is alpha * sqrt((1 + t_i^2)(1 + t_{i+1}^2))."""
+def noised_projection(forward: Callable, params: Any, y: jax.Array, x: jax.Array, sigma_next: jax.Array,
+                      key: jax.Array, iterations: int) -> jax.Array:
+    """The point closest to x (H, W, C) with A x = y + sigma_next A z, z ~ N(0, I) of x's shape from key: the
+    measurement of a sample at level sigma_next whose clean image fits y (for inpainting, the kept pixels
+    become y + sigma_next z). Needs a linear A (ValueError otherwise); `iterations` CG iterations."""
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    return operators.project(forward, params, y + sigma_next * forward(noise, params), x, iterations)
+
+
+def schedule(config: MCGConfig) -> Schedule:
+    """ddpm_sigmas(T) and the per-step alpha converted from VP units; ancestral steps draw noise."""
+    sigmas = ddpm_sigmas(config.steps)
+    alphas = jnp.full((config.steps,), config.alpha, jnp.float32)
+    return Schedule(sigmas, alphas * jnp.asarray(vp_step_factors(sigmas), jnp.float32), stochastic=True)
+
+
+def get_step_fn(denoiser, forward, config: MCGConfig):
+    """The per-image MCG step; step.inputs is alpha * sqrt((1 + t_i^2)(1 + t_{i+1}^2))."""
     norm_and_grad = residual_norm_and_grad(denoiser, forward)
 
     def step(x, step, key, image):
@@ -72,31 +83,11 @@ def get_step_fn(denoiser, forward, cg_iterations: int):
         (norm, x0_hat), grad = norm_and_grad(x, step.sigma, y, params)
         ancestral_key, measurement_key = jax.random.split(key)
         x_next = ancestral_step(x, x0_hat, step.sigma, step.sigma_next, ancestral_key) - step.inputs * grad
-        x_next = noised_projection(forward, params, y, x_next, step.sigma_next, measurement_key, cg_iterations)
+        x_next = noised_projection(forward, params, y, x_next, step.sigma_next, measurement_key,
+                                   config.cg_iterations)
         return x_next, x0_hat, norm
 
     return step
 
 
-def mcg(
-    denoiser: Callable[[jax.Array, jax.Array], jax.Array],
-    forward: Callable[[jax.Array, Any], jax.Array],
-    y: jax.Array,
-    x_init: jax.Array,
-    config: MCGConfig,
-    params: Any = None,
-    progress: Callable[[int], None] | None = None,
-    *,
-    keys: jax.Array | None = None,
-    alpha: jax.Array | float | None = None,
-) -> SampleResult:
-    """MCG from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see spgd_jax.samplers._sample.sample.
-
-    forward must be linear (ValueError otherwise). keys: (B,) per-image PRNG keys (required). alpha: a scalar
-    that replaces config.alpha and may be traced. losses: (B, T) ||y - A x0_hat|| per step."""
-    keys = require_keys(keys, "MCG")
-    sigmas = ddpm_sigmas(config.steps)
-    alphas = jnp.full((config.steps,), config.alpha if alpha is None else alpha, jnp.float32)
-    alphas = alphas * jnp.asarray(vp_step_factors(sigmas), jnp.float32)
-    step = get_step_fn(denoiser, forward, config.cg_iterations)
-    return run_schedule(step, x_init, sigmas, alphas, (y, params), config.trajectory_every, progress, keys=keys)
+MCG = register_sampler(Sampler("mcg", MCGConfig, schedule, get_step_fn, step_size="alpha", linear_only=True))

@@ -1,7 +1,12 @@
-"""The posterior mean of several samples of each image, leaving out the samples that diverged.
+"""K posterior samples per image: their keys, and their mean leaving out the samples that diverged.
 
-One SPGD (or DPS) run is one draw from the posterior; the mean of K draws from independent noise
-estimates the posterior mean (the MMSE restoration: higher PSNR, smoother, K times the work).
+One run is one draw from the posterior; the mean of K draws from independent noise estimates the
+posterior mean (the MMSE restoration: higher PSNR, smoother, K times the work). The command line and the
+quality benchmark both draw them this way, so the same seed gives the same samples:
+
+    keys = posterior_keys(image_keys(key, B), K)            # (B * K,), image-major
+    result = sample(denoiser, forward, jnp.repeat(y, K, axis=0), keys, config, repeated params, ...)
+    mean, all_diverged = posterior_mean(result.x.reshape(B, K, H, W, C), result.diverged.reshape(B, K))
 """
 
 from __future__ import annotations
@@ -9,7 +14,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["posterior_mean"]
+__all__ = ["posterior_keys", "posterior_mean"]
+
+
+def posterior_keys(keys: jax.Array, samples: int) -> jax.Array:
+    """(B * samples,) typed keys, image-major (image b's samples in a row): with samples = 1 the image keys
+    (B,) themselves, else jax.random.split(keys[b], samples) for each image b."""
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1 (posterior samples per image), got {samples!r}")
+    if samples == 1:
+        return keys
+    return jax.vmap(lambda key: jax.random.split(key, samples))(keys).reshape(-1)
 
 
 def posterior_mean(samples: jax.Array, diverged: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -29,28 +29,21 @@ Departures from the official code, and why:
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from spgd_jax.operators import project
-from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
+from spgd_jax.samplers._checks import check_int, check_number, check_step_size, check_trajectory_every
+from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
 from spgd_jax.samplers.schedule import DDPM_STEPS, ddpm_sigmas
 
-__all__ = ["RedDiffConfig", "adam", "get_step_fn", "initial_mean", "red_diff"]
+__all__ = ["RED_DIFF", "RedDiffConfig", "adam", "get_step_fn", "initial_mean", "mean_start", "schedule"]
 
 ADAM_BETAS = (0.9, 0.99)  # reddiff.py: torch.optim.Adam([mu], lr, betas=(0.9, 0.99)), eps 1e-8 (torch's default)
 ADAM_EPS = 1e-8
-
-
-def _check_number(name: str, value: Any, minimum: float, strict: bool) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise TypeError(f"RedDiffConfig.{name} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"RedDiffConfig.{name} must be {'>' if strict else '>='} {minimum}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,15 +68,10 @@ class RedDiffConfig:
     trajectory_every: int = 0
 
     def __post_init__(self):
-        _check_number("lr", self.lr, 0.0, strict=True)
-        _check_number("lam", self.lam, 0.0, strict=False)
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 2 <= self.steps <= DDPM_STEPS:
-            raise ValueError(f"RedDiffConfig.steps must be an int in [2, {DDPM_STEPS}] (DDPM timesteps), got "
-                             f"{self.steps!r}")
-        if not isinstance(self.init_iterations, int) or isinstance(self.init_iterations, bool) \
-                or self.init_iterations < 1:
-            raise ValueError(f"RedDiffConfig.init_iterations must be an int >= 1 (CG iterations of A^+ y), got "
-                             f"{self.init_iterations!r}")
+        check_step_size("RedDiffConfig", "lr", self.lr)
+        check_number("RedDiffConfig", "lam", self.lam, 0.0)
+        check_int("RedDiffConfig", "steps", self.steps, 2, DDPM_STEPS, meaning="DDPM timesteps")
+        check_int("RedDiffConfig", "init_iterations", self.init_iterations, meaning="CG iterations of A^+ y")
         check_trajectory_every(self.trajectory_every)
 
     @property
@@ -92,8 +80,9 @@ class RedDiffConfig:
 
 
 def adam(lr: jax.Array | float) -> optax.GradientTransformation:
-    """The official optimiser: Adam with betas (0.9, 0.99), eps 1e-8, no weight decay; lr may be traced."""
-    return optax.adam(lr, b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS)
+    """The official optimiser: Adam with betas (0.9, 0.99), eps 1e-8, no weight decay; lr (float32) may be
+    traced."""
+    return optax.adam(jnp.asarray(lr, jnp.float32), b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS)
 
 
 def initial_mean(forward, y: jax.Array, params: Any, x_shape: tuple[int, ...], iterations: int) -> jax.Array:
@@ -103,9 +92,10 @@ def initial_mean(forward, y: jax.Array, params: Any, x_shape: tuple[int, ...], i
     return project(forward, params, y, jnp.zeros(x_shape, jnp.float32), iterations)
 
 
-def get_step_fn(denoiser, forward, optimizer: optax.GradientTransformation):
-    """The per-image RED-Diff step for loop.run_schedule: state (mu (H,W,C), Adam state); step.inputs is the
-    step's lambda_t = lam * sigma_t; key draws eps. Returns ((mu, adam state), D(x; sigma), data term)."""
+def get_step_fn(denoiser, forward, config: RedDiffConfig):
+    """The per-image RED-Diff step: state (mu (H,W,C), Adam state); step.inputs is the step's
+    lambda_t = lam * sigma_t; key draws eps. Returns ((mu, adam state), D(x; sigma), data term)."""
+    optimizer = adam(config.lr)
 
     def loss_fn(mu, residual_noise, weight, y, params):
         data = jnp.mean((y - forward(mu, params)) ** 2) / 2
@@ -127,31 +117,21 @@ def get_step_fn(denoiser, forward, optimizer: optax.GradientTransformation):
     return step
 
 
-def red_diff(
-    denoiser: Callable[[jax.Array, jax.Array], jax.Array],
-    forward: Callable[[jax.Array, Any], jax.Array],
-    y: jax.Array,
-    x_init: jax.Array,
-    config: RedDiffConfig,
-    params: Any = None,
-    progress: Callable[[int], None] | None = None,
-    *,
-    keys: jax.Array | None = None,
-    lr: jax.Array | float | None = None,
-) -> SampleResult:
-    """RED-Diff for the measurements y (B, ...) with a LINEAR forward; see spgd_jax.samplers._sample.sample.
-
-    x_init: (B, H, W, C), only its shape is used (mu_0 = A^+ y). keys: (B,) per-image PRNG keys (required:
-    step i of image b draws its eps from fold_in(keys[b], i)). lr: a scalar that replaces config.lr and may be
-    traced. Returns SampleResult with x = mu (B, H, W, C) and losses (B, T) = mean((y - A(mu))^2) / 2 before
-    each step's update."""
-    if keys is None:
-        raise ValueError("red_diff draws fresh noise every step: pass keys, (B,) per-image PRNG keys "
-                         "(spgd_jax.samplers.sample does)")
-    optimizer = adam(jnp.asarray(config.lr if lr is None else lr, jnp.float32))
-    mu = jax.vmap(lambda y_b, p: initial_mean(forward, y_b, p, x_init.shape[1:], config.init_iterations))(y, params)
+def schedule(config: RedDiffConfig) -> Schedule:
+    """ddpm_sigmas(T) and lambda_t = lam * sigma_t per step; every step draws eps."""
     sigmas = ddpm_sigmas(config.steps)
-    weights = jnp.asarray(config.lam * sigmas[:-1], jnp.float32)
-    step = get_step_fn(denoiser, forward, optimizer)
-    return run_schedule(step, (mu, jax.vmap(optimizer.init)(mu)), sigmas, weights, (y, params),
-                        config.trajectory_every, progress, keys=keys, output=lambda state: state[0])
+    return Schedule(sigmas, jnp.asarray(config.lam * sigmas[:-1], jnp.float32), stochastic=True)
+
+
+def mean_start(denoiser, forward, y, x_init, config: RedDiffConfig, params):
+    """The batched state (mu_0 = A^+ y, Adam's initial state); x_init gives only the image shape."""
+    mu = jax.vmap(lambda y_b, p: initial_mean(forward, y_b, p, x_init.shape[1:], config.init_iterations))(y, params)
+    return mu, jax.vmap(adam(config.lr).init)(mu)
+
+
+# NVlabs/RED-diff sample_test.sh; motion blur has no line there: the yaml default 0.1.
+RED_DIFF = register_sampler(Sampler(
+    "red_diff", RedDiffConfig, schedule, get_step_fn, init=mean_start, output=lambda state: state[0],
+    step_size="lr", linear_only=True,
+    paper={"inpaint": {"lr": 0.25}, "inpaint_box": {"lr": 0.25}, "gauss_deblur": {"lr": 0.5},
+           "motion_deblur": {"lr": 0.1}, "sr4": {"lr": 0.1}}))

@@ -7,7 +7,9 @@ D(x; sigma); a DDPM state x_vp at timestep k is x = x_vp / sqrt(abar_k) with sig
 - ddpm_sigmas: the linear-beta DDPM schedule of the guided-diffusion checkpoints (1000 steps), respaced to
   fewer steps as guided-diffusion's space_timesteps does: DPS, DDRM, DiffPIR, MCG, Score-SDE use it.
 - euler_step: the probability-flow ODE step; ddim_step: DDIM's step with its eta (eta = 1: the
-  DDPM ancestral step with the posterior variance, eta = 0: deterministic).
+  DDPM ancestral step with the posterior variance, eta = 0: deterministic); ancestral_step: ddim_step with
+  eta = 1 and its noise from a key (DPS, MCG, Score-SDE).
+- vp_step_factors: the factor that turns a step size of the released VP-coordinate code into ours.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DDPM_STEPS", "check_schedule", "ddim_step", "ddpm_sigmas", "edm_sigmas", "euler_coefficients", "euler_step"]
+__all__ = ["DDPM_STEPS", "ancestral_step", "check_schedule", "ddim_step", "ddpm_sigmas", "edm_sigmas", "euler_coefficients",
+           "euler_step", "vp_step_factors"]
 
 DDPM_STEPS = 1000  # guided-diffusion: linear betas from 1e-4 to 0.02 over 1000 steps
 
@@ -91,3 +94,26 @@ def ddim_step(x: jax.Array, x0_hat: jax.Array, sigma: jax.Array, sigma_next: jax
     returns x0_hat."""
     c = eta * sigma_next * jnp.sqrt(jnp.maximum(1.0 - (sigma_next / sigma) ** 2, 0.0))
     return x0_hat + jnp.sqrt(jnp.maximum(sigma_next**2 - c**2, 0.0)) * (x - x0_hat) / sigma + c * noise
+
+
+def ancestral_step(x: jax.Array, x0_hat: jax.Array, sigma: jax.Array, sigma_next: jax.Array,
+                   key: jax.Array) -> jax.Array:
+    """One ancestral DDPM step from level sigma to sigma_next (guided-diffusion's p_sample):
+
+      x_next = (1 - r) x0_hat + r x + sigma_next sqrt(1 - r) z,   r = sigma_next^2 / sigma^2,  z ~ N(0, I) from key,
+
+    the posterior q(x_next | x, x0_hat) in our coordinates (DDPM's posterior mean and variance beta_tilde,
+    scaled by sqrt(1 + sigma_next^2)). x, x0_hat: (H, W, C). Returns x0_hat at sigma_next = 0."""
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    return ddim_step(x, x0_hat, sigma, sigma_next, 1.0, noise)
+
+
+def vp_step_factors(sigmas: np.ndarray) -> np.ndarray:
+    """(T,) float64 sqrt((1 + t_i^2)(1 + t_{i+1}^2)) for the (T + 1,) levels t_i: a step of size zeta on the
+    gradient in guided-diffusion's coordinates is a step of zeta times this in ours.
+
+    Derivation: x_vp = x / sqrt(1 + t^2), so grad_{x_vp} f = sqrt(1 + t_i^2) grad_x f at step i, and
+    x_vp' = a_vp - zeta grad_{x_vp} f maps to x' = sqrt(1 + t_{i+1}^2) x_vp' = a - zeta sqrt(1 + t_i^2)
+    sqrt(1 + t_{i+1}^2) grad_x f, where a is the same unguided update in our coordinates."""
+    sigmas = np.asarray(sigmas, np.float64)
+    return np.sqrt((1.0 + sigmas[:-1] ** 2) * (1.0 + sigmas[1:] ** 2))

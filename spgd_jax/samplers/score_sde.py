@@ -16,16 +16,15 @@ T denoiser evaluations, no gradients.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
 import jax
 
-from spgd_jax.samplers._ancestral import ancestral_step, noised_projection, require_keys
-from spgd_jax.samplers._loop import SampleResult, check_trajectory_every, run_schedule
-from spgd_jax.samplers.mcg import check_cg_iterations
-from spgd_jax.samplers.schedule import ddpm_sigmas
+from spgd_jax.samplers._checks import check_int, check_trajectory_every
+from spgd_jax.samplers._registry import Sampler, Schedule, register_sampler
+from spgd_jax.samplers.mcg import noised_projection
+from spgd_jax.samplers.schedule import ancestral_step, ddpm_sigmas
 
-__all__ = ["ScoreSDEConfig", "get_step_fn", "score_sde"]
+__all__ = ["SCORE_SDE", "ScoreSDEConfig", "get_step_fn", "schedule"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,7 +39,8 @@ class ScoreSDEConfig:
 
     def __post_init__(self):
         ddpm_sigmas(self.steps)  # ValueError naming steps if out of [2, 1000]
-        check_cg_iterations("ScoreSDEConfig", self.cg_iterations)
+        check_int("ScoreSDEConfig", "cg_iterations", self.cg_iterations, meaning="conjugate-gradient iterations "
+                  "of the projection")
         check_trajectory_every(self.trajectory_every)
 
     @property
@@ -48,35 +48,24 @@ class ScoreSDEConfig:
         return float(ddpm_sigmas(self.steps)[0])
 
 
-def get_step_fn(denoiser, forward, cg_iterations: int):
-    """The per-image Score-SDE step for loop.run_schedule (no loss: the method has no objective)."""
+def schedule(config: ScoreSDEConfig) -> Schedule:
+    """ddpm_sigmas(T); ancestral steps and projections draw noise."""
+    return Schedule(ddpm_sigmas(config.steps), stochastic=True)
+
+
+def get_step_fn(denoiser, forward, config: ScoreSDEConfig):
+    """The per-image Score-SDE step (no loss: the method has no objective)."""
 
     def step(x, step, key, image):
         y, params = image
         x0_hat = denoiser(x[None], step.sigma[None])[0]
         ancestral_key, measurement_key = jax.random.split(key)
         x_next = ancestral_step(x, x0_hat, step.sigma, step.sigma_next, ancestral_key)
-        x_next = noised_projection(forward, params, y, x_next, step.sigma_next, measurement_key, cg_iterations)
+        x_next = noised_projection(forward, params, y, x_next, step.sigma_next, measurement_key,
+                                   config.cg_iterations)
         return x_next, x0_hat, None
 
     return step
 
 
-def score_sde(
-    denoiser: Callable[[jax.Array, jax.Array], jax.Array],
-    forward: Callable[[jax.Array, Any], jax.Array],
-    y: jax.Array,
-    x_init: jax.Array,
-    config: ScoreSDEConfig,
-    params: Any = None,
-    progress: Callable[[int], None] | None = None,
-    *,
-    keys: jax.Array | None = None,
-) -> SampleResult:
-    """Score-SDE from the initial noise x_init (B, H, W, C) ~ N(0, sigma_max^2 I); see
-    spgd_jax.samplers._sample.sample. forward must be linear (ValueError otherwise); keys: (B,) per-image
-    PRNG keys (required). losses is None."""
-    keys = require_keys(keys, "Score-SDE")
-    step = get_step_fn(denoiser, forward, config.cg_iterations)
-    return run_schedule(step, x_init, ddpm_sigmas(config.steps), None, (y, params), config.trajectory_every,
-                        progress, keys=keys)
+SCORE_SDE = register_sampler(Sampler("score_sde", ScoreSDEConfig, schedule, get_step_fn, linear_only=True))

@@ -14,7 +14,7 @@ import numpy as np
 
 from spgd_jax.denoisers import make_denoiser
 from spgd_jax.models.adm import UNet
-from spgd_jax.samplers.euler import EulerConfig, euler
+from spgd_jax.samplers import EulerConfig, run
 
 
 @dataclass(frozen=True)
@@ -144,4 +144,4 @@ def sample_images(model: UNet, params, key: jax.Array, num_images: int, num_step
     euler_config = EulerConfig(steps=num_steps)
     x_init = euler_config.sigma_max * jax.random.normal(
         key, (num_images, cfg.image_size, cfg.image_size, cfg.in_channels))
-    return euler(make_denoiser(cfg, params), x_init, euler_config).x
+    return run(make_denoiser(cfg, params), None, None, x_init, euler_config).x

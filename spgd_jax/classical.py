@@ -7,7 +7,7 @@
 - super-resolution: bicubic upsampling of the low-resolution image.
 
 Each takes one measurement y and that image's operator parameters and returns one image
-(H, W, C) in [-1, 1]; `classical(operator)` picks the one for a registered task.
+(H, W, C) in [-1, 1]; `restorer(operator, image_size)` picks the one for a registered task.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from spgd_jax.operators import Operator, gaussian_kernel
 
-__all__ = ["harmonic_inpaint", "wiener_deconvolve", "bicubic_upsample", "classical", "CLASSICAL_TASKS"]
+__all__ = ["harmonic_inpaint", "wiener_deconvolve", "bicubic_upsample", "restorer", "CLASSICAL_TASKS"]
 
 CLASSICAL_TASKS = ("inpaint", "gauss_deblur", "motion_deblur", "sr4")
 # Wiener noise-to-signal ratios that maximise PSNR at 64 px with the registry's defaults and
@@ -79,7 +79,7 @@ def bicubic_upsample(y: jax.Array, size: int) -> jax.Array:
     return jnp.clip(jax.image.resize(y, (size, size, y.shape[-1]), method="bicubic"), -1.0, 1.0)
 
 
-def classical(operator: Operator, image_size: int, noise_to_signal: float | None = None) -> Callable[[jax.Array, Any], jax.Array]:
+def restorer(operator: Operator, image_size: int, noise_to_signal: float | None = None) -> Callable[[jax.Array, Any], jax.Array]:
     """The classical restoration of a registered task: restore(y_i, params_i) -> (H, W, C).
 
     noise_to_signal: the Wiener filter's ratio for the deblurring tasks (default WIENER_NSR).

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spgd_jax import baselines, metrics, operators
+from spgd_jax import classical, metrics, operators
 
 
 def _smooth_image(size=32, seed=0):
@@ -20,9 +20,9 @@ def _smooth_image(size=32, seed=0):
 def test_harmonic_inpaint_keeps_pixels_and_fills_constants_exactly():
     mask = operators.random_mask(jax.random.key(0), 16, 16, 0.2)
     constant = jnp.ones((16, 16, 3)) * jnp.array([0.3, -0.2, 0.7])
-    np.testing.assert_allclose(baselines.harmonic_inpaint(constant * mask, mask), constant, atol=1e-5)
+    np.testing.assert_allclose(classical.harmonic_inpaint(constant * mask, mask), constant, atol=1e-5)
     x = _smooth_image(16)
-    restored = baselines.harmonic_inpaint(x * mask, mask)
+    restored = classical.harmonic_inpaint(x * mask, mask)
     np.testing.assert_array_equal(np.asarray(restored)[np.asarray(mask[..., 0]) > 0], np.asarray(x)[np.asarray(mask[..., 0]) > 0])
 
 
@@ -30,7 +30,7 @@ def test_wiener_undoes_a_gaussian_blur_far_better_than_nothing():
     x = _smooth_image(32)[None]
     op = operators.get("gauss_deblur", 32, std=1.5, kernel_size=9)
     y = op.measure(jax.random.key(1), x, None, sigma_y=0.0)
-    restored = jax.vmap(baselines.classical(op, 32, noise_to_signal=1e-2))(y, None)
+    restored = jax.vmap(classical.restorer(op, 32, noise_to_signal=1e-2))(y, None)
     assert float(metrics.psnr(restored, x)[0]) > float(metrics.psnr(y, x)[0]) + 5.0
 
 
@@ -38,10 +38,10 @@ def test_bicubic_upsample_restores_smooth_images():
     x = _smooth_image(32)[None]
     op = operators.get("sr4", 32)
     y = op.measure(jax.random.key(2), x, None, sigma_y=0.0)
-    restored = jax.vmap(baselines.classical(op, 32))(y, None)
+    restored = jax.vmap(classical.restorer(op, 32))(y, None)
     assert restored.shape == x.shape and float(metrics.psnr(restored, x)[0]) > 25.0
 
 
 def test_no_classical_baseline_for_phase_retrieval():
     with pytest.raises(ValueError, match="no classical baseline"):
-        baselines.classical(operators.get("phase_retrieval", 32), 32)
+        classical.restorer(operators.get("phase_retrieval", 32), 32)
