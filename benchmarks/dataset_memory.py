@@ -59,9 +59,8 @@ def measure(weights: Path, images: Path, out: Path, source: Path | None) -> dict
     tree to run, default this one)."""
     command = [sys.executable, "-m", "spgd_jax.restore", "--input", str(images), "--weights", str(weights),
                "--out", str(out), *COMMAND]
-    environment = {**os.environ, **({} if source is None else {"PYTHONPATH": str(source)})}
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=source or REPO, env=environment, stderr=subprocess.PIPE, text=True)
+    start = time.perf_counter()  # `python -m` imports the package of its working directory first
+    process = subprocess.Popen(command, cwd=source or REPO, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     error = process.stderr.read()
