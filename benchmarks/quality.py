@@ -49,6 +49,7 @@ from spgd_jax.io.compile_cache import enable_compilation_cache
 from spgd_jax.io.cpu_flags import use_fast_cpu_flags
 from spgd_jax import default_weights_path, make_denoiser, metrics, models, operators
 from spgd_jax.io import checkpoint, images
+from spgd_jax.restore.manifest import Manifest
 from spgd_jax.samplers import SAMPLERS, forward_for, nfe, posterior_mean, presets, sample, sampler_of, sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,9 +261,9 @@ def generate(args) -> int:
     def compile_job(job: Job):
         operator, op_params, y = measurements[job.task]
         rows = job.rows(n_test, n_all)
-        sub = lambda a: a[rows]
+        sub = lambda a: a[rows][: args.batch or None]  # one batch's shapes
         lowered = make_program(unet_config, operator, job.config, x_shape, job.dtype, job.samples).lower(
-            abstract, sub(y), jax.tree.map(sub, op_params), keys[rows],
+            abstract, sub(y), jax.tree.map(sub, op_params), sub(keys),
             jax.ShapeDtypeStruct((len(job.values) if job.values else 1,), jnp.float32))
         return lowered.compile()
 
@@ -310,23 +311,30 @@ def generate(args) -> int:
             continue
         log(f"{job.name}: compiled")
         operator, op_params, y = measurements[job.task]
-        sub = lambda a: a[rows]
+        tested = 0 if job.tune_only else n_test  # the leading test images among the rows
+
+        def run_batch(index: np.ndarray):
+            take = lambda a: a[rows][index]
+            restored, diverged = program(unet_params, take(y), jax.tree.map(take, op_params), take(keys),
+                                         jnp.asarray(values, jnp.float32))
+            return np.asarray(restored), np.asarray(metrics.psnr(restored, take(x))), np.asarray(diverged)
+
         t0 = time.perf_counter()
-        restored, diverged = program(unet_params, sub(y), jax.tree.map(sub, op_params), keys[rows],
-                                                jnp.asarray(values, jnp.float32))
-        restored, diverged = np.asarray(restored), np.asarray(diverged)
+        config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
+        settings = {"config": config, "values": [float(v) for v in values], "dtype": job.dtype, "samples": job.samples,
+                    "seed": args.seed, "weights": str(weights), "images": names[rows], "batch": args.batch}
+        scores, diverged, restored = restore_rows(out / "rows" / job.name, settings, names[rows], run_batch,
+                                                  args.batch or count, tested, log)
         seconds = time.perf_counter() - t0
         rate = seconds / work if rate is None else min(rate, seconds / work)
-        scores = np.asarray(metrics.psnr(restored, x[rows]))  # (L, count)
         tuning = scores if job.tune_only else scores[:, n_test:]
         best = int(np.argmax(np.mean(tuning, axis=1))) if len(values) > 1 else 0
-        tested = 0 if job.tune_only else n_test  # the leading test images among the rows
         if job.values:
             picked[job.name] = float(values[best])
-        np.savez_compressed(out / f"{job.name}.npz", restored=images.to_uint8(restored[best, :tested]),
+        restored = restored[best] if tested else np.zeros((0, *x_shape), np.uint8)
+        np.savez_compressed(out / f"{job.name}.npz", restored=restored,
                             restored_float_psnr=scores[best, :tested], psnr=scores, diverged=diverged,
                             values=np.asarray(values))
-        config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
         manifest["jobs"][job.name] = {"table": job.table, "row": job.row, "task": job.task, "dtype": job.dtype,
                                       "config": config, "values": list(values), "picked": float(values[best]),
                                       "tuned_by": job.tuned_by, "seconds": seconds, "nfe_per_image": evaluations,
@@ -344,6 +352,36 @@ def generate(args) -> int:
         sys.stdout.flush()
         os._exit(0)  # a running XLA compilation cannot be cancelled; do not wait for it
     return 0
+
+
+def restore_rows(folder: Path, settings: dict, names: list[str], run_batch, batch: int, keep: int, log):
+    """A job's images in batches of `batch`, resumable: as each batch ends, each of its images' row (PSNR
+    and divergence at every value; the uint8 restorations of the first `keep` images) is written to folder
+    (spgd_jax.restore.manifest, as the restore command's dataset runs), and a re-run of the same settings
+    restores only the images without a row. run_batch(index (batch,)) -> (x (L, batch, H, W, C), psnr (L,
+    batch), diverged (L, batch)); a short last batch is padded with its last image (one compiled shape).
+    Returns psnr (L, N), diverged (L, N) and the restorations (L, keep, H, W, C) uint8 (None when keep is 0)."""
+    manifest = Manifest(folder)
+    try:
+        continuing = manifest.check(settings, overwrite=False)
+    except Exception as error:  # other settings: the message names them
+        raise SystemExit(f"error: {error}") from None
+    manifest.start(settings, continuing, len(names))
+    done = manifest.finished()
+    for start in range(0, len(names), batch):
+        stop = min(start + batch, len(names))
+        if all(names[i] in done for i in range(start, stop)):
+            continue
+        index = np.minimum(np.arange(start, start + batch), stop - 1)
+        restored, psnr, diverged = run_batch(index)
+        for b, i in enumerate(range(start, stop)):
+            picture = {"restored": images.to_uint8(restored[:, b])} if i < keep else {}
+            arrays = {"psnr": psnr[:, b], "diverged": diverged[:, b], **picture}
+            manifest.write_row(names[i], {"name": names[i]}, arrays)
+        log(f"{folder.name}: {stop}/{len(names)} images")
+    rows = [arrays for _, _, arrays in manifest.rows(names)]
+    stack = lambda key, part: np.stack([r[key] for r in part], axis=1)
+    return stack("psnr", rows), stack("diverged", rows), stack("restored", rows[:keep]) if keep else None
 
 
 # -- images ---------------------------------------------------------------------------------------
@@ -744,6 +782,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=1e9, help="skip jobs that would end later than this")
     p.add_argument("--compile-workers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=0, help="images per compiled call (default 0: all of a job's); each "
+                   "batch's rows are kept in OUT/rows/JOB/, so a re-run resumes where it stopped")
     p = sub.add_parser("merge", help="join generate runs of other jobs on the same test images")
     p.add_argument("--runs", nargs="+", required=True, help="generate output folders")
     p.add_argument("--out", required=True, help="a new folder")

@@ -249,3 +249,32 @@ def test_process_flags_need_a_dataset_run(tmp_path):
             restore.main(["--task", "sr4", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0",
                           "--out", str(tmp_path / "out"), *extra])
     assert not (tmp_path / "out").exists()
+
+
+def test_quality_benchmark_jobs_resume_from_their_rows(weights, tmp_path):
+    """benchmarks/quality.py generate --batch keeps each batch's rows (spgd_jax.restore.manifest): a re-run
+    restores only the images without a row, and gives the same job results; other settings are refused."""
+    from benchmarks import quality
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", images=truth, names=np.asarray([f"im{i}.png" for i in range(6)]))
+    out = tmp_path / "q"
+    command = ["generate", "--images", str(tmp_path / "images.npz"), "--weights", weights, "--out", str(out),
+               "--test", "4", "--tune", "2", "--tasks", "inpaint", "--jobs", "t1_spgd_inpaint", "--steps", "2",
+               "--warmup", "1", "--lr-factors", "0.5,1", "--batch", "4", "--compile-workers", "1"]
+    assert quality.main(command) == 0
+    with np.load(out / "t1_spgd_inpaint.npz") as data:
+        first = {k: data[k] for k in data.files}
+    assert first["psnr"].shape == (2, 6) and first["restored"].shape == (4, 16, 16, 3)
+    rows = out / "rows" / "t1_spgd_inpaint" / "finished"
+    assert sorted(p.name for p in rows.iterdir()) == [f"im{i}.png.npz" for i in range(6)]
+    (rows / "im5.png.npz").unlink()  # as if the run had stopped in its second batch
+    stamps = {p.name: p.stat().st_mtime_ns for p in rows.iterdir()}
+    assert quality.main(command) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in rows.iterdir() if p.name in stamps} == stamps  # kept, not redone
+    with np.load(out / "t1_spgd_inpaint.npz") as data:
+        for key, value in first.items():
+            np.testing.assert_array_equal(data[key], value)
+    with pytest.raises(SystemExit, match="seed: 0 -> 1"):
+        quality.main([*command, "--seed", "1"])
