@@ -374,7 +374,7 @@ def restore_rows(folder: Path, settings: dict, names: list[str], run_batch, batc
             continue
         index = np.minimum(np.arange(start, start + batch), stop - 1)
         restored, psnr, diverged = run_batch(index)
-        for b, i in enumerate(range(start, stop)):
+        for b, i in ((b, i) for b, i in enumerate(range(start, stop)) if names[i] not in done):
             picture = {"restored": images.to_uint8(restored[:, b])} if i < keep else {}
             arrays = {"psnr": psnr[:, b], "diverged": diverged[:, b], **picture}
             manifest.write_row(names[i], {"name": names[i]}, arrays)
