@@ -22,16 +22,22 @@ of the samples (an estimate of the posterior mean: higher PSNR, smoother, K
 times the work), samples.npz every sample and std/NAME.png their per-pixel
 standard deviation (where the prior is unsure).
 
-The batch is split over all local devices (spgd_jax.sharding). The outputs of a
-run replace those of an earlier run in --out as a whole, and only with
---overwrite; they appear once all of them are complete, so an error or Ctrl-C
-(which stops the compiled run within an outer step) leaves --out as it was. The
-same seed gives the same bits on the same machine. Exit status: see
-`build_parser().epilog` (3 when no image finished).
+The batch is split over all local devices (spgd_jax.sharding). An --input run
+(one image, a folder or a glob of any size) is a dataset run (spgd_jax.restore.dataset):
+images are read a batch at a time, each image's outputs are written as its batch
+ends, the same command continues an interrupted run (manifest.json), unreadable
+files are skipped (exit status 4), and with --coordinator/--distributed several
+processes and hosts share the images. The outputs of other runs (the demo,
+--measurement, sweeps, --diagnostics, --video) replace those of an earlier run in
+--out as a whole, and only with --overwrite; they appear once all of them are
+complete, so an error or Ctrl-C (which stops the compiled run within an outer
+step) leaves --out as it was. The same seed gives the same bits on the same
+machine. Exit status: see `build_parser().epilog` (3 when no image finished).
 
 Modules: _args (the arguments and the sampler config), _inputs (prior, operator,
 measurements), _run (sampling in chunks, stoppable), _progress, _folder (staging
-and replacing the outputs), _writers (the files).
+and replacing the outputs), _writers (the files); dataset runs: dataset,
+dataset_command, image_stream, manifest, dataset_outputs, dataset_progress, processes.
 """
 
 from __future__ import annotations

@@ -81,11 +81,13 @@ class Manifest:
         return False
 
     def start(self, settings: dict, continuing: bool, total: int) -> None:
-        """Creates out (or, unless continuing, clears the earlier run's outputs) and writes the manifest."""
+        """Creates out (or, unless continuing, clears the earlier run's outputs) and writes the manifest.
+        Continuing, the skipped records go: their files are tried again (and recorded again if still bad)."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             if not continuing:
                 self._remove_earlier()
+            shutil.rmtree(self.out / SKIPPED, ignore_errors=True)
             for folder in (FINISHED, SKIPPED, LOGS):
                 (self.out / folder).mkdir(exist_ok=True)
         except OSError as error:
