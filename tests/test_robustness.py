@@ -287,7 +287,7 @@ def test_ctrl_c_while_sampling_leaves_no_output_folder(modes, weights, tmp_path,
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(restore._run.sharding, "sample_sharded", interrupted)
+    monkeypatch.setattr(restore.dataset, "sample_sharded", interrupted)  # an --input run: a dataset run
     with pytest.raises(KeyboardInterrupt):
         cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(tmp_path / "a" / "b"), *FAST)
     assert not (tmp_path / "a" / "b").exists()
