@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=1e9, help="skip jobs that would end later than this")
     p.add_argument("--compile-workers", type=int, default=4)
+    p.add_argument("--batch", type=int, default=0, help="images per compiled call (default 0: all of a job's); each "
+                   "batch's rows are kept in OUT/rows/JOB, so a re-run restores only the images without a row")
     p = sub.add_parser("merge", help="join generate runs of other jobs on the same test images")
     p.add_argument("--runs", nargs="+", required=True, help="generate output folders")
     p.add_argument("--out", required=True, help="a new folder")

@@ -22,6 +22,7 @@ import numpy as np
 from benchmarks.quality_jobs import TABLE1_TASKS, Job, plan, table1_methods
 from spgd_jax import default_weights_path, make_denoiser, metrics, models, operators
 from spgd_jax.io import checkpoint, images
+from spgd_jax.restore.manifest import Manifest
 from spgd_jax.samplers import (SAMPLERS, forward_for, image_keys, nfe, posterior_keys, posterior_mean, run_keys,
                                sample, sampler_of, sweep)
 
@@ -152,7 +153,7 @@ class Generation:
         self.args, self.out, self.started = args, Path(args.out), time.monotonic()
         self.out.mkdir(parents=True, exist_ok=True)
         self.n_test, self.n_all = args.test, args.test + args.tune
-        self.x, names = read_images(Path(args.images), self.n_all)
+        self.x, self.names = read_images(Path(args.images), self.n_all)
         self.weights = weights_path(args)
         self.unet_config = read_config(Path(args.config) if args.config else self.weights)
         size = self.unet_config.image_size
@@ -164,7 +165,7 @@ class Generation:
         self.measurements = {task: degrade(task, self.x, args.seed) for task in tasks}
         self.keys = sampler_keys(args.seed, self.n_all)
         self.manifest = {"weights": str(self.weights), "unet_config": self.unet_config.to_dict(), "seed": args.seed,
-                         "test": self.n_test, "tune": args.tune, "names": names, "device": str(jax.devices()[0]),
+                         "test": self.n_test, "tune": args.tune, "names": self.names, "device": str(jax.devices()[0]),
                          "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": args.steps,
                          "warmup": args.warmup, "jobs": {}}
 
@@ -184,24 +185,39 @@ class Generation:
         swept = sampler_of(job.config).step_size is not None
         values = jax.ShapeDtypeStruct((len(job.values or (None,)),), jnp.float32) if swept else None
         program = make_program(self.unet_config, operator, job.config, self.x_shape, job.dtype, job.samples)
-        return program.lower(abstract, *self.inputs(job, None)[:3], values).compile()
+        one_batch = lambda a: a[: self.args.batch or None]  # --batch: the program restores that many at a time
+        y, op_params, keys, _ = self.inputs(job, None)
+        return program.lower(abstract, one_batch(y), jax.tree.map(one_batch, op_params), one_batch(keys),
+                             values).compile()
 
     def run_job(self, job: Job, program, unet_params, values) -> None:
         """Runs one compiled job over its images and records its restorations, PSNR and pick."""
         rows = job.rows(self.n_test, self.n_all)
         step_sizes = None if values == (None,) else jnp.asarray(values, jnp.float32)
+        y, op_params, keys, _ = self.inputs(job, None)
+        truth = self.x[rows]
+
+        def run_batch(index: np.ndarray):
+            take = lambda a: a[index]
+            restored, diverged = program(unet_params, take(y), jax.tree.map(take, op_params), take(keys), step_sizes)
+            return np.asarray(restored), np.asarray(metrics.psnr(restored, truth[index])), np.asarray(diverged)
+
+        tested = 0 if job.tune_only else self.n_test  # the leading test images among the rows
+        config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
+        settings = {"config": config, "values": [None if v is None else float(v) for v in values], "dtype": job.dtype,
+                    "samples": job.samples, "seed": self.args.seed, "weights": str(self.weights),
+                    "images": self.names[rows], "batch": self.args.batch}
+        count = rows.stop - rows.start
         t0 = time.perf_counter()
-        restored, diverged = (np.asarray(a) for a in program(unet_params, *self.inputs(job, step_sizes)))
+        scores, diverged, restored = restore_rows(self.out / "rows" / job.name, settings, self.names[rows], run_batch,
+                                                  self.args.batch or count, tested, self.log)
         seconds = time.perf_counter() - t0
-        scores = np.asarray(metrics.psnr(restored, self.x[rows]))  # (L, count)
         tuning = scores if job.tune_only else scores[:, self.n_test:]
         best = int(np.argmax(np.mean(tuning, axis=1))) if len(values) > 1 else 0
-        tested = 0 if job.tune_only else self.n_test  # the leading test images among the rows
-        np.savez_compressed(self.out / f"{job.name}.npz", restored=images.to_uint8(restored[best, :tested]),
+        restored = restored[best] if tested else np.zeros((0, *self.x_shape), np.uint8)
+        np.savez_compressed(self.out / f"{job.name}.npz", restored=restored,
                             restored_float_psnr=scores[best, :tested], psnr=scores, diverged=diverged,
                             values=np.asarray([v for v in values if v is not None], np.float64))
-        config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
-        count = rows.stop - rows.start
         self.manifest["jobs"][job.name] = {
             "table": job.table, "row": job.row, "task": job.task, "dtype": job.dtype, "config": config,
             "values": list(values), "picked": values[best], "tuned_by": job.tuned_by, "seconds": seconds,
@@ -260,3 +276,33 @@ def generate(args) -> int:
         sys.stdout.flush()
         os._exit(0)  # a running XLA compilation cannot be cancelled; do not wait for it
     return 0
+
+
+def restore_rows(folder: Path, settings: dict, names: list[str], run_batch, batch: int, keep: int, log):
+    """A job's images in batches of `batch`, resumable: as each batch ends, each of its images' row (PSNR
+    and divergence at every value; the uint8 restorations of the first `keep` images) is written to folder
+    (spgd_jax.restore.manifest, as the restore command's dataset runs), and a re-run of the same settings
+    restores only the images without a row. run_batch(index (batch,)) -> (x (L, batch, H, W, C), psnr (L,
+    batch), diverged (L, batch)); a short last batch is padded with its last image (one compiled shape).
+    Returns psnr (L, N), diverged (L, N) and the restorations (L, keep, H, W, C) uint8 (None when keep is 0)."""
+    manifest = Manifest(folder)
+    try:
+        continuing = manifest.check(settings, overwrite=False)
+    except Exception as error:  # other settings: the message names them
+        raise SystemExit(f"error: {error}") from None
+    manifest.start(settings, continuing, len(names))
+    done = manifest.finished()
+    for start in range(0, len(names), batch):
+        stop = min(start + batch, len(names))
+        if all(names[i] in done for i in range(start, stop)):
+            continue
+        index = np.minimum(np.arange(start, start + batch), stop - 1)
+        restored, psnr, diverged = run_batch(index)
+        for b, i in ((b, i) for b, i in enumerate(range(start, stop)) if names[i] not in done):
+            picture = {"restored": images.to_uint8(restored[:, b])} if i < keep else {}
+            arrays = {"psnr": psnr[:, b], "diverged": diverged[:, b], **picture}
+            manifest.write_row(names[i], {"name": names[i]}, arrays)
+        log(f"{folder.name}: {stop}/{len(names)} images")
+    rows = [arrays for _, _, arrays in manifest.rows(names)]
+    stack = lambda key, part: np.stack([r[key] for r in part], axis=1)
+    return stack("psnr", rows), stack("diverged", rows), stack("restored", rows[:keep]) if keep else None

@@ -105,8 +105,10 @@ def test_step_sizes_tuned_for_the_default_prior_apply_only_to_it(faces, weights,
 
 def test_existing_outputs_are_not_overwritten(first_run, faces, weights):
     before = (first_run / "grid.png").read_bytes()
-    with pytest.raises(SystemExit, match="already exist.*--overwrite"):
-        run(faces, weights, first_run)
+    with pytest.raises(SystemExit, match="other settings.*seed: 0 -> 1.*--overwrite"):
+        run(faces, weights, first_run, "--seed", "1")
+    assert (first_run / "grid.png").read_bytes() == before
+    assert run(faces, weights, first_run) == 0  # the same command continues the run: here, nothing is left to do
     assert (first_run / "grid.png").read_bytes() == before
 
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -121,14 +122,18 @@ def test_other_modes_and_sizes_are_converted_with_notices(modes_run):
         assert picture(out / "restored" / f"{name}.png").shape == (16, 16, 3)
 
 
-def test_corrupt_or_truncated_image_is_named_and_nothing_is_written(weights, tmp_path):
+def test_corrupt_or_truncated_image_is_named_skipped_and_the_others_restored(weights, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "good.png")
     (folder / "bad.png").write_bytes((folder / "good.png").read_bytes()[:40])
-    with pytest.raises(SystemExit, match=r"bad.png is not a readable image.*re-export it"):
-        cli("--task", "inpaint", "--input", str(folder), "--weights", weights, "--out", str(tmp_path / "out"), *FAST)
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    assert cli("--task", "inpaint", "--input", str(folder), "--weights", weights, "--out", str(out),
+               *FAST) == restore.EXIT_SOME_SKIPPED == 4
+    assert re.search(r"bad.png is not a readable image.*re-export it", capsys.readouterr().err)
+    assert picture(out / "restored" / "good.png").shape == (16, 16, 3) and not (out / "restored" / "bad.png").exists()
+    skipped = json.loads((out / "manifest.json").read_text())["skipped"]
+    assert [s["identity"] for s in skipped] == ["bad.png"] and "not a readable image" in skipped[0]["reason"]
 
 
 # ------------------------------------------------------------------ measurements
@@ -273,20 +278,25 @@ def test_ctrl_c_while_writing_leaves_the_folder_as_it_was(modes, weights, tmp_pa
     assert cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(out), *FAST) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     _interrupt_inside(monkeypatch, Image.Image, "save")  # inside the very first PNG of a second run
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt):  # a sweep: a run as a whole, swapped in once complete
         cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(out), "--seed", "1",
-            "--overwrite", *FAST)
+            "--lr", "1,2", "--overwrite", *FAST)
     assert temporary_files(out) == []
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the earlier run, untouched
+    with pytest.raises(KeyboardInterrupt):  # a dataset run (--input) starts afresh: the earlier run is gone
+        cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(out), "--seed", "1",
+            "--overwrite", *FAST)
+    assert temporary_files(out) == [] and not list(out.glob("restored/*"))
+    assert json.loads((out / "manifest.json").read_text())["settings"]["seed"] == 1
 
 
 def test_ctrl_c_while_sampling_leaves_no_output_folder(modes, weights, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    from spgd_jax.restore import _run
+    from spgd_jax.restore import dataset
 
-    monkeypatch.setattr(_run, "sample_sharded", interrupted)
+    monkeypatch.setattr(dataset, "sample_sharded", interrupted)  # an --input run: a dataset run
     with pytest.raises(KeyboardInterrupt):
         cli("--task", "inpaint", "--input", str(modes), "--weights", weights, "--out", str(tmp_path / "a" / "b"), *FAST)
     assert not (tmp_path / "a" / "b").exists()
@@ -369,6 +379,7 @@ def test_overwrite_replaces_the_earlier_run_as_a_whole_and_keeps_the_users_files
     assert cli("--task", "inpaint", "--input", str(modes / "wide.png"), "--weights", weights, "--out", str(out),
                "--overwrite", *FAST) == 0
     found = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    assert found == ["config.json", "grid.png", "lr-notes", "measurement", "measurement.npz", "measurement/wide.png",
-                     "metrics.json", "notes.txt", "restored", "restored/wide.png"]
+    assert found == ["config.json", "finished", "finished/wide.npz", "grid.png", "logs", "logs/process-0.log",
+                     "lr-notes", "manifest.json", "measurement", "measurement.npz", "measurement/wide.png",
+                     "metrics.json", "notes.txt", "restored", "restored/wide.png", "skipped"]
     assert (out / "notes.txt").read_text() == "mine"

@@ -31,6 +31,8 @@ class Operator:
     init_params(key, batch, image_size) -> params: per-image parameters with a leading batch
         axis (masks, motion kernels); {} for operators without any. A pure function of the
         key (motion kernels are drawn on the host, so do not call it inside jit).
+        ``params_per_image`` and ``measure_per_image`` draw from one key per image instead, so
+        that an image's parameters and noise do not depend on its batch (a dataset run).
     settings: the resolved hyperparameters as (name, value) pairs, for logs and the CLI.
 
     A user's own operator: ``Operator("mine", sigma_y=0.01, linear=False, forward=f)``.
@@ -64,3 +66,17 @@ class Operator:
                 )
             y = jax.vmap(self.forward)(x, params)
         return y + noise_std * jax.random.normal(key, y.shape, y.dtype)
+
+    def params_per_image(self, keys: jax.Array, image_size: int) -> Any:
+        """Per-image parameters (leading axis B) with image b's drawn from keys[b] alone:
+        init_params(keys[b], 1, image_size), stacked. keys: (B,) typed PRNG keys."""
+        rows = [self.init_params(key, 1, image_size) for key in keys]
+        return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves), *rows)
+
+    def measure_per_image(self, keys: jax.Array, x: jax.Array, params: Any = None,
+                          sigma_y: float | None = None) -> jax.Array:
+        """``measure`` one image at a time, image b's noise from keys[b] (B,): y_b depends only on keys[b],
+        x_b and params_b, never on the other images of the batch. Returns (B, ...) float32."""
+        one = lambda b: jax.tree_util.tree_map(lambda leaf: leaf[b : b + 1], params)
+        return jnp.concatenate([self.measure(key, jnp.asarray(x)[b : b + 1], one(b), sigma_y)
+                                for b, key in enumerate(keys)])

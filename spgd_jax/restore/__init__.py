@@ -24,29 +24,37 @@ of the samples (an estimate of the posterior mean: higher PSNR, smoother, K
 times the work), samples.npz every sample and std/NAME.png their per-pixel
 standard deviation (where the prior is unsure).
 
-The batch is split over all local devices (spgd_jax.sharding). The outputs of a
-run replace those of an earlier run in --out as a whole, and only with
---overwrite; they appear once all of them are complete, so an error or Ctrl-C
-(which stops the compiled run within an outer step) leaves --out as it was. The
-same seed gives the same bits on the same machine, and the same measurements and
-samples as benchmarks/quality.py (spgd_jax.samplers.run_keys). Exit status: see
-`build_parser().epilog` (2 for every bad argument, 3 when no image finished).
+The batch is split over all local devices (spgd_jax.sharding). An --input run
+(one image, a folder or a glob of any size) is a dataset run (spgd_jax.restore.dataset):
+images are read a batch at a time, each image's outputs are written as its batch
+ends, the same command continues an interrupted run (manifest.json), unreadable
+files are skipped (exit status 4), and with --coordinator/--distributed several
+processes and hosts share the images. The outputs of other runs (the demo,
+--measurement, sweeps, --diagnostics, --video) replace those of an earlier run in
+--out as a whole, and only with --overwrite; they appear once all of them are
+complete, so an error or Ctrl-C (which stops the compiled run within an outer
+step) leaves --out as it was. The same seed gives the same bits on the same
+machine, and the same measurements and samples as benchmarks/quality.py
+(spgd_jax.samplers.run_keys). Exit status: see `build_parser().epilog` (2 for every
+bad argument, 3 when no image finished, 4 when input files were skipped).
 
 The arguments are checked before JAX is imported (--help and a typo answer at
 once). Modules: _args (the arguments, from the registered methods' config fields:
 spgd_jax.catalog), _command (the run once they are checked), _inputs (prior,
 operator, measurements), _run (sampling in chunks, stoppable), _progress, _folder
-(staging and replacing the outputs), _writers (the files).
+(staging and replacing the outputs), _writers (the files); dataset runs: dataset,
+dataset_command, image_stream, manifest, dataset_outputs, dataset_progress, processes.
 """
 
 from __future__ import annotations
 
 import sys
 
-from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, EXIT_USAGE, UsageError, UsageExit,
-                                    build_parser, check_arguments)
+from spgd_jax.restore._args import (EXIT_INTERRUPTED, EXIT_NO_IMAGE_FINISHED, EXIT_SOME_SKIPPED, EXIT_USAGE, UsageError,
+                                    UsageExit, build_parser, check_arguments)
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "EXIT_USAGE", "build_parser", "entry", "main"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "EXIT_SOME_SKIPPED", "EXIT_USAGE", "build_parser", "entry",
+           "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +78,7 @@ def entry() -> int:
     except UsageExit as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing of this run was written; --out is as it was", file=sys.stderr)
+    except KeyboardInterrupt as error:  # a dataset run's says what it kept
+        message = str(error) or "interrupted: nothing of this run was written; --out is as it was"
+        print(f"\n{message}", file=sys.stderr)
         return EXIT_INTERRUPTED

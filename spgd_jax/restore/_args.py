@@ -15,12 +15,13 @@ from typing import NamedTuple
 
 from spgd_jax import catalog
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "EXIT_USAGE", "Request", "UsageError", "UsageExit",
+__all__ = ["EXIT_INTERRUPTED", "EXIT_NO_IMAGE_FINISHED", "EXIT_SOME_SKIPPED", "EXIT_USAGE", "Request", "UsageError", "UsageExit",
            "build_parser", "check_arguments", "flag", "hint"]
 
 EXIT_USAGE = 2  # a bad argument, file or combination: nothing is written
 EXIT_NO_IMAGE_FINISHED = 3  # every image diverged: the outputs (with their flags) are written, nothing restored
-EXIT_INTERRUPTED = 130  # Ctrl-C: nothing of this run was written
+EXIT_SOME_SKIPPED = 4  # an --input run finished, but some input files were unreadable (listed in the manifest)
+EXIT_INTERRUPTED = 130  # Ctrl-C: nothing of this run was written (but an --input run's finished images)
 VIDEO_FRAMES = 50  # at most this many x0_hat frames (plus the result) per video
 # config fields without a flag of their own: --sigma-y sets the task's noise and the method's noise model,
 # --video the trajectory (both still take --set FIELD=VALUE)
@@ -73,10 +74,14 @@ def _setting(text: str) -> tuple[str, str]:
     return name.strip().replace("-", "_"), value.strip()
 
 
-_EPILOG = f"""exit status: 0 done (images that diverged are flagged in metrics.json); {EXIT_USAGE} a bad argument,
-file or combination (the message names it and the fix; nothing is written); {EXIT_NO_IMAGE_FINISHED} no image
-finished (every one diverged; the outputs are written with their flags, and the message names the setting to
-change); {EXIT_INTERRUPTED} interrupted (Ctrl-C; nothing of the run is written); 1 an unexpected failure."""
+_EPILOG = f"""--input runs (one image, a folder or a glob) stream the images a batch at a time and write each
+image's outputs when its batch is done; the same command continues an interrupted run (manifest.json in
+--out), and with --coordinator (or --distributed) several processes share the images. exit status: 0 done
+(images that diverged are flagged in metrics.json); {EXIT_USAGE} a bad argument, file or combination (the message
+names it and the fix; nothing is written); {EXIT_NO_IMAGE_FINISHED} no image finished (every one diverged; the
+outputs are written with their flags, and the message names the setting to change); {EXIT_SOME_SKIPPED} done, but
+some input files were unreadable and skipped (listed in manifest.json); {EXIT_INTERRUPTED} interrupted (Ctrl-C; the
+finished images of an --input run are kept, nothing else is written); 1 an unexpected failure."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
             text += f" (the step size of {', '.join(swept)}: A,B,C sweeps it)"
         extra = {"nargs": "?", "const": "true", "metavar": "BOOL"} if kind == "bool" else {"metavar": kind.upper()}
         settings.add_argument(flag(field), dest=f"field_{field}", help=text, **extra)
+    from spgd_jax.restore.processes import add_process_arguments  # (it imports this module)
+
+    add_process_arguments(parser)
     return parser
 
 

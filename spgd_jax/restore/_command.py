@@ -19,6 +19,9 @@ from spgd_jax.restore._folder import OutputFolder
 from spgd_jax.restore._inputs import load_prior, make_operator, measurements
 from spgd_jax.restore._run import combine_samples, restore
 from spgd_jax.restore._writers import write_outputs
+from spgd_jax.restore.dataset import run_dataset
+from spgd_jax.restore.dataset_command import dataset_run, is_dataset_run, measurement_keys
+from spgd_jax.restore.processes import initialize
 from spgd_jax.samplers import describe, forward_for, image_keys, posterior_keys, presets, run_keys, sampler_of
 
 __all__ = ["run_command", "sampler_config"]
@@ -38,7 +41,9 @@ def sampler_config(request: Request, task: str, tuned: bool, video: bool = False
 
 def run_command(args, request: Request) -> int:
     """Runs the checked arguments; returns the exit status."""
+    dataset = is_dataset_run(args, request)
     use_fast_cpu_flags()  # before JAX starts its backends
+    initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
     if not args.no_cache:
         enable_compilation_cache()
     task = args.task
@@ -59,6 +64,12 @@ def run_command(args, request: Request) -> int:
         raise UsageError(f"--sampler {args.sampler} cannot restore {task}: {error}") from None
     if "sigma_y" in {f.name for f in dataclasses.fields(config)} and "sigma_y" not in request.overrides:
         config = dataclasses.replace(config, sigma_y=operator.sigma_y)  # the method's noise model is the task's
+    record = {"weights": str(weights), "unet_config": unet_config.to_dict(), "seed": args.seed,
+              "samples": args.samples, "devices": [str(d) for d in jax.local_devices()],
+              "versions": {"jax": jax.__version__, "spgd_jax": _version()}}
+    if dataset:
+        run = dataset_run(args, config, operator, weights, unet_config, batch, {**record, "input": args.input})
+        return run_dataset(run, denoiser, operator, size)
     key_operator, key_noise, key_sampler = run_keys(args.seed)
     inputs = measurements(args, operator, size, key_operator, key_noise)
     if not args.quiet:
@@ -70,20 +81,16 @@ def run_command(args, request: Request) -> int:
     with folder as staging:
         repeat = lambda a: np.repeat(np.asarray(a), args.samples, axis=0)  # image-major: image b's samples in a row
         keys = posterior_keys(image_keys(key_sampler, len(inputs.y)), args.samples)
+        keys = measurement_keys(args, len(inputs.y), keys)  # a dataset run's measurement: its images' own keys
         batch = min(batch, len(keys))
         runs = restore(denoiser, operator, repeat(inputs.y), {k: repeat(v) for k, v in inputs.params.items()},
                        keys, config, request.step_sizes, batch, size, f"{args.sampler} {task}", args.quiet)
         runs = combine_samples(runs, args.samples)
         summaries = write_outputs(staging, runs, inputs, operator, config, request.step_sizes, args, {
-            "weights": str(weights),
-            "unet_config": unet_config.to_dict(),
-            "seed": args.seed,
-            "samples": args.samples,
+            **record,
             "batch_size": batch,
-            "devices": [str(d) for d in jax.local_devices()],
             "input": None if args.measurement else args.input or "demo: matplotlib's grace_hopper.jpg, face crop",
             "measurement": args.measurement,
-            "versions": {"jax": jax.__version__, "spgd_jax": _version()},
         })
         folder.commit()
     return _report(args, config, request, inputs, runs, summaries, out)

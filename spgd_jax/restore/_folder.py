@@ -20,7 +20,8 @@ from spgd_jax.restore._args import UsageError
 __all__ = ["OWNED_NAMES", "OutputFolder", "owned_entries"]
 
 OWNED_NAMES = ("restored", "measurement", "std", "video", "grid.png", "config.json", "metrics.json",
-               "measurement.npz", "samples.npz", "diagnostics.png", "diagnostics.npz", "sweep.md", "sweep.png")
+               "measurement.npz", "samples.npz", "diagnostics.png", "diagnostics.npz", "sweep.md", "sweep.png",
+               "manifest.json", "finished", "skipped", "logs")  # the last four: a dataset run's (manifest.py)
 
 
 def _sweep_folder() -> re.Pattern:
