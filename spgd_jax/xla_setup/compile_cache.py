@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax
 
 __all__ = ["ENV_DIR", "ENV_OFF", "default_cache_dir", "enable_compilation_cache"]
 
@@ -48,6 +47,8 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
+    import jax  # here, not at the top: `import spgd_jax` (which imports this package) stays free of JAX
+
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
