@@ -37,7 +37,7 @@ def main() -> int:
     from spgd_jax.restore.processes import initialize
 
     initialize(args.coordinator, args.num_processes, args.process_id, auto=False)
-    from spgd_jax.io.compile_cache import enable_compilation_cache
+    from spgd_jax.xla_setup.compile_cache import enable_compilation_cache
     from spgd_jax.restore import dataset
 
     enable_compilation_cache()  # the tests' cache folder (conftest)
