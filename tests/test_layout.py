@@ -34,12 +34,8 @@ MAX_LINES = 400
 # transcription, the one file that may be exempted as a faithful copy of guided-diffusion's unet.py) is
 # within the limit.
 OVER_MAX_LINES: dict[str, str] = {}
-# Modules allowed to import a private module of another sub-package, with the reason. To be emptied: the
-# network families' registration still reaches into spgd_jax.models.adm._family from models/__init__.py
-# (the fix, exporting ADM from spgd_jax.models.adm, belongs to the models' owner).
-PRIVATE_IMPORTS_ALLOWED: dict[str, str] = {
-    "spgd_jax/models/__init__.py line 13: imports spgd_jax.models.adm._family": "registers the ADM family",
-}
+# Modules allowed to import a private module of another sub-package, with the reason. None today.
+PRIVATE_IMPORTS_ALLOWED: dict[str, str] = {}
 
 
 # -- helpers --------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ maps one to the other).
 """
 
 from spgd_jax.models.adm._config import CONFIGS, DEFAULT_CHANNEL_MULT, NUM_CLASSES, UNetConfig
+from spgd_jax.models.adm._family import ADM  # the family, registered at its definition
 from spgd_jax.models.adm._network import UNet, init_shapes, param_count, timestep_embedding
 
-__all__ = ["CONFIGS", "DEFAULT_CHANNEL_MULT", "NUM_CLASSES", "UNet", "UNetConfig", "init_shapes", "param_count",
+__all__ = ["ADM", "CONFIGS", "DEFAULT_CHANNEL_MULT", "NUM_CLASSES", "UNet", "UNetConfig", "init_shapes", "param_count",
            "timestep_embedding"]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from spgd_jax.models._family import Family
+from spgd_jax.models._family import Family, register_family
 from spgd_jax.models.adm._config import UNetConfig
 from spgd_jax.models.adm._network import UNet, init_shapes
 
@@ -42,3 +42,4 @@ def _param_shapes(config: UNetConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 ADM = Family(name="adm", config_type=UNetConfig, network=AdmNetwork, init=_init, param_shapes=_param_shapes,
              preconditioning="vp")
+register_family(ADM)  # the registry of network families, beside the family's definition
