@@ -71,4 +71,4 @@ def dataset_run(args, config, operator, weights: Path, unet_config, batch: int, 
     }
     out = Path(args.out or f"restored-{args.task}")
     return DatasetRun(args.input, out, settings, config, args.seed, batch, args.task, args.samples, args.overwrite,
-                      args.quiet, {**record, "batch_size": batch, "learning_rates": None, "measurement": None})
+                      args.quiet, {**record, "batch_size": batch, "step_sizes": None, "measurement": None})
