@@ -26,6 +26,9 @@ from spgd_jax.restore.manifest import Manifest
 from spgd_jax.samplers import (SAMPLERS, forward_for, image_keys, nfe, posterior_keys, posterior_mean, run_keys,
                                sample, sampler_of, sweep)
 
+WIDEN_STEPS = 3  # values a tuning sweep may add past its edge when its pick sits there
+
+
 def load_split_images(data: Path, split: Path, count: int, size: int) -> tuple[np.ndarray, list[str]]:
     """uint8 (count, size, size, 3): the first `count` images of the split file, preprocessed."""
     needs = (f"--data DIR must be the folder that holds the face folders named in {split} (celeba/, utkface/: "
@@ -172,41 +175,45 @@ class Generation:
     def log(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f} s] {text}", flush=True)
 
-    def inputs(self, job: Job, values):
-        """The job's (y, op_params, keys, values) over its rows (the test images, or all of them)."""
-        _, op_params, y = self.measurements[job.task]
-        rows = job.rows(self.n_test, self.n_all)
-        sub = lambda a: a[rows]
-        return sub(y), jax.tree.map(sub, op_params), self.keys[rows], values
-
     def compile(self, job: Job):
         operator = self.measurements[job.task][0]
         abstract = jax.eval_shape(lambda: models.family_of(self.unet_config).init(self.unet_config, jax.random.key(0)))
         swept = sampler_of(job.config).step_size is not None
         values = jax.ShapeDtypeStruct((len(job.values or (None,)),), jnp.float32) if swept else None
         program = make_program(self.unet_config, operator, job.config, self.x_shape, job.dtype, job.samples)
-        one_batch = lambda a: a[: self.args.batch or None]  # --batch: the program restores that many at a time
-        y, op_params, keys, _ = self.inputs(job, None)
-        return program.lower(abstract, one_batch(y), jax.tree.map(one_batch, op_params), one_batch(keys),
+        rows = job.rows(self.n_test, self.n_all)
+        one_batch = lambda a: a[: self.args.batch or rows.stop - rows.start]  # --batch: that many images a call
+        _, op_params, y = self.measurements[job.task]
+        return program.lower(abstract, one_batch(y), jax.tree.map(one_batch, op_params), one_batch(self.keys),
                              values).compile()
 
-    def run_job(self, job: Job, program, unet_params, values) -> None:
-        """Runs one compiled job over its images and records its restorations, PSNR and pick."""
-        rows = job.rows(self.n_test, self.n_all)
-        step_sizes = None if values == (None,) else jnp.asarray(values, jnp.float32)
-        y, op_params, keys, _ = self.inputs(job, None)
-        truth = self.x[rows]
+    def batch_runner(self, program, unet_params, task: str, rows: slice, step_sizes):
+        """run_batch(index (batch,)) -> (x (L, batch, H, W, C), psnr (L, batch), diverged (L, batch)) over the given
+        rows of the task's measurements, as restore_rows calls it; step_sizes (L,) float32, or None."""
+        _, op_params, y = self.measurements[task]
+        y, op_params, keys, truth = y[rows], jax.tree.map(lambda a: a[rows], op_params), self.keys[rows], self.x[rows]
 
         def run_batch(index: np.ndarray):
             take = lambda a: a[index]
             restored, diverged = program(unet_params, take(y), jax.tree.map(take, op_params), take(keys), step_sizes)
             return np.asarray(restored), np.asarray(metrics.psnr(restored, truth[index])), np.asarray(diverged)
 
+        return run_batch
+
+    def settings(self, config: dict, values, dtype: str, samples: int, rows: slice) -> dict:
+        """What a job's per-image rows were restored with (a resumed run must match it)."""
+        return {"config": config, "values": [None if v is None else float(v) for v in values], "dtype": dtype,
+                "samples": samples, "seed": self.args.seed, "weights": str(self.weights),
+                "images": self.names[rows], "batch": self.args.batch}
+
+    def run_job(self, job: Job, program, unet_params, values) -> None:
+        """Runs one compiled job over its images and records its restorations, PSNR and pick."""
+        rows = job.rows(self.n_test, self.n_all)
+        step_sizes = None if values == (None,) else jnp.asarray(values, jnp.float32)
+        run_batch = self.batch_runner(program, unet_params, job.task, rows, step_sizes)
         tested = 0 if job.tune_only else self.n_test  # the leading test images among the rows
         config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
-        settings = {"config": config, "values": [None if v is None else float(v) for v in values], "dtype": job.dtype,
-                    "samples": job.samples, "seed": self.args.seed, "weights": str(self.weights),
-                    "images": self.names[rows], "batch": self.args.batch}
+        settings = self.settings(config, values, job.dtype, job.samples, rows)
         count = rows.stop - rows.start
         t0 = time.perf_counter()
         scores, diverged, restored = restore_rows(self.out / "rows" / job.name, settings, self.names[rows], run_batch,
@@ -231,6 +238,41 @@ class Generation:
         shown = "-" if values[best] is None else f"{values[best]:g}"
         self.log(f"{job.name}: value {shown}, {tested_note}, "
                  f"{int(diverged[best].sum())} diverged ({seconds:.1f} s{tune_note})")
+
+    def widen(self, name: str, program, unet_params) -> float:
+        """Extends tuning sweep `name` while its best value sits on the grid's edge: one value further at a time,
+        by the ratio of the grid's two outermost values on that side, at most WIDEN_STEPS times, each run on the
+        tuning images with `program` (a one-value program of the sweep's task, compiled for --batch images or
+        the test images). Rewrites the sweep's npz and manifest entry with the added values; returns its pick."""
+        record, rows = self.manifest["jobs"][name], slice(self.n_test, self.n_all)
+        with np.load(self.out / f"{name}.npz") as f:
+            psnr, diverged = f["psnr"], f["diverged"]
+        values, t0 = list(record["values"]), time.perf_counter()
+        for _ in range(WIDEN_STEPS):
+            best = int(np.argmax(psnr.mean(1)))
+            if len(values) < 2 or 0 < best < len(values) - 1:
+                break
+            inner, edge = (values[1], values[0]) if best == 0 else (values[-2], values[-1])
+            value, at = edge * edge / inner, 0 if best == 0 else len(values)
+            run_batch = self.batch_runner(program, unet_params, record["task"], rows, jnp.asarray([value], jnp.float32))
+            settings = self.settings(record["config"], (value,), record["dtype"], record["samples"], rows)
+            scores, off, _ = restore_rows(self.out / "rows" / f"{name}_at_{value:g}", settings, self.names[rows],
+                                          run_batch, self.args.batch or self.n_test, 0, self.log)
+            values.insert(at, value)
+            psnr, diverged = np.insert(psnr, at, scores[0], axis=0), np.insert(diverged, at, off[0], axis=0)
+        best = int(np.argmax(psnr.mean(1)))
+        added = len(values) - len(record["values"])
+        if added:
+            np.savez_compressed(self.out / f"{name}.npz", restored=np.zeros((0, *self.x_shape), np.uint8),
+                                restored_float_psnr=psnr[best, :0], psnr=psnr, diverged=diverged,
+                                values=np.asarray(values, np.float64))
+            record.update(values=values, picked=values[best], widened=added,
+                          seconds=record["seconds"] + time.perf_counter() - t0,
+                          images=record["images"] + added * (rows.stop - rows.start))
+            (self.out / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
+            self.log(f"{name}: widened by {added} value(s) past its edge, picks {values[best]:g} "
+                     f"(tuning PSNR by value {np.round(psnr.mean(1), 2).tolist()})")
+        return values[best]
 
 
 def generate(args) -> int:
@@ -265,6 +307,9 @@ def generate(args) -> int:
             run.log(f"{job.name}: compile FAILED: {type(error).__name__}: {error}")
             continue
         run.log(f"{job.name}: compiled")
+        if run.manifest["jobs"].get(job.tuned_by, {}).get("tune_only"):  # its sweep ran: widen it past an edge pick
+            picked[job.tuned_by] = run.widen(job.tuned_by, program, unet_params)
+            values = (picked[job.tuned_by],)
         run.run_job(job, program, unet_params, values)
         seconds = run.manifest["jobs"][job.name]["seconds"]
         rate = seconds / work if rate is None else min(rate, seconds / work)

@@ -274,9 +274,16 @@ def test_generate_and_score_other_methods_tuned_then_tested(tmp_path):
                          "--steps", "2", "--warmup", "1", "--methods", "ddrm,diffpir", "--method-factors", "0.5,2",
                          "--jobs", "t1_spgd_inpaint,tune_,t1_ddrm,t1_diffpir", "--compile-workers", "1"]) == 0
     jobs = json.loads((out / "manifest.json").read_text())["jobs"]
+    sweep = jobs["tune_diffpir_inpaint"]
     with np.load(out / "tune_diffpir_inpaint.npz") as f:
-        assert f["psnr"].shape == (2, 1) and f["restored"].shape == (0, 16, 16, 3)  # two values, the tuning image
-        picked = jobs["tune_diffpir_inpaint"]["values"][int(np.argmax(f["psnr"][:, 0]))]
+        # two values on one tuning image: the pick sits on an edge, so the sweep goes on past it, value by value
+        # at the edge's ratio, until a value does worse (or WIDEN_STEPS values)
+        added, best = sweep["widened"], int(np.argmax(f["psnr"][:, 0]))
+        assert 1 <= added <= quality_generate.WIDEN_STEPS and f["psnr"].shape == (2 + added, 1)
+        assert f["restored"].shape == (0, 16, 16, 3) and f["values"].tolist() == sweep["values"]
+        np.testing.assert_allclose(np.diff(np.log(sweep["values"])), np.log(4.0), rtol=1e-6)  # 0.5x, 2x, then on
+        assert 0 < best < len(sweep["values"]) - 1 or added == quality_generate.WIDEN_STEPS
+        picked = sweep["values"][best]
     assert jobs["t1_diffpir_inpaint"]["picked"] == picked and jobs["t1_diffpir_inpaint"]["nfe_per_image"] == 20
     with np.load(out / "t1_ddrm_inpaint.npz") as f:
         assert f["restored"].shape == (2, 16, 16, 3)
