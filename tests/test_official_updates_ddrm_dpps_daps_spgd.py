@@ -1,4 +1,4 @@
-"""DDRM, DPPS and DAPS against their official code (issue 25): one step of each against a float64 NumPy
+"""DDRM, DPPS, DAPS and SPGD against their official code (issue 25): one step of each against a float64 NumPy
 transcription of the release's update, on the toy eps-network of tests/official_toys.py with the same noise
 fed to both (the step's key)."""
 
@@ -10,13 +10,22 @@ import pytest
 from official_toys import (ABAR, CHANNEL_MIX, LEVELS, denoise_numpy, normal, official_p_sample, official_x0, one_step,
                            our_step, toy_denoiser, ve)
 from sampler_toys import N_PIXELS, SHAPE, MatrixSVD, matrix_forward
-from spgd_jax.samplers import DAPSConfig, DDRMConfig, DPPSConfig
+from spgd_jax.samplers import DAPSConfig, DDRMConfig, DPPSConfig, SPGDConfig
 from spgd_jax.samplers.daps import get_step_fn as daps_step
 from spgd_jax.samplers.daps import schedule as daps_schedule
 from spgd_jax.samplers.ddrm import get_step_fn as ddrm_step
 from spgd_jax.samplers.ddrm import initial_state as ddrm_initial_state
 from spgd_jax.samplers.dpps import candidate_counts
 from spgd_jax.samplers.dpps import get_step_fn as dpps_step
+from spgd_jax.samplers.spgd import get_step_fn as spgd_step
+from spgd_jax.samplers.spgd import schedule as spgd_schedule
+
+
+def assert_matches(ours, reference):
+    """Ours (float32, any shape) against the float64 reference (flattened): within 1e-5 relative, elementwise or
+    of the reference's largest entry (float32 round-off; measured <= 9e-7 of it)."""
+    np.testing.assert_allclose(np.asarray(ours).ravel(), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
 
 # ---------------------------------------------------------------- DDRM
 
@@ -76,9 +85,9 @@ def test_one_ddrm_step_matches_the_release(k, k_next):
     step = ddrm_step(denoiser, MatrixSVD(), DDRMConfig(eta=eta, eta_b=eta_b, sigma_y=sigma_y))
     got, got_x0, _ = one_step(step, jnp.asarray(ve(x_vp, k), jnp.float32), LEVELS[k], sigma_next, None, key,
                               (jnp.asarray(y, jnp.float32), params))
-    np.testing.assert_allclose(np.asarray(got_x0).ravel(), x0, rtol=1e-5, atol=1e-5 * np.abs(x0).max())
+    assert_matches(got_x0, x0)
     got_vp = np.asarray(got).ravel() * (1.0 if k_next < 0 else np.sqrt(ABAR[k_next]))
-    np.testing.assert_allclose(got_vp, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert_matches(got_vp, expected)
 
 
 def test_ddrm_initial_state_matches_the_release():
@@ -96,12 +105,20 @@ def test_ddrm_initial_state_matches_the_release():
     init_y = np.zeros(N_PIXELS)
     init_y[large] = (u.T @ y)[large[: s.size]] / s[large[: s.size]]
     expected = vt.T @ (init_y + np.sqrt(np.maximum(sigma**2 - inverse**2, 0.0)) * n)
-    got = ddrm_initial_state(MatrixSVD(), jnp.asarray(y, jnp.float32), params, jnp.asarray(n.reshape(SHAPE), jnp.float32),
-                             jnp.float32(sigma), sigma_y, 3e-2)
-    np.testing.assert_allclose(np.asarray(got).ravel(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    noise = jnp.asarray(n.reshape(SHAPE), jnp.float32)
+    got = ddrm_initial_state(MatrixSVD(), jnp.asarray(y, jnp.float32), params, noise, jnp.float32(sigma), sigma_y, 3e-2)
+    assert_matches(got, expected)
 
 
 # ---------------------------------------------------------------- DPPS
+
+
+def measured(rng, sigma_y=0.01):
+    """A random A (12, n) (entries N(0, 1/n)), y = A x + sigma_y n for x ~ N(0, 0.25 I), float64, and the float32
+    (y, A) a step function takes."""
+    A = rng.standard_normal((12, N_PIXELS)) / np.sqrt(N_PIXELS)
+    y = A @ (0.5 * rng.standard_normal(N_PIXELS)) + sigma_y * rng.standard_normal(12)
+    return A, y, (jnp.asarray(y, jnp.float32), jnp.asarray(A, jnp.float32))
 
 
 @pytest.mark.parametrize("k", [600, 30])
@@ -115,8 +132,7 @@ def test_one_dpps_step_matches_the_release(k):
     denoiser, network = toy_denoiser()
     k_next, zeta, candidates, key = k - 1, 0.7, 50, jax.random.key(11)
     rng = np.random.default_rng(k)
-    A = rng.standard_normal((12, N_PIXELS)) / np.sqrt(N_PIXELS)
-    y = A @ (0.5 * rng.standard_normal(N_PIXELS)) + 0.05 * rng.standard_normal(12)
+    A, y, image = measured(rng, sigma_y=0.05)
     x_vp = np.sqrt(ABAR[k]) * 0.4 * rng.standard_normal(N_PIXELS)
     x0, jac = official_x0(network, x_vp, k)
     assert np.abs(x0).max() < 1  # the release's clamp does not act
@@ -137,26 +153,28 @@ def test_one_dpps_step_matches_the_release(k):
     factor = np.sqrt((1 + LEVELS[k] ** 2) * (1 + LEVELS[k_next] ** 2))
     step = dpps_step(denoiser, matrix_forward, DPPSConfig(zeta=zeta, candidates=candidates))
     inputs = (jnp.float32(zeta * factor), jnp.int32(frequency))
-    image = (jnp.asarray(y, jnp.float32), jnp.asarray(A, jnp.float32))
     got, got_x0, got_norm = our_step(step, jnp.asarray(x_vp.reshape(SHAPE) / np.sqrt(ABAR[k]), jnp.float32), k,
                                      k_next, inputs, key, image)
-    np.testing.assert_allclose(np.asarray(got_x0).ravel(), x0, rtol=1e-5, atol=1e-5)
+    assert_matches(got_x0, x0)
     np.testing.assert_allclose(float(got_norm), np.linalg.norm(residual), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(got).ravel() * np.sqrt(ABAR[k_next]), expected, rtol=1e-5,
-                               atol=1e-5 * np.abs(expected).max())
+    assert_matches(np.asarray(got) * np.sqrt(ABAR[k_next]), expected)
 
 
 # ---------------------------------------------------------------- DAPS
+
+
+def poly_grid(points, high, low, rho=7.0):
+    """The releases' 'poly-rho' time steps: (high^(1/rho) + r (low^(1/rho) - high^(1/rho)))^rho at r = linspace(0, 1,
+    points); float64."""
+    r = np.linspace(0, 1, points)
+    return (high ** (1 / rho) + r * (low ** (1 / rho) - high ** (1 / rho))) ** rho
 
 
 def official_daps_schedule(config):
     """sampler.py's annealing levels (EDMScheduler(T): T + 1 poly-rho points, the last dropped, then 0), each step's
     ODE grid (EDMScheduler(K, sigma_max=sigma_i): K + 1 points down to its sigma_min, all kept: odeint's time grid)
     and MCMCSampler.get_lr(step / (T + 1)); float64."""
-    def poly(points, high, low):
-        r = np.linspace(0, 1, points)
-        return (high ** (1 / config.rho) + r * (low ** (1 / config.rho) - high ** (1 / config.rho))) ** config.rho
-
+    poly = lambda points, high, low: poly_grid(points, high, low, config.rho)
     sigmas = np.append(poly(config.steps + 1, config.sigma_max, config.sigma_min)[:-1], 0.0)
     grids = np.stack([poly(config.ode_steps + 1, sigma, config.ode_sigma_min) for sigma in sigmas[:-1]])
     lrs = config.lr * (1 + np.arange(config.steps) / (config.steps + 1) * (config.lr_min_ratio - 1))
@@ -190,8 +208,7 @@ def test_one_daps_annealing_step_matches_the_release(i):
     np.testing.assert_allclose(np.asarray(ours.per_step.lr), lrs, rtol=1e-6)
 
     rng = np.random.default_rng(i)
-    A = rng.standard_normal((12, N_PIXELS)) / np.sqrt(N_PIXELS)
-    y = A @ (0.5 * rng.standard_normal(N_PIXELS)) + 0.01 * rng.standard_normal(12)
+    A, y, image = measured(rng)
     x = 0.5 * rng.standard_normal(N_PIXELS) + sigmas[i] * rng.standard_normal(N_PIXELS)
     key = jax.random.key(13)
     k_langevin, k_forward = jax.random.split(key)
@@ -201,7 +218,44 @@ def test_one_daps_annealing_step_matches_the_release(i):
 
     step = daps_step(denoiser, matrix_forward, config)
     inputs = jax.tree_util.tree_map(lambda a: a[i], ours.per_step)
-    got, got_x0, _ = one_step(step, jnp.asarray(x.reshape(SHAPE), jnp.float32), sigmas[i], sigmas[i + 1], inputs, key,
-                              (jnp.asarray(y, jnp.float32), jnp.asarray(A, jnp.float32)), i=i)
-    np.testing.assert_allclose(np.asarray(got_x0).ravel(), x0_hat, rtol=1e-5, atol=1e-5 * np.abs(x0_hat).max())
-    np.testing.assert_allclose(np.asarray(got).ravel(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    got, got_x0, _ = one_step(step, jnp.asarray(x.reshape(SHAPE), jnp.float32), sigmas[i], sigmas[i + 1], inputs,
+                              key, image, i=i)
+    assert_matches(got_x0, x0_hat)
+    assert_matches(got, expected)
+
+
+# ---------------------------------------------------------------- SPGD
+
+
+def test_one_spgd_step_matches_the_release():
+    """74587887/SPGD sampler.py, RUN.sample step i with SPGD.sample: N steps of torch SGD at lr_i = lr (1 + (i / T)
+    (lr_min_ratio - 1)) on ||A D(x) - y||^2 (operator.error), D the VP preconditioning with the continuous timestep
+    (model/precond.py's VPPrecond); its momentum is computed and discarded (adm 'off'); then x^N + score * factor / 2,
+    score = (D(x^{N-1}) - x^{N-1}) / t_i^2 and factor = 2 t_i (t_i - t_{i+1}) (linear sigma(t) = t, poly-7 grid of T
+    points, then sigma_final 0). Deterministic: no noise."""
+    denoiser, network = toy_denoiser()
+    config, i = SPGDConfig(lr=0.5, steps=10, warmup=3, adm="off"), 4
+    times = np.append(poly_grid(config.steps, config.sigma_max, config.sigma_min), 0.0)
+    lr = config.lr * (1 + i / config.steps * (config.lr_min_ratio - 1))
+    ours = spgd_schedule(config)
+    np.testing.assert_allclose(ours.sigmas, times, rtol=1e-12)
+    np.testing.assert_allclose(float(ours.per_step[i]), lr, rtol=1e-6)
+
+    rng = np.random.default_rng(5)
+    A, y, image = measured(rng)
+    x = 0.5 * rng.standard_normal(N_PIXELS) + times[i] * rng.standard_normal(N_PIXELS)
+    denoise = lambda v: denoise_numpy(network, v, times[i])
+    jac = np.stack([denoise(e) for e in np.eye(N_PIXELS)], axis=1)  # D is linear in x
+    start = x
+    for _ in range(config.warmup):
+        x0_hat, x_eval = denoise(x), x
+        x = x - lr * 2 * jac.T @ A.T @ (A @ x0_hat - y)
+    factor = 2 * times[i] * (times[i] - times[i + 1])
+    expected = x + (x0_hat - x_eval) / times[i] ** 2 * factor * 0.5
+
+    state = jnp.asarray(start.reshape(SHAPE), jnp.float32)
+    got, got_x0, losses = one_step(spgd_step(denoiser, matrix_forward, config), state, times[i], times[i + 1],
+                                   ours.per_step[i], jax.random.key(0), image, i=i)
+    assert_matches(got_x0, x0_hat)
+    assert_matches(got, expected)
+    np.testing.assert_allclose(float(losses[-1]), np.sum((A @ x0_hat - y) ** 2), rtol=1e-5)
