@@ -13,14 +13,10 @@ ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))  # guid
 LEVELS = np.sqrt(1.0 / ABAR - 1.0)
 
 
-
 class ToyEps:
     """A toy eps-network eps(x_vp (B,H,W,C), t (B,)) = a(t) x + b(t) x W (W mixes channels), linear in x with a
     t-dependence strong enough that a timestep off by 0.5 changes eps by ~1e-3 (hashable: a Denoiser's
-    network). Records the timesteps it is EXECUTED with in `seen` when recording is on."""
-
-    def __init__(self):
-        self.seen, self.recording = [], False
+    network)."""
 
     @staticmethod
     def a(t):
@@ -31,8 +27,6 @@ class ToyEps:
         return 0.2 * np.cos(t / 131.0) if isinstance(t, np.ndarray) else 0.2 * jnp.cos(t / 131.0)
 
     def __call__(self, params, x, t, class_labels=None):
-        if self.recording:
-            jax.debug.callback(lambda t_: self.seen.extend(np.asarray(t_).tolist()), t)
         mixed = jnp.einsum("bhwc,cd->bhwd", x, params["w"])
         return self.a(t)[:, None, None, None] * x + self.b(t)[:, None, None, None] * mixed
 
