@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from official_toys import (ABAR, CHANNEL_MIX, LEVELS, denoise_numpy, normal, official_p_sample, official_x0, our_step,
+                           toy_denoiser, ve)
 from sampler_toys import SHAPE, matrix_forward, random_problem
 from spgd_jax import operators
-from spgd_jax.denoisers import Denoiser, ddpm_timestep, sigma_to_timestep
+from spgd_jax.denoisers import ddpm_timestep, sigma_to_timestep
 from spgd_jax.io.images import load_demo
-from spgd_jax.samplers import (DiffPIRConfig, DPSConfig, MCGConfig, PnPADMMConfig, RedDiffConfig, ScoreSDEConfig,
-                               Step, sample)
+from spgd_jax.samplers import DiffPIRConfig, DPSConfig, MCGConfig, PnPADMMConfig, RedDiffConfig, ScoreSDEConfig, sample
 from spgd_jax.samplers.diffpir import get_step_fn as diffpir_step
 from spgd_jax.samplers.dps import get_step_fn as dps_step
 from spgd_jax.samplers.mcg import get_step_fn as mcg_step
@@ -41,10 +42,6 @@ def test_conjugate_gradients_stop_at_convergence_and_stay_finite_at_500_iteratio
 
 # ---------------------------------------------------------------- the trained DDPM timesteps
 
-ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))  # guided-diffusion's linear betas
-LEVELS = np.sqrt(1.0 / ABAR - 1.0)
-
-
 def test_ddpm_timestep_gives_the_trained_integers_and_interpolates_between_them():
     k = np.asarray(ddpm_timestep(jnp.asarray(LEVELS, jnp.float32)))
     np.testing.assert_array_equal(k, np.arange(1000))  # exactly, for every level in float32
@@ -56,83 +53,11 @@ def test_ddpm_timestep_gives_the_trained_integers_and_interpolates_between_them(
     assert continuous[0] > 0.9 and continuous[1] > 1002  # what the continuous map gave (issue 25.2)
 
 
-class ToyEps:
-    """A toy eps-network eps(x_vp (B,H,W,C), t (B,)) = a(t) x + b(t) x W (W mixes channels), linear in x with a
-    t-dependence strong enough that a timestep off by 0.5 changes eps by ~1e-3 (hashable: a Denoiser's
-    network). Records the timesteps it is EXECUTED with in `seen` when recording is on."""
-
-    def __init__(self):
-        self.seen, self.recording = [], False
-
-    @staticmethod
-    def a(t):
-        return 0.6 + 0.3 * np.sin(t / 97.0) if isinstance(t, np.ndarray) else 0.6 + 0.3 * jnp.sin(t / 97.0)
-
-    @staticmethod
-    def b(t):
-        return 0.2 * np.cos(t / 131.0) if isinstance(t, np.ndarray) else 0.2 * jnp.cos(t / 131.0)
-
-    def __call__(self, params, x, t, class_labels=None):
-        if self.recording:
-            jax.debug.callback(lambda t_: self.seen.extend(np.asarray(t_).tolist()), t)
-        mixed = jnp.einsum("bhwc,cd->bhwd", x, params["w"])
-        return self.a(t)[:, None, None, None] * x + self.b(t)[:, None, None, None] * mixed
-
-    def numpy(self, w, x_vp, k):
-        """eps in float64 at the timestep k for one image x_vp (SHAPE or flattened; eps has its shape), and the
-        matrix (n, n) of the linear map x_vp -> eps."""
-        t = np.asarray(k, np.float64)
-        eps = lambda v: (self.a(t) * v.reshape(SHAPE) + self.b(t) * v.reshape(SHAPE) @ w).reshape(v.shape)
-        return eps(x_vp), np.stack([eps(e) for e in np.eye(x_vp.size)], axis=1)
-
-
-CHANNEL_MIX = np.array([[0.3, -0.5], [0.4, 0.2]])
-
-
-def toy_denoiser(network=None):
-    """A Denoiser with the 'vp' preconditioning around ToyEps, and the network."""
-    network = ToyEps() if network is None else network
-    return Denoiser(network, {"w": jnp.asarray(CHANNEL_MIX, jnp.float32)}, "vp"), network
-
-
-def official_x0(network, x_vp, k):
-    """guided-diffusion's pred_xstart (float64) from the eps-network at the integer timestep k, and its Jacobian."""
-    eps, eps_matrix = network.numpy(CHANNEL_MIX, x_vp, k)
-    scale = 1.0 / np.sqrt(ABAR[k])
-    x0 = scale * (x_vp - np.sqrt(1 - ABAR[k]) * eps)
-    return x0, scale * (np.eye(x_vp.size) - np.sqrt(1 - ABAR[k]) * eps_matrix)
-
-
-def official_p_sample(x0, x_vp, k, k_next, z):
-    """guided-diffusion's p_sample on its respaced schedule (betas from abar of the kept timesteps), fixed
-    small variance (beta_tilde), float64."""
-    abar, abar_next = ABAR[k], ABAR[k_next]
-    beta = 1 - abar / abar_next
-    mean = beta * np.sqrt(abar_next) / (1 - abar) * x0 + (1 - abar_next) * np.sqrt(1 - beta) / (1 - abar) * x_vp
-    return mean + np.sqrt(beta * (1 - abar_next) / (1 - abar)) * z
-
-
-def our_step(step_fn, state, k, k_next, inputs, key, image):
-    """One step of a sampler's step function at the DDPM levels of timesteps k -> k_next (float32)."""
-    info = Step(jnp.int32(0), jnp.float32(LEVELS[k]), jnp.float32(LEVELS[k_next]),
-                jnp.float32(1 - LEVELS[k_next] / LEVELS[k]), inputs)
-    return jax.jit(step_fn)(state, info, key, image)
-
-
-def ve(x_vp, k):
-    """Our coordinates of a VP state at timestep k."""
-    return x_vp / np.sqrt(ABAR[k])
-
-
 def problem(k, seed=0):
     """A VP state at timestep k (float64, x_vp ~ N(0, I), so x0 leaves [-1, 1]), a matrix A (12, 32) and y."""
     matrices, _, y, _ = random_problem(1, m=12, seed=seed)
     x_vp = np.random.default_rng(seed + 10).standard_normal(SHAPE)
     return x_vp, np.asarray(matrices[0], np.float64), np.asarray(y[0], np.float64), (y[0], matrices[0])
-
-
-def normal(key, shape=SHAPE):
-    return np.asarray(jax.random.normal(key, shape, jnp.float32), np.float64)
 
 
 def project_numpy(A, x, target):
@@ -247,15 +172,6 @@ def test_pnp_admm_matches_the_reference_iterations():
     result = sample(denoiser, matrix_forward, jnp.asarray(y[None], jnp.float32), jax.random.key(0), config,
                     matrices, x_shape=SHAPE)
     np.testing.assert_allclose(np.asarray(result.x[0]).ravel(), v, rtol=1e-4, atol=2e-4)
-
-
-def denoise_numpy(network, x, sigma):
-    """Our VP preconditioning (continuous timestep: PnP-ADMM is not a DDPM-schedule method) in float64."""
-    log_term = np.log1p(sigma**2)
-    t = 999 * 2 * log_term / (np.sqrt(0.1**2 + 2 * 19.9 * log_term) + 0.1)
-    x_scaled = x.reshape(SHAPE) / np.sqrt(1 + sigma**2)
-    eps, _ = network.numpy(CHANNEL_MIX, x_scaled, t)
-    return x - sigma * eps.ravel()
 
 
 def test_projection_stays_finite_where_y_leaves_the_range_of_a():
