@@ -266,9 +266,10 @@ def test_sweep_plot_x_labels_are_the_rates_and_do_not_overlap(lrs):
     summary = {"psnr": {"mean": 20.0, "std": 1.0}, "residual_rms": {"mean": 0.1, "std": 0.01}}
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    figure = plots.sweep_figure(lrs, [summary] * len(lrs), "title")
+    figure = plots.sweep_figure(lrs, [summary] * len(lrs), "title", "zeta")
     renderer = FigureCanvasAgg(figure).get_renderer()
     for axis in figure.axes:
+        assert axis.get_xlabel() == "zeta"  # the swept field, whichever method
         labels = [t for t in axis.get_xticklabels(which="both") if t.get_visible() and t.get_text()]
         assert [t.get_text() for t in labels] == [f"{lr:g}" for lr in lrs]
         boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)

@@ -85,15 +85,15 @@ def save_gif(path: str | os.PathLike, frames: np.ndarray, duration_ms: int = 80,
                                                        append_images=pictures[1:], duration=durations, loop=0))
 
 
-def plot_sweep(path, lrs: Sequence[float], summaries: Sequence[dict], title: str) -> None:
-    """A PNG with one panel per metric (PSNR, SSIM, LPIPS, residual RMS, those present) against lr (log
-    axis), mean +- std over the images that did not diverge; written atomically."""
-    save_figure(sweep_figure(lrs, summaries, title), path)
+def plot_sweep(path, lrs: Sequence[float], summaries: Sequence[dict], title: str, xlabel: str = "lr") -> None:
+    """A PNG with one panel per metric (PSNR, SSIM, LPIPS, residual RMS, those present) against the swept step
+    size `xlabel` (lr, zeta, ...; log axis), mean +- std over the images that did not diverge; written atomically."""
+    save_figure(sweep_figure(lrs, summaries, title, xlabel), path)
 
 
-def sweep_figure(lrs: Sequence[float], summaries: Sequence[dict], title: str):
-    """The matplotlib Figure of plot_sweep. The x ticks are the swept rates themselves, labelled as given
-    (%g) without the log axis's minor labels, which overlap when the rates span less than a decade."""
+def sweep_figure(lrs: Sequence[float], summaries: Sequence[dict], title: str, xlabel: str = "lr"):
+    """The matplotlib Figure of plot_sweep. The x ticks are the swept values themselves, labelled as given
+    (%g) without the log axis's minor labels, which overlap when the values span less than a decade."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
     from matplotlib.ticker import NullFormatter, NullLocator
 
@@ -110,7 +110,7 @@ def sweep_figure(lrs: Sequence[float], summaries: Sequence[dict], title: str):
         axis.xaxis.set_minor_locator(NullLocator())
         axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xticks(list(lrs), [f"{lr:g}" for lr in lrs], rotation=45 if len(lrs) > 4 else 0, fontsize=8)
-        axis.set_xlabel("learning rate")
+        axis.set_xlabel(xlabel)
         axis.set_title(METRIC_LABELS[name])
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()

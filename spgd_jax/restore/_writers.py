@@ -199,7 +199,7 @@ def write_outputs(root: Path, runs: dict, inputs, operator, config, step_sizes, 
                  f"{config.steps} steps)")
         write_text(root / "sweep.md", sweep_markdown(sampler.step_size, step_sizes, summaries, diverged, len(names),
                                                      title))
-        plots.plot_sweep(root / "sweep.png", step_sizes, summaries, title)
+        plots.plot_sweep(root / "sweep.png", step_sizes, summaries, title, sampler.step_size)
     swept = {} if step_sizes is None else {sampler.step_size: list(step_sizes)}
     write_json(root / "config.json", {
         "task": args.task,
