@@ -27,6 +27,7 @@ from spgd_jax.samplers import (SAMPLERS, forward_for, image_keys, nfe, posterior
                                sample, sampler_of, sweep)
 
 WIDEN_STEPS = 3  # values a tuning sweep may add past its edge when its pick sits there
+WIDEN_MIN_GAIN_DB = 0.01  # ... and beats the value next to it by at least this mean tuning PSNR
 
 
 def load_split_images(data: Path, split: Path, count: int, size: int) -> tuple[np.ndarray, list[str]]:
@@ -240,7 +241,8 @@ class Generation:
                  f"{int(diverged[best].sum())} diverged ({seconds:.1f} s{tune_note})")
 
     def widen(self, name: str, program, unet_params) -> float:
-        """Extends tuning sweep `name` while its best value sits on the grid's edge: one value further at a time,
+        """Extends tuning sweep `name` while its best value sits on the grid's edge, ahead of its neighbour by
+        WIDEN_MIN_GAIN_DB or more (a flat edge is left as it is): one value further at a time,
         by the ratio of the grid's two outermost values on that side, at most WIDEN_STEPS times, each run on the
         tuning images with `program` (a one-value program of the sweep's task, compiled for --batch images or
         the test images). Rewrites the sweep's npz and manifest entry with the added values; returns its pick."""
@@ -249,10 +251,13 @@ class Generation:
             psnr, diverged = f["psnr"], f["diverged"]
         values, t0 = list(record["values"]), time.perf_counter()
         for _ in range(WIDEN_STEPS):
-            best = int(np.argmax(psnr.mean(1)))
+            mean = psnr.mean(1)
+            best = int(np.argmax(mean))
             if len(values) < 2 or 0 < best < len(values) - 1:
                 break
             inner, edge = (values[1], values[0]) if best == 0 else (values[-2], values[-1])
+            if mean[best] - mean[1 if best == 0 else -2] < WIDEN_MIN_GAIN_DB:  # flat there: going on finds nothing
+                break
             value, at = edge * edge / inner, 0 if best == 0 else len(values)
             run_batch = self.batch_runner(program, unet_params, record["task"], rows, jnp.asarray([value], jnp.float32))
             settings = self.settings(record["config"], (value,), record["dtype"], record["samples"], rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -275,15 +276,10 @@ def test_generate_and_score_other_methods_tuned_then_tested(tmp_path):
                          "--jobs", "t1_spgd_inpaint,tune_,t1_ddrm,t1_diffpir", "--compile-workers", "1"]) == 0
     jobs = json.loads((out / "manifest.json").read_text())["jobs"]
     sweep = jobs["tune_diffpir_inpaint"]
-    with np.load(out / "tune_diffpir_inpaint.npz") as f:
-        # two values on one tuning image: the pick sits on an edge, so the sweep goes on past it, value by value
-        # at the edge's ratio, until a value does worse (or WIDEN_STEPS values)
-        added, best = sweep["widened"], int(np.argmax(f["psnr"][:, 0]))
-        assert 1 <= added <= quality_generate.WIDEN_STEPS and f["psnr"].shape == (2 + added, 1)
-        assert f["restored"].shape == (0, 16, 16, 3) and f["values"].tolist() == sweep["values"]
-        np.testing.assert_allclose(np.diff(np.log(sweep["values"])), np.log(4.0), rtol=1e-6)  # 0.5x, 2x, then on
-        assert 0 < best < len(sweep["values"]) - 1 or added == quality_generate.WIDEN_STEPS
-        picked = sweep["values"][best]
+    with np.load(out / "tune_diffpir_inpaint.npz") as f:  # two values on one tuning image, or more if widened
+        assert f["psnr"].shape == (len(sweep["values"]), 1) and f["values"].tolist() == sweep["values"]
+        assert f["restored"].shape == (0, 16, 16, 3)
+        picked = sweep["values"][int(np.argmax(f["psnr"][:, 0]))]
     assert jobs["t1_diffpir_inpaint"]["picked"] == picked and jobs["t1_diffpir_inpaint"]["nfe_per_image"] == 20
     with np.load(out / "t1_ddrm_inpaint.npz") as f:
         assert f["restored"].shape == (2, 16, 16, 3)
@@ -298,6 +294,44 @@ def test_generate_and_score_other_methods_tuned_then_tested(tmp_path):
     assert gains["DDRM (20 NFE)"]["psnr"]["gain"] == pytest.approx(np.mean(np.subtract(ours, theirs)))
     markdown = (tmp_path / "results" / "quality_t.md").read_text()
     assert "| inpaint | DDRM (20 NFE) | - |" in markdown and "## SPGD minus each method" in markdown
+
+
+def _sweep_to_widen(tmp_path, values, psnr_at):
+    """A Generation with one finished tuning sweep over `values` on 2 tuning images, whose restorations score
+    psnr_at(value) dB (no network: widen's runs go through a stand-in batch_runner)."""
+    tmp_path.mkdir(exist_ok=True)
+    run = object.__new__(quality_generate.Generation)
+    run.out, run.n_test, run.n_all, run.names = tmp_path, 1, 3, ["t.png", "a.png", "b.png"]
+    run.args, run.weights, run.x_shape = argparse.Namespace(batch=2, seed=0), tmp_path, (4, 4, 3)
+    run.log = lambda text: None
+    run.batch_runner = lambda program, params, task, rows, step_sizes: lambda index: (
+        np.zeros((1, len(index), 4, 4, 3)), np.full((1, len(index)), psnr_at(float(step_sizes[0]))),
+        np.zeros((1, len(index)), bool))
+    run.manifest = {"jobs": {"tune_x": {"task": "sr4", "config": {"type": "C"}, "dtype": "float32", "samples": 1,
+                                        "values": list(values), "picked": values[0], "seconds": 1.0, "images": 6}}}
+    np.savez(tmp_path / "tune_x.npz", psnr=np.asarray([[psnr_at(v)] * 2 for v in values]),
+             diverged=np.zeros((len(values), 2), bool))
+    return run
+
+
+def test_a_sweep_picking_its_edge_goes_on_past_it_until_a_value_does_worse(tmp_path):
+    peak = lambda v: 30.0 - np.log(v / 0.2) ** 2  # best at 0.2, below the grid 0.5, 1, 2
+    run = _sweep_to_widen(tmp_path, (0.5, 1.0, 2.0), peak)
+    assert run.widen("tune_x", None, None) == 0.25  # 0.25 beats 0.5, 0.125 does worse than 0.25: stop
+    record = run.manifest["jobs"]["tune_x"]
+    assert record["values"] == [0.125, 0.25, 0.5, 1.0, 2.0] and record["widened"] == 2 and record["picked"] == 0.25
+    with np.load(tmp_path / "tune_x.npz") as f:
+        np.testing.assert_allclose(f["psnr"][:, 0], [peak(v) for v in record["values"]])
+        assert f["values"].tolist() == record["values"]
+    assert json.loads((tmp_path / "manifest.json").read_text())["jobs"]["tune_x"]["values"] == record["values"]
+    assert run.widen("tune_x", None, None) == 0.25  # again (a resumed run): nothing more to add
+
+
+def test_a_sweep_stops_widening_at_the_step_limit_and_at_a_flat_edge(tmp_path):
+    run = _sweep_to_widen(tmp_path / "rising", (1.0, 2.0), lambda v: v)  # better and better upwards
+    assert run.widen("tune_x", None, None) == 2.0 * 2**quality_generate.WIDEN_STEPS
+    flat = _sweep_to_widen(tmp_path, (1.0, 2.0, 4.0), lambda v: 20.0)
+    assert flat.widen("tune_x", None, None) == 1.0 and "widened" not in flat.manifest["jobs"]["tune_x"]
 
 
 def test_images_stage_says_what_the_data_folder_must_hold(tmp_path):

@@ -126,11 +126,14 @@ DPS_ZETA = {
 # samples unguided (random inpainting, 500 EDM steps: 6.0 / 6.4 / 15.3 dB at zeta 0.05 / 0.25 / 1; 22.3 /
 # 23.3 / 22.5 dB at 2 / 5 / 12.5, mean of validation faces 1-2); 10x the release value is used for every
 # task (benchmarks/results/dps_zeta_probe.md). benchmarks/quality.py re-picks them on faces 50-81.
+# SR x4 takes 10: at 3 samples stay partly unguided (demo face 16.4 dB, residual 15 sigma_y, below nearest-
+# neighbour upsampling's 16.9; 19.87 +- 4.91 dB over 50 test faces); on tuning faces 50-53, 500 steps:
+# 24.32 / 24.46 / 23.87 dB at zeta 5 / 10 / 20 (demo face 18.5 dB at 10).
 TUNED_ZETA: dict[str, float] = {
     "inpaint": 5.0,
     "gauss_deblur": 3.0,
     "motion_deblur": 3.0,
-    "sr4": 3.0,
+    "sr4": 10.0,
 }
 
 # DPS's paper row is the published sampler (1000 ancestral DDPM steps, the release's zeta); for the default
