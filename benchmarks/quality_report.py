@@ -110,7 +110,7 @@ def score(args) -> int:
         restored = jax.jit(jax.vmap(restorer(operator, x.shape[1])))(y, params)
         rows.append({"job": f"t1_classical_{task}", "table": "1", "row": "classical", "task": task,
                      **_summary(metrics.all_metrics(jnp.clip(restored, -1, 1), reference, vgg=True))})
-    meta = {k: manifest[k] for k in ("weights", "seed", "test", "steps", "warmup")}
+    meta = {**{k: manifest[k] for k in ("weights", "seed", "test", "steps", "warmup")}, "names": names}
     rows += compared_rows(args.compare or [], {r["job"] for r in rows}, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,20 +153,32 @@ def missing_rows(rows: list[dict]) -> list[str]:
 
 def compared_rows(paths: list[str], jobs: set[str], meta: dict) -> list[dict]:
     """The rows of earlier score results (quality_*.json) that this run lacks, for the tables and the paired
-    gains: only from results over the same test images and seed (SystemExit otherwise); each row names its
-    source in 'from'."""
+    gains: only from results with the same seed over the same leading test images of the validation split, or
+    over more of them (a 50-face run's rows join an 8-face run's over its first 8 faces); SystemExit
+    otherwise. Each row names its source in 'from'."""
     out = []
     for path in paths:
         earlier = json.loads(Path(path).read_text())
-        for key in ("test", "seed"):
-            if earlier["meta"][key] != meta[key]:
-                raise SystemExit(f"error: --compare {path} has {key} = {earlier['meta'][key]} but this run has "
-                                 f"{meta[key]}; only results over the same test images and seed compare")
+        theirs, names = earlier["meta"], earlier["meta"].get("names")  # older results do not list their names
+        if (theirs["seed"] != meta["seed"] or theirs["test"] < meta["test"]
+                or (names is not None and names[: meta["test"]] != meta["names"])):
+            raise SystemExit(f"error: --compare {path} has seed {theirs['seed']} over {theirs['test']} test images, "
+                             f"this run seed {meta['seed']} over {meta['test']}; only results with the same seed over "
+                             "the same leading test images (or more of them) compare")
         for row in earlier["rows"]:
             if row["job"] not in jobs:
                 jobs.add(row["job"])
-                out.append({**row, "from": Path(path).name})
+                out.append({**first_images(row, meta["test"]), "from": Path(path).name})
     return out
+
+
+def first_images(row: dict, count: int) -> dict:
+    """A score row over its first `count` test images: the metrics' mean and std over those; the counts over
+    the whole earlier run (diverged, PSNR (float)) are dropped where the row had more images."""
+    if len(row["per_image"]["psnr"]) == count:
+        return row
+    kept = {k: v for k, v in row.items() if k not in ("diverged", "psnr_float", "per_image", *row["per_image"])}
+    return {**kept, **_summary({k: v[:count] for k, v in row["per_image"].items()})}
 
 
 def _tuning(run: Path, manifest: dict) -> list[dict]:
@@ -242,8 +254,8 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
         for r in sorted(chosen, key=lambda r: (TABLE1_TASKS.index(r["task"]), r["row"])):
             step = _step_size(r)
             per_image = f"{r['seconds'] / r['images']:.2f}" if r.get("images") else "-"
-            extra = (f"{r['psnr_float']:.3f} | {r['diverged']} | {r['nfe_per_image']} | {per_image}" if "picked" in r
-                     else "- | - | - | -")
+            extra = (f"{r['psnr_float']:.3f} | {r['diverged']}" if "psnr_float" in r else "- | -") + (
+                f" | {r['nfe_per_image']} | {per_image}" if "picked" in r else " | - | -")
             lpips, vgg = (_cell(r, m, ".3f") if m in r else "-" for m in ("lpips", "lpips_vgg"))  # none below 32 px
             row = r["row"] + (f" (from {r['from']})" if "from" in r else "")
             lines.append(f"| {r['task']} | {row} | {step} | {_cell(r, 'psnr', '.2f')} | {_cell(r, 'ssim', '.3f')} | "

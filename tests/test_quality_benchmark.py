@@ -345,14 +345,23 @@ def test_images_stage_says_what_the_data_folder_must_hold(tmp_path):
         quality_generate.load_split_images(tmp_path / "faces", split, 2, 16)
 
 
-def test_compared_rows_join_only_results_over_the_same_images(tmp_path):
-    earlier = {"meta": {"test": 2, "seed": 0}, "rows": [{"job": "t1_spgd_sr4", "row": "SPGD"}, {"job": "t1_x", "row": "X"}]}
+def test_compared_rows_join_only_results_over_the_same_leading_images(tmp_path):
+    per_image = {"psnr": [20.0, 22.0, 30.0], "ssim": [0.5, 0.7, 0.9]}
+    spgd = {"job": "t1_spgd_sr4", "row": "SPGD", "psnr": {"mean": 24.0, "std": 4.3}, "psnr_float": 24.0,
+            "diverged": 1, "per_image": per_image}
+    earlier = {"meta": {"test": 3, "seed": 0, "names": ["a", "b", "c"]}, "rows": [spgd, {**spgd, "job": "t1_x"}]}
     path = tmp_path / "quality_old.json"
     path.write_text(json.dumps(earlier))
-    rows = quality_report.compared_rows([str(path)], {"t1_x"}, {"test": 2, "seed": 0})
-    assert rows == [{"job": "t1_spgd_sr4", "row": "SPGD", "from": "quality_old.json"}]  # this run's own t1_x wins
-    with pytest.raises(SystemExit, match="seed = 0 but this run has 1"):
-        quality_report.compared_rows([str(path)], set(), {"test": 2, "seed": 1})
+    same = quality_report.compared_rows([str(path)], {"t1_x"}, {"test": 3, "seed": 0, "names": ["a", "b", "c"]})
+    assert same == [{**spgd, "from": "quality_old.json"}]  # this run's own t1_x wins
+    # an 8-face run joins a 50-face run's rows over its first 8 faces: the means and pairs of those alone
+    (first,) = quality_report.compared_rows([str(path)], {"t1_x"}, {"test": 2, "seed": 0, "names": ["a", "b"]})
+    assert first["psnr"] == {"mean": 21.0, "std": 1.0} and first["per_image"]["ssim"] == [0.5, 0.7]
+    assert "diverged" not in first and "psnr_float" not in first  # counted over all 3: not this run's
+    for meta in ({"test": 2, "seed": 1, "names": ["a", "b"]}, {"test": 2, "seed": 0, "names": ["b", "c"]},
+                 {"test": 4, "seed": 0, "names": ["a", "b", "c", "d"]}):
+        with pytest.raises(SystemExit, match="only results with the same seed over the same leading test images"):
+            quality_report.compared_rows([str(path)], set(), meta)
 
 
 def test_missing_rows_name_each_method_and_why():
