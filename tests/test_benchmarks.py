@@ -7,6 +7,7 @@ formulas and schedule); with ADM off the JAX sampler must reproduce it to float3
 from __future__ import annotations
 
 import gzip
+import sys
 import json
 
 import jax
@@ -267,3 +268,25 @@ def test_compile_times_measures_each_stage_of_both_programs():
                                    {"config": "tiny16", "device": "cpu", "jax": jax.__version__, "machine": "x",
                                     "steps": 2, "warmup": 1, "batch": 1})
     assert "| nfe | float32 |" in table
+
+
+def test_startup_times_each_phase_of_a_run_from_its_output_lines(tmp_path):
+    from benchmarks import startup
+
+    fake = tmp_path / "fake_restore.py"  # prints as the restore command does, with a known pause before sampling
+    fake.write_text(
+        "import sys, time\n"
+        "if '--help' in sys.argv: sys.exit(0)\n"
+        "if 'sr5' in sys.argv: sys.exit(2)\n"
+        "print('spgd sr4 1/1: compiling the sampler...', flush=True)\n"
+        "time.sleep(0.6)\n"
+        "print('spgd sr4 1/1: compiled in 0.5 s, sampling', flush=True)\n"
+        "time.sleep(0.3)\n"
+        "print('wrote 1 restored image(s)', flush=True)\n")
+    result = startup.measure([sys.executable, str(fake), "--task", "sr4"])
+    for run in (result["cold"], result["warm"]):
+        assert run["compile_s"] == 0.5 and 0.6 <= run["startup_s"] < run["wall_s"]
+        assert run["sampling_s"] >= 0.3 and abs(run["startup_s"] + run["sampling_s"] - run["wall_s"]) < 0.02
+    text = startup.markdown({**result, "tag": "t", "host": "h", "load_before": [0, 0, 0], "load_after": [0, 0, 0]})
+    assert "| compile, cold (as reported) | 0.5 | < 10.0 | yes |" in text
+    assert f"| --help | {result['help_s']} | < 0.5 | {'yes' if result['help_s'] < 0.5 else 'no'} |" in text
