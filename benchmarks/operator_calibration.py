@@ -107,6 +107,69 @@ def fit_std(images: jax.Array, size: int, target: float, lo: float = 0.2, hi: fl
     return (lo + hi) / 2
 
 
+def reference_targets(ffhq256: jax.Array, keys: jax.Array) -> tuple[dict[str, float], list[str]]:
+    """The 256 px difficulties of the reference settings, {task: mean PSNR dB}, and their markdown table.
+    ffhq256: (N, 256, 256, 3) in [-1, 1]; keys (4,): the run's keys (motion, inpaint, box, motion scan)."""
+    target = {
+        "gauss": gauss_psnr(ffhq256, 61, 3.0),
+        "motion": motion_psnr(ffhq256, 61, keys[0], MOTION_DRAWS_256),
+        "sr4": sr_psnr(ffhq256, 4),
+        "inpaint": random_inpaint_psnr(ffhq256, keys[1]),
+        "box": box_psnr(ffhq256, keys[2], 128, 32),
+        "hdr": mean_psnr(hdr(ffhq256, 2.0), ffhq256),
+    }
+    print("256 px targets:", {k: round(v, 2) for k, v in target.items()})
+    lines = ["## 256 px: the reference settings (targets)", "",
+             "| task | setting | ffhq 256 |", "|---|---|---|",
+             f"| Gaussian blur | 61x61, std 3.0 | {target['gauss']:.2f} |",
+             f"| motion blur | 61x61, intensity 0.5 | {target['motion']:.2f} |",
+             f"| SR x4 (down, bicubic up) | factor 4 | {target['sr4']:.2f} |",
+             f"| random inpainting | keep 20% | {target['inpaint']:.2f} |",
+             f"| box inpainting | 128x128, margin 32 | {target['box']:.2f} |",
+             f"| HDR | clip(2x) | {target['hdr']:.2f} |", ""]
+    return target, lines
+
+
+def calibrate(size: int, faces: jax.Array, ffhq: jax.Array, target: dict[str, float],
+              keys: jax.Array) -> tuple[dict, list[str]]:
+    """The settings chosen at `size` px (Gaussian kernel and std, motion kernel, box and margin) to match
+    the 256 px targets on the faces, and the section that shows them; faces, ffhq: (N, size, size, 3) in [-1, 1]."""
+    gauss_size = odd(61 * size / 256)
+    std = round(fit_std(faces, gauss_size, target["gauss"]), 2)
+    plain_std = 3.0 * size / 256
+    motion_rows = []
+    for m in range(5, odd(61 * size / 256 * 1.6) + 1, 2):
+        motion_rows.append((m, motion_psnr(faces, m, keys[3]), motion_psnr(ffhq, m, keys[3], 3)))
+    motion_size = min(motion_rows, key=lambda r: abs(r[1] - target["motion"]))[0]
+    if motion_size == motion_rows[-1][0]:
+        print(f"notice: at {size} px the largest scanned motion kernel was chosen; widen the scan")
+    box, margin = size // 2, size // 8
+    chosen = dict(gauss_size=gauss_size, std=std, motion_size=motion_size, box=box, margin=margin)
+    print(f"{size} px: {chosen}")
+    lines = [f"## {size} px", "",
+             "| task | setting | faces | ffhq | target (256) |", "|---|---|---|---|---|",
+             f"| Gaussian blur, chosen | {gauss_size}x{gauss_size}, std {std} | "
+             f"{gauss_psnr(faces, gauss_size, std):.2f} | {gauss_psnr(ffhq, gauss_size, std):.2f} | "
+             f"{target['gauss']:.2f} |",
+             f"| Gaussian blur, plain scaling | {gauss_size}x{gauss_size}, std {plain_std:g} | "
+             f"{gauss_psnr(faces, gauss_size, plain_std):.2f} | {gauss_psnr(ffhq, gauss_size, plain_std):.2f} | "
+             f"{target['gauss']:.2f} |"]
+    for m, p_faces, p_ffhq in motion_rows:
+        mark = ", chosen" if m == motion_size else ""
+        lines.append(f"| motion blur{mark} | {m}x{m}, intensity 0.5 | {p_faces:.2f} | {p_ffhq:.2f} | "
+                     f"{target['motion']:.2f} |")
+    lines += [f"| SR x4 | factor 4 | {sr_psnr(faces, 4):.2f} | {sr_psnr(ffhq, 4):.2f} | {target['sr4']:.2f} |",
+              f"| SR x2 (for comparison) | factor 2 | {sr_psnr(faces, 2):.2f} | {sr_psnr(ffhq, 2):.2f} | "
+              f"{target['sr4']:.2f} |",
+              f"| random inpainting | keep 20% | {random_inpaint_psnr(faces, keys[1]):.2f} | "
+              f"{random_inpaint_psnr(ffhq, keys[1]):.2f} | {target['inpaint']:.2f} |",
+              f"| box inpainting | {box}x{box}, margin {margin} | {box_psnr(faces, keys[2], box, margin):.2f} | "
+              f"{box_psnr(ffhq, keys[2], box, margin):.2f} | {target['box']:.2f} |",
+              f"| HDR | clip(2x) | {mean_psnr(hdr(faces, 2.0), faces):.2f} | {mean_psnr(hdr(ffhq, 2.0), ffhq):.2f} | "
+              f"{target['hdr']:.2f} |", ""]
+    return chosen, lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
@@ -136,64 +199,14 @@ def main(argv: list[str] | None = None) -> int:
              f"`faces` = {len(face_names)} held-out CelebA/UTKFace images (validation split, "
              "centre-crop, bicubic resize). Motion blur: intensity 0.5, one random kernel per image "
              f"({MOTION_DRAWS_256} per image at 256 px).", ""]
-
-    ffhq256 = load(ffhq_dir, ffhq_names, 256)
     keys = jax.random.split(key, 4)
-    target = {
-        "gauss": gauss_psnr(ffhq256, 61, 3.0),
-        "motion": motion_psnr(ffhq256, 61, keys[0], MOTION_DRAWS_256),
-        "sr4": sr_psnr(ffhq256, 4),
-        "inpaint": random_inpaint_psnr(ffhq256, keys[1]),
-        "box": box_psnr(ffhq256, keys[2], 128, 32),
-        "hdr": mean_psnr(hdr(ffhq256, 2.0), ffhq256),
-    }
-    print("256 px targets:", {k: round(v, 2) for k, v in target.items()})
-    lines += ["## 256 px: the reference settings (targets)", "",
-              "| task | setting | ffhq 256 |", "|---|---|---|",
-              f"| Gaussian blur | 61x61, std 3.0 | {target['gauss']:.2f} |",
-              f"| motion blur | 61x61, intensity 0.5 | {target['motion']:.2f} |",
-              f"| SR x4 (down, bicubic up) | factor 4 | {target['sr4']:.2f} |",
-              f"| random inpainting | keep 20% | {target['inpaint']:.2f} |",
-              f"| box inpainting | 128x128, margin 32 | {target['box']:.2f} |",
-              f"| HDR | clip(2x) | {target['hdr']:.2f} |", ""]
-
+    target, section = reference_targets(load(ffhq_dir, ffhq_names, 256), keys)
+    lines += section
     chosen = {}
     for size in args.sizes:
-        faces = load(faces_dir, face_names, size)
-        ffhq = load(ffhq_dir, ffhq_names, size)
-        gauss_size = odd(61 * size / 256)
-        std = round(fit_std(faces, gauss_size, target["gauss"]), 2)
-        plain_std = 3.0 * size / 256
-        motion_rows = []
-        for m in range(5, odd(61 * size / 256 * 1.6) + 1, 2):
-            motion_rows.append((m, motion_psnr(faces, m, keys[3]), motion_psnr(ffhq, m, keys[3], 3)))
-        motion_size = min(motion_rows, key=lambda r: abs(r[1] - target["motion"]))[0]
-        if motion_size == motion_rows[-1][0]:
-            print(f"notice: at {size} px the largest scanned motion kernel was chosen; widen the scan")
-        box, margin = size // 2, size // 8
-        chosen[size] = dict(gauss_size=gauss_size, std=std, motion_size=motion_size, box=box, margin=margin)
-        print(f"{size} px: {chosen[size]}")
-        lines += [f"## {size} px", "",
-                  "| task | setting | faces | ffhq | target (256) |", "|---|---|---|---|---|",
-                  f"| Gaussian blur, chosen | {gauss_size}x{gauss_size}, std {std} | "
-                  f"{gauss_psnr(faces, gauss_size, std):.2f} | {gauss_psnr(ffhq, gauss_size, std):.2f} | "
-                  f"{target['gauss']:.2f} |",
-                  f"| Gaussian blur, plain scaling | {gauss_size}x{gauss_size}, std {plain_std:g} | "
-                  f"{gauss_psnr(faces, gauss_size, plain_std):.2f} | {gauss_psnr(ffhq, gauss_size, plain_std):.2f} | "
-                  f"{target['gauss']:.2f} |"]
-        for m, p_faces, p_ffhq in motion_rows:
-            mark = ", chosen" if m == motion_size else ""
-            lines.append(f"| motion blur{mark} | {m}x{m}, intensity 0.5 | {p_faces:.2f} | {p_ffhq:.2f} | "
-                         f"{target['motion']:.2f} |")
-        lines += [f"| SR x4 | factor 4 | {sr_psnr(faces, 4):.2f} | {sr_psnr(ffhq, 4):.2f} | {target['sr4']:.2f} |",
-                  f"| SR x2 (for comparison) | factor 2 | {sr_psnr(faces, 2):.2f} | {sr_psnr(ffhq, 2):.2f} | "
-                  f"{target['sr4']:.2f} |",
-                  f"| random inpainting | keep 20% | {random_inpaint_psnr(faces, keys[1]):.2f} | "
-                  f"{random_inpaint_psnr(ffhq, keys[1]):.2f} | {target['inpaint']:.2f} |",
-                  f"| box inpainting | {box}x{box}, margin {margin} | {box_psnr(faces, keys[2], box, margin):.2f} | "
-                  f"{box_psnr(ffhq, keys[2], box, margin):.2f} | {target['box']:.2f} |",
-                  f"| HDR | clip(2x) | {mean_psnr(hdr(faces, 2.0), faces):.2f} | {mean_psnr(hdr(ffhq, 2.0), ffhq):.2f} | "
-                  f"{target['hdr']:.2f} |", ""]
+        chosen[size], section = calibrate(size, load(faces_dir, face_names, size), load(ffhq_dir, ffhq_names, size),
+                                          target, keys)
+        lines += section
 
     lines += ["## Chosen defaults (baked into `spgd_jax/operators/_registry.py`)", "",
               "| size | Gaussian blur | motion blur | box |", "|---|---|---|---|",

@@ -112,6 +112,27 @@ def scaling_targets(preset: Preset, sampler: list[dict], torch_rows: list[dict],
     return targets
 
 
+def speed_targets(preset: Preset, sampler: list[dict], torch_rows: list[dict], reference: dict) -> list[dict]:
+    """Issue 15's targets ({what, value, goal, met}): JAX images/s over the PyTorch reference's at each goal
+    batch, scaling_targets', and the best bfloat16 s/image. sampler: the JAX sampler's ok rows (derived);
+    torch_rows: PyTorch's ok rows; reference: {batch: the PyTorch reference's row}."""
+    targets = []
+    for batch, goal in preset.speedup_goals:
+        for dtype in preset.dtypes:
+            r = next((r for r in sampler if r["dtype"] == dtype and r["batch"] == batch), None)
+            if r and "speedup_vs_torch_reference" in r:
+                targets.append({"what": f"JAX {dtype} / PyTorch reference images/s at batch {batch}",
+                                "value": r["speedup_vs_torch_reference"], "goal": f">= {goal:g}x",
+                                "met": r["speedup_vs_torch_reference"] >= goal})
+    targets += scaling_targets(preset, sampler, torch_rows, reference)
+    bf16 = [r for r in sampler if r["dtype"] == "bfloat16"]
+    if bf16:
+        best = min(bf16, key=lambda r: r["s_per_image"])
+        targets.append({"what": f"JAX bfloat16 s/image at the best batch ({best['batch']})",
+                        "value": best["s_per_image"], "goal": "<= 1.0 s", "met": best["s_per_image"] <= 1.0})
+    return targets
+
+
 def report(preset_name: str, preset: Preset, work: Path, out: Path, label: str | None) -> Path:
     torch_result = load_phase(work / "torch.json", "torch")
     jax_result = load_phase(work / "jax.json", "jax")
@@ -132,20 +153,7 @@ def report(preset_name: str, preset: Preset, work: Path, out: Path, label: str |
             if r["batch"] in base:
                 r[name] = r["images_per_s"] / base[r["batch"]]["images_per_s"]
 
-    targets = []
-    for batch, goal in preset.speedup_goals:
-        for dtype in preset.dtypes:
-            r = next((r for r in sampler if r["dtype"] == dtype and r["batch"] == batch), None)
-            if r and "speedup_vs_torch_reference" in r:
-                targets.append({"what": f"JAX {dtype} / PyTorch reference images/s at batch {batch}",
-                                "value": r["speedup_vs_torch_reference"], "goal": f">= {goal:g}x",
-                                "met": r["speedup_vs_torch_reference"] >= goal})
-    targets += scaling_targets(preset, sampler, torch_rows, reference)
-    bf16 = [r for r in sampler if r["dtype"] == "bfloat16"]
-    if bf16:
-        best = min(bf16, key=lambda r: r["s_per_image"])
-        targets.append({"what": f"JAX bfloat16 s/image at the best batch ({best['batch']})",
-                        "value": best["s_per_image"], "goal": "<= 1.0 s", "met": best["s_per_image"] <= 1.0})
+    targets = speed_targets(preset, sampler, torch_rows, reference)
 
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"speed_{label}"
@@ -191,6 +199,23 @@ def _fmt(value, spec: str) -> str:
 
 
 def markdown(s: dict) -> str:
+    """The report as markdown: the set-up, the cross-check, the timings, the targets, the roofline, the
+    profile, what was skipped and the notes; s is the summary report() writes as JSON."""
+    lines = setup_markdown(s) + xcheck_markdown(s["xcheck"]) + timings_markdown(s["rows"])
+    lines += targets_markdown(s)
+    lines += roofline_markdown(s["roofline"], s["work"])
+    if s.get("profile"):
+        lines += profile_markdown(s["profile"])
+    if s["skipped"]:
+        lines += ["", "Skipped: " + "; ".join(s["skipped"]) + "."]
+    if s["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in s["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def setup_markdown(s: dict) -> list[str]:
+    """The title and what was measured where: the work per image, the devices and versions, the PyTorch
+    variants, the host and its load, the method, and on a CPU its measured matmul peak."""
     ti, ji = s["torch_info"], s["jax_info"]
     w = s["work"]
     lines = [
@@ -220,14 +245,19 @@ def markdown(s: dict) -> str:
         lines.append("- This CPU's measured peak (benchmarks/peak_matmul.py, a 2048^2 matmul), GFLOP/s: "
                      + ", ".join(f"{k} {v:.0f}" for k, v in ji["cpu_matmul_gflops"].items() if k != "peak" and v)
                      + "; `% of peak` is against the faster framework's figure for the row's dtype.")
-    lines += [
+    return lines
+
+
+def xcheck_markdown(xcheck: dict) -> list[str]:
+    """The cross-check's table, a row per precision ({precision: the merged JAX and PyTorch record})."""
+    lines = [
         "",
         "## Cross-check (ADM off, float32)",
         "",
         "| precision | UNet | T x N | batch | max abs diff | max abs x | relative | tolerance | result |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for precision, x in s["xcheck"].items():
+    for precision, x in xcheck.items():
         if "max_abs_diff" not in x:
             lines.append(f"| {precision} | - | - | - | - | - | - | - | not run |")
             continue
@@ -235,10 +265,16 @@ def markdown(s: dict) -> str:
             f"| {precision} | {x['unet']['image_size']}px, {x['unet']['num_channels']} ch | {x['steps']} x {x['warmup']} | "
             f"{x['batch']} | {x['max_abs_diff']:.3g} | {x['max_abs_torch']:.3g} | {x['rel_diff']:.2e} | "
             f"{x['tolerance_rel']:g} x max abs x | {({True: 'pass', False: 'FAIL'}).get(x['pass'], 'informational')} |")
-    lines += [
+    return lines + [
         "",
         "`highest`: JAX under jax.default_matmul_precision('highest'), PyTorch with TF32 off; `default`: both "
         "frameworks' default flags (TF32 convolutions on NVIDIA GPUs; informational).",
+    ]
+
+
+def timings_markdown(rows: list[dict]) -> list[str]:
+    """The timings' table, a row per derived row (PyTorch first), '-' for the figures a row lacks."""
+    lines = [
         "",
         "## Timings",
         "",
@@ -250,7 +286,7 @@ def markdown(s: dict) -> str:
         "| x torch ref | x torch tuned | x torch fastest | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(s["rows"], key=lambda r: (r["framework"] != "torch", r["variant"], r["dtype"], r["batch"])):
+    for r in sorted(rows, key=lambda r: (r["framework"] != "torch", r["variant"], r["dtype"], r["batch"])):
         lines.append(
             f"| {r['framework']} | {r['variant']} | {r['dtype']} | {r['batch']} | {_fmt(r.get('s_per_image'), '.3f')} | "
             f"{_fmt(r.get('images_per_s'), '.3f')} | {_fmt(r.get('nfe_per_s'), '.1f')} | "
@@ -259,28 +295,31 @@ def markdown(s: dict) -> str:
             f"{_fmt(r.get('speedup_vs_torch_reference'), '.2f')} | {_fmt(r.get('speedup_vs_torch_tuned'), '.2f')} | "
             f"{_fmt(r.get('speedup_vs_torch_fastest'), '.2f')} | "
             f"{r.get('status')} |")
-    if s["targets"]:
-        goals = s.get("goals_device", "gpu")
-        where = "same device" if ji["backend"] == goals else f"{goals.upper()} goals, informational on this device"
-        lines += ["", f"## Targets ({where})", "", "| what | value | goal | met |", "|---|---|---|---|"]
-        for t in s["targets"]:
-            lines.append(f"| {t['what']} | {t['value']:.2f} | {t['goal']} | {'yes' if t['met'] else 'no'} |")
-    lines += roofline_markdown(s["roofline"], s["work"])
-    if s.get("profile"):
-        p = s["profile"]
-        lines += ["", f"## Profile: JAX sampler, {p['dtype']}, batch {p['batch']}, {p['outer_steps']} outer steps", ""]
-        if "summary" in p:
-            lines += [f"One more run of the timed program under `jax.profiler` ({p['run_s']:.2f} s with the profiler on; "
-                      f"trace `{p['trace']}`), summarised by `benchmarks/trace_summary.py` from the "
-                      f"{p['summary']['source']}'s op executions.", ""]
-            lines += trace_summary.markdown_lines(p["summary"])
-        else:
-            lines.append(f"No profile: {p.get('error')}.")
-    if s["skipped"]:
-        lines += ["", "Skipped: " + "; ".join(s["skipped"]) + "."]
-    if s["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {note}" for note in s["notes"]]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def targets_markdown(s: dict) -> list[str]:
+    """The targets' table (none when there are no targets), headed by whether the goals are this device's."""
+    if not s["targets"]:
+        return []
+    goals = s.get("goals_device", "gpu")
+    same = s["jax_info"]["backend"] == goals
+    where = "same device" if same else f"{goals.upper()} goals, informational on this device"
+    lines = ["", f"## Targets ({where})", "", "| what | value | goal | met |", "|---|---|---|---|"]
+    for t in s["targets"]:
+        lines.append(f"| {t['what']} | {t['value']:.2f} | {t['goal']} | {'yes' if t['met'] else 'no'} |")
+    return lines
+
+
+def profile_markdown(p: dict) -> list[str]:
+    """The profiled row's summary by kind of op (trace_summary), or why there is none."""
+    lines = ["", f"## Profile: JAX sampler, {p['dtype']}, batch {p['batch']}, {p['outer_steps']} outer steps", ""]
+    if "summary" not in p:
+        return lines + [f"No profile: {p.get('error')}."]
+    lines += [f"One more run of the timed program under `jax.profiler` ({p['run_s']:.2f} s with the profiler on; "
+              f"trace `{p['trace']}`), summarised by `benchmarks/trace_summary.py` from the "
+              f"{p['summary']['source']}'s op executions.", ""]
+    return lines + trace_summary.markdown_lines(p["summary"])
 
 
 def _flop(count: float) -> str:

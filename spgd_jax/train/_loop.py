@@ -124,102 +124,130 @@ def _updates(state: TrainState, run: Path, mngr, meta: dict, tcfg: TrainConfig, 
     The host stays at most one call ahead of the device: after queueing call i it waits for call i-1, so
     the next call's batch indices are computed while the device works, and the time limit and images/s
     measure the device's progress.  Losses are read back only when a metrics record is written."""
-    lr_fn = learning_rate(tcfg)
     stop = {"signal": None}
 
     def on_signal(signum, frame):
         stop["signal"] = signum
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    metrics_log = report.MetricsLog(run)
-    num_train = int(dataset.shape[0])
-    step = int(state.step)
-    last_save_time = segment_start = time.monotonic()
-    base_seconds = meta["train_seconds"]
-    clock = _TrainingClock()          # training time of this session, compilation and events excluded
-    interval: list[dict] = []         # metrics of the calls since the last record (device arrays (k,))
-    previous = None                   # the call before the latest one, until it has been waited for
-    compiled = False
-
-    def wall_s() -> float:
-        return base_seconds + time.monotonic() - segment_start
-
-    def save():
-        meta["train_seconds"] = wall_s()
-        checkpoints.save(mngr, step, state, meta)
-        log(f"checkpoint saved at step {step} ({run / 'checkpoints'})")
-
+    loop = _UpdateLoop(state, run, mngr, meta, tcfg, fns, dataset, val, progress, log)
     deadline = None if tcfg.time_limit_minutes is None else time.monotonic() + 60 * tcfg.time_limit_minutes
     try:
-        while step < tcfg.num_steps and stop["signal"] is None:
-            k = min(tcfg.steps_per_call, tcfg.num_steps - step)
-            indices = jax.device_put(data.batch_indices_block(tcfg.seed, step, k, num_train, tcfg.batch_size),
-                                     fns.indices)
-            call_start = time.monotonic()
-            state, metrics = fns.steps(state, dataset, indices)
-            before, step = step, step + k
-            interval.append(metrics)
-            if not compiled:  # the first call includes compilation: reported once, kept out of images/s
-                log(f"step {step}: loss {float(metrics['loss'][-1]):.4f} (first call of this session: {k} "
-                    f"update(s) with compilation, {time.monotonic() - call_start:.1f} s)")
-                compiled = True
-                clock.start()
-            else:
-                clock.add_images(k * tcfg.batch_size)
-                if previous is not None:
-                    jax.block_until_ready(previous)
-                previous = metrics
-            last = step >= tcfg.num_steps or (deadline is not None and time.monotonic() > deadline)
-
-            def crossed(every: int) -> bool:
-                return step // every > before // every
-
-            record = crossed(tcfg.log_every) or last
-            if interval and (record or progress.tty):
-                losses = np.concatenate([np.asarray(m["loss"]) for m in interval])  # waits for the device
-                clock.stop()
-                ips = clock.interval_rate()  # nan for the first call alone (compilation)
-                if clock.session_images:
-                    meta["images_per_s"] = round(clock.session_rate(), 2)
-                loss = float(np.mean(losses))
-                progress.update(step, loss, ips, float(lr_fn(step - 1)))
-                if record:
-                    meta["train_loss"], meta["train_loss_updates"] = loss, len(losses)
-                    rate = {} if np.isnan(ips) else {"images_per_s": round(ips, 2)}
-                    metrics_log.record(step, wall_s(), loss=loss, **rate,
-                                       grad_norm=float(np.asarray(interval[-1]["grad_norm"])[-1]))
-                interval, previous = [], None
-                clock.start(new_interval=True)
-            if crossed(tcfg.val_every) or last:
-                clock.stop(state.step)
-                meta["val_loss"] = validation_loss(fns.loss_batch, state.ema_params, val, tcfg.batch_size,
-                                                   lambda x: jax.device_put(x, fns.sharded))
-                metrics_log.record(step, wall_s(), val_loss=meta["val_loss"])
-                log(f"step {step}: validation loss (EMA weights, {len(val.images)} images) "
-                    f"{meta['val_loss']:.5f}")
-                clock.start()
-            if crossed(tcfg.sample_every) or last:
-                clock.stop(state.step)
-                report.write_sample_grid(run, step, np.asarray(fns.sample(state.ema_params, jax.random.PRNGKey(1))))
-                clock.start()
-            if time.monotonic() - last_save_time > 60 * tcfg.checkpoint_minutes:
-                clock.stop(state.step)
-                save()
-                last_save_time = time.monotonic()
-                clock.start()
-            if last and step < tcfg.num_steps:
-                log(f"time limit of {tcfg.time_limit_minutes:g} min reached at step {step}; run the same "
-                    f"command to continue")
+        while loop.step < tcfg.num_steps and stop["signal"] is None:
+            if not loop.update(deadline):
                 break
-        if mngr.latest_step() != step:
-            save()
+        if mngr.latest_step() != loop.step:
+            loop.save()
         if stop["signal"] is not None:
-            log(f"stopped by signal {stop['signal']} at step {step}; run the same command to resume")
+            log(f"stopped by signal {stop['signal']} at step {loop.step}; run the same command to resume")
     finally:
-        metrics_log.close()
+        loop.metrics_log.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    return state
+    return loop.state
+
+
+class _UpdateLoop:
+    """An update loop's state: the train state and its step, the metrics of the calls since the last record
+    (device arrays (k,)), the call still in flight, the training clock; update() makes one call and does
+    what falls due after it (metrics record, validation, sample grid, checkpoint)."""
+
+    def __init__(self, state: TrainState, run: Path, mngr, meta: dict, tcfg: TrainConfig, fns: _Functions,
+                 dataset: jax.Array, val: Validation, progress: report.Progress, log: Callable[[str], None]):
+        self.state, self.run, self.mngr, self.meta, self.tcfg, self.fns = state, run, mngr, meta, tcfg, fns
+        self.dataset, self.val, self.progress, self.log = dataset, val, progress, log
+        self.lr_fn = learning_rate(tcfg)
+        self.metrics_log = report.MetricsLog(run)
+        self.step = int(state.step)
+        self.last_save_time = self.segment_start = time.monotonic()
+        self.base_seconds = meta["train_seconds"]
+        self.clock = _TrainingClock()  # training time of this session, compilation and events excluded
+        self.interval: list[dict] = []  # metrics of the calls since the last record (device arrays (k,))
+        self.previous = None  # the call before the latest one, until it has been waited for
+        self.compiled = False
+
+    def wall_s(self) -> float:
+        """Seconds of the run so far, earlier sessions included."""
+        return self.base_seconds + time.monotonic() - self.segment_start
+
+    def save(self) -> None:
+        self.meta["train_seconds"] = self.wall_s()
+        checkpoints.save(self.mngr, self.step, self.state, self.meta)
+        self.log(f"checkpoint saved at step {self.step} ({self.run / 'checkpoints'})")
+
+    def update(self, deadline: float | None) -> bool:
+        """One call of tcfg.steps_per_call updates (fewer at the end), then what falls due; False when the
+        time limit (deadline, time.monotonic() seconds) ended the run before tcfg.num_steps."""
+        tcfg = self.tcfg
+        k = min(tcfg.steps_per_call, tcfg.num_steps - self.step)
+        indices = jax.device_put(data.batch_indices_block(tcfg.seed, self.step, k, int(self.dataset.shape[0]),
+                                                          tcfg.batch_size), self.fns.indices)
+        call_start = time.monotonic()
+        self.state, metrics = self.fns.steps(self.state, self.dataset, indices)
+        before, self.step = self.step, self.step + k
+        self.interval.append(metrics)
+        if not self.compiled:  # the first call includes compilation: reported once, kept out of images/s
+            self.log(f"step {self.step}: loss {float(metrics['loss'][-1]):.4f} (first call of this session: {k} "
+                     f"update(s) with compilation, {time.monotonic() - call_start:.1f} s)")
+            self.compiled = True
+            self.clock.start()
+        else:
+            self.clock.add_images(k * tcfg.batch_size)
+            if self.previous is not None:
+                jax.block_until_ready(self.previous)
+            self.previous = metrics
+        last = self.step >= tcfg.num_steps or (deadline is not None and time.monotonic() > deadline)
+        crossed = lambda every: self.step // every > before // every
+        record = crossed(tcfg.log_every) or last
+        if self.interval and (record or self.progress.tty):
+            self.record_metrics(record)
+        self.due_events(crossed, last)
+        if last and self.step < tcfg.num_steps:
+            self.log(f"time limit of {tcfg.time_limit_minutes:g} min reached at step {self.step}; run the same "
+                     f"command to continue")
+            return False
+        return True
+
+    def record_metrics(self, record: bool) -> None:
+        """Reads the losses of the calls since the last record (waits for the device) into the progress line
+        and, when `record`, into the metrics log and meta; starts a new interval."""
+        losses = np.concatenate([np.asarray(m["loss"]) for m in self.interval])  # waits for the device
+        self.clock.stop()
+        ips = self.clock.interval_rate()  # nan for the first call alone (compilation)
+        if self.clock.session_images:
+            self.meta["images_per_s"] = round(self.clock.session_rate(), 2)
+        loss = float(np.mean(losses))
+        self.progress.update(self.step, loss, ips, float(self.lr_fn(self.step - 1)))
+        if record:
+            self.meta["train_loss"], self.meta["train_loss_updates"] = loss, len(losses)
+            rate = {} if np.isnan(ips) else {"images_per_s": round(ips, 2)}
+            self.metrics_log.record(self.step, self.wall_s(), loss=loss, **rate,
+                                    grad_norm=float(np.asarray(self.interval[-1]["grad_norm"])[-1]))
+        self.interval, self.previous = [], None
+        self.clock.start(new_interval=True)
+
+    def due_events(self, crossed: Callable[[int], bool], last: bool) -> None:
+        """The validation loss, sample grid and checkpoint that fall due (crossed(every): this call crossed a
+        multiple of `every` steps; last: the run's last call), with the training clock stopped."""
+        tcfg, fns = self.tcfg, self.fns
+        if crossed(tcfg.val_every) or last:
+            self.clock.stop(self.state.step)
+            self.meta["val_loss"] = validation_loss(fns.loss_batch, self.state.ema_params, self.val, tcfg.batch_size,
+                                                    lambda x: jax.device_put(x, fns.sharded))
+            self.metrics_log.record(self.step, self.wall_s(), val_loss=self.meta["val_loss"])
+            self.log(f"step {self.step}: validation loss (EMA weights, {len(self.val.images)} images) "
+                     f"{self.meta['val_loss']:.5f}")
+            self.clock.start()
+        if crossed(tcfg.sample_every) or last:
+            self.clock.stop(self.state.step)
+            report.write_sample_grid(self.run, self.step, np.asarray(fns.sample(self.state.ema_params,
+                                                                                jax.random.PRNGKey(1))))
+            self.clock.start()
+        if time.monotonic() - self.last_save_time > 60 * tcfg.checkpoint_minutes:
+            self.clock.stop(self.state.step)
+            self.save()
+            self.last_save_time = time.monotonic()
+            self.clock.start()
 
 
 class _TrainingClock:
