@@ -332,14 +332,20 @@ def restore_rows(folder: Path, settings: dict, names: list[str], run_batch, batc
     """A job's images in batches of `batch`, resumable: as each batch ends, each of its images' row (PSNR
     and divergence at every value; the uint8 restorations of the first `keep` images) is written to folder
     (spgd_jax.restore.manifest, as the restore command's dataset runs), and a re-run of the same settings
-    restores only the images without a row. run_batch(index (batch,)) -> (x (L, batch, H, W, C), psnr (L,
-    batch), diverged (L, batch)); a short last batch is padded with its last image (one compiled shape).
+    restores only the images without a row; rows of other settings (a pick that a widened sweep moved) are
+    renamed FOLDER.superseded-K, not overwritten, and the job restores afresh. run_batch(index (batch,)) -> (x
+    (L, batch, H, W, C), psnr (L, batch), diverged (L, batch)); a short last batch is padded with its last image
+    (one compiled shape).
     Returns psnr (L, N), diverged (L, N) and the restorations (L, keep, H, W, C) uint8 (None when keep is 0)."""
     manifest = Manifest(folder)
     try:
         continuing = manifest.check(settings, overwrite=False)
-    except Exception as error:  # other settings: the message names them
-        raise SystemExit(f"error: {error}") from None
+    except Exception as error:  # other settings (a pick moved by a widened sweep): keep those rows aside
+        aside = next(folder.with_name(f"{folder.name}.superseded-{k}") for k in range(1, 1000)
+                     if not folder.with_name(f"{folder.name}.superseded-{k}").exists())
+        folder.rename(aside)
+        log(f"{folder.name}: {error}; its rows are kept in {aside.name}, restoring afresh")
+        manifest, continuing = Manifest(folder), False
     manifest.start(settings, continuing, len(names))
     done = manifest.finished()
     for start in range(0, len(names), batch):

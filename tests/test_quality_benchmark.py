@@ -334,6 +334,22 @@ def test_a_sweep_stops_widening_at_the_step_limit_and_at_a_flat_edge(tmp_path):
     assert flat.widen("tune_x", None, None) == 1.0 and "widened" not in flat.manifest["jobs"]["tune_x"]
 
 
+def test_rows_of_other_settings_are_kept_aside_and_the_job_restores_afresh(tmp_path):
+    calls = []
+
+    def run_batch(index):
+        calls.append(index.tolist())
+        return np.zeros((1, len(index), 4, 4, 3)), np.full((1, len(index)), float(len(calls))), np.zeros((1, len(index)), bool)
+
+    restore = lambda value: quality_generate.restore_rows(tmp_path / "t1_x", {"values": [value]}, ["a", "b", "c"],
+                                                          run_batch, 2, 0, lambda text: None)
+    first, _, _ = restore(0.5)
+    assert calls == [[0, 1], [2, 2]] and first.tolist() == [[1.0, 1.0, 2.0]]
+    assert restore(0.5)[0].tolist() == first.tolist() and len(calls) == 2  # resumed: nothing left to restore
+    moved, _, _ = restore(0.25)  # the pick moved: afresh, the old rows renamed
+    assert moved.tolist() == [[3.0, 3.0, 4.0]] and (tmp_path / "t1_x.superseded-1" / "manifest.json").is_file()
+
+
 def test_images_stage_says_what_the_data_folder_must_hold(tmp_path):
     split = tmp_path / "split.txt"
     split.write_text("celeba/000001.jpg\nutkface/1_0_0_x.jpg\n")
