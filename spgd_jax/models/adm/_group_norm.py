@@ -8,6 +8,13 @@ nn.GroupNorm(use_fast_variance=False)'s). The gradient is written out,
 two reductions over the activations where jax.grad of the two-pass form takes more; on a 2-core Xeon the
 64 px UNet's likelihood gradient took 4-10% less time with it (benchmarks/results/speed_cpu-2core-cpu64.md).
 The parameters' gradients (for training) are sum(g * xhat) and sum(g) over every axis but the channels.
+
+XLA:CPU splits each of these sums into a chain of reduce-windows over a stored operand (about 7 ops per
+forward normalisation). Formulations with fewer ops measured no faster on a 2-core AMD EPYC (the likelihood
+gradient at batch 4, issue 23): one variadic sum of (x - x_0, (x - x_0)^2) in two stages (901 -> 366 fusions
+per NFE, 5-25% slower: XLA emits variadic sums as scalar loops); sums as a row of ones times the activations
+(7-20% slower); trees of 16-position sums (2% slower; behind optimisation barriers, 901 -> 510 fusions, 8%
+slower); silu and the scale-shift folded into this gradient (2% slower).
 """
 
 from __future__ import annotations

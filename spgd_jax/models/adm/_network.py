@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spgd_jax.models.adm._attention import attention
 from spgd_jax.models.adm._config import NUM_CLASSES, UNetConfig
 from spgd_jax.models.adm._conv import conv_general_dilated
 from spgd_jax.models.adm._group_norm import GroupNorm32
@@ -119,9 +120,7 @@ class AttentionBlock(nn.Module):
             # QKVAttentionLegacy: channels ordered (head, q|k|v, ch).
             q, k, v = jnp.moveaxis(qkv.reshape(b, hh * ww, heads, 3, ch), 3, 0)
         scale = 1 / math.sqrt(math.sqrt(ch))
-        logits = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
-        weight = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
-        a = jnp.einsum("bhts,bshc->bthc", weight, v).reshape(b, hh * ww, c)
+        a = attention(q * scale, k * scale, v).reshape(b, hh * ww, c)
         h = nn.Dense(c, dtype=dtype, kernel_init=_zeros, name="proj_out")(a)
         return (flat + h).reshape(b, hh, ww, c)
 
