@@ -34,13 +34,15 @@ def timed_lines(command: list[str], env: dict) -> tuple[float, int, list[tuple[f
 
 def quick_start(command: list[str], out: Path, env: dict) -> dict:
     """One quick-start run: wall, start-up (everything before the first sampling step: imports, loading, tracing,
-    compiling or reading the cache) and the compile time the command reports, in seconds."""
+    compiling or reading the cache; from the progress lines' own sampling times) and the compile time the
+    command reports, in seconds."""
     wall, status, lines = timed_lines(command + ["--out", str(out), "--overwrite"], env)
     if status != 0:
         raise SystemExit(f"error: the quick start exited {status}:\n" + "\n".join(line for _, line in lines[-20:]))
-    started = next(t for t, line in lines if ", sampling" in line)
     reported = next(line for _, line in lines if ", sampling" in line)
     compile_s = float(reported.split("compiled in ")[1].split(" s")[0])
+    # "k/T steps, X s": sampling began X s before that line (the first such line may come with the compile line)
+    started = min(t - float(line.rsplit(", ", 1)[1].split(" s")[0]) for t, line in lines if " steps, " in line)
     return {"wall_s": round(wall, 2), "startup_s": round(started, 2), "compile_s": compile_s,
             "sampling_s": round(wall - started, 2)}
 
