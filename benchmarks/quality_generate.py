@@ -216,10 +216,8 @@ class Generation:
         config = {"type": type(job.config).__name__, **dataclasses.asdict(job.config)}
         settings = self.settings(config, values, job.dtype, job.samples, rows)
         count = rows.stop - rows.start
-        t0 = time.perf_counter()
-        scores, diverged, restored = restore_rows(self.out / "rows" / job.name, settings, self.names[rows], run_batch,
-                                                  self.args.batch or count, tested, self.log)
-        seconds = time.perf_counter() - t0
+        scores, diverged, restored, seconds = restore_rows(self.out / "rows" / job.name, settings, self.names[rows],
+                                                           run_batch, self.args.batch or count, tested, self.log)
         tuning = scores if job.tune_only else scores[:, self.n_test:]
         best = int(np.argmax(np.mean(tuning, axis=1))) if len(values) > 1 else 0
         restored = restored[best] if tested else np.zeros((0, *self.x_shape), np.uint8)
@@ -238,7 +236,7 @@ class Generation:
         tested_note = f"test PSNR {np.mean(scores[best, :tested]):.2f} dB" if tested else "tuning images only"
         shown = "-" if values[best] is None else f"{values[best]:g}"
         self.log(f"{job.name}: value {shown}, {tested_note}, "
-                 f"{int(diverged[best].sum())} diverged ({seconds:.1f} s{tune_note})")
+                 f"{int(diverged[best].sum())} diverged ({'-' if seconds is None else f'{seconds:.1f}'} s{tune_note})")
 
     def widen(self, name: str, program, unet_params) -> float:
         """Extends tuning sweep `name` while its best value sits on the grid's edge, ahead of its neighbour by
@@ -249,7 +247,7 @@ class Generation:
         record, rows = self.manifest["jobs"][name], slice(self.n_test, self.n_all)
         with np.load(self.out / f"{name}.npz") as f:
             psnr, diverged = f["psnr"], f["diverged"]
-        values, t0 = list(record["values"]), time.perf_counter()
+        values, spent = list(record["values"]), 0.0
         for _ in range(WIDEN_STEPS):
             mean = psnr.mean(1)
             best = int(np.argmax(mean))
@@ -261,8 +259,10 @@ class Generation:
             value, at = edge * edge / inner, 0 if best == 0 else len(values)
             run_batch = self.batch_runner(program, unet_params, record["task"], rows, jnp.asarray([value], jnp.float32))
             settings = self.settings(record["config"], (value,), record["dtype"], record["samples"], rows)
-            scores, off, _ = restore_rows(self.out / "rows" / f"{name}_at_{value:g}", settings, self.names[rows],
-                                          run_batch, self.args.batch or self.n_test, 0, self.log)
+            scores, off, _, seconds = restore_rows(self.out / "rows" / f"{name}_at_{value:g}", settings,
+                                                   self.names[rows], run_batch, self.args.batch or self.n_test, 0,
+                                                   self.log)
+            spent = None if None in (spent, seconds) else spent + seconds
             values.insert(at, value)
             psnr, diverged = np.insert(psnr, at, scores[0], axis=0), np.insert(diverged, at, off[0], axis=0)
         best = int(np.argmax(psnr.mean(1)))
@@ -272,7 +272,7 @@ class Generation:
                                 restored_float_psnr=psnr[best, :0], psnr=psnr, diverged=diverged,
                                 values=np.asarray(values, np.float64))
             record.update(values=values, picked=values[best], widened=added,
-                          seconds=record["seconds"] + time.perf_counter() - t0,
+                          seconds=None if None in (record["seconds"], spent) else record["seconds"] + spent,
                           images=record["images"] + added * (rows.stop - rows.start))
             (self.out / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
             self.log(f"{name}: widened by {added} value(s) past its edge, picks {values[best]:g} "
@@ -317,7 +317,8 @@ def generate(args) -> int:
             values = (picked[job.tuned_by],)
         run.run_job(job, program, unet_params, values)
         seconds = run.manifest["jobs"][job.name]["seconds"]
-        rate = seconds / work if rate is None else min(rate, seconds / work)
+        if seconds:  # None: resumed from rows kept before they were timed
+            rate = seconds / work if rate is None else min(rate, seconds / work)
         if job.values:
             picked[job.name] = run.manifest["jobs"][job.name]["picked"]
     pool.shutdown(wait=False, cancel_futures=True)
@@ -336,7 +337,8 @@ def restore_rows(folder: Path, settings: dict, names: list[str], run_batch, batc
     renamed FOLDER.superseded-K, not overwritten, and the job restores afresh. run_batch(index (batch,)) -> (x
     (L, batch, H, W, C), psnr (L, batch), diverged (L, batch)); a short last batch is padded with its last image
     (one compiled shape).
-    Returns psnr (L, N), diverged (L, N) and the restorations (L, keep, H, W, C) uint8 (None when keep is 0)."""
+    Returns psnr (L, N), diverged (L, N), the restorations (L, keep, H, W, C) uint8 (None when keep is 0) and
+    the seconds the rows took to restore, resumed runs included (None if a row has no time)."""
     manifest = Manifest(folder)
     try:
         continuing = manifest.check(settings, overwrite=False)
@@ -353,12 +355,16 @@ def restore_rows(folder: Path, settings: dict, names: list[str], run_batch, batc
         if all(names[i] in done for i in range(start, stop)):
             continue
         index = np.minimum(np.arange(start, start + batch), stop - 1)
+        t0 = time.perf_counter()
         restored, psnr, diverged = run_batch(index)
+        seconds = (time.perf_counter() - t0) / (stop - start)  # the batch's wall time, per image restored
         for b, i in ((b, i) for b, i in enumerate(range(start, stop)) if names[i] not in done):
             picture = {"restored": images.to_uint8(restored[:, b])} if i < keep else {}
             arrays = {"psnr": psnr[:, b], "diverged": diverged[:, b], **picture}
-            manifest.write_row(names[i], {"name": names[i]}, arrays)
+            manifest.write_row(names[i], {"name": names[i], "seconds": seconds}, arrays)
         log(f"{folder.name}: {stop}/{len(names)} images")
-    rows = [arrays for _, _, arrays in manifest.rows(names)]
+    records = list(manifest.rows(names))
+    rows, times = [arrays for _, _, arrays in records], [row.get("seconds") for _, row, _ in records]
     stack = lambda key, part: np.stack([r[key] for r in part], axis=1)
-    return stack("psnr", rows), stack("diverged", rows), stack("restored", rows[:keep]) if keep else None
+    seconds = None if None in times else float(sum(times))  # rows kept before they were timed: unknown
+    return stack("psnr", rows), stack("diverged", rows), stack("restored", rows[:keep]) if keep else None, seconds

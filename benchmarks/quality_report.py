@@ -253,7 +253,7 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
                   "|---|---|---:|---|---|---|---|---:|---:|---:|---:|"]
         for r in sorted(chosen, key=lambda r: (TABLE1_TASKS.index(r["task"]), r["row"])):
             step = _step_size(r)
-            per_image = f"{r['seconds'] / r['images']:.2f}" if r.get("images") else "-"
+            per_image = f"{r['seconds'] / r['images']:.2f}" if r.get("images") and r.get("seconds") else "-"
             extra = (f"{r['psnr_float']:.3f} | {r['diverged']}" if "psnr_float" in r else "- | -") + (
                 f" | {r['nfe_per_image']} | {per_image}" if "picked" in r else " | - | -")
             lpips, vgg = (_cell(r, m, ".3f") if m in r else "-" for m in ("lpips", "lpips_vgg"))  # none below 32 px

@@ -343,10 +343,11 @@ def test_rows_of_other_settings_are_kept_aside_and_the_job_restores_afresh(tmp_p
 
     restore = lambda value: quality_generate.restore_rows(tmp_path / "t1_x", {"values": [value]}, ["a", "b", "c"],
                                                           run_batch, 2, 0, lambda text: None)
-    first, _, _ = restore(0.5)
-    assert calls == [[0, 1], [2, 2]] and first.tolist() == [[1.0, 1.0, 2.0]]
-    assert restore(0.5)[0].tolist() == first.tolist() and len(calls) == 2  # resumed: nothing left to restore
-    moved, _, _ = restore(0.25)  # the pick moved: afresh, the old rows renamed
+    first, _, _, seconds = restore(0.5)
+    assert calls == [[0, 1], [2, 2]] and first.tolist() == [[1.0, 1.0, 2.0]] and seconds >= 0
+    again = restore(0.5)  # resumed: nothing left to restore; the time is the rows' own
+    assert again[0].tolist() == first.tolist() and len(calls) == 2 and again[3] == seconds
+    moved, _, _, _ = restore(0.25)  # the pick moved: afresh, the old rows renamed
     assert moved.tolist() == [[3.0, 3.0, 4.0]] and (tmp_path / "t1_x.superseded-1" / "manifest.json").is_file()
 
 
