@@ -329,12 +329,22 @@ def generate(args) -> int:
     return 0
 
 
+def _only_values_differ(folder: Path, settings: dict) -> bool:
+    """Whether the rows in folder were restored with these settings but other step-size values."""
+    try:
+        earlier = json.loads((folder / "manifest.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError):
+        return False
+    other = lambda d: {k: v for k, v in json.loads(json.dumps(d)).items() if k != "values"}
+    return other(earlier) == other(settings)
+
+
 def restore_rows(folder: Path, settings: dict, names: list[str], run_batch, batch: int, keep: int, log):
     """A job's images in batches of `batch`, resumable: as each batch ends, each of its images' row (PSNR
     and divergence at every value; the uint8 restorations of the first `keep` images) is written to folder
     (spgd_jax.restore.manifest, as the restore command's dataset runs), and a re-run of the same settings
-    restores only the images without a row; rows of other settings (a pick that a widened sweep moved) are
-    renamed FOLDER.superseded-K, not overwritten, and the job restores afresh. run_batch(index (batch,)) -> (x
+    restores only the images without a row; rows of other step-size values (a pick that a widened sweep moved)
+    are renamed FOLDER.superseded-K, not overwritten, and the job restores afresh; other settings: SystemExit. run_batch(index (batch,)) -> (x
     (L, batch, H, W, C), psnr (L, batch), diverged (L, batch)); a short last batch is padded with its last image
     (one compiled shape).
     Returns psnr (L, N), diverged (L, N), the restorations (L, keep, H, W, C) uint8 (None when keep is 0) and
@@ -342,7 +352,9 @@ def restore_rows(folder: Path, settings: dict, names: list[str], run_batch, batc
     manifest = Manifest(folder)
     try:
         continuing = manifest.check(settings, overwrite=False)
-    except Exception as error:  # other settings (a pick moved by a widened sweep): keep those rows aside
+    except Exception as error:  # other settings: refused, unless only the pick moved (a widened sweep)
+        if not _only_values_differ(folder, settings):
+            raise SystemExit(f"error: {error}") from None
         aside = next(folder.with_name(f"{folder.name}.superseded-{k}") for k in range(1, 1000)
                      if not folder.with_name(f"{folder.name}.superseded-{k}").exists())
         folder.rename(aside)

@@ -349,6 +349,10 @@ def test_rows_of_other_settings_are_kept_aside_and_the_job_restores_afresh(tmp_p
     assert again[0].tolist() == first.tolist() and len(calls) == 2 and again[3] == seconds
     moved, _, _, _ = restore(0.25)  # the pick moved: afresh, the old rows renamed
     assert moved.tolist() == [[3.0, 3.0, 4.0]] and (tmp_path / "t1_x.superseded-1" / "manifest.json").is_file()
+    with pytest.raises(SystemExit, match="seed"):  # anything else that differs is refused, the rows kept
+        quality_generate.restore_rows(tmp_path / "t1_x", {"values": [0.25], "seed": 1}, ["a"], run_batch, 2, 0,
+                                      lambda text: None)
+    assert not (tmp_path / "t1_x.superseded-2").exists()
 
 
 def test_images_stage_says_what_the_data_folder_must_hold(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +26,8 @@ import numpy as np
 from spgd_jax.io.files import write_json, write_npz
 from spgd_jax.restore._args import UsageError
 from spgd_jax.restore._folder import owned_entries
+
+_PROCESS_STARTED = time.time()  # before this process writes a row: older partial rows are a killed run's
 
 __all__ = ["Manifest", "settings_differences"]
 
@@ -82,7 +85,8 @@ class Manifest:
 
     def start(self, settings: dict, continuing: bool, total: int) -> None:
         """Creates out (or, unless continuing, clears the earlier run's outputs) and writes the manifest.
-        Continuing, the skipped records go: their files are tried again (and recorded again if still bad)."""
+        Continuing, the skipped records go: their files are tried again (and recorded again if still bad); so do
+        the partial rows a killed process left (temporary files older than this process)."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             if not continuing:
@@ -93,7 +97,11 @@ class Manifest:
         except OSError as error:
             raise UsageError(f"cannot write to output folder {self.out} ({error.strerror}); choose a writable --out") \
                 from None
-        if not continuing:
+        if continuing:  # rows a killed process was writing (every process of this run imports this first)
+            for partial in (self.out / FINISHED).glob(".*.tmp"):
+                if partial.stat().st_mtime < _PROCESS_STARTED:
+                    partial.unlink(missing_ok=True)
+        else:
             write_json(self.out / MANIFEST, {"settings": settings, "images": total, "complete": False})
 
     def _remove_earlier(self) -> None:
