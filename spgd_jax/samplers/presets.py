@@ -43,6 +43,10 @@ UNSUPPORTED_BY_DEFAULT_PRIOR: dict[str, str] = {
 #   HDR task) 7.1 dB, residual 20.5 sigma_y, against 19.9 dB for y / 2.
 # - Score-SDE (1000 steps, projections onto y) on random inpainting: speckle over the missing pixels (the demo
 #   face 11.84 dB against the grey-filled measurement's 11.85, Laplacian 1.42x the face's; 13.13 dB at 50 steps).
+# - DPPS (the release's 1000 steps, zeta 1.0) on box inpainting: the box is filled with a face part that does not
+#   match (the demo face 11.56 and 12.85 dB with sampler keys 3 and 4, residual 0.51-0.55 sigma_y, against the
+#   grey-filled measurement's 16.09; its other four tasks pass: 17.83 / 18.59 / 22.78 / 20.51 dB on SR x4 /
+#   inpainting / Gaussian / motion deblurring against 16.88 / 11.85 / 20.51 / 15.06).
 _DPS_UNRELIABLE = ("DPS at its preset is unreliable on {} with the 64 px default prior: a sample can leave the "
                    "measurement unfitted (the demo face: below the degraded image itself), though held-out faces "
                    "do well on average; use --sampler spgd, or compare several --seed values")
@@ -53,6 +57,9 @@ UNSUPPORTED_PAIRS_BY_DEFAULT_PRIOR: dict[tuple[str, str], str] = {
     ("score_sde", "inpaint"): "Score-SDE does not restore random inpainting with the 64 px default prior (its "
                               "projections leave speckle over the missing 80 %: the demo face at the level of the "
                               "grey-filled measurement); use --sampler spgd, red_diff or dps",
+    ("dpps", "inpaint_box"): "DPPS does not restore box inpainting with the 64 px default prior (it fills the box "
+                             "with a face part that does not match: the demo face below the grey-filled "
+                             "measurement); use --sampler spgd",
     **{("dps", task): _DPS_UNRELIABLE.format(task) for task in ("inpaint_box", "gauss_deblur", "motion_deblur", "sr4", "hdr")},
 }
 
