@@ -17,7 +17,7 @@ from benchmarks.quality_bars import bars_markdown, gains_markdown, paired_gains,
 from benchmarks.quality_generate import degrade, read_images
 from benchmarks.quality_jobs import METHOD_NAMES, TABLE1_TASKS, TABLE2_TASKS, TABLE3_TASKS, table1_methods
 from spgd_jax import metrics, operators
-from spgd_jax.classical import restorer
+from spgd_jax.classical import naive_inverse, restorer
 from spgd_jax.samplers import SAMPLERS, forward_for, presets
 
 MERGE_KEYS = ("unet_config", "seed", "test", "steps", "warmup")  # what makes two runs' rows comparable
@@ -120,10 +120,11 @@ def score(args) -> int:
     meta["lpips"] = metrics.LPIPS_NAME
     meta["lpips_vgg"] = metrics.LPIPS_VGG_NAME
     stem = out / f"quality_{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "tuning": _tuning(run, manifest),
+    tuning = _tuning(run, manifest, _naive_on_tuning(Path(args.images), manifest))
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "tuning": tuning,
                                                     "bars": quality_bars(rows), "gains": paired_gains(rows)},
                                                     indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(rows, meta, _tuning(run, manifest)) + bars_markdown(rows)
+    stem.with_suffix(".md").write_text(markdown(rows, meta, tuning) + bars_markdown(rows)
                                        + gains_markdown(rows))
     print(stem.with_suffix(".md").read_text())
     return 0
@@ -181,8 +182,28 @@ def first_images(row: dict, count: int) -> dict:
     return {**kept, **_summary({k: v[:count] for k, v in row["per_image"].items()})}
 
 
-def _tuning(run: Path, manifest: dict) -> list[dict]:
-    """Per swept job: mean PSNR on the tuning images and the test images at every value."""
+def _naive_on_tuning(images: Path, manifest: dict) -> dict:
+    """{(task, tuning-image count): mean PSNR of the measurements' naive inverse on the tuning images} for every
+    swept job's task, the floor its preset must beat (issue 25.5)."""
+    n_test = manifest["test"]
+    wanted = {(j["task"], j["tune"]) for j in manifest["jobs"].values() if j["tune"] and j["tuned_by"] is None}
+    if not wanted:
+        return {}
+    x, names = read_images(images, n_test + max(tune for _, tune in wanted))
+    if names != manifest["names"][: len(names)]:
+        raise SystemExit("error: --images holds other images than the run used")
+    out = {}
+    for task, tune in sorted(wanted):
+        _, _, y = degrade(task, x, manifest["seed"])
+        rows = slice(n_test, n_test + tune)
+        naive = naive_inverse(task, y[rows], x.shape[1])
+        out[task, tune] = round(float(np.mean(metrics.psnr(naive, jnp.asarray(x[rows])))), 3)
+    return out
+
+
+def _tuning(run: Path, manifest: dict, naive: dict) -> list[dict]:
+    """Per swept job: mean PSNR on the tuning images and the test images at every value; on the tuning images
+    also the preset's (the config's own value, when the sweep has it) and the naive inverse's."""
     n_test, out = manifest["test"], []
     for name, job in manifest["jobs"].items():
         if job["tuned_by"] is None and _has_step_size(job["config"]):
@@ -193,8 +214,18 @@ def _tuning(run: Path, manifest: dict) -> list[dict]:
                         "picked": job["picked"],
                         "tune_psnr": np.mean(scores[:, tested:], 1).round(3).tolist() if job["tune"] else None,
                         "test_psnr": np.mean(scores[:, :tested], 1).round(3).tolist() if tested else None,
-                        "diverged": diverged.sum(1).tolist()})
+                        "diverged": diverged.sum(1).tolist(),
+                        "preset_tune_psnr": _preset_psnr(job, np.mean(scores[:, tested:], 1)) if job["tune"] else None,
+                        "naive_tune_psnr": naive.get((job["task"], job["tune"]))})
     return out
+
+
+def _preset_psnr(job: dict, tune_psnr: np.ndarray) -> float | None:
+    """The mean tuning PSNR at the job's config's own step size (the preset the sweep is built around), or None."""
+    field = next(s.step_size for s in SAMPLERS.values() if s.config_type.__name__ == job["config"]["type"])
+    preset = job["config"].get(field)
+    matches = [k for k, v in enumerate(job["values"]) if np.isclose(v, preset, rtol=1e-6)]
+    return round(float(tune_psnr[matches[0]]), 3) if matches else None
 
 
 def _has_step_size(config: dict) -> bool:
@@ -262,10 +293,17 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
                          f"{lpips} | {vgg} | {extra} |")
         lines.append("")
     lines += missing_rows(rows)
-    lines += ["## Step-size sweeps (mean PSNR, dB)", "", "| job | values | tuning images | test images | picked |",
-              "|---|---|---|---|---:|"]
+    lines += ["## Step-size sweeps (mean PSNR, dB)", "",
+              "Preset: the PSNR on the tuning images at the preset's own step size; naive: the measurements' naive "
+              "inverse (spgd_jax.classical.naive_inverse) on the same images, the floor a preset must beat.", "",
+              "| job | values | tuning images | test images | picked | preset | naive |", "|---|---|---|---|---:|---:|---:|"]
+    cell = lambda v: "-" if v is None else f"{v:.2f}"
     for t in tuning:
         tune = ", ".join(f"{v:.2f}" for v in t["tune_psnr"]) if t["tune_psnr"] else "-"
         test = ", ".join(f"{v:.2f}" for v in t["test_psnr"]) if t["test_psnr"] else "-"
-        lines.append(f"| {t['job']} | {', '.join(f'{v:g}' for v in t['values'])} | {tune} | {test} | {t['picked']:g} |")
+        lines.append(f"| {t['job']} | {', '.join(f'{v:g}' for v in t['values'])} | {tune} | {test} | {t['picked']:g} | "
+                     f"{cell(t.get('preset_tune_psnr'))} | {cell(t.get('naive_tune_psnr'))} |")
+    below = [t["job"] for t in tuning if None not in (t.get("preset_tune_psnr"), t.get("naive_tune_psnr"))
+             and t["preset_tune_psnr"] <= t["naive_tune_psnr"]]
+    lines += ["", f"Presets not above the naive inverse on the tuning images: {', '.join(below) or 'none'}."]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,9 @@
   FFT, a constant noise-to-signal ratio);
 - super-resolution: bicubic upsampling of the low-resolution image.
 
+`naive_inverse` is the floor below them: the measurement itself as an image, which every preset must beat
+(tests/test_presets_restore.py, and the quality benchmark's sweep table on the tuning faces).
+
 Each takes one measurement y and that image's operator parameters and returns one image
 (H, W, C) in [-1, 1]; `restorer(operator, image_size)` picks the one for a registered task.
 """
@@ -19,13 +22,15 @@ import jax.numpy as jnp
 
 from spgd_jax.operators import Operator, gaussian_kernel
 
-__all__ = ["harmonic_inpaint", "wiener_deconvolve", "bicubic_upsample", "restorer", "CLASSICAL_TASKS"]
+__all__ = ["harmonic_inpaint", "wiener_deconvolve", "bicubic_upsample", "restorer", "naive_inverse", "CLASSICAL_TASKS",
+           "NAIVE_TASKS"]
 
 CLASSICAL_TASKS = ("inpaint", "gauss_deblur", "motion_deblur", "sr4")
 # Wiener noise-to-signal ratios that maximise PSNR at 64 px with the registry's defaults and
 # sigma_y = 0.01, chosen from {1, 2, 5, 10, 20, 50} x 1e-3 on validation images 50-81 (the
 # quality benchmark reports images 0-49).
 WIENER_NSR = {"gauss_deblur": 5e-3, "motion_deblur": 2e-2}
+NAIVE_TASKS = ("sr4", "inpaint", "inpaint_box", "gauss_deblur", "motion_deblur", "hdr")
 
 
 def harmonic_inpaint(y: jax.Array, mask: jax.Array, iterations: int = 300) -> jax.Array:
@@ -96,3 +101,16 @@ def restorer(operator: Operator, image_size: int, noise_to_signal: float | None 
     if operator.name == "sr4":
         return lambda y, params: bicubic_upsample(y, image_size)
     raise ValueError(f"no classical baseline for task {operator.name!r}; there is one for {', '.join(CLASSICAL_TASKS)}")
+
+
+def naive_inverse(task: str, y: jax.Array, image_size: int) -> jax.Array:
+    """The measurements y (B, ...) as images (B, image_size, image_size, C) in [-1, 1], without a prior,
+    interpolation or deconvolution: y itself where it has the image's shape (inpainting: the removed pixels
+    grey; deblurring: the blurred image), nearest-neighbour upsampling (super-resolution), y / 2 (HDR: the
+    clip's inverse where it did not clip). ValueError for other tasks (NAIVE_TASKS lists these)."""
+    if task not in NAIVE_TASKS:
+        raise ValueError(f"no naive inverse for task {task!r}; there is one for {', '.join(NAIVE_TASKS)}")
+    if task == "sr4":
+        factor = image_size // y.shape[1]
+        y = jnp.repeat(jnp.repeat(y, factor, axis=1), factor, axis=2)
+    return jnp.clip(y / 2 if task == "hdr" else y, -1.0, 1.0)

@@ -45,3 +45,15 @@ def test_bicubic_upsample_restores_smooth_images():
 def test_no_classical_baseline_for_phase_retrieval():
     with pytest.raises(ValueError, match="no classical baseline"):
         classical.restorer(operators.get("phase_retrieval", 32), 32)
+
+
+def test_naive_inverse_is_the_measurement_as_an_image():
+    y = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1.5, maxval=1.5)
+    up = classical.naive_inverse("sr4", y, 64)
+    assert up.shape == (2, 64, 64, 3)
+    np.testing.assert_array_equal(up[:, 4 * 5 + 3, 4 * 7 + 1], jnp.clip(y[:, 5, 7], -1, 1))
+    image = jax.random.uniform(jax.random.key(1), (2, 64, 64, 3), minval=-3, maxval=3)
+    np.testing.assert_array_equal(classical.naive_inverse("gauss_deblur", image, 64), jnp.clip(image, -1, 1))
+    np.testing.assert_array_equal(classical.naive_inverse("hdr", image, 64), jnp.clip(image / 2, -1, 1))
+    with pytest.raises(ValueError, match="no naive inverse for task 'phase_retrieval'.*sr4"):
+        classical.naive_inverse("phase_retrieval", image, 64)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spgd_jax import CONFIGS, UNet, make_denoiser, sample
+from spgd_jax import CONFIGS, UNet, make_denoiser, metrics, sample
 from spgd_jax.samplers import posterior_keys, presets
 
 from benchmarks import quality, quality_bars, quality_generate, quality_jobs, quality_report
@@ -200,8 +200,12 @@ def test_merge_joins_runs_of_other_jobs_and_score_names_each_device(tmp_path, ca
     assert "cpu:0 (jax 0.0) for t1_spgd_inpaint; cuda:0 (jax 0.0) for t1_dps_inpaint" in report
     assert "picked by mean PSNR on images 2-3 where the sweep table lists tuning images" in report
     # the swept job's tuning PSNRs come from its own tuning images (2 and 3: mean 2.5); the other has none
-    assert "| t1_dps_inpaint | 2.5, 5 | 2.50, 2.50 | 0.50, 0.50 | 5 |" in report
-    assert "| t1_spgd_inpaint | 2.5 | - | 0.50 | 2.5 |" in report
+    # preset: the sweep's value at the config's own lr (2.5); naive: the inpainting measurement itself on images 2-3
+    _, _, y = quality_generate.degrade("inpaint", x.astype(np.float32) / 127.5 - 1, 0)
+    naive = np.mean(metrics.psnr(jnp.clip(y[2:], -1, 1), jnp.asarray(x[2:] / 127.5 - 1, jnp.float32)))
+    assert f"| t1_dps_inpaint | 2.5, 5 | 2.50, 2.50 | 0.50, 0.50 | 5 | 2.50 | {naive:.2f} |" in report
+    assert "| t1_spgd_inpaint | 2.5 | - | 0.50 | 2.5 | - | - |" in report
+    assert "Presets not above the naive inverse on the tuning images: t1_dps_inpaint." in report
     rows = json.loads((tmp_path / "results" / "quality_t.json").read_text())["rows"]
     assert {r["row"] for r in rows} == {"t1_spgd_inpaint", "t1_dps_inpaint", "classical"}
 
