@@ -182,3 +182,20 @@ def test_the_command_lines_second_run_reads_its_sampler_programs_from_the_store(
     assert metrics[0] == metrics[1]
     for image in (tmp_path / "a").rglob("*.png"):
         assert image.read_bytes() == (tmp_path / "b" / image.relative_to(tmp_path / "a")).read_bytes(), image
+
+
+def _layers(x, w):
+    for _ in range(3):
+        x = jnp.tanh(x @ w + 1.0).reshape(x.shape) * 2
+    return x.sum(0) + jnp.exp(x).mean()
+
+
+def test_a_program_already_in_jaxs_persistent_cache_is_stored_runnable(store):
+    """XLA:CPU's copy of an executable read from JAX's persistent cache lacks its kernels: the store compiles
+    its programs afresh (tests/conftest.py turns that cache on)."""
+    args = (jnp.ones((64, 64)), jnp.full((64, 64), 1 / 64))
+    expected = jax.jit(_layers)(*args)  # compiled and written to JAX's persistent cache
+    jax.clear_caches()  # the next compilation reads it back from there
+    executables.load_or_compile(jax.jit(_layers), args, ("layers",))
+    executables._LOADED.clear()
+    np.testing.assert_array_equal(executables.load_or_compile(jax.jit(_layers), args, ("layers",))(*args), expected)

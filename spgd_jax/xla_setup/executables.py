@@ -131,10 +131,20 @@ def load_or_compile(jitted: Callable, args: tuple, identity: tuple) -> Callable:
     path = directory / f"{key}.bin"
     compiled = _read(path, text)
     if compiled is None:
-        compiled = jitted.lower(*args).compile()
+        compiled = _compile_afresh(jitted, args)
         _write(path, text, compiled)
     _LOADED[key] = compiled
     return compiled
+
+
+def _compile_afresh(jitted: Callable, args: tuple) -> Any:
+    """jitted compiled by XLA, not read from JAX's persistent cache: jaxlib 0.10's XLA:CPU serializes an
+    executable read from that cache without its kernels (the copy fails when run: 'Function ... not found').
+    An option set to its default gives the program a cache key of its own, and it is never written there."""
+    from jax._src import config  # no public API sets this for one compilation (thread-local)
+
+    with config.persistent_cache_min_compile_time_secs(float("inf")):
+        return jitted.lower(*args).compile(compiler_options={"xla_embed_ir_in_executable": False})
 
 
 def _read(path: Path, text: str) -> Any:
