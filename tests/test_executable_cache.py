@@ -56,6 +56,7 @@ LIBRARY_RUN = LISTEN + (
     "np.savez(sys.argv[1], stored=stored.x, plain=run(None).x)\n"
     "print('traced', traces)\n"
 )
+CLI_RUN = "from spgd_jax import restore\nassert restore.main(sys.argv[1:]) == 0\nprint('traced', len(traced))\n"
 
 
 def _run_python(code: str, arguments: list[str], cache: Path, cwd: Path) -> int:
@@ -171,7 +172,7 @@ def test_the_command_lines_second_run_reads_its_sampler_programs_from_the_store(
     """The demo face (a run of its own) and a folder of images (a dataset run) alike."""
     faces = ["--input", str(random_faces(tmp_path))] if inputs == "folder" else []
     weights = checkpoint.save(tmp_path / "w", random_params(CONFIG, 0), CONFIG)
-    code = LISTEN + "from spgd_jax import restore\nassert restore.main(sys.argv[1:]) == 0\nprint('traced', len(traced))\n"
+    code = LISTEN + CLI_RUN
     traced = []
     for run in ("a", "b"):
         arguments = ["--task", "sr4", *faces, "--weights", str(weights), "--steps", "3", "--warmup", "2",
