@@ -19,7 +19,8 @@ across processes must not use the store.
 The store is on only while JAX's persistent cache is (enable_compilation_cache; off with SPGD_JAX_NO_CACHE=1).
 An entry is written whole or not at all (a temporary file, then os.replace); an unreadable, truncated or
 corrupt one is reported in one line, compiled again and replaced; a directory that cannot be written is
-used for nothing (the program runs, unsaved).
+used for nothing (the program runs, unsaved). Every entry read is touched; writing one removes those not
+used for UNUSED_DAYS (an edit of spgd_jax leaves its old programs behind).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import hashlib
 import os
 import pickle
 import tempfile
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -41,11 +43,12 @@ from jax.experimental import serialize_executable
 from spgd_jax.xla_setup.compile_cache import ENV_OFF
 from spgd_jax.xla_setup.cpu_flags import flags_at_import
 
-__all__ = ["FOLDER", "ExecutableStoreWarning", "load_or_compile", "program_key", "store_dir"]
+__all__ = ["FOLDER", "UNUSED_DAYS", "ExecutableStoreWarning", "load_or_compile", "program_key", "store_dir"]
 
 FOLDER = "executables"  # inside JAX's compilation cache directory
 _MAGIC = b"spgd-jax executable 1\n"
 _SKIPPED_CONFIG = ("cache", "log", "dump", "pprint", "traceback")  # jax config that does not change a program
+UNUSED_DAYS = 30
 _LOADED: dict[str, Any] = {}  # key -> the process's Compiled (a run calls each program several times)
 
 
@@ -120,10 +123,11 @@ def _check_identity(identity: Any) -> None:
 
 def load_or_compile(jitted: Callable, args: tuple, identity: tuple) -> Callable:
     """The compiled program of `jitted` (a jax.jit function) for `args`: read from the store when there,
-    else lowered and compiled and then stored. `jitted` itself when the store is off. Call the result with
-    arguments of the same structure, shapes, dtypes and shardings as `args`."""
+    else lowered and compiled and then stored. `jitted` itself when the store is off, and in a run of several
+    processes (jax.distributed: not measured). Call the result with arguments of the same structure, shapes,
+    dtypes and shardings as `args`."""
     directory = store_dir()
-    if directory is None:
+    if directory is None or jax.process_count() > 1:
         return jitted
     key, text = program_key(args, identity)
     if key in _LOADED:
@@ -162,9 +166,14 @@ def _read(path: Path, text: str) -> Any:
         stored_text, serialized, in_tree, out_tree = pickle.loads(payload)
         if stored_text != text:
             return _unreadable(path, "belongs to another program")
-        return serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
+        compiled = serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
     except Exception as error:  # XLA and pickle raise many kinds; each means: compile it again
         return _unreadable(path, f"cannot be loaded ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+    try:
+        os.utime(path)  # used now: kept by _remove_unused
+    except OSError:
+        pass
+    return compiled
 
 
 def _unreadable(path: Path, problem: str) -> None:
@@ -190,3 +199,16 @@ def _write(path: Path, text: str, compiled: Any) -> None:
     except OSError:
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
+        return
+    _remove_unused(path.parent)
+
+
+def _remove_unused(directory: Path) -> None:
+    """Removes the entries (and temporary files a killed process left) not used for UNUSED_DAYS."""
+    oldest = time.time() - UNUSED_DAYS * 24 * 3600
+    for entry in directory.glob("*.bin*"):
+        try:
+            if entry.stat().st_mtime < oldest:
+                entry.unlink()
+        except OSError:
+            pass
