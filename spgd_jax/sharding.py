@@ -26,6 +26,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from spgd_jax.xla_setup import executables
+
 __all__ = ["BATCH_AXIS", "batch_mesh", "shard_batch", "replicate", "map_images"]
 
 BATCH_AXIS = "batch"
@@ -77,7 +79,8 @@ def _compiled(fn: Callable, mesh: Mesh, out_axis: int, nargs: int) -> Callable:
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False))
 
 
-def map_images(fn: Callable, *args: Any, shared: Any = None, mesh: Mesh | None = None, out_axis: int = 0) -> Any:
+def map_images(fn: Callable, *args: Any, shared: Any = None, mesh: Mesh | None = None, out_axis: int = 0,
+               identity: tuple | None = None) -> Any:
     """fn(shared, *args) with every leaf of args split along its leading (image) axis over the mesh's devices
     and `shared` (a pytree of arrays, e.g. network weights, or None) copied whole onto every device.
 
@@ -85,6 +88,10 @@ def map_images(fn: Callable, *args: Any, shared: Any = None, mesh: Mesh | None =
     every leaf has the image axis at out_axis. Returns this process's rows as NumPy arrays. The
     compiled computation is reused for the same fn object, mesh, shapes and structure of `shared`
     (its values are arguments, not constants: other weights of the same shapes reuse it).
+
+    identity: optional strings and numbers (a tuple) that name fn, and everything it closes over, the same
+    way in every process. Given one, the compiled computation is also kept on disk while JAX's persistent
+    cache is on, and a later process reads it back without tracing fn (spgd_jax.xla_setup.executables).
     """
     mesh = batch_mesh() if mesh is None else mesh
     leaves = jax.tree_util.tree_leaves(args)
@@ -95,7 +102,11 @@ def map_images(fn: Callable, *args: Any, shared: Any = None, mesh: Mesh | None =
     local = _local_devices(mesh)
     padded = -(-batch // local) * local
     args = shard_batch(jax.tree_util.tree_map(lambda a: _pad(np.asarray(a), padded), args), mesh)
-    out = _compiled(fn, mesh, out_axis, len(args))(replicate(shared, mesh), *args)
+    args = (replicate(shared, mesh), *args)
+    program = _compiled(fn, mesh, out_axis, len(args) - 1)
+    if identity is not None:
+        program = executables.load_or_compile(program, args, ("map_images", identity, out_axis))
+    out = program(*args)
     spec = PartitionSpec(*([None] * out_axis + [BATCH_AXIS]))
     out = multihost_utils.global_array_to_host_local_array(out, mesh, spec)
     index = (slice(None),) * out_axis + (slice(0, batch),)

@@ -9,7 +9,7 @@ from spgd_jax.samplers import forward_for, posterior_mean, sample_sharded
 from spgd_jax.restore._args import UsageError
 from spgd_jax.restore._progress import Progress, run_interruptibly
 
-__all__ = ["PROGRESS", "combine_samples", "restore"]
+__all__ = ["PROGRESS", "combine_samples", "forward_identity", "restore"]
 
 PROGRESS = Progress()  # one object for every run, reset per chunk
 _COMPILED: set = set()  # the (settings, batch) of the programs this process has compiled
@@ -36,6 +36,7 @@ def restore(denoiser, operator, y, op_params, keys, config, step_sizes, batch: i
             # progress: a run in segments, --quiet: one call; either way without host callbacks, so JAX's
             # persistent cache keeps the programs for the next process
             x_shape=(size, size, 3), progress=None if quiet else PROGRESS, step_sizes=step_sizes,
+            forward_identity=forward_identity(config, operator, size),  # its programs kept on disk for the next run
         )
         try:
             result = run_interruptibly(call, PROGRESS)
@@ -48,6 +49,13 @@ def restore(denoiser, operator, y, op_params, keys, config, step_sizes, batch: i
             result = jax.tree_util.tree_map(lambda a: np.asarray(a)[None], result)
         parts.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:, :keep], result))
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a, axis=1), *parts)
+
+
+def forward_identity(config, operator, size: int) -> tuple:
+    """What names forward_for(config, operator) in every process, for an operator of the task registry
+    (operators.get): the method (which may derive its forward from the operator) and the operator's settings."""
+    return (type(config).__name__, operator.name, operator.sigma_y, operator.linear, operator.settings,
+            (size, size, 3))
 
 
 def combine_samples(runs: dict, samples: int) -> dict:

@@ -35,7 +35,7 @@ from spgd_jax import sharding
 from spgd_jax.samplers import describe, forward_for, posterior_keys, sample_sharded
 from spgd_jax.restore._args import EXIT_NO_IMAGE_FINISHED, EXIT_SOME_SKIPPED, UsageError, hint
 from spgd_jax.restore._progress import Progress, run_interruptibly
-from spgd_jax.restore._run import combine_samples
+from spgd_jax.restore._run import combine_samples, forward_identity
 from spgd_jax.restore.dataset_outputs import write_aggregate, write_images
 from spgd_jax.restore.dataset_progress import DatasetProgress
 from spgd_jax.restore.image_stream import list_images, read_batches
@@ -103,7 +103,8 @@ def _restore_batch(run: DatasetRun, denoiser, operator, size: int, truth: np.nda
         denoiser, forward, pad(repeat(y)), pad(sample_keys), run.config,
         {k: pad(repeat(v)) for k, v in params.items()}, x_shape=(size, size, 3),
         # --quiet: one compiled call, as the command's other runs (the same program, so the same bits)
-        mesh=sharding.batch_mesh(jax.local_devices()), progress=None if run.quiet else progress)
+        mesh=sharding.batch_mesh(jax.local_devices()), progress=None if run.quiet else progress,
+        forward_identity=forward_identity(run.config, operator, size))  # its programs kept for the next run
     try:
         result = run_interruptibly(call, progress)
     except (TypeError, ValueError) as error:

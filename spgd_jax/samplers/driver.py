@@ -108,33 +108,43 @@ def swept(config: Any, values: Sequence[float] | jax.Array) -> Any:
 def sample_sharded(denoiser: Callable, forward: Callable, y: jax.Array, key: jax.Array, config: Any,
                    params: Any = None, *, x_shape: tuple[int, int, int], mesh: Any = None,
                    progress: Callable[[int], None] | None = None,
-                   step_sizes: Sequence[float] | None = None) -> SampleResult:
+                   step_sizes: Sequence[float] | None = None, forward_identity: tuple | None = None
+                   ) -> SampleResult:
     """`sample` (or, with step_sizes, `sweep`) with the batch split over the mesh's devices (default: all).
 
     Returns a SampleResult of NumPy arrays for this process's images; with step_sizes every array has a
     leading axis L. Several processes (jax.distributed): each passes its own images and the same key; image
-    keys come from fold_in(key, process_index). See spgd_jax.sharding."""
+    keys come from fold_in(key, process_index). See spgd_jax.sharding.
+
+    forward_identity: optional strings and numbers (a tuple) that name `forward` the same way in every
+    process, as the command line names a registered task's operator. Given one, and a denoiser that is a
+    pytree (a Denoiser), the compiled programs are kept on disk while JAX's persistent cache is on, and the
+    next process runs them without tracing (spgd_jax.xla_setup.executables); the results are the same."""
     key = typed_key(key)
     if key.ndim == 0 and jax.process_count() > 1:
         key = jax.random.fold_in(key, jax.process_index())
     keys = jax.random.key_data(image_keys(key, np.shape(y)[0]))  # raw: map_images splits NumPy arrays
     sweeping = step_sizes is not None
     config = swept(config, step_sizes) if sweeping else config
-    program = functools.partial(_sharded, mesh, (forward, check_x_shape(x_shape), sweeping),
-                                (_traceable(denoiser), config), (y, keys, params))
+    denoiser = _traceable(denoiser)
+    if isinstance(denoiser, jax.tree_util.Partial):  # a plain callable has no name that holds across processes
+        forward_identity = None
+    program = functools.partial(_sharded, mesh, (forward, check_x_shape(x_shape), sweeping), forward_identity,
+                                (denoiser, config), (y, keys, params))
     if progress is None:
         return program(None, None)
     return run_in_segments(program, config.steps, progress)
 
 
-def _sharded(mesh, static, shared, per_image, segment, carry):
+def _sharded(mesh, static, forward_identity, shared, per_image, segment, carry):
     """One call of sample_sharded: the whole run (segment None) or segment = (start, length, final)."""
     part = None if segment is None else segment[1:]
+    identity = None if forward_identity is None else ("sample_sharded", forward_identity, *static[1:], part)
     if carry is not None and static[2]:  # host arrays of a sweep: (L, B, ...) -> (B, L, ...) for map_images
         carry = jax.tree_util.tree_map(lambda a: np.moveaxis(a, 1, 0), carry)
     start = () if segment is None else (np.int32(segment[0]),)
     return sharding.map_images(_per_device(*static, part), *per_image, carry, shared=shared + start, mesh=mesh,
-                               out_axis=1 if static[2] else 0)
+                               out_axis=1 if static[2] else 0, identity=identity)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,5 +1,6 @@
 """How XLA is set up for spgd_jax's programs: XLA:CPU flags (applied on `import spgd_jax`) and JAX's persistent
-compilation cache (turned on by the command lines and benchmarks; library users call enable_compilation_cache).
+compilation cache (turned on by the command lines and benchmarks; library users call enable_compilation_cache),
+and beside it a store of compiled programs read back without tracing (executables.py; the command lines' samplers).
 
 No function here changes results beyond floating-point round-off; see each module for what it sets and the
 environment variables that turn it off (SPGD_JAX_CPU_FLAGS=0, SPGD_JAX_NO_CACHE=1).

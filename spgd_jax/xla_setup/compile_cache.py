@@ -11,7 +11,10 @@ across processes. The command lines' programs have none: `sharding.sample_sharde
 progress in segments (spgd_jax.samplers.segments), and without progress in one call. Runs within one
 process reuse the compiled sampler regardless (its weights and step size are arguments).
 
-Set SPGD_JAX_NO_CACHE=1 (or pass --no-cache to the command lines) to turn it off. Library users who
+The command lines also keep their samplers' compiled programs themselves in its `executables` folder, read
+back without tracing (spgd_jax.xla_setup.executables); that store is on exactly when this cache is.
+
+Set SPGD_JAX_NO_CACHE=1 (or pass --no-cache to the command lines) to turn both off. Library users who
 want it call `enable_compilation_cache()` before their first compilation.
 """
 

@@ -23,13 +23,14 @@ import warnings
 
 import jaxlib
 
-__all__ = ["CPU_FLAGS", "ENV_OFF", "MEASURED_JAXLIB", "LateFlagsWarning", "use_fast_cpu_flags",
+__all__ = ["CPU_FLAGS", "ENV_OFF", "MEASURED_JAXLIB", "LateFlagsWarning", "flags_at_import", "use_fast_cpu_flags",
            "use_fast_cpu_flags_on_import"]
 
 ENV_OFF = "SPGD_JAX_CPU_FLAGS"
 # Empty lists of library fusion types: XLA's own emitters and Eigen instead of YNNPACK/XNNPACK.
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_experimental_xnn_fusion_type=")
 MEASURED_JAXLIB = ("0.10.",)  # version prefixes whose XLA knows CPU_FLAGS and was measured faster with them
+_AT_IMPORT: list[str] = []  # $XLA_FLAGS once `import spgd_jax` has set its flags
 
 
 def _name(flag: str) -> str:
@@ -60,6 +61,7 @@ def use_fast_cpu_flags_on_import() -> list[str]:
     """use_fast_cpu_flags(), and a LateFlagsWarning when JAX's CPU backend already runs without CPU_FLAGS
     (flags wanted: not turned off, a measured jaxlib, not all of them in $XLA_FLAGS)."""
     added = use_fast_cpu_flags()
+    _AT_IMPORT[:] = [os.environ.get("XLA_FLAGS", "")]
     if added or os.environ.get(ENV_OFF, "") == "0" or not jaxlib.__version__.startswith(MEASURED_JAXLIB):
         return added
     present = {_name(flag) for flag in os.environ.get("XLA_FLAGS", "").split()}
@@ -70,6 +72,12 @@ def use_fast_cpu_flags_on_import() -> list[str]:
             "spgd_jax before running any JAX computation; set SPGD_JAX_CPU_FLAGS=0 to keep XLA's defaults "
             "without this warning.", LateFlagsWarning, stacklevel=3)
     return added
+
+
+def flags_at_import() -> str | None:
+    """$XLA_FLAGS as `import spgd_jax` left it (its CPU_FLAGS added): what XLA reads when JAX starts its backends
+    after that import, as it normally does. None before the import."""
+    return _AT_IMPORT[0] if _AT_IMPORT else None
 
 
 def _cpu_in_use() -> bool:
