@@ -6,6 +6,7 @@ More refusals and recoveries: test_robustness.py; diagnostics, sweeps and videos
 import io
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -254,6 +255,19 @@ def test_progress_says_it_compiles_and_writes_no_carriage_returns_into_logs(term
     progress.cancel.set()
     with pytest.raises(Cancelled):
         progress(0)
+
+
+def test_progress_says_when_the_sampler_was_read_from_the_cache():
+    """Nothing traced or compiled between reset and the first step (the executable store): said so."""
+    stream = _Stream(False)
+    progress = Progress(stream)
+    progress.reset(10, "spgd sr4 1/1", True, compiling=True)
+    progress(0)
+    assert "spgd sr4 1/1: compiled in 0.0 s (read from the cache), sampling" in stream.getvalue()
+    progress.reset(10, "spgd sr4 1/1", True, compiling=True)
+    jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))  # a compilation in between: not from the cache
+    progress(0)
+    assert stream.getvalue().count("(read from the cache)") == 1
     progress.reset(5, "again", False)
     progress(0)  # a new run is not cancelled
 

@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video", action="store_true", help="write an animated GIF of x0_hat per image -> video/")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notices")
     parser.add_argument("--no-cache", action="store_true",
-                        help="do not use JAX's persistent compilation cache (default: on, in $SPGD_JAX_CACHE_DIR or "
-                             "~/.cache/spgd-jax/xla; spgd_jax.xla_setup.compile_cache)")
+                        help="do not use JAX's persistent compilation cache nor the store of compiled samplers "
+                             "(default: on, in $SPGD_JAX_CACHE_DIR or ~/.cache/spgd-jax/xla; "
+                             "spgd_jax.xla_setup.compile_cache and executables)")
     settings = parser.add_argument_group(
         "sampler settings", "the config fields of --sampler's method (default: the task's preset); a method's step "
                             "size takes several comma-separated values, a sweep in one compiled call")

@@ -68,7 +68,8 @@ class Progress:
         compiled = min(compile_seconds() - self.compiled_before, time.perf_counter() - self.start)
         elapsed = time.perf_counter() - self.start - compiled  # sampling time
         if not self.seen and self.compiling:
-            self._write(f"{self.label}: compiled in {compiled:.1f} s, sampling\n")
+            cached = " (read from the cache)" if compiled <= 0 else ""  # the executable store: nothing traced
+            self._write(f"{self.label}: compiled in {compiled:.1f} s{cached}, sampling\n")
         self.seen.add(step)
         done = len(self.seen)
         if self._terminal():
