@@ -147,11 +147,14 @@ def mean_start(denoiser, forward, y, x_init, config: RedDiffConfig, params):
 # table) on 4 tuning faces, the grid widened past its edge: the release's values leave the default prior's
 # samples far from the measurement. Inpainting 27.35 dB at 0.03125 against 21.49 at 0.25 (25.82 on the 8 test
 # faces); Gaussian deblurring 32.67 at 0.03125 against 25.65 at 0.5, below the blurred image's 27.44 (31.35 on
-# the test faces). Box inpainting takes random inpainting's lr, as in the release (the demo face: 16.12 dB at
-# 0.03125 against 13.59 at 0.25 and the grey-filled measurement's 16.09).
+# the test faces); motion deblurring 31.07 at 0.05 against 30.78 at 0.1 (29.89 on the test faces); SR x4 27.11 at
+# 0.0125 against 26.28 at 0.1 (a flat top: 27.09 / 27.07 at half / twice that). Box inpainting takes random
+# inpainting's lr, as in the release (the demo face: 16.12 dB at 0.03125 against 13.59 at 0.25 and the
+# grey-filled measurement's 16.09).
 RED_DIFF = register_sampler(Sampler(
     "red_diff", RedDiffConfig, schedule, get_step_fn, init=mean_start, output=lambda state: state[0],
     step_size="lr", linear_only=True,
     paper={"inpaint": {"lr": 0.25}, "inpaint_box": {"lr": 0.25}, "gauss_deblur": {"lr": 0.5},
            "motion_deblur": {"lr": 0.1}, "sr4": {"lr": 0.1}},
-    tuned={"inpaint": {"lr": 0.03125}, "inpaint_box": {"lr": 0.03125}, "gauss_deblur": {"lr": 0.03125}}))
+    tuned={"inpaint": {"lr": 0.03125}, "inpaint_box": {"lr": 0.03125}, "gauss_deblur": {"lr": 0.03125},
+           "motion_deblur": {"lr": 0.05}, "sr4": {"lr": 0.0125}}))
