@@ -294,3 +294,14 @@ def test_startup_times_each_phase_of_a_run_from_its_output_lines(tmp_path):
     text = startup.markdown({**result, "tag": "t", "host": "h", "load_before": [0, 0, 0], "load_after": [0, 0, 0]})
     assert "| compile, cold (as reported) | 0.5 | < 10.0 | yes |" in text
     assert f"| --help | {result['help_s']} | < 0.5 | {'yes' if result['help_s'] < 0.5 else 'no'} |" in text
+
+
+def test_stream_bandwidth_writes_one_figure_per_array_size(tmp_path):
+    from benchmarks import stream_bandwidth
+
+    assert stream_bandwidth.main(["--tag", "t", "--out", str(tmp_path), "--sizes-mb", "0.05,0.2", "--repeats", "2"]) == 0
+    result = json.loads((tmp_path / "stream_bandwidth_t.json").read_text())
+    assert [mb for mb, _ in result["gbps"]] == [0.05, 0.2]
+    assert all(0.01 < gbps < 10_000 for _, gbps in result["gbps"]), result["gbps"]  # GB/s, not bytes/s or GiB/ms
+    table = (tmp_path / "stream_bandwidth_t.md").read_text()
+    assert "| 0.05 |" in table and "| 0.2 |" in table and "load average" in table
