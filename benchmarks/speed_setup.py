@@ -199,6 +199,16 @@ def write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
+def write_report(out: Path, stem: str, result: dict, text: str) -> None:
+    """A small benchmark's result as out/STEM.json and its table as out/STEM.md (each written whole); prints it."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{stem}.json", result)
+    tmp = out / f"{stem}.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / f"{stem}.md")
+    print(text)
+
+
 def is_oom(error: BaseException) -> bool:
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()

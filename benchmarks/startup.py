@@ -10,13 +10,14 @@ Run it on a quiet machine: the load average is recorded beside the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.speed_setup import loadavg, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_START = [sys.executable, "-m", "spgd_jax.restore", "--task", "sr4"]
@@ -85,15 +86,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", required=True, help="file name tag, e.g. cpu-2core")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    load_before = [round(v, 2) for v in os.getloadavg()]
+    load_before = loadavg()
     result = measure()
     host = f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
-    result.update(tag=args.tag, host=host, load_before=load_before, load_after=[round(v, 2) for v in os.getloadavg()])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"startup_{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"startup_{args.tag}.md").write_text(markdown(result))
-    print(markdown(result))
+    result.update(tag=args.tag, host=host, load_before=load_before, load_after=loadavg())
+    write_report(Path(args.out), f"startup_{args.tag}", result, markdown(result))
     return 0
 
 

@@ -10,7 +10,6 @@ Run it on a quiet machine: the load average is recorded beside the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 import spgd_jax  # noqa: F401  (the CPU flags the library compiles with)
 import jax
 import jax.numpy as jnp
+
+from benchmarks.speed_setup import loadavg, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES_MB = (0.5, 2, 8, 32, 128)
@@ -58,16 +59,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     args = parser.parse_args(argv)
     sizes = [float(s) for s in args.sizes_mb.split(",")]
-    load_before = [round(v, 2) for v in os.getloadavg()]
+    load_before = loadavg()
     gbps = [(mb, round(stream_gbps(mb, args.repeats), 2)) for mb in sizes]
+    host = f"{os.cpu_count()} CPUs, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     result = {"tag": args.tag, "repeats": args.repeats, "gbps": gbps, "load_before": load_before,
-              "load_after": [round(v, 2) for v in os.getloadavg()],
-              "host": f"{os.cpu_count()} CPUs, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"stream_bandwidth_{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"stream_bandwidth_{args.tag}.md").write_text(markdown(result))
-    print(markdown(result))
+              "load_after": loadavg(), "host": host}
+    write_report(Path(args.out), f"stream_bandwidth_{args.tag}", result, markdown(result))
     return 0
 
 
