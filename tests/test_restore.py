@@ -15,6 +15,7 @@ from spgd_jax import restore
 from spgd_jax.samplers import SAMPLERS
 from spgd_jax.restore import _command
 from spgd_jax.restore._args import check_arguments
+from spgd_jax.restore import _progress
 from spgd_jax.restore._progress import Cancelled, Progress
 from spgd_jax.restore._run import combine_samples
 from spgd_jax.restore._writers import measurement_picture
@@ -257,17 +258,22 @@ def test_progress_says_it_compiles_and_writes_no_carriage_returns_into_logs(term
         progress(0)
 
 
-def test_progress_says_when_the_sampler_was_read_from_the_cache():
-    """Nothing traced or compiled between reset and the first step (the executable store): said so."""
+def test_progress_says_when_the_sampler_was_read_from_the_cache(monkeypatch):
+    """Next to nothing traced or compiled between reset and the first step (the executable store): said so."""
     stream = _Stream(False)
     progress = Progress(stream)
     progress.reset(10, "spgd sr4 1/1", True, compiling=True)
+    jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))  # a tiny program, as the run's input handling compiles
     progress(0)
     assert "spgd sr4 1/1: compiled in 0.0 s (read from the cache), sampling" in stream.getvalue()
+    clock, compiled = [100.0], [_progress.compile_seconds()]
+    monkeypatch.setattr(_progress, "compile_seconds", lambda: compiled[0])
+    monkeypatch.setattr(_progress.time, "perf_counter", lambda: clock[0])
     progress.reset(10, "spgd sr4 1/1", True, compiling=True)
-    jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))  # a compilation in between: not from the cache
+    clock[0] += 3.0
+    compiled[0] += 2.0  # a sampler built: 2 of the 3 s before the first step
     progress(0)
-    assert stream.getvalue().count("(read from the cache)") == 1
+    assert stream.getvalue().count("(read from the cache)") == 1 and "compiled in 2.0 s, sampling" in stream.getvalue()
     progress.reset(5, "again", False)
     progress(0)  # a new run is not cancelled
 

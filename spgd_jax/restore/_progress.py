@@ -18,6 +18,7 @@ import jax
 
 __all__ = ["Cancelled", "Progress", "run_interruptibly"]
 
+READ_FROM_CACHE_S = 0.5  # compile seconds below this before the first step: the sampler was read back, not built
 STOP_WAIT_S = 5.0  # after Ctrl-C, how long to wait for the compiled run to reach its next step
 # JAX's monitoring events of the work of a compilation: tracing, lowering, XLA's compile (or the cache's read)
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -68,7 +69,8 @@ class Progress:
         compiled = min(compile_seconds() - self.compiled_before, time.perf_counter() - self.start)
         elapsed = time.perf_counter() - self.start - compiled  # sampling time
         if not self.seen and self.compiling:
-            cached = " (read from the cache)" if compiled <= 0 else ""  # the executable store: nothing traced
+            # the executable store: no sampler traced or compiled, at most a few tiny programs
+            cached = " (read from the cache)" if compiled < READ_FROM_CACHE_S else ""
             self._write(f"{self.label}: compiled in {compiled:.1f} s{cached}, sampling\n")
         self.seen.add(step)
         done = len(self.seen)
