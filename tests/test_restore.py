@@ -5,6 +5,7 @@ More refusals and recoveries: test_robustness.py; diagnostics, sweeps and videos
 
 import io
 import json
+import re
 
 import jax
 import numpy as np
@@ -265,7 +266,8 @@ def test_progress_says_when_the_sampler_was_read_from_the_cache(monkeypatch):
     progress.reset(10, "spgd sr4 1/1", True, compiling=True)
     jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))  # a tiny program, as the run's input handling compiles
     progress(0)
-    assert "spgd sr4 1/1: compiled in 0.0 s (read from the cache), sampling" in stream.getvalue()
+    # the tiny program's wall time may show as 0.1 s on a loaded machine
+    assert re.search(r"spgd sr4 1/1: compiled in \d+\.\d s \(read from the cache\), sampling", stream.getvalue())
     clock, compiled = [100.0], [_progress.compile_seconds()]
     monkeypatch.setattr(_progress, "compile_seconds", lambda: compiled[0])
     monkeypatch.setattr(_progress.time, "perf_counter", lambda: clock[0])

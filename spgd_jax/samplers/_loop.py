@@ -86,15 +86,16 @@ class LoopState(NamedTuple):
     state: Any  # the samplers' per-image state
     diverged_step: jax.Array  # (B,) int32, -1 while finite
     trajectory: jax.Array | None  # (B, K, H, W, C) or None
-    losses: Any = None  # segments only: every step's loss so far, leaves (B, T, ...) (a whole run scans them out)
+    losses: Any = None  # a final Segment's carry only: every step's loss, leaves (B, T, ...) (run_in_segments)
 
 
 class Segment(NamedTuple):
     """Run outer steps start .. start + length - 1 only, from `carry` (None: the sampler's initial state).
 
     start: () int32, may be traced; length: a static int that must fit in the schedule (start + length <= T);
-    final: return the SampleResult of `carry` instead (then length must be 0). run_schedule then returns a
-    SegmentResult (or, final, the SampleResult)."""
+    final: return the SampleResult of `carry` instead (then length must be 0, and carry.losses holds every
+    step's loss, the SegmentResult losses of the run's segments joined along their step axis). run_schedule
+    then returns a SegmentResult (or, final, the SampleResult)."""
 
     start: Any
     length: int
@@ -103,10 +104,12 @@ class Segment(NamedTuple):
 
 
 class SegmentResult(NamedTuple):
-    """What a sampler returns for a non-final Segment: the carry after it and T, the schedule's outer steps."""
+    """What a sampler returns for a non-final Segment: the carry after it, T (the schedule's outer steps) and
+    the segment's losses."""
 
     carry: LoopState
     steps: jax.Array  # (B,) int32, T for every image
+    losses: Any  # the loss of each of the segment's steps, leaves (B, length, ...); None for a segment of no steps
 
 
 def step_keys(keys: jax.Array) -> jax.Array:
@@ -168,10 +171,7 @@ def run_schedule(
             slot = step.i // trajectory_every
             keep = trajectory[:, slot]
             trajectory = trajectory.at[:, slot].set(jnp.where(step.i % trajectory_every == 0, x0_hat, keep))
-        losses = carry.losses
-        if losses is not None:  # a segment records the step's loss in the carry
-            losses = jax.tree_util.tree_map(lambda buffer, value: buffer.at[:, step.i].set(value), losses, loss)
-        return LoopState(state, diverged_step, trajectory, losses), loss
+        return carry._replace(state=state, diverged_step=diverged_step, trajectory=trajectory), loss
 
     x_init = output(init)
     batch = x_init.shape[0]
@@ -183,8 +183,12 @@ def run_schedule(
     if segment is not None:
         return _run_segment(outer_step, initial, xs, segment, output)
     final, losses = jax.lax.scan(outer_step, initial, xs)
-    losses = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), losses)  # (T, B, ...) -> (B, T, ...)
-    return _result(final, losses, output)
+    return _result(final, _image_major(losses), output)
+
+
+def _image_major(losses: Any) -> Any:
+    """A scan's losses (T, B, ...) -> (B, T, ...)."""
+    return jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), losses)
 
 
 def _result(final: LoopState, losses: Any, output: Callable[[Any], jax.Array]) -> SampleResult:
@@ -204,12 +208,10 @@ def _run_segment(outer_step, initial: LoopState, xs: Step, segment: Segment, out
         return _result(segment.carry, segment.carry.losses, output)
     if not 0 <= segment.length <= steps:
         raise ValueError(f"a Segment of {segment.length} outer steps does not fit in a schedule of {steps}")
-    carry = segment.carry
-    if carry is None:  # the run's first carry, with room for every step's loss
-        first = jax.tree_util.tree_map(lambda a: a[0], xs)
-        loss = jax.eval_shape(lambda c, s: outer_step(c, s)[1], initial, first)
-        buffers = jax.tree_util.tree_map(lambda a: jnp.zeros((a.shape[0], steps) + a.shape[1:], a.dtype), loss)
-        carry = initial._replace(losses=buffers)
-    part = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, segment.start, segment.length), xs)
-    carry, _ = jax.lax.scan(outer_step, carry, part)
-    return SegmentResult(carry, jnp.full((carry.diverged_step.shape[0],), steps, jnp.int32))
+    carry = initial if segment.carry is None else segment.carry
+    losses = None
+    if segment.length:  # a segment of no steps (the run's first carry) traces no step: ~2 s for the default prior
+        part = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, segment.start, segment.length), xs)
+        carry, losses = jax.lax.scan(outer_step, carry, part)
+        losses = _image_major(losses)
+    return SegmentResult(carry, jnp.full((carry.diverged_step.shape[0],), steps, jnp.int32), losses)

@@ -211,15 +211,21 @@ def run_in_segments(call: Callable[[tuple | None, Any], Any], steps: int,
     start .. start + L - 1 (L = segment_length(steps)), called steps / L times, and the SampleResult of the
     last carry. call((start, length, final), carry) runs one; progress(i) is called once for every outer
     step i, in order, after the segment that ran it (an exception from progress stops the run there).
+    The segments' losses are joined here, on the host, and given to the last program in its carry.
     The result equals one whole call's to float32 round-off; on a CPU it is the same bits."""
     carry = call((0, 0, False), None).carry
     length = segment_length(steps)
+    losses = []
     for start in range(0, steps, length):
-        carry = call((start, length, False), carry).carry
+        part = call((start, length, False), carry)
+        carry = part.carry
+        step_axis = np.ndim(part.steps)  # losses (B, length, ...), or (L, B, length, ...) in a sweep
+        losses.append(jax.tree_util.tree_map(np.asarray, part.losses))
         for i in range(start, start + length):
             if progress is not None:
                 progress(i)
-    return call((0, 0, True), carry)
+    joined = jax.tree_util.tree_map(lambda *parts: np.concatenate(parts, axis=step_axis), *losses)
+    return call((0, 0, True), carry._replace(losses=joined))
 
 
 def check_step_sizes(values: Sequence[float]) -> tuple[float, ...]:
