@@ -115,3 +115,25 @@ def test_segments_run_under_a_plain_jit_too(problem):
     x_init = jnp.zeros((3, 8, 8, 3))
     with pytest.raises(ValueError, match="does not fit"):
         samplers.run(gaussian_denoiser, operator.forward, y, x_init, config, op_params, segment=Segment(0, 7))
+
+
+def test_a_run_in_segments_traces_the_step_no_more_often_than_one_call(problem):
+    """The first carry (a segment of no steps) and the last program trace no step: the network is traced as
+    often as for one whole call (a cold start's tracing and compiling, ~2 s per trace for the default prior)."""
+    operator, y, op_params = problem
+    config = SPGDConfig(lr=1.0, steps=6, warmup=2)
+
+    def traces(progress):
+        count = [0]
+
+        def denoiser(x, sigma):  # a new function each time: a new program, traced afresh
+            count[0] += 1
+            return gaussian_denoiser(x, sigma)
+
+        sample(denoiser, operator.forward, y, jax.random.key(3), config, op_params, x_shape=(8, 8, 3),
+               progress=progress)
+        return count[0]
+
+    whole = traces(None)
+    assert whole >= 1
+    assert traces(lambda i: None) == whole
