@@ -50,7 +50,9 @@ class DAPSConfig:
     eta, traced) is per task, official configs/task/<task>.yaml 'pixel' entries: inpaint (inpainting_rand.yaml)
     1e-4, gauss_deblur (gaussian_blur.yaml) 1e-4, motion_deblur (motion_blur.yaml) 5e-5, sr4
     (down_sampling.yaml) 1e-4; all with num_steps 100, tau 0.01, lr_min_ratio 0.01 (and phase_retrieval 5e-5,
-    hdr 2e-5, box inpainting 5e-5).
+    hdr 2e-5, box inpainting 5e-5). With the default prior, Table 1's sweeps on 4 tuning faces pick these
+    values on gauss_deblur, motion_deblur and sr4, and 5e-5 on inpaint by only 0.10 dB; twice them collapses
+    the samples on inpaint and both deblurrings (benchmarks/results/quality_cpu-2core-table1-8img.md).
 
     steps: T annealing steps (edm_daps.yaml annealing_scheduler_config.num_steps 200). ode_steps: K Euler steps
     of the PF-ODE per annealing step (diffusion_scheduler_config.num_steps 5). langevin_steps: N Langevin steps
