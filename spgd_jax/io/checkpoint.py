@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -152,4 +151,4 @@ def load(path: str | Path) -> tuple[dict, Checkpoint]:
         raise ValueError(f"could not read the params in {params_dir} (corrupt or partial checkpoint?): "
                          f"{type(e).__name__}: {e}") from None
     check_params(params, meta.config)
-    return jax.tree_util.tree_map(jnp.asarray, params), meta
+    return jax.device_put(params), meta  # one transfer: jnp.asarray per leaf compiled a program each (~0.3 s)
