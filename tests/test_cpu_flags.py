@@ -11,9 +11,10 @@ from spgd_jax.xla_setup import cpu_flags
 
 # In a fresh process: import spgd_jax as a library user does (or as the command lines do: then also their own
 # call of use_fast_cpu_flags), compile SPGD on a tiny UNet, and print what the command line's call added after
-# the import, whether the compiled program holds any XNNPACK/YNNPACK library fusion, and $XLA_FLAGS.
+# the import, the root ops of the compiled program's XNNPACK/YNNPACK library fusions ("none" if it has none),
+# and $XLA_FLAGS.
 PROBE = """
-import os, sys
+import os, re, sys
 import spgd_jax
 added = spgd_jax.xla_setup.use_fast_cpu_flags() if sys.argv[1] == "cli" else []
 import jax, jax.numpy as jnp
@@ -24,15 +25,19 @@ params = spgd_jax.UNet(config).init(jax.random.key(0), x, jnp.zeros((2,)))["para
 run = lambda p, y: spgd_jax.sample(spgd_jax.make_denoiser(config, p), lambda x, _: x, y, jax.random.key(1),
                                    spgd_jax.SPGDConfig(lr=1.0, steps=2, warmup=1), x_shape=(8, 8, 3)).x
 text = jax.jit(run).lower(params, x).compile().as_text()
-print(len(added), "ynn_fusion" in text or "xnn_fusion" in text, os.environ.get("XLA_FLAGS", ""))
+computations = {block.split()[0].lstrip("%"): block for block in text.split("\\n\\n") if block.strip()}
+roots = set()
+for callee in re.findall(r"kind=kCustom, calls=%?([\\w.\\-]+)", text):
+    roots.update(re.findall(r"ROOT \\S+ = \\S+ ([\\w\\-]+)\\(", computations.get(callee, "")) or ["?"])
+print(len(added), ",".join(sorted(roots)) or "none", os.environ.get("XLA_FLAGS", ""))
 """
 
 
-def probe(mode: str, env: dict) -> tuple[int, bool, str]:
+def probe(mode: str, env: dict) -> tuple[int, str, str]:
     done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    added, library, *flags = done.stdout.split()
-    return int(added), library == "True", " ".join(flags)
+    added, library_roots, *flags = done.stdout.split()
+    return int(added), library_roots, " ".join(flags)
 
 
 @pytest.fixture
@@ -71,9 +76,11 @@ def test_a_plain_import_compiles_the_sampler_with_the_command_lines_settings():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cpu_flags.ENV_OFF)}
     library = probe("library", env)
     assert library == probe("cli", env)  # the command line's own call adds nothing: the same XLA settings
-    assert library == (0, False, " ".join(cpu_flags.CPU_FLAGS))
-    # Turned off, XLA:CPU's defaults hand parts of the same program to its library fusions.
-    assert probe("library", {**env, cpu_flags.ENV_OFF: "0"}) == (0, True, "")
+    # Only dots go to the library fusions (YNNPACK); convolutions, reductions and element-wise ops stay XLA's.
+    assert library == (0, "dot", " ".join(cpu_flags.CPU_FLAGS))
+    # Turned off, XLA:CPU's defaults hand convolutions and more of the same program to its library fusions.
+    added, roots, flags = probe("library", {**env, cpu_flags.ENV_OFF: "0"})
+    assert (added, flags) == (0, "") and {"dot", "convolution"} < set(roots.split(","))
 
 
 LATE_IMPORT = """

@@ -2,9 +2,12 @@
 
 jaxlib 0.10 hands convolutions, dots, reductions and element-wise ops of XLA:CPU programs to its
 XNNPACK/YNNPACK "library fusions" by default. For the ADM UNet's forward pass and input gradient, XLA's
-own emitters with Eigen's convolutions are faster: on a 2-core Xeon, one likelihood gradient of the 64 px
-UNet (benchmarks/speed.py's CPU64, batch 4) takes about 95 ms per image with the library fusions off and
-about 135 with them on, and a whole SPGD run 30% less time (benchmarks/results/speed_cpu-2core-cpu64.md).
+own emitters with Eigen's convolutions are faster, except for dots: on a 2-core Xeon, one likelihood gradient
+of the 64 px UNet (benchmarks/speed.py's CPU64, batch 4) takes about 95 ms per image with the library fusions
+off and about 135 with them on, and a whole SPGD run 30% less time (benchmarks/results/speed_cpu-2core-cpu64.md).
+YNNPACK's dots alone (each dot its own library fusion, XLA's "individual_dot") are kept: the UNet's 1x1 skip
+convolutions and attention projections have 32-128 input channels, where XLA's own dot ran at 60-100 GFLOP/s
+and YNNPACK's at 130-165 (default prior, 64 px), which made the default prior's SPGD step 4-7% faster.
 
 `use_fast_cpu_flags()` adds CPU_FLAGS to $XLA_FLAGS; it must run before JAX starts its backends, so
 `import spgd_jax` calls it (`use_fast_cpu_flags_on_import`), as do the command lines first thing: library
@@ -27,8 +30,8 @@ __all__ = ["CPU_FLAGS", "ENV_OFF", "MEASURED_JAXLIB", "LateFlagsWarning", "flags
            "use_fast_cpu_flags_on_import"]
 
 ENV_OFF = "SPGD_JAX_CPU_FLAGS"
-# Empty lists of library fusion types: XLA's own emitters and Eigen instead of YNNPACK/XNNPACK.
-CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_experimental_xnn_fusion_type=")
+# Library fusions for single dots only (YNNPACK); XLA's own emitters and Eigen's convolutions for the rest.
+CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot", "--xla_cpu_experimental_xnn_fusion_type=")
 MEASURED_JAXLIB = ("0.10.",)  # version prefixes whose XLA knows CPU_FLAGS and was measured faster with them
 _AT_IMPORT: list[str] = []  # $XLA_FLAGS once `import spgd_jax` has set its flags
 
