@@ -97,10 +97,11 @@ CPU_NOTE = (
 )
 
 CPU64_NOTE = (
-    "XLA:CPU's library fusions are off (spgd_jax/xla_setup/cpu_flags.py, applied on `import spgd_jax`; the "
-    "XLA_FLAGS above): with jaxlib 0.10's defaults, which hand convolutions, dots, reductions and element-wise "
-    "ops to XNNPACK/YNNPACK, the same rows took 13.10 s/image at batch 1 (1.00x the PyTorch reference) and 11.87 "
-    "at batch 4 (0.76x). GroupNorm32 has a hand-written gradient (spgd_jax/models/adm/_group_norm.py): the "
+    "XLA:CPU's library fusions are off but for single dots (spgd_jax/xla_setup/cpu_flags.py, applied on "
+    "`import spgd_jax`; the XLA_FLAGS above): with jaxlib 0.10's defaults, which hand convolutions, dots, "
+    "reductions and element-wise ops to XNNPACK/YNNPACK, the same rows took 13.10 s/image at batch 1 (1.00x the "
+    "PyTorch reference) and 11.87 at batch 4 (0.76x); YNNPACK's convolutions ran at about 100 GFLOP/s against "
+    "Eigen's 160-185, its single dots at 130-165 against XLA's own 60-100 (32-128 input channels). GroupNorm32 has a hand-written gradient (spgd_jax/models/adm/_group_norm.py): the "
     "likelihood gradient 4-10% faster, the profile's reductions 33% -> 18% of the op time. Batching gains JAX "
     "little: per kind of op, batch 4 costs 2.3x (copies) to 3.9x (element-wise fusions) batch 1's time, about "
     "0.9x per image in all, because a compiled program has no per-op dispatch cost to amortise; the eager "
