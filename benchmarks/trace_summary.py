@@ -10,7 +10,9 @@ XLA:CPU thunks (the host events whose args name an ``hlo_op``). They are grouped
 (convolution, matmul, reduction, copy/transpose, elementwise fusion, other) from the HLO op and
 kernel names, and the busy time (the union of the op intervals) is compared with the span from
 the first op's start to the last op's end: the gap is time the device waited (launches, host
-work, synchronisation).
+work, synchronisation). On a CPU an op's time also counts the idle time after it, until the next
+op starts: XLA:CPU runs convolutions (Eigen) and library dots asynchronously, so their thunk's
+event ends when the work is handed to the thread pool, and the next op waits for the work.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pathlib import Path
 # (kind, substrings of the lower-cased "kernel name | hlo op"), checked in order.
 # "conv" alone would also match XLA's "convert" fusions.
 KINDS = (
-    ("convolution", ("convolution", "convolve", "cudnn", "conv-", "conv.", "xmma", "implicit_gemm", "fprop", "dgrad",
-                     "wgrad")),
+    ("convolution", ("convolution", "convolve", "cudnn", "conv-", "conv.", "conv_general", "xmma", "implicit_gemm",
+                     "fprop", "dgrad", "wgrad")),
     ("matmul", ("gemm", "dot", "cublas", "matmul", "cutlass")),
     ("reduction", ("reduce", "softmax", "norm")),
     ("copy/transpose", ("copy", "transpose", "memcpy", "memset", "dynamic-update-slice", "dynamic_update_slice")),
@@ -58,11 +60,26 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _idle_after_us(intervals: list[tuple[float, float]]) -> list[float]:
+    """For each interval, the idle time that follows it when it is the last to end before a gap in their
+    union (0 otherwise): the time until the next interval starts."""
+    idle = [0.0] * len(intervals)
+    last, end = None, float("-inf")
+    for i in sorted(range(len(intervals)), key=lambda i: intervals[i]):
+        start, stop = intervals[i]
+        if last is not None and start > end:
+            idle[last] += start - end
+        if stop > end:
+            last, end = i, stop
+    return idle
+
+
 def summarize(path: str | Path, top: int = TOP_OPS) -> dict:
     """Device-time summary of a Perfetto trace (.json or .json.gz); times in milliseconds.
 
     Returns {'source': 'device' (GPU kernels) or 'host' (XLA:CPU), 'ops': number of op executions,
-    'span_ms', 'busy_ms', 'busy_fraction', 'op_ms' (the sum of op durations; above busy_ms where ops overlap), 'kinds': [{kind, ms, fraction of op_ms, count}],
+    'span_ms', 'busy_ms', 'busy_fraction', 'op_ms' (the sum of op times; above busy_ms where ops overlap; on a
+    CPU each op's time includes the idle time after it, see above), 'kinds': [{kind, ms, fraction of op_ms, count}],
     'top_ops': [{hlo_op, kind, ms, fraction, count, kernel}]}. Raises ValueError when the trace holds no
     op executions (a trace of nothing, or a profiler that records none).
     """
@@ -83,17 +100,19 @@ def summarize(path: str | Path, top: int = TOP_OPS) -> dict:
     intervals = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in ops]
     span = max(stop for _, stop in intervals) - min(start for start, _ in intervals)
     busy = _union_us(intervals)
-    total = sum(stop - start for start, stop in intervals)
+    idle = [0.0] * len(ops) if devices else _idle_after_us(intervals)
+    times = [stop - start + wait for (start, stop), wait in zip(intervals, idle)]
+    total = sum(times)
 
     by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     by_op: dict[str, dict] = {}
-    for event, (start, stop) in zip(ops, intervals):
+    for event, us in zip(ops, times):
         hlo_op = (event.get("args") or {}).get("hlo_op") or event.get("name", "?")
         kind = op_kind(event.get("name", ""), hlo_op)
-        by_kind[kind][0] += stop - start
+        by_kind[kind][0] += us
         by_kind[kind][1] += 1
         entry = by_op.setdefault(hlo_op, {"hlo_op": hlo_op, "kind": kind, "us": 0.0, "count": 0, "kernel": event.get("name", "?")})
-        entry["us"] += stop - start
+        entry["us"] += us
         entry["count"] += 1
 
     def share(us: float) -> float:
@@ -113,7 +132,9 @@ def markdown_lines(summary: dict) -> list[str]:
     lines = [
         f"{summary['ops']} op executions over {summary['span_ms']:.1f} ms: the device was busy "
         f"{summary['busy_ms']:.1f} ms ({100 * summary['busy_fraction']:.1f}%); op time adds up to "
-        f"{summary['op_ms']:.1f} ms.",
+        f"{summary['op_ms']:.1f} ms" + ("." if summary["source"] == "device" else
+                                          " (each op's time includes the idle time after it, until the next op "
+                                          "starts: XLA:CPU runs convolutions and library dots asynchronously)."),
         "",
         "| kind | ms | share of op time | executions |",
         "|---|---|---|---|",

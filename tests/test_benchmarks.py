@@ -126,6 +126,14 @@ def test_trace_summary_counts_device_ops_only_and_measures_idle_gaps(tmp_path):
     host = [op(1, 0, 50, "a", "fusion.1"), op(1, 25, 50, "b", "fusion.2")]
     s = trace_summary.summarize(_trace_file(tmp_path, host))
     assert s["source"] == "host" and s["busy_ms"] == pytest.approx(0.075) and s["op_ms"] == pytest.approx(0.100)
+    # XLA:CPU's asynchronous convolution: its thunk returns at 10 us, the next op starts when the work is done
+    # (at 90); the wait is charged to the op that ended last before it (the convolution, not the short fusion).
+    host = [op(1, 0, 10, "c", "conv_general_dilated.7"), op(2, 2, 5, "f", "fusion.3"), op(1, 90, 10, "g", "fusion.4")]
+    s = trace_summary.summarize(_trace_file(tmp_path, host))
+    kinds = {k["kind"]: k["ms"] for k in s["kinds"]}
+    assert kinds == pytest.approx({"convolution": 0.090, "elementwise fusion": 0.015})
+    assert s["busy_ms"] == pytest.approx(0.020) and s["span_ms"] == pytest.approx(0.100)
+    assert s["top_ops"][0]["hlo_op"] == "conv_general_dilated.7"
 
     with pytest.raises(ValueError, match="no op executions"):
         trace_summary.summarize(_trace_file(tmp_path, meta))
