@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from custom_vjp_checks import assert_matches_plain
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from spgd_jax.models import adm as unet
-from spgd_jax.models.adm._network import AttentionBlock
+from spgd_jax.models.adm._network import AttentionBlock, _avgpool2
 from spgd_jax.convert.adm_names import flax_path, torch_key
 from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
 
@@ -312,6 +313,22 @@ def tiny_model():
     params = random_params(TINY)
     apply = lambda x, t: UNet(TINY).apply({"params": params}, x, t)  # noqa: E731
     return params, apply
+
+
+def test_average_pool_values_and_gradient_match_the_plain_pool():
+    """The 2x2 average pool's hand-written gradient (an identity product that XLA:CPU does not fuse) is the plain
+    one, under vmap too, and stays exact: 2^k values pool and unpool without rounding."""
+    def plain(h):
+        b, hh, ww, c = h.shape
+        return h.reshape(b, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
+
+    h = jax.random.normal(jax.random.key(0), (2, 8, 6, 5))
+    weight = jax.random.normal(jax.random.key(1), (2, 4, 3, 5))
+    assert_matches_plain(_avgpool2, plain, (h,), weight)
+    assert_matches_plain(jax.vmap(_avgpool2), jax.vmap(plain), (h[:, None],), weight[:, None])
+    g = 2.0 ** jax.random.randint(jax.random.key(2), (2, 4, 3, 5), -20, 20)
+    _, pullback = jax.vjp(_avgpool2, h)
+    np.testing.assert_array_equal(pullback(g)[0], jax.vjp(plain, h)[1](g)[0])
 
 
 def test_jit_plain_and_vmap_agree(tiny_model):

@@ -59,9 +59,29 @@ def _upsample_nearest(h: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
 
 
+@jax.custom_vjp
 def _avgpool2(h: jax.Array) -> jax.Array:
+    """2x2 average pool, (B, H, W, C) -> (B, H/2, W/2, C); its gradient is the plain one (g / 4, upsampled)."""
     b, hh, ww, c = h.shape
     return h.reshape(b, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
+
+
+def _avgpool2_fwd(h: jax.Array) -> tuple[jax.Array, None]:
+    return _avgpool2(h), None
+
+
+def _avgpool2_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
+    # Upsampled by a broadcast, g's element-wise chain (the GroupNorm and residual cotangents of this level and,
+    # through the same broadcast there, of every coarser one) is fused by XLA:CPU into each consumer and
+    # recomputed 4x per level down, though g is in memory already for the convolutions' gradients. A product
+    # with the identity (exact for finite g) is a dot, which XLA does not fuse, so the consumers read g instead:
+    # the default prior's SPGD step 7% faster (45.5 / 47.0 against 49.7 / 50.4 ms per image-NFE, batch 1).
+    eye = jnp.eye(g.shape[-1], dtype=g.dtype)
+    g = jnp.einsum("bhwc,cd->bhwd", g, eye, precision=jax.lax.Precision.HIGHEST) * 0.25
+    return (jnp.repeat(jnp.repeat(g, 2, axis=1), 2, axis=2),)
+
+
+_avgpool2.defvjp(_avgpool2_fwd, _avgpool2_bwd)
 
 
 class ResBlock(nn.Module):
