@@ -8,11 +8,14 @@ import json
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cli_helpers import FAST, picture, random_faces, temporary_files, tiny_weights
 from spgd_jax import restore
+from spgd_jax.io import checkpoint
+from spgd_jax.models.adm import CONFIGS, UNet
 from spgd_jax.samplers import SAMPLERS
 from spgd_jax.restore import _command
 from spgd_jax.restore._args import check_arguments
@@ -89,6 +92,22 @@ def test_any_config_field_is_set_from_the_command_line_with_its_type():
     assert sampler_config(parser.parse_args(["--task", "sr4", "--sampler", "dps", "--set", "zeta=2"]), True).zeta == 2.0
     choices = next(a.choices for a in parser._actions if a.dest == "sampler")
     assert set(choices) == {n for n, s in SAMPLERS.items() if s.conditional} and "euler" not in choices
+
+
+def test_bfloat16_compute_is_recorded_and_close_to_float32(faces, tmp_path):
+    # tiny16 with every weight random: its zero-initialised output layers would hide the compute dtype.
+    config = CONFIGS["tiny16"]
+    params = UNet(config).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    noisy = [leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
+    checkpoint.save(tmp_path / "weights", jax.tree_util.tree_unflatten(tree, noisy), config)
+    runs = {dtype: tmp_path / dtype for dtype in ("float32", "bfloat16")}
+    for dtype, out in runs.items():
+        assert run(faces, str(tmp_path / "weights"), out, "--dtype", dtype) == 0
+        assert json.loads((out / "config.json").read_text())["unet_config"]["dtype"] == dtype
+    got, ref = ([r["residual_rms"] for r in _results(out)[2]] for out in (runs["bfloat16"], runs["float32"]))
+    assert got != ref and np.allclose(got, ref, rtol=0.05)  # another computation, the same restorations nearly
 
 
 def test_step_sizes_tuned_for_the_default_prior_apply_only_to_it(faces, weights, tmp_path):

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "every sample to samples.npz and their per-pixel std to std/")
     parser.add_argument("--batch-size", type=int,
                         help="samples per compiled call (default 4 per device; a sweep holds one copy per value)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="the network's compute dtype (default: the checkpoint's, float32 for the embedded prior); "
+                             "bfloat16 runs SPGD 1.1-1.2x faster at batch 4 on a CPU and compiles longer (README)")
     parser.add_argument("--video", action="store_true", help="write an animated GIF of x0_hat per image -> video/")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notices")
     parser.add_argument("--no-cache", action="store_true",

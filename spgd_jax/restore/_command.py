@@ -55,7 +55,7 @@ def run_command(args, request: Request) -> int:
     if warning:  # a task, or a (method, task) pair, this prior cannot do
         print(f"warning: {warning}", file=sys.stderr)
 
-    denoiser, unet_config = load_prior(weights)
+    denoiser, unet_config = load_prior(weights, args.dtype)
     size = unet_config.image_size
     operator = make_operator(task, size, args.sigma_y)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zipfile
 from pathlib import Path
@@ -42,21 +43,23 @@ def _checkpoint_stamp(path: Path) -> tuple:
 
 
 @functools.lru_cache(maxsize=2)
-def _prior(path: str, stamp: tuple):
-    """(denoiser, the network config), cached while the checkpoint is unchanged: repeated runs in one process
-    (a notebook, the tests) reuse the loaded weights."""
+def _prior(path: str, stamp: tuple, dtype: str | None):
+    """(denoiser, the network config it runs), cached while the checkpoint is unchanged: repeated runs in one
+    process (a notebook, the tests) reuse the loaded weights."""
     del stamp  # part of the cache key only
     params, meta = checkpoint.load(path)
-    return make_denoiser(meta.config, params, preconditioning=meta.preconditioning), meta.config
+    config = meta.config if dtype is None else dataclasses.replace(meta.config, dtype=dtype)
+    return make_denoiser(config, params, preconditioning=meta.preconditioning), config
 
 
-def load_prior(weights: Path):
-    """(denoiser, UNetConfig) of a checkpoint directory; UsageError naming the problem and the fix."""
+def load_prior(weights: Path, dtype: str | None = None):
+    """(denoiser, UNetConfig) of a checkpoint directory, computing in `dtype` ('float32' | 'bfloat16'; None:
+    the checkpoint's); UsageError naming the problem and the fix."""
     if weights.is_file():
         raise UsageError(f"--weights {weights} is a file; it needs a checkpoint directory. Convert a PyTorch .pt "
                          f"file with: python -m spgd_jax.convert {weights} --config NAME --out DIR, then pass --weights DIR")
     try:
-        return _prior(str(weights.resolve()), _checkpoint_stamp(weights))
+        return _prior(str(weights.resolve()), _checkpoint_stamp(weights), dtype)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(f"cannot load weights from {weights}: {error}") from None
 
