@@ -107,10 +107,10 @@ CPU64_NOTE = (
     "0.9x per image in all, because a compiled program has no per-op dispatch cost to amortise; the eager "
     "reference's batch-1 -> 8 gain (1.66x) is mostly that cost. A batched gradient of the summed loss (instead "
     "of vmap of the per-image gradient) measured no faster (69 / 75 against 67-79 / 62-64 ms per image-NFE at "
-    "batch 1 / 4). bfloat16 measured no faster either (60-66 against 63-65 ms at batch 4): XLA:CPU runs its "
-    "bfloat16 dots and convolutions without the CPU's BF16 instructions (a 2048^2 bfloat16 matmul at 180 "
-    "GFLOP/s against 213 in float32, PyTorch's oneDNN 432); --xla_cpu_use_onednn and the oneDNN dot fusion "
-    "measured no faster."
+    "batch 1 / 4). XLA:CPU runs bfloat16 convolutions in float32 (as fast as float32 ones) and its plain "
+    "bfloat16 dots without the CPU's BF16 instructions (a 2048^2 matmul at 180 GFLOP/s against 213 in float32, "
+    "PyTorch's oneDNN 432), but its YNNPACK dots multiply bfloat16 at up to 376: the bfloat16 rows run the UNet's "
+    "3x3 convolutions as Winograd F(2x2, 3x3) with bfloat16 channel products (spgd_jax/models/adm/_winograd.py)."
 )
 
 PRESETS = {
@@ -128,7 +128,7 @@ PRESETS = {
     ),
     "cpu-default64": Preset(
         description="CPU, the default 64 px prior's UNet (random weights), T=20, N=5, the CPU's default threads",
-        unet=DEFAULT64, steps=20, warmup=5, timed_steps=4, batches=(1, 2, 4, 8), dtypes=("float32",),
+        unet=DEFAULT64, steps=20, warmup=5, timed_steps=4, batches=(1, 2, 4, 8), dtypes=("float32", "bfloat16"),
         torch_batches=(1, 4), torch_variants=("reference", "tuned-bf16"), ceiling=(("float32", 4),),
         notes=(CPU_NOTE,), speedup_goals=((1, 2.0), (4, 2.0)), goals_device="cpu",
     ),

@@ -34,11 +34,14 @@ def _hwio_conv(x, kernel, strides, padding, dimension_numbers, precision):
 
 
 def _hwio_conv_fwd(x, kernel, strides, padding, dimension_numbers, precision):
-    return _conv(x, kernel, strides, padding, dimension_numbers, precision), (x, kernel)
+    # x is kept for the kernel's gradient only, and only when the kernel is differentiated (training): the
+    # samplers' input gradient then traces no kernel gradient.
+    out = _conv(x.value, kernel.value, strides, padding, dimension_numbers, precision)
+    return out, (x.value if kernel.perturbed else None, kernel.value, x.value.shape)
 
 
 def _hwio_conv_bwd(strides, padding, dimension_numbers, precision, residuals, g):
-    x, kernel = residuals
+    x, kernel, x_shape = residuals
     # The input gradient is the convolution of g, dilated by the strides, with the kernel flipped
     # in space and its in/out axes swapped (an HWIO kernel again), padded to give x's size back.
     transposed = lax.optimization_barrier(jnp.swapaxes(kernel[::-1, ::-1], 2, 3))
@@ -46,14 +49,16 @@ def _hwio_conv_bwd(strides, padding, dimension_numbers, precision, residuals, g)
     for axis, (low, _), stride, size in zip((1, 2), padding, strides, kernel.shape[:2]):
         dilated = (g.shape[axis] - 1) * stride + 1
         pad_low = size - 1 - low
-        pads.append((pad_low, x.shape[axis] + size - 1 - dilated - pad_low))
+        pads.append((pad_low, x_shape[axis] + size - 1 - dilated - pad_low))
     dx = lax.conv_general_dilated(g, transposed, (1, 1), pads, lhs_dilation=strides,
-                                  dimension_numbers=dimension_numbers, precision=precision)
+                                  dimension_numbers=dimension_numbers, precision=precision).astype(g.dtype)
+    if x is None:
+        return dx, None
     _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding, dimension_numbers, precision), kernel)
-    return dx.astype(x.dtype), kernel_vjp(g)[0]
+    return dx, kernel_vjp(g)[0]
 
 
-_hwio_conv.defvjp(_hwio_conv_fwd, _hwio_conv_bwd)
+_hwio_conv.defvjp(_hwio_conv_fwd, _hwio_conv_bwd, symbolic_zeros=True)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

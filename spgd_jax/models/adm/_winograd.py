@@ -69,18 +69,22 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _forward(x, kernel):
-    return winograd_conv3x3(x, kernel), (x, kernel)
+    # x is kept for the kernel's gradient only, and only when the kernel is differentiated (training): the
+    # samplers' input gradient then traces no kernel gradient.
+    return winograd_conv3x3(x.value, kernel.value), (x.value if kernel.perturbed else None, kernel.value)
 
 
 def _backward(residuals, g):
     x, kernel = residuals
-    dx = _winograd(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), jnp.bfloat16)
+    dx = _winograd(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), jnp.bfloat16).astype(g.dtype)
+    if x is None:
+        return dx, None
     _, kernel_vjp = jax.vjp(
         lambda k: lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC), kernel)
-    return dx.astype(x.dtype), kernel_vjp(g)[0]
+    return dx, kernel_vjp(g)[0]
 
 
-winograd_conv3x3.defvjp(_forward, _backward)
+winograd_conv3x3.defvjp(_forward, _backward, symbolic_zeros=True)
 
 
 def _takes_winograd(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
