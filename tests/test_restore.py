@@ -108,6 +108,9 @@ def test_bfloat16_compute_is_recorded_and_close_to_float32(faces, tmp_path):
         assert json.loads((out / "config.json").read_text())["unet_config"]["dtype"] == dtype
     got, ref = ([r["residual_rms"] for r in _results(out)[2]] for out in (runs["bfloat16"], runs["float32"]))
     assert got != ref and np.allclose(got, ref, rtol=0.05)  # another computation, the same restorations nearly
+    # A run continues only with the dtype it began with.
+    with pytest.raises(SystemExit, match=r"unet_config.dtype: 'bfloat16' -> 'float32'.*--overwrite"):
+        run(faces, str(tmp_path / "weights"), runs["bfloat16"], "--dtype", "float32")
 
 
 def test_step_sizes_tuned_for_the_default_prior_apply_only_to_it(faces, weights, tmp_path):
