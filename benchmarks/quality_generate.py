@@ -149,6 +149,24 @@ def _load_weights(weights: Path, unet_config, started: float, budget_s: float):
     return unet_params
 
 
+# What a run folder's jobs share; a generate call into a folder holding another run is refused.
+RUN_KEYS = ("unet_config", "seed", "test", "tune", "names", "steps", "warmup")
+
+
+def _earlier_jobs(out: Path, manifest: dict) -> dict:
+    """The jobs of earlier generate calls into `out` (kept: a run's jobs may be run a few per call), after
+    checking that they belong to the same run as `manifest`; SystemExit naming what differs otherwise."""
+    path = out / "manifest.json"
+    if not path.exists():
+        return {}
+    earlier, now = json.loads(path.read_text()), json.loads(json.dumps(manifest))
+    changed = [key for key in RUN_KEYS if earlier.get(key) != now[key]]
+    if changed:
+        raise SystemExit(f"error: {out} holds a run with other {', '.join(changed)}; give the same settings to "
+                         "add jobs to it, or another --out (runs of other jobs are joined with `merge`)")
+    return earlier.get("jobs", {})
+
+
 class Generation:
     """One generate run: the images, measurements and keys, the programs compiled on a thread pool, and the
     manifest the jobs' results go into."""
@@ -172,6 +190,7 @@ class Generation:
                          "test": self.n_test, "tune": args.tune, "names": self.names, "device": str(jax.devices()[0]),
                          "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "steps": args.steps,
                          "warmup": args.warmup, "jobs": {}}
+        self.manifest["jobs"] = _earlier_jobs(self.out, self.manifest)
 
     def log(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f} s] {text}", flush=True)

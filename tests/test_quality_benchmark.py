@@ -250,6 +250,16 @@ def test_generate_runs_later_rows_at_a_one_value_sweeps_value_without_running_it
     with np.load(out / f"{name}.npz") as f:
         assert f["restored"].shape == (2, 16, 16, 3) and f["psnr"].shape == (1, 2)
         np.testing.assert_allclose(f["restored_float_psnr"], f["psnr"][0])
+    # A later call into the same folder adds its jobs to the run's; one with other settings is refused.
+    command = ["generate", "--images", str(tmp_path / "images.npz"), "--weights", str(weights), "--out", str(out),
+               "--test", "2", "--tune", "0", "--lr-factors", "1", "--steps", "2", "--warmup", "2", "--tasks", "sr4",
+               "--jobs", "t1_spgd_sr4", "--compile-workers", "1"]
+    assert quality.main(command) == 0
+    assert set(json.loads((out / "manifest.json").read_text())["jobs"]) == {name, "t1_spgd_sr4"}
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(SystemExit, match="holds a run with other seed, steps; give the same settings"):
+        quality.main([*command[:-4], "--seed", "1", "--steps", "3", "--jobs", "t1_spgd_sr4"])
+    assert (out / "manifest.json").read_text() == before
 
 
 def test_plan_tunes_other_methods_on_the_tuning_images_and_skips_tasks_they_cannot_run():
