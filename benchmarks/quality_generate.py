@@ -160,10 +160,11 @@ def _earlier_jobs(out: Path, manifest: dict) -> dict:
     if not path.exists():
         return {}
     earlier, now = json.loads(path.read_text()), json.loads(json.dumps(manifest))
-    changed = [key for key in RUN_KEYS if earlier.get(key) != now[key]]
+    changed = [key if isinstance(now[key], (dict, list)) else f"{key}: {earlier.get(key)!r} -> {now[key]!r}"
+               for key in RUN_KEYS if earlier.get(key) != now[key]]
     if changed:
-        raise SystemExit(f"error: {out} holds a run with other {', '.join(changed)}; give the same settings to "
-                         "add jobs to it, or another --out (runs of other jobs are joined with `merge`)")
+        raise SystemExit(f"error: {out} holds a run with other settings ({'; '.join(changed)}); give the same "
+                         "settings to add jobs to it, or another --out (runs of other jobs are joined with `merge`)")
     return earlier.get("jobs", {})
 
 

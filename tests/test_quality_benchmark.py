@@ -257,7 +257,8 @@ def test_generate_runs_later_rows_at_a_one_value_sweeps_value_without_running_it
     assert quality.main(command) == 0
     assert set(json.loads((out / "manifest.json").read_text())["jobs"]) == {name, "t1_spgd_sr4"}
     before = (out / "manifest.json").read_text()
-    with pytest.raises(SystemExit, match="holds a run with other seed, steps; give the same settings"):
+    differences = r"holds a run with other settings \(seed: 0 -> 1; steps: 2 -> 3\); give the same settings"
+    with pytest.raises(SystemExit, match=differences):
         quality.main([*command[:-4], "--seed", "1", "--steps", "3", "--jobs", "t1_spgd_sr4"])
     assert (out / "manifest.json").read_text() == before
 
