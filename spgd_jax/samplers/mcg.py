@@ -92,6 +92,17 @@ def get_step_fn(denoiser, forward, config: MCGConfig):
     return step
 
 
-# TUNED: deblurring with 5 projection CG iterations, as Score-SDE (spgd_jax/samplers/score_sde.py says why).
-MCG = register_sampler(Sampler("mcg", MCGConfig, schedule, get_step_fn, step_size="alpha", linear_only=True,
-                               tuned={"gauss_deblur": {"cg_iterations": 5}, "motion_deblur": {"cg_iterations": 5}}))
+# PAPER: the release's unit step (MCGConfig's defaults). TUNED: deblurring with 5 projection CG iterations, as
+# Score-SDE (spgd_jax/samplers/score_sde.py says why), and the alpha picked by the Table 1 job
+# (benchmarks/table1_cpu.sh; benchmarks/results/quality_cpu-2core-table1-8img.md, its sweep table) on 4 tuning
+# faces: twice the release's on inpainting (27.89 dB against 27.49 at 1; 25.95 on the 8 test faces), 1/16 of it on
+# both deblurrings, each grid widened the most three times, the edge still ahead by 0.03 / 0.05 dB (Gaussian 31.90
+# against 31.42, 30.85 on the test faces; motion 29.83 against 29.08, 29.17 on the test faces): the manifold-
+# constraint step only costs there, and the projections carry the measurement (Score-SDE, the same projections
+# without the step: 30.88 and 29.22 on the test faces). SR x4 keeps the release's 1: 2 led it by 0.03 dB (24.95
+# against 24.92; 23.03 on the test faces at 2), too little to change a preset on 4 faces. Box inpainting, not
+# measured, keeps it too.
+MCG = register_sampler(Sampler(
+    "mcg", MCGConfig, schedule, get_step_fn, step_size="alpha", linear_only=True,
+    tuned={"inpaint": {"alpha": 2.0}, "gauss_deblur": {"cg_iterations": 5, "alpha": 0.0625},
+           "motion_deblur": {"cg_iterations": 5, "alpha": 0.0625}}))
