@@ -4,6 +4,9 @@ The weights live at one path per session, so every test module that uses them ge
 denoiser from restore's cache, and runs with the same settings reuse one compiled sampler.
 """
 
+import signal
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,3 +45,15 @@ def picture(path) -> np.ndarray:
 def temporary_files(folder):
     """Leftover temporary files (hidden names) anywhere below folder."""
     return sorted(str(p) for p in folder.rglob(".*"))
+
+
+def popen_as_from_a_terminal(command, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen(command, **kwargs) with the child's SIGINT at its default, as for a command typed at a
+    terminal. A test run started in the background by a non-interactive shell (`(pytest &)`) ignores SIGINT,
+    and a child inherits an ignored signal: the Ctrl-C tests' children would then run to their end. A handler
+    set here (any Python one) is reset to the default in the child when it executes."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from cli_helpers import random_faces, temporary_files, tiny_weights
+from cli_helpers import popen_as_from_a_terminal, random_faces, temporary_files, tiny_weights
 from dataset_worker import tiny_run
 from spgd_jax import operators
 from spgd_jax.io.stacked_npz import write_stacked_npz
@@ -141,8 +141,8 @@ def faces(tmp_path_factory):
 
 
 def start(weights, faces, out, *extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WORKER), weights, str(faces), str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return popen_as_from_a_terminal([sys.executable, str(WORKER), weights, str(faces), str(out), *extra],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_helpers import FAST, picture, temporary_files, tiny_weights
+from cli_helpers import FAST, picture, popen_as_from_a_terminal, temporary_files, tiny_weights
 from spgd_jax import restore
 
 NOT_QUIET = [a for a in FAST if a != "--quiet"]
@@ -317,7 +317,7 @@ def test_ctrl_c_stops_the_compiled_run_within_seconds(weights, modes, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "spgd_jax.restore", "--task", "inpaint", "--input", str(modes), "--weights",
                weights, "--out", str(out), "--steps", "20000", "--warmup", "2", "--batch-size", "2"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    process = popen_as_from_a_terminal(command, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
     lines = []
     for line in process.stderr:  # not a terminal: plain progress lines, no carriage returns
         lines.append(line)
