@@ -214,17 +214,24 @@ def test_two_processes_one_killed_midway_then_rerun_equal_one_process(weights, f
     assert outputs(out) == outputs(reference[0]) and temporary_files(out) == []
 
 
-def test_continuing_removes_the_partial_rows_a_killed_process_left(tmp_path):
+def test_continuing_removes_the_partial_files_a_killed_process_left(tmp_path):
     from spgd_jax.restore import manifest
 
-    run = manifest.Manifest(tmp_path / "out")
+    out = tmp_path / "out"
+    run = manifest.Manifest(out)
     run.start({"seed": 0}, False, 2)
-    stale, fresh = (tmp_path / "out" / "finished" / f".{n}.npz.x1.tmp" for n in ("killed", "peer"))
-    stale.write_bytes(b"half a row")
-    os.utime(stale, (manifest._PROCESS_STARTED - 10,) * 2)  # written before this process started
-    fresh.write_bytes(b"a peer's row being written")
+    (out / "restored").mkdir()
+    stale = [out / "finished" / ".killed.npz.0a1b.tmp", out / "restored" / ".killed.png.0a1b.tmp",
+             out / ".metrics.json.0a1b.tmp"]
+    kept = [out / "finished" / ".peer.npz.0a1b.tmp",  # a peer's row being written
+            out / ".users-notes.0a1b.tmp"]  # the user's own file in --out
+    for path in stale + kept:
+        path.write_bytes(b"half a file")
+        if path not in kept[:1]:
+            os.utime(path, (manifest._PROCESS_STARTED - 10,) * 2)  # written before this process started
     run.start({"seed": 0}, True, 2)
-    assert not stale.exists() and fresh.exists() and run.finished() == set()
+    assert [p.exists() for p in stale + kept] == [False] * len(stale) + [True] * len(kept)
+    assert run.finished() == set()
 
 
 def test_ctrl_c_keeps_the_finished_images_and_the_same_command_continues(weights, faces, tmp_path, reference):

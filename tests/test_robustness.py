@@ -290,6 +290,23 @@ def test_ctrl_c_while_writing_leaves_the_folder_as_it_was(modes, weights, tmp_pa
     assert json.loads((out / "manifest.json").read_text())["settings"]["seed"] == 1
 
 
+def test_ctrl_c_just_as_the_temporary_file_is_made_leaves_none(tmp_path, monkeypatch):
+    from spgd_jax.io import files
+
+    made = os.open
+
+    def interrupted_on_return(*args, **kwargs):  # Ctrl-C between the file's creation and its handle's use
+        made(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    (tmp_path / "a.json").write_text("earlier")
+    monkeypatch.setattr(os, "open", interrupted_on_return)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_json(tmp_path / "a.json", {"later": 1})
+    monkeypatch.undo()
+    assert temporary_files(tmp_path) == [] and (tmp_path / "a.json").read_text() == "earlier"
+
+
 def test_ctrl_c_while_sampling_leaves_no_output_folder(modes, weights, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -2,28 +2,21 @@
 
 Every output file of the command lines goes through `atomic_write`: the content is written into a
 hidden temporary file beside the target and renamed over it, so an error or Ctrl-C leaves the earlier
-file (or nothing), never half a file. The temporary file is created private (mode 0600), so its mode
-is set to what a plain `open(path, "w")` would give: 0666 minus the process umask.
+file (or nothing), never half a file, and no temporary file. The file gets the mode a plain
+`open(path, "w")` would give: 0666 minus the process umask.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
-__all__ = ["atomic_write", "file_mode", "write_json", "write_npz", "write_text"]
-
-
-def file_mode() -> int:
-    """The mode a newly created file gets under the current umask (0o666 & ~umask), e.g. 0o644."""
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
+__all__ = ["atomic_write", "write_json", "write_npz", "write_text"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
@@ -33,14 +26,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
     an existing `path` is left as it was.
     """
     path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The name is chosen before the file is made, so that a Ctrl-C arriving at any point after (even between
+    # the file's creation and the assignment of its handle) finds a name to remove.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        os.fchmod(handle, file_mode())
-        with os.fdopen(handle, "wb") as stream:
+        handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        with os.fdopen(handle, "wb") as stream:  # mode 0o666 minus the umask, as open(path, "w") gives
             write(stream)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

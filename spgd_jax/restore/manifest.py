@@ -15,6 +15,7 @@ earlier run's outputs aside and deletes them before anything new is written. Fil
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -25,7 +26,7 @@ import numpy as np
 
 from spgd_jax.io.files import write_json, write_npz
 from spgd_jax.restore._args import UsageError
-from spgd_jax.restore._folder import owned_entries
+from spgd_jax.restore._folder import OWNED_NAMES, owned_entries
 
 _PROCESS_STARTED = time.time()  # before this process writes a row: older partial rows are a killed run's
 
@@ -33,6 +34,7 @@ __all__ = ["Manifest", "settings_differences"]
 
 MANIFEST = "manifest.json"
 FINISHED, SKIPPED, LOGS = "finished", "skipped", "logs"  # all four among _folder.OWNED_NAMES
+_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]+\.tmp")  # spgd_jax.io.files.atomic_write's name for NAME's
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -86,7 +88,7 @@ class Manifest:
     def start(self, settings: dict, continuing: bool, total: int) -> None:
         """Creates out (or, unless continuing, clears the earlier run's outputs) and writes the manifest.
         Continuing, the skipped records go: their files are tried again (and recorded again if still bad); so do
-        the partial rows a killed process left (temporary files older than this process)."""
+        the partial files a killed process left (temporary files older than this process)."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             if not continuing:
@@ -97,12 +99,19 @@ class Manifest:
         except OSError as error:
             raise UsageError(f"cannot write to output folder {self.out} ({error.strerror}); choose a writable --out") \
                 from None
-        if continuing:  # rows a killed process was writing (every process of this run imports this first)
-            for partial in (self.out / FINISHED).glob(".*.tmp"):
+        if continuing:  # files a killed process was writing (every process of this run imports this first)
+            for partial in self._partial_files():
                 if partial.stat().st_mtime < _PROCESS_STARTED:
                     partial.unlink(missing_ok=True)
         else:
             write_json(self.out / MANIFEST, {"settings": settings, "images": total, "complete": False})
+
+    def _partial_files(self) -> list[Path]:
+        """The temporary files (spgd_jax.io.files) of this run's own outputs: inside its folders, or beside its
+        files in out (.metrics.json.<hex>.tmp)."""
+        inside = [p for entry in self.earlier_outputs() if entry.is_dir() for p in entry.rglob(".*.tmp")]
+        beside = [p for p in self.out.glob(".*.tmp") if (m := _TEMPORARY.fullmatch(p.name)) and m[1] in OWNED_NAMES]
+        return inside + beside
 
     def _remove_earlier(self) -> None:
         entries = self.earlier_outputs()
