@@ -1,5 +1,5 @@
 """The speed benchmark's JAX phase: spgd_jax.sample compiled once per (dtype, batch) and timed, the loop-free
-'nfe only' ceiling, the cross-check against the PyTorch outputs, the profile (benchmarks/speed.py)."""
+'nfe only' reference rows, the cross-check against the PyTorch outputs, the profile (benchmarks/speed.py)."""
 
 from __future__ import annotations
 
@@ -316,7 +316,7 @@ class Timings:
             self.record(self.run_item(compile_item(self.lower_item(dtype, batch, variant))))
 
     def run_plan(self, compile_workers: int) -> None:
-        """The rows of jax_plan, then the 'nfe only' ceiling rows (lowest priority). compile_workers > 1:
+        """The rows of jax_plan, then the 'nfe only' reference rows (lowest priority). compile_workers > 1:
         the fixed-batch programs are compiled first, in that many threads, then run one at a time."""
         plan, search = jax_plan(self.preset), LargestBatch(self)
         if compile_workers > 1:

@@ -280,7 +280,7 @@ def timings_markdown(rows: list[dict]) -> list[str]:
         "",
         "Variants: JAX `sample` = spgd_jax.sample, the whole run in one compiled call; JAX `nfe only` = the same "
         "number of likelihood gradients (UNet forward + backward) as separate compiled calls outside any loop, "
-        "the sampler's ceiling (its s/image: the run at that NFE rate).",
+        "a reference point (its s/image: the run at that NFE rate; see the notes).",
         "",
         "| framework | variant | dtype | batch | s/image | images/s | NFE/s | TFLOP/s | % of peak | compile s | peak GiB "
         "| x torch ref | x torch tuned | x torch fastest | status |",

@@ -74,7 +74,8 @@ class Preset:
     xcheck_precisions: tuple[str, ...] = ("highest",)
     xcheck: CrossCheck = CrossCheck()
     # (dtype, batch) pairs for 'nfe only' rows: timed_steps * warmup likelihood gradients (UNet forward +
-    # backward) as separate jitted calls, no loop; the sampler's ceiling on this device.
+    # backward) as separate jitted calls, no loop: the reference point of CPU_NOTE (on a CPU the sampler now
+    # runs faster than it; the field keeps its first name).
     ceiling: tuple[tuple[str, int], ...] = ()
     # (dtype, batch) of the sampler row to profile once more after its timing (jax.profiler trace,
     # summarised by benchmarks/trace_summary.py); None: no profile.
@@ -86,13 +87,15 @@ class Preset:
 
 
 CPU_NOTE = (
-    "The `nfe only` row is the sampler's ceiling here; the sampler should come close to it. It did not "
-    "before commit a89f84f: JAX's transpose rule emits each backward (input-gradient) convolution with the "
+    "The `nfe only` row was meant as the sampler's ceiling; since the changes listed in the README's speed "
+    "section the sampler runs faster than it (1.4-1.6x on the default prior at batch 4, on a 2-core AMD EPYC "
+    "and a 2-core Intel Xeon), so it is a reference point only. Before commit a89f84f the sampler ran far "
+    "below it: JAX's transpose rule emits each backward (input-gradient) convolution with the "
     "kernel's in/out dimensions swapped (dim_labels b01f_01oi->b01f), XLA:CPU runs only HWIO kernels "
     "through Eigen, and its ConvCanonicalization pass, which would insert the transposes, walks only the "
     "entry computation (xla/service/cpu/conv_canonicalization.cc), so inside the sampler's lax.scan / "
-    "fori_loop those convolutions ran as unoptimised elemental loops: about 6 NFE/s against the ceiling's "
-    "22 at batch 4 (JAX then at 0.3-0.5x the PyTorch reference). Since a89f84f the UNet's convolutions "
+    "fori_loop those convolutions ran as unoptimised elemental loops: about 6 NFE/s against the `nfe only` "
+    "row's 22 at batch 4 (JAX then at 0.3-0.5x the PyTorch reference). Since a89f84f the UNet's convolutions "
     "compute their input gradient with an explicitly transposed HWIO kernel (spgd_jax/models/adm/_conv.py)."
 )
 
