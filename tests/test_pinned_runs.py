@@ -1,9 +1,13 @@
 """SPGD and DPS outputs pinned across refactorings: a short run on a random-weight tiny UNet.
 
-tests/data/short_runs.npz holds the outputs of the code before the layout change (commit 948d111: the
-flat modules, the denoiser's weights closed over as constants). A denoiser given as a plain function
+tests/data/short_runs.npz first held the outputs of the code before the layout change (commit 948d111: the
+flat modules, the denoiser's weights closed over as constants). It was recorded again, on the same kind of
+machine, in session 18 (2026-12-06): GroupNorm32's hand-written gradient (930ea63, measured faster and tested
+against jax.grad) had changed the outputs by float32 round-off, 7.6e-7 (SPGD) and 6.8e-7 (DPS) of their
+scale, and the bits were checked only on machines of another kind since. A denoiser given as a plain function
 (its weights closed over, so constants of the compiled program, as then) must reproduce them bit for bit
-on the kind of machine that wrote them (RECORDED_ON): the layout changed no arithmetic. A
+on the kind of machine that wrote them (RECORDED_ON): a refactoring changes no arithmetic; a change that
+means to (a faster formulation) records them again and says so here. A
 `Denoiser` passes its weights as arguments of the compiled program instead (compiled once per config,
 not per checkpoint), and XLA then fuses and folds differently: those outputs agree to float32 round-off
 amplified by the run. On other CPUs XLA may vectorise reductions differently (AVX2 vs AVX-512), and Eigen
