@@ -210,6 +210,22 @@ def test_broken_weights_are_refused_before_any_work(how, message, weights, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_corrupt_weights_file_is_one_error_line_without_tracebacks(weights, tmp_path):
+    path = tmp_path / "w"
+    shutil.copytree(weights, path)
+    data = max((p for p in (path / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2:len(damaged) // 2 + 64] = bytes(64)  # the arrays' own bytes, not the metadata
+    data.write_bytes(bytes(damaged))
+    done = subprocess.run([sys.executable, "-m", "spgd_jax.restore", "--task", "sr4", "--weights", str(path), "--out",
+                           str(tmp_path / "out"), *FAST], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    # tensorstore's reads still in flight used to print a dozen "Event loop is closed" tracebacks after it
+    assert done.stderr.startswith(f"error: cannot load weights from {path}: could not read the params"), done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 class _RunsCodeWhenUnpickled:
     def __init__(self, marker):
         self.marker = marker

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,22 @@ def _orbax():
     import orbax.checkpoint as ocp  # imported on use: slow to import, only needed here
 
     return ocp.PyTreeCheckpointer()
+
+
+def _drop_late_read_callbacks(unraisable) -> None:
+    """sys.unraisablehook once a read failed: drops "RuntimeError: Event loop is closed", passes on the rest."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    _drop_late_read_callbacks.previous(unraisable)
+
+
+def _quiet_late_read_callbacks() -> None:
+    """After a failed read, tensorstore's reads still in flight finish into orbax's event loop, already closed,
+    and each callback's "RuntimeError: Event loop is closed" would print a traceback after our error message
+    (a dozen for one corrupt file). Those, and only those, are dropped from then on."""
+    if sys.unraisablehook is not _drop_late_read_callbacks:
+        _drop_late_read_callbacks.previous = sys.unraisablehook
+        sys.unraisablehook = _drop_late_read_callbacks
 
 
 def save(path: str | Path, params: dict, config: Any, overwrite: bool = False,
@@ -148,6 +165,7 @@ def load(path: str | Path) -> tuple[dict, Checkpoint]:
         with _orbax() as reader:
             params = reader.restore(params_dir.absolute())
     except Exception as e:  # orbax/tensorstore raise many kinds; all mean the same to the user
+        _quiet_late_read_callbacks()
         raise ValueError(f"could not read the params in {params_dir} (corrupt or partial checkpoint?): "
                          f"{type(e).__name__}: {e}") from None
     check_params(params, meta.config)
