@@ -97,20 +97,19 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def check_state_dict(state_dict: dict[str, np.ndarray], config: UNetConfig) -> None:
-    """Raise one ValueError listing every missing, unexpected and mis-shaped key (PyTorch shapes)."""
+    """Raise one ValueError listing the missing, unexpected and mis-shaped keys (PyTorch shapes; at most
+    checkpoint.SHOWN_PER_KIND of each kind, then how many more)."""
     expected = state_dict_shapes(config)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     misshaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, config expects {expected[k]}"
                  for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
     if missing or unexpected or misshaped:
-        lines = [f"checkpoint does not match the config ({len(missing)} missing, {len(unexpected)} "
-                 f"unexpected, {len(misshaped)} mis-shaped keys); check --config (e.g. num_channels, "
-                 f"num_res_blocks, attention_resolutions, learn_sigma, class_cond, resblock_updown):"]
-        lines += [f"  missing: {k}" for k in missing]
-        lines += [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  mis-shaped: {m}" for m in misshaped]
-        raise ValueError("\n".join(lines))
+        raise ValueError("\n".join([
+            f"checkpoint does not match the config ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(misshaped)} mis-shaped keys); check --config (e.g. num_channels, num_res_blocks, "
+            f"attention_resolutions, learn_sigma, class_cond, resblock_updown):",
+            *checkpoint.mismatch_lines(missing, unexpected, misshaped)]))
 
 
 def _to_flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:

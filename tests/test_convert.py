@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,19 @@ def test_mismatched_state_dict_is_rejected_in_one_report_writing_nothing(tmp_pat
         assert line in message
     assert message.count("\n") == len(expected[how])  # header + one line per problem
     assert leftovers(tmp_path, {"bad.pt"}) == []
+
+
+def test_a_file_of_another_network_is_reported_in_a_screenful(tmp_path):
+    from spgd_jax.io.checkpoint import SHOWN_PER_KIND
+
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")  # nothing of the UNet at all
+    with pytest.raises(ValueError) as info:
+        convert(tmp_path / "other.pt", TINY, tmp_path / "out")
+    lines = str(info.value).splitlines()
+    missing = int(re.search(r"\((\d+) missing", lines[0])[1])
+    assert missing > SHOWN_PER_KIND and len([line for line in lines if "  missing: " in line]) == SHOWN_PER_KIND
+    assert f"  ... and {missing - SHOWN_PER_KIND} more missing" in lines and "  unexpected: fc.weight" in lines
+    assert len(lines) == 1 + SHOWN_PER_KIND + 2 and leftovers(tmp_path, {"other.pt"}) == []
 
 
 def test_wrong_config_is_named_in_the_report():

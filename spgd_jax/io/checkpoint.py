@@ -29,7 +29,8 @@ from flax import traverse_util
 
 from spgd_jax import models
 
-__all__ = ["CONFIG_FILE", "PARAMS_DIR", "Checkpoint", "check_params", "load", "load_config", "save"]
+__all__ = ["CONFIG_FILE", "PARAMS_DIR", "SHOWN_PER_KIND", "Checkpoint", "check_params", "load", "load_config",
+           "mismatch_lines", "save"]
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -58,7 +59,8 @@ class Checkpoint:
 
 
 def check_params(params: dict, config: Any) -> None:
-    """Raise one ValueError listing every missing, unexpected and mis-shaped entry of ``params``."""
+    """Raise one ValueError listing the missing, unexpected and mis-shaped entries of ``params`` (at most
+    SHOWN_PER_KIND of each kind, then how many more)."""
     if isinstance(params, dict) and set(params) == {"params"}:
         raise TypeError("pass the params collection itself (variables['params']), not the variables dict")
     expected = models.family_of(config).param_shapes(config)
@@ -68,12 +70,24 @@ def check_params(params: dict, config: Any) -> None:
     misshaped = [f"{'/'.join(p)}: params {got[p]}, config expects {expected[p]}"
                  for p in expected if p in got and got[p] != expected[p]]
     if missing or unexpected or misshaped:
-        lines = [f"params do not match the config ({len(missing)} missing, {len(unexpected)} unexpected, "
-                 f"{len(misshaped)} mis-shaped entries); use the config the params were made with:"]
-        lines += [f"  missing: {p}" for p in missing]
-        lines += [f"  unexpected: {p}" for p in unexpected]
-        lines += [f"  mis-shaped: {m}" for m in misshaped]
-        raise ValueError("\n".join(lines))
+        raise ValueError("\n".join([
+            f"params do not match the config ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(misshaped)} mis-shaped entries); use the config the params were made with:",
+            *mismatch_lines(missing, unexpected, misshaped)]))
+
+
+SHOWN_PER_KIND = 10  # mismatch_lines: entries listed of each kind; a file of another network misses hundreds
+
+
+def mismatch_lines(missing: list[str], unexpected: list[str], misshaped: list[str]) -> list[str]:
+    """'  missing: NAME' (then 'unexpected:', 'mis-shaped:') lines, at most SHOWN_PER_KIND of each kind, then
+    '  ... and N more missing' where there are more."""
+    lines = []
+    for kind, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        lines += [f"  {kind}: {name}" for name in names[:SHOWN_PER_KIND]]
+        if len(names) > SHOWN_PER_KIND:
+            lines.append(f"  ... and {len(names) - SHOWN_PER_KIND} more {kind}")
+    return lines
 
 
 def _orbax():
