@@ -214,9 +214,7 @@ def test_a_corrupt_weights_file_is_one_error_line_without_tracebacks(weights, tm
     path = tmp_path / "w"
     shutil.copytree(weights, path)
     data = max((p for p in (path / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    damaged = bytearray(data.read_bytes())
-    damaged[len(damaged) // 2:len(damaged) // 2 + 64] = bytes(64)  # the arrays' own bytes, not the metadata
-    data.write_bytes(bytes(damaged))
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])  # the arrays' own bytes, cut short
     done = subprocess.run([sys.executable, "-m", "spgd_jax.restore", "--task", "sr4", "--weights", str(path), "--out",
                            str(tmp_path / "out"), *FAST], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr

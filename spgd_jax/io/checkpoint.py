@@ -97,19 +97,24 @@ def _orbax():
 
 
 def _drop_late_read_callbacks(unraisable) -> None:
-    """sys.unraisablehook once a read failed: drops "RuntimeError: Event loop is closed", passes on the rest."""
+    """sys.unraisablehook around reads: drops "RuntimeError: Event loop is closed", passes on the rest."""
     if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
         return
-    _drop_late_read_callbacks.previous(unraisable)
+    _LATE_READS["previous"](unraisable)
 
 
-def _quiet_late_read_callbacks() -> None:
-    """After a failed read, tensorstore's reads still in flight finish into orbax's event loop, already closed,
-    and each callback's "RuntimeError: Event loop is closed" would print a traceback after our error message
-    (a dozen for one corrupt file). Those, and only those, are dropped from then on."""
-    if sys.unraisablehook is not _drop_late_read_callbacks:
-        _drop_late_read_callbacks.previous = sys.unraisablehook
-        sys.unraisablehook = _drop_late_read_callbacks
+# When a read fails, orbax closes its event loop while tensorstore's other reads are still in flight; each of
+# them then calls back into the closed loop, and its "RuntimeError: Event loop is closed" would print a
+# traceback around our error message (a dozen for one corrupt file), some before the error reaches us. So the
+# filter is on during every read, and stays on once one has failed (its stragglers come later).
+_LATE_READS: dict[str, Any] = {"previous": None, "failed": False}
+
+
+def _filter_late_read_callbacks(on: bool) -> None:
+    if on and sys.unraisablehook is not _drop_late_read_callbacks:
+        _LATE_READS["previous"], sys.unraisablehook = sys.unraisablehook, _drop_late_read_callbacks
+    elif not on and not _LATE_READS["failed"] and sys.unraisablehook is _drop_late_read_callbacks:
+        sys.unraisablehook = _LATE_READS["previous"]
 
 
 def save(path: str | Path, params: dict, config: Any, overwrite: bool = False,
@@ -175,12 +180,14 @@ def load(path: str | Path) -> tuple[dict, Checkpoint]:
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise ValueError(f"{path} is not a complete spgd_jax checkpoint: {PARAMS_DIR}/ is missing")
+    _filter_late_read_callbacks(True)
     try:
         with _orbax() as reader:
             params = reader.restore(params_dir.absolute())
     except Exception as e:  # orbax/tensorstore raise many kinds; all mean the same to the user
-        _quiet_late_read_callbacks()
+        _LATE_READS["failed"] = True
         raise ValueError(f"could not read the params in {params_dir} (corrupt or partial checkpoint?): "
                          f"{type(e).__name__}: {e}") from None
+    _filter_late_read_callbacks(False)
     check_params(params, meta.config)
     return jax.device_put(params), meta  # one transfer: jnp.asarray per leaf compiled a program each (~0.3 s)
