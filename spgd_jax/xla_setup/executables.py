@@ -12,7 +12,7 @@ directory:
 `identity` must name, as strings and numbers, everything static that the arguments do not show: the
 function and its settings. The key adds the arguments' tree structure (static fields included), shapes,
 dtypes and shardings, the devices, the jax, jaxlib, flax and numpy versions, the jax config, $XLA_FLAGS
-(when spgd_jax was imported and now) and a digest of spgd_jax's own source, so that an edit of the
+(when spgd_jax was imported and now), the CPU's convolution route (xla_setup.onednn) and a digest of spgd_jax's own source, so that an edit of the
 library, an upgrade or another flag never reads an old program. A callable that cannot be named stably
 across processes must not use the store.
 
@@ -41,6 +41,7 @@ import numpy as np
 from jax.experimental import serialize_executable
 
 from spgd_jax.xla_setup.compile_cache import ENV_OFF
+from spgd_jax.xla_setup import onednn
 from spgd_jax.xla_setup.cpu_flags import flags_at_import
 
 __all__ = ["FOLDER", "UNUSED_DAYS", "ExecutableStoreWarning", "load_or_compile", "program_key", "store_dir"]
@@ -88,8 +89,11 @@ def _versions() -> tuple:
 def _process() -> tuple:
     """What a process compiles for, besides its flags and config: versions, source, devices."""
     devices = [(d.id, d.platform, d.device_kind, d.process_index) for d in jax.devices()]
+    # The CPU's convolution route: its programs call oneDNN's handler, which route() also registers before a
+    # stored program that calls it is read back.
+    convolutions = onednn.route() if devices[0][1] == "cpu" else None
     return (_versions(), _source_digest(), jax.devices()[0].client.platform_version, jax.process_count(),
-            tuple(devices))
+            tuple(devices), convolutions)
 
 
 def _leaf(leaf: Any) -> tuple:

@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["conv_general_dilated"]
+__all__ = ["NHWC", "conv_general_dilated", "is_same_3x3"]
+
+NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _conv(x, kernel, strides, padding, dimension_numbers, precision):
@@ -72,11 +74,26 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         and feature_group_count == 1
         and not kwargs
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
     )
     if not plain:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
-    dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
     padding = tuple(tuple(int(p) for p in pair) for pair in padding)
     return _hwio_conv(lhs, rhs, tuple(window_strides), padding, dims, precision)
+
+
+def is_same_3x3(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                feature_group_count=1, kwargs=None) -> bool:
+    """Whether lax.conv_general_dilated's arguments make a 3x3 'same' convolution: NHWC input, HWIO kernel,
+    stride 1, padding 1 on every side, no dilation or groups (the ADM UNet's 3x3 convolutions)."""
+    return (
+        lhs.ndim == 4 and rhs.ndim == 4 and rhs.shape[:2] == (3, 3)
+        and tuple(window_strides) == (1, 1)
+        and not isinstance(padding, str) and tuple(tuple(int(p) for p in pair) for pair in padding) == ((1, 1), (1, 1))
+        and all(d in (None, 1) for d in (lhs_dilation or (1,)) + (rhs_dilation or (1,)))
+        and feature_group_count == 1 and not kwargs
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+    )

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from spgd_jax.models.adm._attention import attention
 from spgd_jax.models.adm._config import NUM_CLASSES, UNetConfig
-from spgd_jax.models.adm import _winograd
+from spgd_jax.models.adm import _onednn
 from spgd_jax.models.adm._conv import conv_general_dilated
 from spgd_jax.models.adm._group_norm import GroupNorm32
 
@@ -51,7 +51,7 @@ def _conv3(features: int, dtype: Any, name: str, strides: int = 1, zero: bool = 
         padding=((1, 1), (1, 1)),
         dtype=dtype,
         kernel_init=_zeros if zero else _torch_kernel_init,
-        conv_general_dilated=_winograd.conv_general_dilated,
+        conv_general_dilated=_onednn.conv_general_dilated,
         name=name,
     )
 

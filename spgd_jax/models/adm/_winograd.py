@@ -28,7 +28,6 @@ from spgd_jax.models.adm import _conv
 
 __all__ = ["conv_general_dilated", "winograd_conv3x3"]
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
 # F(2x2, 3x3)'s kernel transform G (4x3); the input transform B^T and output transform A^T are written
 # out below as sums and differences of rows (B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]],
 # A^T = [[1,1,1,0],[0,1,-1,-1]]).
@@ -80,7 +79,7 @@ def _backward(residuals, g):
     if x is None:
         return dx, None
     _, kernel_vjp = jax.vjp(
-        lambda k: lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC), kernel)
+        lambda k: lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_conv.NHWC), kernel)
     return dx, kernel_vjp(g)[0]
 
 
@@ -90,15 +89,10 @@ winograd_conv3x3.defvjp(_forward, _backward, symbolic_zeros=True)
 def _takes_winograd(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                     feature_group_count, kwargs) -> bool:
     return (
-        lhs.ndim == 4 and rhs.shape[:2] == (3, 3)
-        and lhs.dtype == jnp.bfloat16
+        lhs.dtype == jnp.bfloat16
         and jax.default_backend() == "cpu"
-        and tuple(window_strides) == (1, 1)
-        and not isinstance(padding, str) and tuple(tuple(int(p) for p in pair) for pair in padding) == ((1, 1), (1, 1))
-        and all(d in (None, 1) for d in (lhs_dilation or (1,)) + (rhs_dilation or (1,)))
-        and feature_group_count == 1 and not kwargs
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+        and _conv.is_same_3x3(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                              feature_group_count, kwargs)
         and lhs.shape[1] % 2 == 0 and lhs.shape[2] % 2 == 0
     )
 
