@@ -112,8 +112,9 @@ CPU64_NOTE = (
     "of vmap of the per-image gradient) measured no faster (69 / 75 against 67-79 / 62-64 ms per image-NFE at "
     "batch 1 / 4). XLA:CPU runs bfloat16 convolutions in float32 (as fast as float32 ones) and its plain "
     "bfloat16 dots without the CPU's BF16 instructions (a 2048^2 matmul at 180 GFLOP/s against 213 in float32, "
-    "PyTorch's oneDNN 432), but its YNNPACK dots multiply bfloat16 at up to 376: the bfloat16 rows run the UNet's "
-    "3x3 convolutions as Winograd F(2x2, 3x3) with bfloat16 channel products (spgd_jax/models/adm/_winograd.py)."
+    "PyTorch's oneDNN 432), but its YNNPACK dots multiply bfloat16 at up to 376. The bfloat16 rows run the UNet's "
+    "3x3 convolutions through oneDNN where it can be set up (spgd_jax/xla_setup/onednn.py; AMX on CPUs that have "
+    "it), else as Winograd F(2x2, 3x3) with bfloat16 channel products (spgd_jax/models/adm/_winograd.py)."
 )
 
 PRESETS = {

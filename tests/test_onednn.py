@@ -185,3 +185,21 @@ def test_a_stored_program_that_calls_it_runs_in_a_fresh_process(tmp_path):
     assert "sum 19360.0" in first.stdout and "sum 19360.0" in second.stdout
     assert len(list((tmp_path / "cache" / "executables").glob("*.bin"))) == 1
     assert "ExecutableStoreWarning" not in second.stderr  # read back, not compiled again after a failed read
+
+
+def test_a_float32_process_compiles_no_handler(tmp_path):
+    code = f"""
+        import jax, jax.numpy as jnp
+        from spgd_jax.models.adm import _onednn
+        from spgd_jax.xla_setup import enable_compilation_cache, executables, onednn
+        enable_compilation_cache({str(tmp_path / "cache")!r})
+        x, k = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 5))
+        conv = lambda x, k: _onednn.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        program = executables.load_or_compile(jax.jit(conv), (x, k), ("float32-test", 1))
+        print("sum", float(program(x, k).sum()), "fingerprint", onednn.fingerprint(), onednn.route.cache_info().currsize)
+    """
+    run = _fresh(code, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    assert run.returncode == 0, run.stderr
+    assert "sum 9680.0 fingerprint onednn-" in run.stdout and run.stdout.strip().endswith(" 0")
+    assert not list(tmp_path.rglob("*.so"))

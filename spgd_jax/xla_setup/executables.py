@@ -89,9 +89,9 @@ def _versions() -> tuple:
 def _process() -> tuple:
     """What a process compiles for, besides its flags and config: versions, source, devices."""
     devices = [(d.id, d.platform, d.device_kind, d.process_index) for d in jax.devices()]
-    # The CPU's convolution route: its programs call oneDNN's handler, which route() also registers before a
-    # stored program that calls it is read back.
-    convolutions = onednn.route() if devices[0][1] == "cpu" else None
+    # The CPU's bfloat16 convolution route (oneDNN's handler, registered here when built, so that a stored
+    # program that calls it can be read back; nothing is compiled for a process that never needs it).
+    convolutions = onednn.fingerprint() if devices[0][1] == "cpu" else None
     return (_versions(), _source_digest(), jax.devices()[0].client.platform_version, jax.process_count(),
             tuple(devices), convolutions)
 

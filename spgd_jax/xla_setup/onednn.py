@@ -4,8 +4,9 @@ XLA:CPU runs a bfloat16 convolution through Eigen in float32: it never uses the 
 the CPUs that have them. oneDNN (the library behind PyTorch's CPU convolutions) has direct bfloat16
 convolutions that do. On a 2-core Intel Xeon with AMX, batch 4, a 64 px 32->32 convolution took 2.2 ms
 through XLA and 0.6 ms through oneDNN, and the default prior's SPGD step in bfloat16 (forward and input
-gradient) was 1.4x faster at batch 4 and 1.6x at batch 1 than with XLA's convolutions (float32 gained nothing
-from oneDNN there, so only bfloat16 takes this route; benchmarks/results/speed_cpu-2core-xeon-default64.md).
+gradient) was 1.4x faster at batch 4 and 1.6x at batch 1 than with spgd-jax's Winograd route before it
+(interleaved processes, load 1.6-1.9). oneDNN's float32 convolutions made the float32 step no faster there, so
+only bfloat16 takes this route (benchmarks/results/speed_cpu-2core-xeon-default64.md).
 
 The handler is compiled on first use with the system's C++ compiler (`c++`, or $CXX) against the oneDNN
 wheels `onednn-cpu-gomp` (the library) and `onednn-devel-cpu-gomp` (its headers), dependencies of spgd-jax
@@ -34,7 +35,7 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["ENV_OFF", "TARGET", "OnednnUnavailableWarning", "conv_target", "route"]
+__all__ = ["ENV_OFF", "TARGET", "OnednnUnavailableWarning", "conv_target", "fingerprint", "route"]
 
 ENV_OFF = "SPGD_JAX_ONEDNN"
 TARGET = "spgd_onednn_conv2d"
@@ -61,23 +62,38 @@ def _wheel_file(wheel: str, suffix: str) -> Path:
     raise RuntimeError(f"the {wheel} wheel has no {suffix}; reinstall it (pip install --force-reinstall {wheel})")
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "spgd-jax"
+def _ineligible() -> str | None:
+    """Why this process takes no oneDNN route without trying (turned off, another platform), else None."""
+    if os.environ.get(ENV_OFF, "") == "0":
+        return f"turned off ({ENV_OFF}=0)"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"oneDNN's wheels are for Linux x86-64, not {platform.system()} {platform.machine()}"
+    return None
 
 
-def _build(library: Path, include: Path) -> Path:
-    """Compiles onednn_conv.cc into the cache (once per digest); returns the shared library's path."""
-    import jax.ffi  # noqa: PLC0415 (the XLA FFI headers' folder; JAX is imported by the caller already)
-    import jaxlib  # noqa: PLC0415
+def _locations() -> tuple[Path, Path, list[Path]]:
+    """oneDNN's library, its include folder, and the places of the compiled handler (the cache, then a
+    temporary folder), named by a digest of the source, jaxlib's version and oneDNN's library."""
+    import jaxlib  # noqa: PLC0415 (importing spgd_jax stays free of JAX)
 
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), metadata.version(_LIBRARY_WHEEL).encode(),
-                                        str(library).encode()])).hexdigest()[:16]
-    for root in (_cache_root(), Path(tempfile.gettempdir()) / f"spgd-jax-{os.getuid()}"):
-        target = root / f"onednn-{digest}" / "libspgd_onednn_conv.so"
+    library = _wheel_file(_LIBRARY_WHEEL, "libdnnl.so.3")
+    include = _wheel_file(_HEADER_WHEEL, "oneapi/dnnl/dnnl.hpp").parents[2]
+    digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(),
+                                        metadata.version(_LIBRARY_WHEEL).encode(), str(library).encode()]))
+    folder = f"onednn-{digest.hexdigest()[:16]}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spgd-jax"
+    roots = (cache, Path(tempfile.gettempdir()) / f"spgd-jax-{os.getuid()}")
+    return library, include, [root / folder / "libspgd_onednn_conv.so" for root in roots]
+
+
+def _build(library: Path, include: Path, targets: list[Path]) -> Path:
+    """The first of `targets` that exists, else onednn_conv.cc compiled into the first writable one."""
+    import jax.ffi  # noqa: PLC0415 (the XLA FFI headers' folder)
+
+    for target in targets:
         if target.exists():
             return target
+    for target in targets:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError:
@@ -97,33 +113,46 @@ def _build(library: Path, include: Path) -> Path:
         finally:
             partial.unlink(missing_ok=True)
         return target
-    raise RuntimeError(f"no writable folder for the compiled library ({_cache_root()} nor {tempfile.gettempdir()})")
+    raise RuntimeError(f"no writable folder for the compiled library ({', '.join(str(t.parent) for t in targets)})")
 
 
 @functools.lru_cache(maxsize=1)
 def route() -> tuple[str | None, str]:
     """(TARGET, the library's path) once the handler is registered with XLA:CPU, or (None, why not). Built,
     loaded and registered on the first call of the process (see the module docstring)."""
-    if os.environ.get(ENV_OFF, "") == "0":
-        return None, f"turned off ({ENV_OFF}=0)"
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"oneDNN's wheels are for Linux x86-64, not {platform.system()} {platform.machine()}"
+    why = _ineligible()
+    if why is not None:
+        return None, why
     import jax  # noqa: PLC0415 (importing spgd_jax stays free of JAX)
 
     try:
-        library = _wheel_file(_LIBRARY_WHEEL, "libdnnl.so.3")
-        header = _wheel_file(_HEADER_WHEEL, "oneapi/dnnl/dnnl.hpp")
-        path = _build(library, header.parents[2])
+        path = _build(*_locations())
         handle = ctypes.CDLL(str(path))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(handle, _SYMBOL)), platform="cpu")
     except (RuntimeError, OSError, AttributeError, subprocess.SubprocessError) as error:
         why = str(error) or type(error).__name__
-        warnings.warn(f"spgd_jax could not set up oneDNN's bfloat16 convolutions ({why}), so XLA's own run: "
+        warnings.warn(f"spgd_jax could not set up oneDNN's bfloat16 convolutions ({why}), so they run as before: "
                       f"bfloat16 UNets about 1.5x slower on a Xeon with AMX (float32 is unaffected). Set "
-                      f"{ENV_OFF}=0 to use XLA's without this warning.", OnednnUnavailableWarning, stacklevel=3)
+                      f"{ENV_OFF}=0 to skip oneDNN without this warning.", OnednnUnavailableWarning, stacklevel=3)
         return None, why
     _LOADED.append(handle)
     return TARGET, str(path)
+
+
+def fingerprint() -> str:
+    """What decides the bfloat16 convolution route, found without compiling anything (for the keys of stored
+    programs): why there is none, or the handler's folder name (its digest). A handler already built is
+    registered here, so that a stored program that calls it can be read back."""
+    why = _ineligible()
+    if why is not None:
+        return why
+    try:
+        _, _, targets = _locations()
+    except RuntimeError as error:
+        return str(error)
+    if any(target.exists() for target in targets):
+        route()
+    return targets[0].parent.name
 
 
 def conv_target() -> str | None:

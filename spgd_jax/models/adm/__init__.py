@@ -23,10 +23,11 @@ matmuls and element-wise ops in bfloat16 like guided-diffusion's use_fp16, while
 GroupNorm and the attention softmax are computed in float32 and the time
 embedding and the output head stay float32. Parameters are always float32.
 On the CPU, XLA converts bfloat16 convolutions to float32, so there the torso's
-3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) with bfloat16 channel
-products instead (``_winograd``; on a 2-core AMD EPYC SPGD 1.1-1.2x faster at batch 4,
-as fast at 1, slower at 8, where its transformed tiles leave the caches; on a 2-core
-Intel Xeon with AMX 0.8-1.0x float32 at batch 4: the transforms dominate there).
+3x3 stride-1 convolutions run through oneDNN instead (``_onednn``, with AMX or
+AVX512-BF16 where the CPU has them; on a 2-core Intel Xeon with AMX SPGD 1.4x
+faster than float32 at batch 1, 1.2x at batch 4), or, where oneDNN cannot be set
+up (spgd_jax.xla_setup.onednn), as Winograd F(2x2, 3x3) with bfloat16 channel
+products (``_winograd``; on a 2-core AMD EPYC 1.1-1.2x faster at batch 4).
 'float32' leaves convolutions and matmuls at JAX's default precision, which on
 recent NVIDIA GPUs is TF32; wrap calls in ``jax.default_matmul_precision("highest")``
 for true float32 arithmetic there.
