@@ -313,3 +313,18 @@ def test_stream_bandwidth_writes_one_figure_per_array_size(tmp_path):
     assert all(0.01 < gbps < 10_000 for _, gbps in result["gbps"]), result["gbps"]  # GB/s, not bytes/s or GiB/ms
     table = (tmp_path / "stream_bandwidth_t.md").read_text()
     assert "| 0.05 |" in table and "| 0.2 |" in table and "load average" in table
+
+
+def test_conv_shapes_times_every_route_of_every_shape(tmp_path):
+    from benchmarks import conv_shapes
+
+    assert conv_shapes.main(["--tag", "t", "--out", str(tmp_path), "--batch", "1", "--repeats", "1"]) == 0
+    result = json.loads((tmp_path / "conv_shapes_t.json").read_text())
+    assert [(r["px"], r["in"], r["out"]) for r in result["rows"]] == list(conv_shapes.SHAPES)
+    expected = {"xla float32", "xla bfloat16", "winograd bfloat16", "torch float32", "torch bfloat16"}
+    if result["onednn"].startswith("/"):  # the handler's path: the route was set up
+        expected.add("onednn bfloat16")
+    for row in result["rows"]:
+        assert set(row["ms"]) == expected and all(0 < ms < 10_000 for ms in row["ms"].values()), row
+    table = (tmp_path / "conv_shapes_t.md").read_text()
+    assert "| 64 | 32 -> 32 |" in table and "load average" in table and "GFLOP/s" in table
