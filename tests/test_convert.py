@@ -6,9 +6,11 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -156,7 +158,8 @@ def test_save_load_round_trip(tmp_path, tiny_params):
     assert meta.config == TINY
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, tiny_params)
     assert json.loads((path / "config.json").read_text()) == {"family": "adm", "preconditioning": "vp",
-                                                              "config": TINY.to_dict()}
+                                                              "config": TINY.to_dict(),
+                                                              "params_sha256": checkpoint.params_digest(tiny_params)}
     assert leftovers(tmp_path, {"ckpt"}) == []
 
 
@@ -300,3 +303,20 @@ def test_cli_errors_exit_2_with_a_message(tmp_path, capsys, tiny_params):
     assert meta.config == TINY
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, to_flax_params(
         {k: v.numpy() for k, v in reference_state_dict(TINY).items()}, TINY))
+
+
+def test_params_changed_on_disk_are_refused_by_their_recorded_digest(tmp_path, tiny_params):
+    # Orbax keeps incompressible arrays as raw blocks without a checksum: bytes changed inside one read back
+    # without an error. Here the params of another checkpoint (one value apart) stand in for damaged ones.
+    path = checkpoint.save(tmp_path / "ckpt", tiny_params, TINY)
+    assert json.loads((path / "config.json").read_text())["params_sha256"] == checkpoint.params_digest(tiny_params)
+    flat = flax.traverse_util.flatten_dict(tiny_params)
+    name = sorted(flat)[0]
+    changed = {**flat, name: np.asarray(flat[name]).copy()}
+    changed[name].flat[0] += 1e-3
+    other = checkpoint.save(tmp_path / "other", flax.traverse_util.unflatten_dict(changed), TINY)
+    shutil.rmtree(path / "params")
+    shutil.copytree(other / "params", path / "params")
+    with pytest.raises(ValueError, match=r"params in .* are damaged: their sha256 is not the one config.json recorded"):
+        checkpoint.load(path)
+    checkpoint.load(other)  # its own digest matches

@@ -2,8 +2,13 @@
 
 A checkpoint is a directory::
 
-    <path>/config.json   {"family": "adm", "preconditioning": "vp", "config": {...the family config...}}
+    <path>/config.json   {"family": "adm", "preconditioning": "vp", "config": {...the family config...},
+                          "params_sha256": "..."}
     <path>/params/       orbax PyTree checkpoint of the Flax params tree (float32)
+
+`params_sha256` (params_digest) is checked by ``load``: orbax stores incompressible arrays (random or trained
+weights) as raw blocks without a checksum, so bytes damaged on disk would otherwise load without an error and
+the sampler diverge. A config.json without it (written before spgd-jax recorded it) loads unchecked.
 
 The family is a name in `spgd_jax.models.FAMILIES`, the preconditioning one in
 `spgd_jax.denoisers.PRECONDITIONINGS` (stored as given: a denoiser built from the checkpoint checks it).
@@ -16,6 +21,7 @@ previous state or a complete checkpoint, never a partial one. Building a denoise
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -30,7 +36,7 @@ from flax import traverse_util
 from spgd_jax import models
 
 __all__ = ["CONFIG_FILE", "PARAMS_DIR", "SHOWN_PER_KIND", "Checkpoint", "check_params", "load", "load_config",
-           "mismatch_lines", "save"]
+           "mismatch_lines", "params_digest", "save"]
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -90,6 +96,15 @@ def mismatch_lines(missing: list[str], unexpected: list[str], misshaped: list[st
     return lines
 
 
+def params_digest(params: dict) -> str:
+    """sha256 (hex) of a params tree: every leaf's path, shape and float32 bytes, in path order."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(traverse_util.flatten_dict(params).items()):
+        array = np.ascontiguousarray(np.asarray(leaf, dtype=np.float32))
+        digest.update(repr(("/".join(path), array.shape)).encode() + array.tobytes())
+    return digest.hexdigest()
+
+
 def _orbax():
     import orbax.checkpoint as ocp  # imported on use: slow to import, only needed here
 
@@ -141,7 +156,8 @@ def save(path: str | Path, params: dict, config: Any, overwrite: bool = False,
         params = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype=np.float32), params)
         with _orbax() as writer:
             writer.save(tmp / PARAMS_DIR, params)
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+        record = {**meta.to_dict(), "params_sha256": params_digest(params)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if path.exists():  # overwrite: move the old one aside, put the new one in place, then delete
             path.rename(old)
         tmp.rename(path)
@@ -190,4 +206,9 @@ def load(path: str | Path) -> tuple[dict, Checkpoint]:
                          f"{type(e).__name__}: {e}") from None
     _filter_late_read_callbacks(False)
     check_params(params, meta.config)
+    recorded = json.loads((path / CONFIG_FILE).read_text()).get("params_sha256")
+    if recorded is not None and params_digest(params) != recorded:
+        raise ValueError(f"the params in {params_dir} are damaged: their sha256 is not the one {CONFIG_FILE} "
+                         "recorded when they were written. Use a good copy of the checkpoint, or write it again "
+                         "(python -m spgd_jax.convert, or the training run's checkpoint)")
     return jax.device_put(params), meta  # one transfer: jnp.asarray per leaf compiled a program each (~0.3 s)
