@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 
 from benchmarks.speed_setup import loadavg, write_report
-from spgd_jax.models.adm import _onednn, _winograd
+from spgd_jax.models.adm import onednn_conv3x3, winograd_conv3x3
 from spgd_jax.xla_setup import onednn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,10 +61,10 @@ def routes(batch: int, size: int, c: int, d: int) -> dict[str, float]:
     found = {"xla float32": time_ms(lambda: xla(x, k).block_until_ready()),
              "xla bfloat16": time_ms(lambda: xla(xb, kb).block_until_ready())}
     if onednn.conv_target() is not None:
-        program = jax.jit(_onednn.onednn_conv3x3)
+        program = jax.jit(onednn_conv3x3)
         found["onednn bfloat16"] = time_ms(lambda: program(xb, kb).block_until_ready())
     if size % 2 == 0:
-        program = jax.jit(_winograd.winograd_conv3x3)
+        program = jax.jit(winograd_conv3x3)
         found["winograd bfloat16"] = time_ms(lambda: program(xb, kb).block_until_ready())
     try:
         import torch  # noqa: PLC0415 (the benchmarks' optional reference)

@@ -32,6 +32,10 @@ products (``_winograd``; on a 2-core AMD EPYC 1.1-1.2x faster at batch 4).
 recent NVIDIA GPUs is TF32; wrap calls in ``jax.default_matmul_precision("highest")``
 for true float32 arithmetic there.
 
+The two bfloat16 3x3 convolution routes are public for benchmarks and for users' own networks:
+``onednn_conv3x3(x, kernel)`` (once ``spgd_jax.xla_setup.onednn.conv_target()`` is not None) and
+``winograd_conv3x3(x, kernel)``; x (B, H, W, C), kernel (3, 3, C, D), 'same' padding, stride 1.
+
 Parameter names mirror guided-diffusion's state-dict keys (spgd_jax.convert.guided_diffusion
 maps one to the other).
 """
@@ -39,6 +43,8 @@ maps one to the other).
 from spgd_jax.models.adm._config import CONFIGS, DEFAULT_CHANNEL_MULT, NUM_CLASSES, UNetConfig
 from spgd_jax.models.adm._family import ADM  # the family, registered at its definition
 from spgd_jax.models.adm._network import UNet, init_shapes, param_count, timestep_embedding
+from spgd_jax.models.adm._onednn import onednn_conv3x3
+from spgd_jax.models.adm._winograd import winograd_conv3x3
 
-__all__ = ["ADM", "CONFIGS", "DEFAULT_CHANNEL_MULT", "NUM_CLASSES", "UNet", "UNetConfig", "init_shapes", "param_count",
-           "timestep_embedding"]
+__all__ = ["ADM", "CONFIGS", "DEFAULT_CHANNEL_MULT", "NUM_CLASSES", "UNet", "UNetConfig", "init_shapes", "onednn_conv3x3",
+           "param_count", "timestep_embedding", "winograd_conv3x3"]
