@@ -2,8 +2,9 @@
 
 XLA:CPU runs a bfloat16 convolution through Eigen in float32: it never uses the AVX512-BF16 or AMX units of
 the CPUs that have them. oneDNN (the library behind PyTorch's CPU convolutions) has direct bfloat16
-convolutions that do. On a 2-core Intel Xeon with AMX, batch 4, a 64 px 32->32 convolution took 2.2 ms
-through XLA and 0.6 ms through oneDNN, and the default prior's SPGD step in bfloat16 (forward and input
+convolutions that do. On a 2-core Intel Xeon with AMX, batch 4, a 64 px 32->32 convolution took 1.2 ms
+through XLA (float32; 1.6 in bfloat16) and 0.13 ms through oneDNN (benchmarks/results/conv_shapes_cpu-2core-
+xeon.md), and the default prior's SPGD step in bfloat16 (forward and input
 gradient) was 1.4x faster at batch 4 and 1.6x at batch 1 than with spgd-jax's Winograd route before it
 (interleaved processes, load 1.6-1.9). oneDNN's float32 convolutions made the float32 step no faster there, so
 only bfloat16 takes this route (benchmarks/results/speed_cpu-2core-xeon-default64.md).
@@ -47,7 +48,7 @@ _LOADED: list[ctypes.CDLL] = []  # the loaded library, kept alive for the proces
 
 
 class OnednnUnavailableWarning(UserWarning):
-    """oneDNN's convolutions could not be set up on a CPU where they were expected; XLA's run instead."""
+    """oneDNN's bfloat16 convolutions could not be set up on a CPU where they were expected (they run as before)."""
 
 
 def _wheel_file(wheel: str, suffix: str) -> Path:
