@@ -97,6 +97,17 @@ def test_runs_inside_scan_and_an_empty_batch():
     assert _onednn.onednn_conv3x3(x[:0], kernel).shape == (0, 8, 8, 4)
 
 
+def test_wrong_inputs_are_clear_errors(monkeypatch):
+    x, kernel = _inputs((1, 8, 8, 4, 4))
+    with pytest.raises(TypeError, match="takes bfloat16 x and kernel, got float32 and bfloat16"):
+        _onednn.onednn_conv3x3(x.astype(jnp.float32), kernel)
+    with pytest.raises(ValueError, match=r"kernel \(3, 3, C, D\), got \(1, 8, 8, 4\) and \(3, 3, 5, 4\)"):
+        _onednn.onednn_conv3x3(x, jnp.zeros((3, 3, 5, 4), jnp.bfloat16))
+    monkeypatch.setattr(onednn, "conv_target", lambda: None)
+    with pytest.raises(RuntimeError, match="not available here .* use winograd_conv3x3"):
+        _onednn.onednn_conv3x3(x, kernel)
+
+
 def test_only_bfloat16_same_3x3_convolutions_on_the_cpu_take_the_route(monkeypatch):
     calls = []
     monkeypatch.setattr(_onednn, "onednn_conv3x3", lambda x, k: calls.append(x.shape) or _plain(x, k))

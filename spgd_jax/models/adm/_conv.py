@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["NHWC", "conv_general_dilated", "is_same_3x3"]
+__all__ = ["NHWC", "conv_general_dilated", "is_same_3x3", "with_same_3x3_gradient"]
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -97,3 +97,26 @@ def is_same_3x3(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
     )
+
+
+def with_same_3x3_gradient(conv):
+    """`conv(x, kernel)`, a 3x3 'same' stride-1 convolution (x (B, H, W, C), kernel (3, 3, C, D)), as a custom_vjp:
+    the input gradient is `conv` of the output gradient with the kernel flipped in space and its in/out axes
+    swapped; the kernel gradient is lax's, traced only when the kernel is differentiated (training), so that
+    the samplers' input gradient keeps no x for it."""
+    rule = jax.custom_vjp(conv)
+
+    def forward(x, kernel):
+        return rule(x.value, kernel.value), (x.value if kernel.perturbed else None, kernel.value)
+
+    def backward(residuals, g):
+        x, kernel = residuals
+        dx = conv(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3)).astype(g.dtype)
+        if x is None:
+            return dx, None
+        _, kernel_vjp = jax.vjp(lambda k: lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                                   dimension_numbers=NHWC), kernel)
+        return dx, kernel_vjp(g)[0]
+
+    rule.defvjp(forward, backward, symbolic_zeros=True)
+    return rule

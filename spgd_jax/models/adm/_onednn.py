@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from spgd_jax.models.adm import _conv, _winograd
 from spgd_jax.xla_setup import onednn
@@ -25,35 +24,20 @@ from spgd_jax.xla_setup import onednn
 __all__ = ["conv_general_dilated", "onednn_conv3x3"]
 
 
-def _same_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    out = jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], x.dtype)
-    return jax.ffi.ffi_call(onednn.TARGET, out, vmap_method="expand_dims")(x, kernel)
-
-
-@jax.custom_vjp
+@_conv.with_same_3x3_gradient
 def onednn_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x (B, H, W, C), kernel (3, 3, C, D), both bfloat16 -> (B, H, W, D) bfloat16; the CPU only, once
     spgd_jax.xla_setup.onednn.conv_target() is not None."""
-    return _same_conv(x, kernel)
-
-
-def _forward(x, kernel):
-    # x is kept for the kernel's gradient only, and only when the kernel is differentiated (training): the
-    # samplers' input gradient then traces no kernel gradient.
-    return onednn_conv3x3(x.value, kernel.value), (x.value if kernel.perturbed else None, kernel.value)
-
-
-def _backward(residuals, g):
-    x, kernel = residuals
-    dx = _same_conv(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3))
-    if x is None:
-        return dx, None
-    _, kernel_vjp = jax.vjp(
-        lambda k: lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_conv.NHWC), kernel)
-    return dx, kernel_vjp(g)[0]
-
-
-onednn_conv3x3.defvjp(_forward, _backward, symbolic_zeros=True)
+    if onednn.conv_target() is None:
+        raise RuntimeError(f"oneDNN's convolution is not available here ({onednn.route()[1]}); use "
+                           "winograd_conv3x3 or lax.conv_general_dilated")
+    if x.dtype != jnp.bfloat16 or kernel.dtype != jnp.bfloat16:
+        raise TypeError(f"onednn_conv3x3 takes bfloat16 x and kernel, got {x.dtype} and {kernel.dtype}")
+    if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]) or kernel.ndim != 4:
+        raise ValueError(f"onednn_conv3x3 takes x (B, H, W, C) and kernel (3, 3, C, D), got {x.shape} and "
+                         f"{kernel.shape}")
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], x.dtype)
+    return jax.ffi.ffi_call(onednn.TARGET, out, vmap_method="expand_dims")(x, kernel)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

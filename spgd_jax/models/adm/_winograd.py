@@ -22,7 +22,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from spgd_jax.models.adm import _conv
 
@@ -61,29 +60,10 @@ def _winograd(x: jax.Array, kernel: jax.Array, product_dtype) -> jax.Array:
     return _output_transform(m).astype(x.dtype)
 
 
-@jax.custom_vjp
+@_conv.with_same_3x3_gradient
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x (B, H, W, C) with H, W even, kernel (3, 3, C, D) -> (B, H, W, D) in x's dtype; bfloat16 products."""
     return _winograd(x, kernel, jnp.bfloat16)
-
-
-def _forward(x, kernel):
-    # x is kept for the kernel's gradient only, and only when the kernel is differentiated (training): the
-    # samplers' input gradient then traces no kernel gradient.
-    return winograd_conv3x3(x.value, kernel.value), (x.value if kernel.perturbed else None, kernel.value)
-
-
-def _backward(residuals, g):
-    x, kernel = residuals
-    dx = _winograd(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), jnp.bfloat16).astype(g.dtype)
-    if x is None:
-        return dx, None
-    _, kernel_vjp = jax.vjp(
-        lambda k: lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_conv.NHWC), kernel)
-    return dx, kernel_vjp(g)[0]
-
-
-winograd_conv3x3.defvjp(_forward, _backward, symbolic_zeros=True)
 
 
 def _takes_winograd(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
