@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.compute import COMPUTE
 from benchmarks.quality_jobs import TABLE1_TASKS, Job, plan, table1_methods
 from spgd_jax import default_weights_path, make_denoiser, metrics, models, operators
 from spgd_jax.io import checkpoint, images
@@ -78,8 +79,10 @@ def make_program(unet_config, operator, config, x_shape, dtype: str, samples: in
     unet_config: the network's config (any registered family's; the prior's is an ADM UNetConfig).
     samples > 1: x is the posterior mean of that many samples per image (posterior_keys: the restore
     command's samples), over those that did not diverge; diverged if every one of them diverged. The
-    samples run one after another (lax.map), so the memory is that of one sample per image."""
+    samples run one after another (lax.map), so the memory is that of one sample per image. dtype: a key of
+    benchmarks.compute.COMPUTE."""
     forward = forward_for(config, operator)
+    network_dtype, precision = COMPUTE[dtype]
 
     def one_sample(denoiser, y, op_params, keys, values):
         if values is None:
@@ -89,12 +92,13 @@ def make_program(unet_config, operator, config, x_shape, dtype: str, samples: in
         return result.x, result.diverged
 
     def program(unet_params, y, op_params, keys, values):
-        denoiser = make_denoiser(unet_config, unet_params, dtype=dtype)
-        if samples == 1:
-            return one_sample(denoiser, y, op_params, keys, values)
-        by_sample = jnp.moveaxis(posterior_keys(keys, samples).reshape(len(y), samples), 1, 0)  # (K, B)
-        x, diverged = jax.lax.map(lambda k: one_sample(denoiser, y, op_params, k, values), by_sample)
-        return posterior_mean(jnp.moveaxis(x, 0, -4), jnp.moveaxis(diverged, 0, -1))
+        with jax.default_matmul_precision(precision):  # set while tracing, in whichever thread traces
+            denoiser = make_denoiser(unet_config, unet_params, dtype=network_dtype)
+            if samples == 1:
+                return one_sample(denoiser, y, op_params, keys, values)
+            by_sample = jnp.moveaxis(posterior_keys(keys, samples).reshape(len(y), samples), 1, 0)  # (K, B)
+            x, diverged = jax.lax.map(lambda k: one_sample(denoiser, y, op_params, k, values), by_sample)
+            return posterior_mean(jnp.moveaxis(x, 0, -4), jnp.moveaxis(diverged, 0, -1))
 
     return jax.jit(program)
 

@@ -42,7 +42,7 @@ class Job:
     config: object  # a registered sampler's config
     values: tuple[float, ...] | None = None
     tuned_by: str | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"  # a key of benchmarks.compute.COMPUTE
     samples: int = 1
     tune_only: bool = False  # a sweep over the tuning images alone (its pick feeds later jobs; no table row)
 
@@ -87,6 +87,10 @@ def plan(steps: int, warmup: int, tasks: tuple[str, ...] = TABLE1_TASKS, lr_fact
         jobs.append(Job(f"bf16_spgd_{task}", "bf16", "SPGD bfloat16", task,
                         presets.spgd_config(task, steps=steps, warmup=warmup), tuned_by=f"t1_spgd_{task}",
                         dtype="bfloat16"))
+    for task in tasks:
+        jobs.append(Job(f"bf16conv_spgd_{task}", "bf16", "SPGD float32, bfloat16 convolutions", task,
+                        presets.spgd_config(task, steps=steps, warmup=warmup), tuned_by=f"t1_spgd_{task}",
+                        dtype="float32-bf16conv"))
     for task in (t for t in TABLE2_TASKS if t in tasks):
         for label, n, adm in (("no warm-up, no ADM", 1, "off"), ("ADM only", 1, "paper"),
                               ("warm-up only", warmup, "off")):

@@ -264,7 +264,7 @@ def markdown(rows: list[dict], meta: dict, tuning: list[dict]) -> str:
     titles = {"1": "Table 1: SPGD, the other methods, classical baselines",
               "2": f"Table 2: warm-up x ADM (T = {meta['steps']})",
               "3": f"Table 3: warm-up iterations N (T = {meta['steps']})",
-              "bf16": "bfloat16 compute (float32 params) against float32, SPGD"}
+              "bf16": "bfloat16 compute, or float32 with bfloat16 convolutions (float32 params), against float32, SPGD"}
     for table in ("1", "2", "3", "bf16"):
         chosen = [r for r in rows if r["table"] == table]
         if not chosen:  # the tables below borrow Table 1's rows; they need their own first

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import peak_matmul, roofline, trace_summary
+from benchmarks.compute import COMPUTE
 from benchmarks.speed_setup import (GIB, LR, SEED, XCHECK_RTOL, Deadline, Preset, host_info, is_oom, largest_batch,
                                     loadavg, make_inputs, write_json)
 from spgd_jax import make_denoiser, operators, sample
@@ -197,8 +198,9 @@ class Timings:
     def lower(self, dtype: str, batch: int, variant: str):
         """The lowered program: the whole sampler ('sample': (params, y, key, mask) -> x (batch, S, S, 3)), or
         one likelihood gradient without any loop ('nfe only': (params, y, x, mask) -> its gradient in x);
-        y and x (batch, S, S, 3), mask (batch, S, S, 1), float32; the UNet computes in `dtype`."""
+        y and x (batch, S, S, 3), mask (batch, S, S, 1), float32; the UNet computes as COMPUTE[dtype] says."""
         operator, config, size = self.operator, self.config, self.size
+        dtype, precision = COMPUTE[dtype]
 
         def sampler(p, y, k, mask):
             denoiser = make_denoiser(self.preset.unet, p, dtype=dtype)
@@ -211,9 +213,10 @@ class Timings:
 
         y = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
         mask = jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32)
-        if variant == "sample":
-            return jax.jit(sampler).lower(self.unet_params, y, self.key, mask)
-        return jax.jit(nfe).lower(self.unet_params, y, y, mask)
+        with jax.default_matmul_precision(precision):
+            if variant == "sample":
+                return jax.jit(sampler).lower(self.unet_params, y, self.key, mask)
+            return jax.jit(nfe).lower(self.unet_params, y, y, mask)
 
     def lower_item(self, dtype: str, batch: int, variant: str = "sample") -> dict:
         """A row to be: its framework, variant, dtype, batch, the lowered program and trace_s (seconds)."""
@@ -235,8 +238,9 @@ class Timings:
             if stats and "peak_bytes_in_use" in stats:
                 row["device_peak_bytes_so_far"] = stats["peak_bytes_in_use"]
         row["loadavg_after"] = loadavg()
-        row["precision"] = "bfloat16 compute" if row["dtype"] == "bfloat16" else (
-            f"float32, jax_default_matmul_precision={self.info['jax_default_matmul_precision']}")
+        network_dtype, precision = COMPUTE[row["dtype"]]
+        row["precision"] = "bfloat16 compute" if network_dtype == "bfloat16" else (
+            f"float32, jax_default_matmul_precision={precision or self.info['jax_default_matmul_precision']}")
         print(f"[jax] {row['variant']} {row['dtype']} b{row['batch']}: {row.get('status')} compile "
               f"{row.get('compile_s', float('nan')):.1f} s, run {row.get('run_s', float('nan')):.3f} s for "
               f"{self.preset.timed_steps} outer steps", flush=True)

@@ -90,17 +90,20 @@ def scaling_targets(preset: Preset, sampler: list[dict], torch_rows: list[dict],
     if preset.goals_device != "cpu" or not sampler or not torch_rows:
         return []
     targets = []
-    rate = {r["batch"]: r["images_per_s"] for r in sampler if r["dtype"] == "float32"}
-    batches = sorted(rate)
-    if len(batches) > 1:
+    for dtype in preset.dtypes:
+        rate = {r["batch"]: r["images_per_s"] for r in sampler if r["dtype"] == dtype}
+        batches = sorted(rate)
+        if len(batches) < 2:
+            continue
         rising = all(rate[a] < rate[b] for a, b in zip(batches, batches[1:]))
-        targets.append({"what": f"JAX float32 images/s rises with the batch {', '.join(map(str, batches))}",
+        targets.append({"what": f"JAX {dtype} images/s rises with the batch {', '.join(map(str, batches))}",
                         "value": rate[batches[-1]] / rate[batches[0]], "goal": "rising at every step",
                         "met": rising})
         first, last = batches[0], batches[-1]
         if first in reference and last in reference:
             theirs = reference[last]["images_per_s"] / reference[first]["images_per_s"]
-            targets.append({"what": f"JAX images/s gain batch {first} -> {last} over the reference's ({theirs:.2f}x)",
+            targets.append({"what": f"JAX {dtype} images/s gain batch {first} -> {last} over the reference's "
+                                    f"({theirs:.2f}x)",
                             "value": rate[last] / rate[first] / theirs, "goal": ">= 1x",
                             "met": rate[last] / rate[first] >= theirs})
     best_torch = max(torch_rows, key=lambda r: r["images_per_s"])

@@ -62,7 +62,7 @@ class Preset:
     warmup: int  # N
     timed_steps: int  # outer steps run for timing; times are scaled by steps / timed_steps
     batches: tuple[int, ...]
-    dtypes: tuple[str, ...]
+    dtypes: tuple[str, ...]  # keys of benchmarks.compute.COMPUTE
     torch_batches: tuple[int, ...]
     torch_variants: tuple[str, ...] = ("reference", "tuned")
     largest_batch: bool = False  # also find and time the largest JAX batch that fits in memory
@@ -125,16 +125,17 @@ PRESETS = {
     ),
     "cpu-64": Preset(
         description="CPU, 64x64 UNet (CPU64, 4.47M parameters), T=20, N=5, the CPU's default threads",
-        unet=CPU64, steps=20, warmup=5, timed_steps=4, batches=(1, 2, 4, 8), dtypes=("float32",),
-        torch_batches=(1, 2, 4, 8), torch_variants=("reference", "tuned", "tuned-bf16"),
-        ceiling=(("float32", 4),), profile=("float32", 4), notes=(CPU_NOTE, CPU64_NOTE),
+        unet=CPU64, steps=20, warmup=5, timed_steps=4, batches=(1, 2, 4, 8),
+        dtypes=("float32", "float32-bf16conv"), torch_batches=(1, 2, 4, 8),
+        torch_variants=("reference", "tuned", "tuned-bf16"), ceiling=(("float32", 4),), profile=("float32", 4), notes=(CPU_NOTE, CPU64_NOTE),
         speedup_goals=((1, 2.0), (4, 2.0)), goals_device="cpu",
     ),
     "cpu-default64": Preset(
         description="CPU, the default 64 px prior's UNet (random weights), T=20, N=5, the CPU's default threads",
-        unet=DEFAULT64, steps=20, warmup=5, timed_steps=4, batches=(1, 2, 4, 8), dtypes=("float32", "bfloat16"),
-        torch_batches=(1, 4), torch_variants=("reference", "tuned-bf16"), ceiling=(("float32", 4),),
-        notes=(CPU_NOTE,), speedup_goals=((1, 2.0), (4, 2.0)), goals_device="cpu",
+        unet=DEFAULT64, steps=20, warmup=5, timed_steps=4, batches=(1, 2, 4, 8),
+        dtypes=("float32", "bfloat16", "float32-bf16conv"), torch_batches=(1, 4),
+        torch_variants=("reference", "tuned-bf16"), ceiling=(("float32", 4),), notes=(CPU_NOTE,),
+        speedup_goals=((1, 2.0), (4, 2.0)), goals_device="cpu",
     ),
     "gpu-ffhq256": Preset(
         description="GPU, ffhq256 UNet (random weights), 256x256, T=100, N=5",

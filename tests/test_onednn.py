@@ -67,6 +67,37 @@ def test_gradients_are_the_convolutions_gradients():
         assert _rel(g, r) < 1e-2
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_values_are_the_float32_convolution_of_the_bfloat16_roundings(shape):
+    x, kernel = (a.astype(jnp.float32) + 1e-3 * jax.random.normal(jax.random.key(9), a.shape) for a in _inputs(shape, 6))
+    got = jax.jit(_onednn.onednn_conv3x3)(x, kernel)
+    assert got.dtype == jnp.float32 and got.shape == shape[:3] + (shape[4],)
+    rounded = _plain(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    np.testing.assert_allclose(got, rounded, rtol=1e-5, atol=1e-5)  # float32 sums, not rounded to bfloat16
+    error = _rel(got, _plain(x, kernel))
+    assert 1e-4 < error < 1e-2  # the operands' rounding, nothing more
+
+
+def test_float32_gradients_are_the_convolutions_gradients():
+    x, kernel = (a.astype(jnp.float32) for a in _inputs((2, 8, 10, 16, 8), seed=7))
+    weights = jax.random.normal(jax.random.key(8), (2, 8, 10, 8))
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(jnp.sin(conv(x, k)) * weights)
+
+    got = jax.grad(loss(_onednn.onednn_conv3x3), argnums=(0, 1))(x, kernel)
+    ref = jax.grad(loss(_plain), argnums=(0, 1))(x, kernel)
+    assert got[0].dtype == got[1].dtype == jnp.float32
+    assert 1e-5 < _rel(got[0], ref[0]) < 1e-2  # the input gradient: a convolution of rounded operands again
+    assert _rel(got[1], ref[1]) < 1e-5  # the kernel gradient (training): lax's, in float32
+    # The input gradient is the convolution of the output gradient with the flipped kernel, both rounded.
+    g = jax.random.normal(jax.random.key(10), (2, 8, 10, 8))
+    _, vjp = jax.vjp(_onednn.onednn_conv3x3, x, kernel)
+    flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+    np.testing.assert_allclose(vjp(g)[0], _plain(g.astype(jnp.bfloat16), flipped.astype(jnp.bfloat16)),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_vmap_over_images_kernels_or_both():
     x, kernel = _inputs((3, 6, 8, 8, 4), seed=4)
     kernels = jnp.stack([kernel, -kernel, 2 * kernel])
@@ -99,8 +130,10 @@ def test_runs_inside_scan_and_an_empty_batch():
 
 def test_wrong_inputs_are_clear_errors(monkeypatch):
     x, kernel = _inputs((1, 8, 8, 4, 4))
-    with pytest.raises(TypeError, match="takes bfloat16 x and kernel, got float32 and bfloat16"):
+    with pytest.raises(TypeError, match="both bfloat16 or both float32, got float32 and bfloat16"):
         _onednn.onednn_conv3x3(x.astype(jnp.float32), kernel)
+    with pytest.raises(TypeError, match="got float16 and float16"):
+        _onednn.onednn_conv3x3(x.astype(jnp.float16), kernel.astype(jnp.float16))
     with pytest.raises(ValueError, match=r"kernel \(3, 3, C, D\), got \(1, 8, 8, 4\) and \(3, 3, 5, 4\)"):
         _onednn.onednn_conv3x3(x, jnp.zeros((3, 3, 5, 4), jnp.bfloat16))
     monkeypatch.setattr(onednn, "conv_target", lambda: None)
@@ -130,6 +163,50 @@ def test_only_bfloat16_same_3x3_convolutions_on_the_cpu_take_the_route(monkeypat
     monkeypatch.setattr(_winograd, "winograd_conv3x3", lambda x, k: winograd.append(x.shape) or _plain(x, k))
     _onednn.conv_general_dilated(x, kernel, (1, 1), same, dimension_numbers=dims)
     assert len(calls) == 2 and winograd == [(1, 8, 8, 4)]
+
+
+def test_float32_takes_the_route_only_at_bfloat16_precision(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_onednn, "onednn_conv3x3", lambda x, k: calls.append(x.dtype) or _plain(x, k))
+    x, kernel = (a.astype(jnp.float32) for a in _inputs((1, 8, 8, 4, 4)))
+    conv = lambda x, k, **kw: _onednn.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                          dimension_numbers=_conv.NHWC, **kw)
+    for name in ("bfloat16", "BF16_BF16_F32"):
+        with jax.default_matmul_precision(name):
+            conv(x, kernel)
+    conv(x, kernel, precision="bfloat16")
+    conv(x, kernel, precision=lax.DotAlgorithmPreset.BF16_BF16_F32)
+    assert calls == [jnp.float32] * 4
+    conv(x, kernel)  # JAX's default: XLA's float32 convolution
+    for name in ("float32", "highest", "tensorfloat32", "default"):
+        with jax.default_matmul_precision(name):
+            conv(x, kernel)
+    with jax.default_matmul_precision("bfloat16"):
+        conv(x, kernel, precision=lax.Precision.HIGHEST)  # the call's own precision wins
+        conv(x.astype(jnp.float16), kernel.astype(jnp.float16))
+        _onednn.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_conv.NHWC)  # stride 2
+    assert len(calls) == 4
+
+
+def test_bfloat16_precision_unet_is_close_to_float32_and_retraced():
+    from spgd_jax.models.adm import CONFIGS, UNet
+
+    config = CONFIGS["tiny16"]
+    model = UNet(config)
+    x, t = jax.random.normal(jax.random.key(0), (2, 16, 16, 3)), jnp.array([10.0, 500.0])
+    params = model.init(jax.random.key(1), x, t)["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)  # every weight random (zero-initialised layers hide nothing)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree_util.tree_unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x, t))
+    plain = forward(params, x)
+    with jax.default_matmul_precision("bfloat16"):
+        rounded = forward(params, x)  # the same jitted function, traced again under the new precision
+        text = forward.lower(params, x).as_text()
+    assert onednn.TARGET in text
+    assert 1e-5 < _rel(rounded, plain) < 2e-2
+    np.testing.assert_array_equal(forward(params, x), plain)  # and back: float32 bit for bit
+    assert onednn.TARGET not in forward.lower(params, x).as_text()
 
 
 def _fresh(code: str, **env) -> subprocess.CompletedProcess:
@@ -214,3 +291,18 @@ def test_a_float32_process_compiles_no_handler(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "sum 9680.0 fingerprint onednn-" in run.stdout and run.stdout.strip().endswith(" 0")
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_cpu_with_only_onednns_reference_code_takes_no_route():
+    class Handle:
+        def __init__(self, names):
+            self.SpgdOnednnConvImplementation = lambda f32_out: names[f32_out].encode()
+
+    assert onednn._slow_implementation(Handle(["brgconv:avx512_core_amx"] * 2)) is None
+    why = onednn._slow_implementation(Handle(["ref:any", "ref:any"]))
+    assert why.startswith("oneDNN has no fast bfloat16 convolution for this CPU (it offers ref:any and ref:any)")
+    assert "(it offers jit:avx512_core_bf16 and none)" in onednn._slow_implementation(Handle(["jit:avx512_core_bf16", ""]))
+    # This CPU's own library (the tests run only where it has a fast implementation, for both outputs).
+    import ctypes
+
+    assert onednn._slow_implementation(ctypes.CDLL(onednn.route()[1])) is None

@@ -55,6 +55,23 @@ def test_program_sweep_equals_the_public_sampler_at_each_value():
         assert not np.allclose(swept[0], swept[1])
 
 
+def test_program_with_bfloat16_convolutions_is_the_public_sampler_at_that_precision():
+    from spgd_jax.xla_setup import onednn
+
+    params = _params()
+    x = np.clip(np.random.default_rng(1).normal(0, 0.5, (2, 16, 16, 3)), -1, 1).astype(np.float32)
+    operator, op_params, y = quality_generate.degrade("sr4", x, seed=0)
+    keys, config = quality_generate.sampler_keys(0, 2), presets.spgd_config("sr4", steps=3, warmup=2)
+    run = lambda compute: quality_generate.make_program(CONFIG, operator, config, (16, 16, 3), compute)(
+        params, y, op_params, keys, None)[0][0]
+    rounded, plain = run("float32-bf16conv"), run("float32")
+    with jax.default_matmul_precision("bfloat16"):
+        one = sample(make_denoiser(CONFIG, params), operator.forward, y, keys, config, op_params, x_shape=(16, 16, 3))
+    np.testing.assert_allclose(rounded, one.x, rtol=1e-4, atol=2e-6 * np.abs(one.x).max())
+    if onednn.conv_target() is not None:  # elsewhere the precision changes nothing on the CPU
+        assert not np.allclose(rounded, plain, rtol=1e-4, atol=2e-6 * np.abs(plain).max())
+
+
 def test_program_mean_of_samples_averages_the_runs_of_the_posterior_keys():
     """K samples per image from posterior_keys, as the restore command draws them."""
     params = _params()

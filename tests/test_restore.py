@@ -23,6 +23,7 @@ from spgd_jax.restore import _progress
 from spgd_jax.restore._progress import Cancelled, Progress
 from spgd_jax.restore._run import combine_samples
 from spgd_jax.restore._writers import measurement_picture
+from spgd_jax.xla_setup import onednn
 
 
 def sampler_config(args, tuned):
@@ -94,7 +95,7 @@ def test_any_config_field_is_set_from_the_command_line_with_its_type():
     assert set(choices) == {n for n, s in SAMPLERS.items() if s.conditional} and "euler" not in choices
 
 
-def test_bfloat16_compute_is_recorded_and_close_to_float32(faces, tmp_path):
+def test_reduced_precision_is_recorded_and_close_to_float32(faces, tmp_path):
     # tiny16 with every weight random: its zero-initialised output layers would hide the compute dtype.
     config = CONFIGS["tiny16"]
     params = UNet(config).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,)))["params"]
@@ -102,15 +103,26 @@ def test_bfloat16_compute_is_recorded_and_close_to_float32(faces, tmp_path):
     keys = jax.random.split(jax.random.key(1), len(leaves))
     noisy = [leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
     checkpoint.save(tmp_path / "weights", jax.tree_util.tree_unflatten(tree, noisy), config)
-    runs = {dtype: tmp_path / dtype for dtype in ("float32", "bfloat16")}
-    for dtype, out in runs.items():
-        assert run(faces, str(tmp_path / "weights"), out, "--dtype", dtype) == 0
-        assert json.loads((out / "config.json").read_text())["unet_config"]["dtype"] == dtype
-    got, ref = ([r["residual_rms"] for r in _results(out)[2]] for out in (runs["bfloat16"], runs["float32"]))
-    assert got != ref and np.allclose(got, ref, rtol=0.05)  # another computation, the same restorations nearly
-    # A run continues only with the dtype it began with.
+    flags = {"float32": (), "bfloat16": ("--dtype", "bfloat16"), "conv": ("--conv-precision", "bfloat16")}
+    runs = {name: tmp_path / name for name in flags}
+    for name, out in runs.items():
+        assert run(faces, str(tmp_path / "weights"), out, *flags[name]) == 0
+        recorded = json.loads((out / "config.json").read_text())
+        assert recorded["unet_config"]["dtype"] == ("bfloat16" if name == "bfloat16" else "float32")
+        assert recorded["conv_precision"] == ("bfloat16" if name == "conv" else "float32")
+        assert jax.config.values["jax_default_matmul_precision"] is None  # the process's setting is given back
+    ref = [r["residual_rms"] for r in _results(runs["float32"])[2]]
+    for name in ("bfloat16", "conv"):
+        got = [r["residual_rms"] for r in _results(runs[name])[2]]
+        if name == "conv" and onednn.conv_target() is None:  # a CPU without oneDNN's route: nothing changes
+            assert got == ref
+            continue
+        assert got != ref and np.allclose(got, ref, rtol=0.05)  # another computation, the same restorations nearly
+    # A run continues only with the dtype and convolution precision it began with.
     with pytest.raises(SystemExit, match=r"unet_config.dtype: 'bfloat16' -> 'float32'.*--overwrite"):
         run(faces, str(tmp_path / "weights"), runs["bfloat16"], "--dtype", "float32")
+    with pytest.raises(SystemExit, match=r"conv_precision: 'bfloat16' -> '\(unset\)'.*--overwrite"):
+        run(faces, str(tmp_path / "weights"), runs["conv"])
 
 
 def test_step_sizes_tuned_for_the_default_prior_apply_only_to_it(faces, weights, tmp_path):

@@ -3,6 +3,7 @@ its outputs. Importing this module imports JAX."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from spgd_jax.xla_setup import onednn
 from spgd_jax.xla_setup.compile_cache import enable_compilation_cache
 from spgd_jax.xla_setup.cpu_flags import use_fast_cpu_flags
 from spgd_jax.io.prior import default_weights_path
@@ -46,6 +48,29 @@ def run_command(args, request: Request) -> int:
     initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
     if not args.no_cache:
         enable_compilation_cache()
+    with _conv_precision(args.conv_precision, args.quiet):
+        return _run(args, request, dataset)
+
+
+@contextlib.contextmanager
+def _conv_precision(name: str, quiet: bool):
+    """jax_default_matmul_precision = name ('float32': JAX's default) for the whole process while the run lasts:
+    traced into every program (and part of the stored programs' keys), in the worker threads too (the context
+    manager jax.default_matmul_precision is per thread)."""
+    if name == "float32":
+        yield
+        return
+    before = jax.config.values["jax_default_matmul_precision"]
+    jax.config.update("jax_default_matmul_precision", name)
+    try:
+        if jax.default_backend() == "cpu" and onednn.conv_target() is None and not quiet:
+            print(f"notice: --conv-precision {name} changes nothing on this CPU: {onednn.route()[1]}", file=sys.stderr)
+        yield
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
+
+
+def _run(args, request: Request, dataset: bool) -> int:
     task = args.task
     batch = 4 * jax.local_device_count() if args.batch_size is None else args.batch_size
     weights = Path(args.weights) if args.weights else default_weights_path()
@@ -64,7 +89,8 @@ def run_command(args, request: Request) -> int:
         raise UsageError(f"--sampler {args.sampler} cannot restore {task}: {error}") from None
     if "sigma_y" in {f.name for f in dataclasses.fields(config)} and "sigma_y" not in request.overrides:
         config = dataclasses.replace(config, sigma_y=operator.sigma_y)  # the method's noise model is the task's
-    record = {"weights": str(weights), "unet_config": unet_config.to_dict(), "seed": args.seed,
+    record = {"weights": str(weights), "unet_config": unet_config.to_dict(), "conv_precision": args.conv_precision,
+              "seed": args.seed,
               "samples": args.samples, "devices": [str(d) for d in jax.local_devices()],
               "versions": {"jax": jax.__version__, "spgd_jax": _version()}}
     if dataset:

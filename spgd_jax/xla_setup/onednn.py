@@ -117,6 +117,18 @@ def _build(library: Path, include: Path, targets: list[Path]) -> Path:
     raise RuntimeError(f"no writable folder for the compiled library ({', '.join(str(t.parent) for t in targets)})")
 
 
+def _slow_implementation(handle: ctypes.CDLL) -> str | None:
+    """Why oneDNN's convolutions would not pay on this CPU (it has only its reference code for them, as on CPUs
+    without AVX-512), else None."""
+    implementation = handle.SpgdOnednnConvImplementation
+    implementation.argtypes, implementation.restype = [ctypes.c_int], ctypes.c_char_p
+    names = [implementation(f32_out).decode() for f32_out in (0, 1)]
+    if all(name and "ref" not in name for name in names):
+        return None
+    return (f"oneDNN has no fast bfloat16 convolution for this CPU (it offers {' and '.join(n or 'none' for n in names)}); "
+            f"XLA's convolutions run instead")
+
+
 @functools.lru_cache(maxsize=1)
 def route() -> tuple[str | None, str]:
     """(TARGET, the library's path) once the handler is registered with XLA:CPU, or (None, why not). Built,
@@ -129,6 +141,9 @@ def route() -> tuple[str | None, str]:
     try:
         path = _build(*_locations())
         handle = ctypes.CDLL(str(path))
+        slow = _slow_implementation(handle)
+        if slow is not None:
+            return None, slow
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(handle, _SYMBOL)), platform="cpu")
     except (RuntimeError, OSError, AttributeError, subprocess.SubprocessError) as error:
         why = str(error) or type(error).__name__

@@ -1,15 +1,21 @@
-"""bfloat16 3x3 'same' convolutions on the CPU through oneDNN (the FFI handler of spgd_jax.xla_setup.onednn).
+"""3x3 'same' convolutions with bfloat16 operands on the CPU through oneDNN (the FFI handler of
+spgd_jax.xla_setup.onednn).
 
-The ADM UNet's 3x3 convolutions in bfloat16, on the CPU backend, run as one oneDNN direct convolution each
-(products accumulated in float32; AMX where the CPU has it) when spgd_jax.xla_setup.onednn has the handler
-registered; otherwise, and for everything else, `_winograd.conv_general_dilated` decides (Winograd for
-bfloat16, lax's convolution for the rest). Float32 never takes this route: on a Xeon with AMX, oneDNN's
-float32 convolutions made the default prior's SPGD step no faster than XLA's, so float32 results stay
-XLA's, bit for bit.
+Two kinds of convolution take this route on the CPU backend, once spgd_jax.xla_setup.onednn has the handler
+registered (a CPU with AVX512-BF16 or AMX):
+- bfloat16 ones (UNetConfig(dtype="bfloat16")): bfloat16 in, bfloat16 out;
+- float32 ones asked to run at bfloat16 precision: by `jax.default_matmul_precision("bfloat16")` (or
+  "BF16_BF16_F32") around the call or trace, or by precision="bfloat16" (or lax.DotAlgorithmPreset.BF16_BF16_F32)
+  on the call. The operands are rounded to bfloat16 and the float32 sums come back unrounded: what PyTorch's
+  CPU autocast does to convolutions, and what that precision means for convolutions on TPUs. Everything else
+  (GroupNorm, SiLU, attention, the 1x1 and strided convolutions) stays float32.
+Products accumulate in float32 either way (AMX where the CPU has it). Everything else goes to
+`_winograd.conv_general_dilated` (Winograd for bfloat16, lax's convolution for the rest): float32 at JAX's
+default precision never takes this route, so its results stay XLA's, bit for bit.
 
 The input gradient is the same convolution of the output gradient with the kernel flipped in space and its
-in/out axes swapped; the kernel gradient is lax's (training only). jax.vmap batches the call itself (the
-handler takes leading batch dims of the input and of the kernel).
+in/out axes swapped (same operand rounding); the kernel gradient is lax's, in x's dtype (training only).
+jax.vmap batches the call itself (the handler takes leading batch dims of the input and of the kernel).
 Shapes: x (B, H, W, C), kernel (3, 3, C, D) -> (B, H, W, D), in x's dtype.
 """
 
@@ -21,30 +27,47 @@ import jax.numpy as jnp
 from spgd_jax.models.adm import _conv, _winograd
 from spgd_jax.xla_setup import onednn
 
-__all__ = ["conv_general_dilated", "onednn_conv3x3"]
+__all__ = ["BFLOAT16_PRECISIONS", "conv_general_dilated", "onednn_conv3x3"]
+
+# The precisions (jax.default_matmul_precision's names, or lax.DotAlgorithmPreset's) that let a float32
+# convolution compute from bfloat16 roundings of its operands with float32 sums
+BFLOAT16_PRECISIONS = ("bfloat16", "BF16_BF16_F32")
 
 
 @_conv.with_same_3x3_gradient
 def onednn_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x (B, H, W, C), kernel (3, 3, C, D), both bfloat16 -> (B, H, W, D) bfloat16; the CPU only, once
+    """x (B, H, W, C), kernel (3, 3, C, D), both bfloat16 -> (B, H, W, D) bfloat16; or both float32 -> float32,
+    computed from their bfloat16 roundings with float32 sums. The CPU only, once
     spgd_jax.xla_setup.onednn.conv_target() is not None."""
     if onednn.conv_target() is None:
         raise RuntimeError(f"oneDNN's convolution is not available here ({onednn.route()[1]}); use "
                            "winograd_conv3x3 or lax.conv_general_dilated")
-    if x.dtype != jnp.bfloat16 or kernel.dtype != jnp.bfloat16:
-        raise TypeError(f"onednn_conv3x3 takes bfloat16 x and kernel, got {x.dtype} and {kernel.dtype}")
+    if x.dtype != kernel.dtype or x.dtype not in (jnp.bfloat16, jnp.float32):
+        raise TypeError(f"onednn_conv3x3 takes x and kernel both bfloat16 or both float32, got {x.dtype} and "
+                        f"{kernel.dtype}")
     if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]) or kernel.ndim != 4:
         raise ValueError(f"onednn_conv3x3 takes x (B, H, W, C) and kernel (3, 3, C, D), got {x.shape} and "
                          f"{kernel.shape}")
     out = jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], x.dtype)
-    return jax.ffi.ffi_call(onednn.TARGET, out, vmap_method="expand_dims")(x, kernel)
+    return jax.ffi.ffi_call(onednn.TARGET, out, vmap_method="expand_dims")(x.astype(jnp.bfloat16),
+                                                                           kernel.astype(jnp.bfloat16))
+
+
+def _bfloat16_operands(dtype, precision) -> bool:
+    """Whether a convolution of `dtype` at `precision` (the call's, else jax.default_matmul_precision's) computes
+    from bfloat16 operands."""
+    if dtype == jnp.bfloat16:
+        return True
+    if precision is None:
+        precision = jax.config.jax_default_matmul_precision
+    return dtype == jnp.float32 and getattr(precision, "name", precision) in BFLOAT16_PRECISIONS
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """lax.conv_general_dilated; bfloat16 3x3 'same' convolutions on the CPU run as `onednn_conv3x3` when
-    oneDNN's handler is available."""
-    if (lhs.dtype == jnp.bfloat16
+    """lax.conv_general_dilated; 3x3 'same' convolutions with bfloat16 operands (see the module docstring) run
+    as `onednn_conv3x3` on the CPU when oneDNN's handler is available."""
+    if (_bfloat16_operands(lhs.dtype, precision)
             and jax.default_backend() == "cpu"
             and _conv.is_same_3x3(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                   feature_group_count, kwargs)
