@@ -239,6 +239,9 @@ def setup_markdown(s: dict) -> list[str]:
         "- PyTorch variants: `reference` = as the reference code runs (weights keep requires_grad, so each backward "
         "also computes weight gradients; cudnn.deterministic=True); `tuned` = weights frozen, cudnn.benchmark=True; "
         "`tuned-bf16` = tuned under torch.autocast(dtype=bfloat16).",
+        "- JAX dtypes: `float32`, `bfloat16` = the UNet's compute dtype (--dtype); `float32-bf16conv` = the float32 UNet "
+        "with its 3x3 convolutions computed from bfloat16 operands, float32 sums (traced under "
+        "jax.default_matmul_precision('bfloat16'); --conv-precision bfloat16).",
         f"- Host: {ji['host']['cpu']} ({ji['host']['cpu_count']} cores), Python {ji['host']['python']}; load average "
         f"(1/5/15 min) at start {ti['host']['loadavg_1_5_15min']} (PyTorch), {ji['host']['loadavg_1_5_15min']} (JAX), "
         f"at end {ji['host'].get('loadavg_end')}.",

@@ -1,4 +1,4 @@
-"""oneDNN's bfloat16 convolutions for XLA:CPU: the FFI handler of onednn_conv.cc, built once and registered.
+"""oneDNN's convolutions of bfloat16 operands for XLA:CPU: the FFI handler of onednn_conv.cc, built once and registered.
 
 XLA:CPU runs a bfloat16 convolution through Eigen in float32: it never uses the AVX512-BF16 or AMX units of
 the CPUs that have them. oneDNN (the library behind PyTorch's CPU convolutions) has direct bfloat16
@@ -7,7 +7,10 @@ through XLA (float32; 1.6 in bfloat16) and 0.13 ms through oneDNN (benchmarks/re
 xeon.md), and the default prior's SPGD step in bfloat16 (forward and input
 gradient) was 1.4x faster at batch 4 and 1.6x at batch 1 than with spgd-jax's Winograd route before it
 (interleaved processes, load 1.6-1.9). oneDNN's float32 convolutions made the float32 step no faster there, so
-only bfloat16 takes this route (benchmarks/results/speed_cpu-2core-xeon-default64.md).
+only bfloat16 operands take this route: those of bfloat16 networks, and those of float32 convolutions at bfloat16
+precision (jax.default_matmul_precision("bfloat16"), whose float32 sums the handler writes unrounded;
+benchmarks/results/speed_cpu-2core-xeon-default64.md). Where oneDNN has only its reference code for these
+convolutions (CPUs without AVX-512), far slower than XLA's, there is no route.
 
 The handler is compiled on first use with the system's C++ compiler (`c++`, or $CXX) against the oneDNN
 wheels `onednn-cpu-gomp` (the library) and `onednn-devel-cpu-gomp` (its headers), dependencies of spgd-jax
@@ -125,8 +128,8 @@ def _slow_implementation(handle: ctypes.CDLL) -> str | None:
     names = [implementation(f32_out).decode() for f32_out in (0, 1)]
     if all(name and "ref" not in name for name in names):
         return None
-    return (f"oneDNN has no fast bfloat16 convolution for this CPU (it offers {' and '.join(n or 'none' for n in names)}); "
-            f"XLA's convolutions run instead")
+    offered = " and ".join(name or "none" for name in names)
+    return f"oneDNN has no fast bfloat16 convolution for this CPU (it offers {offered}); XLA's convolutions run instead"
 
 
 @functools.lru_cache(maxsize=1)

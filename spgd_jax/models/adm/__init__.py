@@ -30,10 +30,14 @@ up (spgd_jax.xla_setup.onednn), as Winograd F(2x2, 3x3) with bfloat16 channel
 products (``_winograd``; on a 2-core AMD EPYC 1.1-1.2x faster at batch 4).
 'float32' leaves convolutions and matmuls at JAX's default precision, which on
 recent NVIDIA GPUs is TF32; wrap calls in ``jax.default_matmul_precision("highest")``
-for true float32 arithmetic there.
+for true float32 arithmetic there. On the CPU, ``jax.default_matmul_precision("bfloat16")``
+makes the float32 network's 3x3 stride-1 convolutions compute from bfloat16 operands
+with float32 sums through oneDNN (like PyTorch's autocast; everything else stays
+float32): on that Xeon SPGD 1.4-1.5x faster than float32 and faster than 'bfloat16'.
 
-The two bfloat16 3x3 convolution routes are public for benchmarks and for users' own networks:
-``onednn_conv3x3(x, kernel)`` (once ``spgd_jax.xla_setup.onednn.conv_target()`` is not None) and
+The 3x3 convolution routes are public for benchmarks and for users' own networks:
+``onednn_conv3x3(x, kernel)`` (bfloat16, or float32 from bfloat16 operands; once
+``spgd_jax.xla_setup.onednn.conv_target()`` is not None) and
 ``winograd_conv3x3(x, kernel)``; x (B, H, W, C), kernel (3, 3, C, D), 'same' padding, stride 1.
 
 Parameter names mirror guided-diffusion's state-dict keys (spgd_jax.convert.guided_diffusion
