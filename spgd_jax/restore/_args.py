@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--conv-precision", choices=("float32", "bfloat16"), default="float32",
                         help="the float32 network's 3x3 convolutions: float32 (default), or bfloat16 operands with "
                              "float32 sums, the rest float32, like PyTorch's autocast (jax.default_matmul_precision"
-                             "('bfloat16') in the API); on a CPU with AMX SPGD runs about 1.6x faster (README)")
+                             "('bfloat16') in the API); on a CPU with AMX SPGD runs 1.3-1.8x faster (README)")
     parser.add_argument("--video", action="store_true", help="write an animated GIF of x0_hat per image -> video/")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notices")
     parser.add_argument("--no-cache", action="store_true",

@@ -33,7 +33,7 @@ recent NVIDIA GPUs is TF32; wrap calls in ``jax.default_matmul_precision("highes
 for true float32 arithmetic there. On the CPU, ``jax.default_matmul_precision("bfloat16")``
 makes the float32 network's 3x3 stride-1 convolutions compute from bfloat16 operands
 with float32 sums through oneDNN (like PyTorch's autocast; everything else stays
-float32): on that Xeon SPGD 1.4-1.5x faster than float32 and faster than 'bfloat16'.
+float32): on that Xeon SPGD 1.3-1.8x faster than float32, and faster than 'bfloat16'.
 
 The 3x3 convolution routes are public for benchmarks and for users' own networks:
 ``onednn_conv3x3(x, kernel)`` (bfloat16, or float32 from bfloat16 operands; once
