@@ -90,8 +90,7 @@ def _run(args, request: Request, dataset: bool) -> int:
     if "sigma_y" in {f.name for f in dataclasses.fields(config)} and "sigma_y" not in request.overrides:
         config = dataclasses.replace(config, sigma_y=operator.sigma_y)  # the method's noise model is the task's
     record = {"weights": str(weights), "unet_config": unet_config.to_dict(), "conv_precision": args.conv_precision,
-              "seed": args.seed,
-              "samples": args.samples, "devices": [str(d) for d in jax.local_devices()],
+              "seed": args.seed, "samples": args.samples, "devices": [str(d) for d in jax.local_devices()],
               "versions": {"jax": jax.__version__, "spgd_jax": _version()}}
     if dataset:
         run = dataset_run(args, config, operator, weights, unet_config, batch, {**record, "input": args.input})

@@ -67,7 +67,8 @@ def dataset_run(args, config, operator, weights: Path, unet_config, batch: int, 
         "samples": args.samples,
         "weights_digest": weights_digest(weights),
         "unet_config": unet_config.to_dict(),
-        **({} if args.conv_precision == "float32" else {"conv_precision": args.conv_precision}),  # runs from before it
+        # unset at float32, so that runs begun before the flag existed continue
+        **({} if args.conv_precision == "float32" else {"conv_precision": args.conv_precision}),
         "input": str(Path(args.input).absolute()),
     }
     out = Path(args.out or f"restored-{args.task}")

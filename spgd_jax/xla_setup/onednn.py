@@ -1,4 +1,5 @@
-"""oneDNN's convolutions of bfloat16 operands for XLA:CPU: the FFI handler of onednn_conv.cc, built once and registered.
+"""oneDNN's convolutions of bfloat16 operands for XLA:CPU: the FFI handler of onednn_conv.cc, built once and
+registered.
 
 XLA:CPU runs a bfloat16 convolution through Eigen in float32: it never uses the AVX512-BF16 or AMX units of
 the CPUs that have them. oneDNN (the library behind PyTorch's CPU convolutions) has direct bfloat16
