@@ -3,6 +3,7 @@ sr4`, cold (an empty compile cache) and warm (the same command again), and how f
 answer (issue 23 item 5). Each command runs in a fresh process; the times are those of its output lines.
 
     python -m benchmarks.startup --tag cpu-2core     # -> benchmarks/results/startup_TAG.{json,md}
+    python -m benchmarks.startup --tag cpu-2core-bf16conv -- --conv-precision bfloat16   # the quick start + flags
 
 Run it on a quiet machine: the load average is recorded beside the figures.
 """
@@ -70,7 +71,9 @@ def markdown(result: dict) -> str:
               ("start-up before the first step, warm", warm["startup_s"], TARGETS["warm_startup_s"]),
               ("--help", result["help_s"], TARGETS["help_s"]), ("a bad --task", result["bad_argument_s"],
                                                               TARGETS["bad_argument_s"])]
-    lines = [f"# Start-up of the quick start (`python -m spgd_jax.restore --task sr4`), {result['tag']}", "",
+    flags = " ".join(result.get("flags", []))
+    lines = [f"# Start-up of the quick start (`python -m spgd_jax.restore --task sr4{' ' + flags if flags else ''}`), "
+             f"{result['tag']}", "",
              f"Host: {result['host']}; load average (1/5/15 min) before {result['load_before']}, after "
              f"{result['load_after']}. Fresh process per run; cold = empty compile cache.", "",
              "| run | wall s | start-up s | compile s | sampling s |", "|---|---:|---:|---:|---:|"]
@@ -85,11 +88,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tag", required=True, help="file name tag, e.g. cpu-2core")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("flags", nargs="*", help="more arguments of the quick start, after --")
     args = parser.parse_args(argv)
     load_before = loadavg()
-    result = measure()
+    result = measure(QUICK_START + args.flags)
     host = f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
-    result.update(tag=args.tag, host=host, load_before=load_before, load_after=loadavg())
+    result.update(tag=args.tag, host=host, flags=args.flags, load_before=load_before, load_after=loadavg())
     write_report(Path(args.out), f"startup_{args.tag}", result, markdown(result))
     return 0
 

@@ -293,6 +293,7 @@ def test_startup_times_each_phase_of_a_run_from_its_output_lines(tmp_path):
         "import sys, time\n"
         "if '--help' in sys.argv: sys.exit(0)\n"
         "if 'sr5' in sys.argv: sys.exit(2)\n"
+        "if sys.argv[-5:-3] != ['--conv-precision', 'bfloat16']: sys.exit(3)  # the flags given, before --out\n"
         "print('spgd sr4 1/1: compiling the sampler...', flush=True)\n"
         "time.sleep(0.6)\n"
         "print('spgd sr4 1/1: compiled in 0.5 s, sampling', flush=True)\n"
@@ -301,12 +302,14 @@ def test_startup_times_each_phase_of_a_run_from_its_output_lines(tmp_path):
         "time.sleep(0.3)\n"
         "print('spgd sr4 1/1: 20/20 steps, 0.6 s', flush=True)\n"
         "print('wrote 1 restored image(s)', flush=True)\n")
-    result = startup.measure([sys.executable, str(fake), "--task", "sr4"])
+    result = startup.measure([sys.executable, str(fake), "--task", "sr4", "--conv-precision", "bfloat16"])
     for run in (result["cold"], result["warm"]):
         assert run["compile_s"] == 0.5 and 0.6 <= run["startup_s"] < run["wall_s"]
         assert run["startup_s"] < 0.6 + 0.25 and run["sampling_s"] >= 0.6  # sampling began about 0.3 s before 10/20
         assert abs(run["startup_s"] + run["sampling_s"] - run["wall_s"]) < 0.02
-    text = startup.markdown({**result, "tag": "t", "host": "h", "load_before": [0, 0, 0], "load_after": [0, 0, 0]})
+    text = startup.markdown({**result, "tag": "t", "host": "h", "load_before": [0, 0, 0], "load_after": [0, 0, 0],
+                             "flags": ["--conv-precision", "bfloat16"]})
+    assert "(`python -m spgd_jax.restore --task sr4 --conv-precision bfloat16`)" in text
     assert "| compile, cold (as reported) | 0.5 | < 10.0 | yes |" in text
     assert f"| --help | {result['help_s']} | < 0.5 | {'yes' if result['help_s'] < 0.5 else 'no'} |" in text
 
