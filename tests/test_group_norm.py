@@ -1,13 +1,24 @@
-"""GroupNorm32's hand-written gradient (spgd_jax.models.adm._group_norm) against jax.grad of flax's plain one."""
+"""GroupNorm32's hand-written gradient (spgd_jax.models.adm._group_norm) against jax.grad of flax's plain one, on
+both of its routes: the native CPU kernels of its sums (spgd_jax.xla_setup.group_norm_kernels) and XLA's
+reductions; the kernels' accuracy, vmap, errors, build and cache."""
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from custom_vjp_checks import assert_matches_plain
 
 from spgd_jax.models.adm._config import NORM_EPS, NORM_GROUPS
+from spgd_jax.models.adm import _group_norm
 from spgd_jax.models.adm._group_norm import GroupNorm32, group_norm
+from spgd_jax.xla_setup import group_norm_kernels
 
 
 def plain(x, scale, bias):
@@ -16,12 +27,13 @@ def plain(x, scale, bias):
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 64), (3, 16, 96)])  # a conv activation, the attention's (B, HW, C)
-def test_values_and_gradients_match_the_plain_group_norm(shape):
+def test_values_and_gradients_match_the_plain_group_norm(shape, route):
     keys = jax.random.split(jax.random.key(0), 4)
     x = 3.0 * jax.random.normal(keys[0], shape) + 1.5  # an offset mean, as activations have
     scale = jax.random.normal(keys[1], shape[-1:])
     bias = jax.random.normal(keys[2], shape[-1:])
     weight = jax.random.normal(keys[3], shape)
+    assert _uses_kernels(group_norm, x, scale, bias) == (route == "kernels")
     assert_matches_plain(group_norm, plain, (x, scale, bias), weight)
 
 def test_module_has_flax_group_norms_parameters():
@@ -30,3 +42,147 @@ def test_module_has_flax_group_norms_parameters():
     flax_norm = nn.GroupNorm(num_groups=NORM_GROUPS).init(jax.random.key(0), x)
     assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype, float(a.sum())), ours) == \
         jax.tree_util.tree_map(lambda a: (a.shape, a.dtype, float(a.sum())), flax_norm)
+
+
+# GroupNorm's native CPU kernels (spgd_jax.xla_setup.group_norm_kernels) against XLA's reductions
+
+needs_kernels = pytest.mark.skipif(not group_norm_kernels.route()[0],
+                                   reason=f"GroupNorm kernels unavailable: {group_norm_kernels.route()[1]}")
+
+
+@pytest.fixture(params=["kernels", "xla"])
+def route(request, monkeypatch):
+    """Each GroupNorm test runs with the native kernels (where they can be had) and with XLA's reductions."""
+    if request.param == "kernels" and not group_norm_kernels.route()[0]:
+        pytest.skip(f"GroupNorm kernels unavailable: {group_norm_kernels.route()[1]}")
+    if request.param == "xla":
+        monkeypatch.setattr(group_norm_kernels, "route", lambda: (False, "off for this test"))
+    jax.clear_caches()  # the route is decided when tracing
+    yield request.param
+    jax.clear_caches()
+
+
+def _uses_kernels(fn, *args) -> bool:
+    text = jax.jit(fn).lower(*args).as_text()
+    return group_norm_kernels.MOMENTS_TARGET in text
+
+
+def _gradients(x, scale, bias, g):
+    y, vjp = jax.vjp(group_norm, x, scale, bias)
+    return (y, *vjp(g))
+
+
+@needs_kernels
+def test_kernels_agree_with_xlas_reductions_to_round_off(monkeypatch):
+    keys = jax.random.split(jax.random.key(5), 4)
+    args = (2.0 * jax.random.normal(keys[0], (3, 12, 10, 96)) - 4.0, jax.random.normal(keys[1], (96,)),
+            jax.random.normal(keys[2], (96,)), jax.random.normal(keys[3], (3, 12, 10, 96)))
+    assert _uses_kernels(_gradients, *args)
+    native = jax.jit(_gradients)(*args)
+    assert all(np.array_equal(a, b) for a, b in zip(native, jax.jit(_gradients)(*args)))  # threads change no bit
+    monkeypatch.setattr(group_norm_kernels, "route", lambda: (False, "off for this test"))
+    jax.clear_caches()
+    assert not _uses_kernels(_gradients, *args)
+    xla = jax.jit(_gradients)(*args)
+    jax.clear_caches()
+    for name, a, b in zip(("y", "dx", "dscale", "dbias"), native, xla):
+        scale = float(jnp.max(jnp.abs(b)))
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * scale, name
+        assert not np.array_equal(a, b) or name == "dbias", name  # the kernels did the sums
+
+
+@needs_kernels
+def test_moments_over_many_positions_match_float64():
+    # 256 x 256 positions (ffhq256's first GroupNorm) with a large mean: one float32 sum over the positions is
+    # off by 1.2e-4 here; the kernels' float64 totals across blocks are not.
+    x = 0.5 * jax.random.normal(jax.random.key(6), (2, 256 * 256, 64)) + 20.0
+    mean, rstd = jax.jit(_group_norm._moments)(x)
+    grouped = np.asarray(x, np.float64).reshape(2, -1, NORM_GROUPS, 2)
+    expected_mean = grouped.mean(axis=(1, 3), keepdims=True)
+    expected_rstd = 1 / np.sqrt(((grouped - expected_mean) ** 2).mean(axis=(1, 3), keepdims=True) + NORM_EPS)
+    np.testing.assert_allclose(mean, expected_mean, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(rstd, expected_rstd, rtol=1e-6)
+
+
+def test_vmap_over_images_and_over_cotangents_alone(route):
+    keys = jax.random.split(jax.random.key(7), 4)
+    x = jax.random.normal(keys[0], (3, 2, 6, 6, 64)) + 1.0
+    scale, bias = jax.random.normal(keys[1], (64,)), jax.random.normal(keys[2], (64,))
+    g = jax.random.normal(keys[3], (3, 2, 6, 6, 64))
+    assert _uses_kernels(jax.vmap(_gradients, (0, None, None, 0)), x, scale, bias, g) == (route == "kernels")
+    batched = jax.jit(jax.vmap(_gradients, (0, None, None, 0)))(x, scale, bias, g)
+    one_by_one = [jax.jit(_gradients)(x[i], scale, bias, g[i]) for i in range(3)]
+    for got, expected in zip(batched, zip(*one_by_one)):
+        np.testing.assert_allclose(got, np.stack(expected), rtol=1e-5, atol=1e-5)
+    # one x, three cotangents (x unbatched, g batched): each the vjp of that cotangent
+    cotangents = jax.jit(jax.vmap(_gradients, (None, None, None, 0)))(x[0], scale, bias, g)
+    for i in range(3):
+        for got, expected in zip(cotangents, jax.jit(_gradients)(x[0], scale, bias, g[i])):
+            np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_a_wrong_call_of_a_kernel_is_a_clear_error():
+    call = jax.ffi.ffi_call(group_norm_kernels.SUMS_TARGET, (jax.ShapeDtypeStruct((2, 64), jnp.float32),) * 2)
+    with pytest.raises(Exception, match="spgd_group_norm_sums: C must be a multiple of G"):
+        jax.block_until_ready(call(jnp.ones((2, 5, 64)), jnp.ones((2, 5, 64)), jnp.ones((2, 7))))
+
+
+def _fresh(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
+                          timeout=600)
+
+
+_REPORT = """
+    import warnings
+    warnings.simplefilter("always")
+    import jax, jax.numpy as jnp
+    from spgd_jax.models.adm._group_norm import group_norm
+    from spgd_jax.xla_setup import group_norm_kernels
+    x = jnp.arange(2 * 3 * 64, dtype=jnp.float32).reshape(2, 3, 64) % 7
+    y = jax.jit(group_norm)(x, jnp.ones(64), jnp.zeros(64))
+    print("route", group_norm_kernels.route())
+    print("y", round(float(y[1, 2, 5]), 4))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="the kernels are built on Linux only")
+def test_built_once_into_the_cache_and_loaded_by_the_next_process(tmp_path):
+    first = _fresh(_REPORT, XDG_CACHE_HOME=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    value = first.stdout.split("y ")[-1].strip()
+    assert "route (True, " in first.stdout and "Warning" not in first.stderr
+    built = list(tmp_path.glob("spgd-jax/group-norm-*/libspgd_group_norm.so"))
+    assert len(built) == 1 and not list(tmp_path.rglob("*.tmp"))
+    stamp = built[0].stat().st_mtime_ns
+    second = _fresh(_REPORT, XDG_CACHE_HOME=str(tmp_path), CXX="/bin/false")  # no compiler needed now
+    assert second.returncode == 0 and "route (True, " in second.stdout and f"y {value}" in second.stdout, second.stderr
+    assert built[0].stat().st_mtime_ns == stamp
+    # Without a compiler, or turned off: XLA's reductions, the same value to round-off, silently, nothing built
+    for env in ({"CXX": "/bin/false"}, {group_norm_kernels.ENV_OFF: "0"}):
+        run = _fresh(_REPORT, XDG_CACHE_HOME=str(tmp_path / "other"), **env)
+        assert run.returncode == 0 and "Warning" not in run.stderr, run.stderr
+        assert "route (False, " in run.stdout and f"y {value}" in run.stdout, run.stdout
+        assert ("compiling group_norm_sums.cc failed" if "CXX" in env else "turned off") in run.stdout
+        assert not list((tmp_path / "other").rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
+
+
+@needs_kernels
+def test_a_stored_program_that_calls_them_runs_in_a_fresh_process(tmp_path):
+    code = f"""
+        import jax, jax.numpy as jnp
+        from spgd_jax.models.adm._group_norm import group_norm
+        from spgd_jax.xla_setup import enable_compilation_cache, executables
+        enable_compilation_cache({str(tmp_path / "cache")!r})
+        x = jnp.arange(2 * 3 * 64, dtype=jnp.float32).reshape(2, 3, 64) % 7
+        loss = lambda x: jnp.sum(jnp.sin(group_norm(x, jnp.ones(64), jnp.zeros(64))))
+        program = executables.load_or_compile(jax.jit(jax.grad(loss)), (x,), ("group-norm-test", 1))
+        print("text", "spgd_group_norm_sums" in jax.jit(jax.grad(loss)).lower(x).as_text())
+        print("sum", round(float(jnp.abs(program(x)).sum()), 3))
+    """
+    first, second = _fresh(code), _fresh(code)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "text True" in first.stdout and first.stdout.split("sum ")[-1] == second.stdout.split("sum ")[-1]
+    assert len(list((tmp_path / "cache" / "executables").glob("*.bin"))) == 1
+    assert "ExecutableStoreWarning" not in second.stderr  # read back, not compiled again after a failed read

@@ -13,14 +13,10 @@ precision (jax.default_matmul_precision("bfloat16"), whose float32 sums the hand
 benchmarks/results/speed_cpu-2core-xeon-default64.md). Where oneDNN has only its reference code for these
 convolutions (CPUs without AVX-512), far slower than XLA's, there is no route.
 
-The handler is compiled on first use with the system's C++ compiler (`c++`, or $CXX) against the oneDNN
-wheels `onednn-cpu-gomp` (the library) and `onednn-devel-cpu-gomp` (its headers), dependencies of spgd-jax
-on Linux x86-64, and the XLA FFI headers jaxlib ships. That takes some 5 s, once: the library is kept in
-
-    $XDG_CACHE_HOME/spgd-jax/onednn-<digest>/   (else ~/.cache/...; a temporary folder if neither is writable)
-
-keyed by a digest of the source and the jaxlib and oneDNN versions, and later processes load it in
-milliseconds. Where it cannot be had (another OS or CPU, the wheels or a compiler missing, a failed build)
+The handler is compiled on first use (spgd_jax.xla_setup.native_build) against the oneDNN wheels
+`onednn-cpu-gomp` (the library) and `onednn-devel-cpu-gomp` (its headers), dependencies of spgd-jax on Linux
+x86-64. That takes some 5 s, once: the library is kept in $XDG_CACHE_HOME/spgd-jax/onednn-<digest>/, keyed
+by a digest of the source and the jaxlib and oneDNN versions, and later processes load it in milliseconds. Where it cannot be had (another OS or CPU, the wheels or a compiler missing, a failed build)
 the bfloat16 convolutions run as before, with one OnednnUnavailableWarning on Linux x86-64 saying why (none elsewhere,
 where oneDNN is not expected). SPGD_JAX_ONEDNN=0 turns the route off: XLA's convolutions (or spgd-jax's
 Winograd route, spgd_jax/models/adm/_winograd.py) for bfloat16 as before.
@@ -30,15 +26,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
+
+from spgd_jax.xla_setup import native_build
 
 __all__ = ["ENV_OFF", "TARGET", "OnednnUnavailableWarning", "conv_target", "fingerprint", "route"]
 
@@ -47,7 +42,6 @@ TARGET = "spgd_onednn_conv2d"
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _LIBRARY_WHEEL, _HEADER_WHEEL = "onednn-cpu-gomp", "onednn-devel-cpu-gomp"
 _SYMBOL = "SpgdOnednnConv2d"
-_BUILD_TIMEOUT_S = 300
 _LOADED: list[ctypes.CDLL] = []  # the loaded library, kept alive for the process
 
 
@@ -77,48 +71,19 @@ def _ineligible() -> str | None:
 
 
 def _locations() -> tuple[Path, Path, list[Path]]:
-    """oneDNN's library, its include folder, and the places of the compiled handler (the cache, then a
-    temporary folder), named by a digest of the source, jaxlib's version and oneDNN's library."""
-    import jaxlib  # noqa: PLC0415 (importing spgd_jax stays free of JAX)
-
+    """oneDNN's library, its include folder, and the places of the compiled handler (native_build's, named by
+    a digest of the source, jaxlib's version and oneDNN's library)."""
     library = _wheel_file(_LIBRARY_WHEEL, "libdnnl.so.3")
     include = _wheel_file(_HEADER_WHEEL, "oneapi/dnnl/dnnl.hpp").parents[2]
-    digest = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jaxlib.__version__.encode(),
-                                        metadata.version(_LIBRARY_WHEEL).encode(), str(library).encode()]))
-    folder = f"onednn-{digest.hexdigest()[:16]}"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spgd-jax"
-    roots = (cache, Path(tempfile.gettempdir()) / f"spgd-jax-{os.getuid()}")
-    return library, include, [root / folder / "libspgd_onednn_conv.so" for root in roots]
+    targets = native_build.library_paths(SOURCE, "onednn", "libspgd_onednn_conv.so",
+                                         [metadata.version(_LIBRARY_WHEEL).encode(), str(library).encode()])
+    return library, include, targets
 
 
 def _build(library: Path, include: Path, targets: list[Path]) -> Path:
-    """The first of `targets` that exists, else onednn_conv.cc compiled into the first writable one."""
-    import jax.ffi  # noqa: PLC0415 (the XLA FFI headers' folder)
-
-    for target in targets:
-        if target.exists():
-            return target
-    for target in targets:
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-        if compiler is None:
-            raise RuntimeError("no C++ compiler was found (install g++, or set $CXX)")
-        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-                   f"-I{include}", str(SOURCE), f"-L{library.parent}", f"-l:{library.name}",
-                   f"-Wl,-rpath,{library.parent}", "-o", str(partial)]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
-            if done.returncode != 0:
-                raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-600:]}")
-            os.replace(partial, target)  # whole or not at all; a peer process may have put the same file there
-        finally:
-            partial.unlink(missing_ok=True)
-        return target
-    raise RuntimeError(f"no writable folder for the compiled library ({', '.join(str(t.parent) for t in targets)})")
+    """The handler compiled against oneDNN (native_build.build)."""
+    return native_build.build(SOURCE, targets, ["-O2", f"-I{include}"],
+                              [f"-L{library.parent}", f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"])
 
 
 def _slow_implementation(handle: ctypes.CDLL) -> str | None:

@@ -14,17 +14,23 @@ forward normalisation). Formulations with fewer ops measured no faster on a 2-co
 gradient at batch 4, issue 23): one variadic sum of (x - x_0, (x - x_0)^2) in two stages (901 -> 366 fusions
 per NFE, 5-25% slower: XLA emits variadic sums as scalar loops); sums as a row of ones times the activations
 (7-20% slower); trees of 16-position sums (2% slower; behind optimisation barriers, 901 -> 510 fusions, 8%
-slower); silu and the scale-shift folded into this gradient (2% slower).
+slower); silu and the scale-shift folded into this gradient (2% slower). So on the CPU, where
+spgd_jax.xla_setup.group_norm_kernels has its handlers, the sums over the positions are native kernels instead:
+the forward's mean and rstd, and the backward's per-channel sums s1 = sum(g) and s2 = sum(g * (x - mean_g)), from
+which mean_g(g') = sum_c(scale * s1) / n, mean_g(g' * xhat) = rstd * sum_c(scale * s2) / n, and the parameters'
+gradients sum(rstd * s2) and sum(s1) over the images. Both routes agree to float32 round-off.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax import lax
 
 from spgd_jax.models.adm._config import NORM_EPS, NORM_GROUPS
+from spgd_jax.xla_setup import group_norm_kernels
 
 __all__ = ["GroupNorm32", "group_norm"]
 
@@ -34,12 +40,28 @@ def _grouped(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1, NORM_GROUPS, x.shape[-1] // NORM_GROUPS)
 
 
-def _normalized(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """xhat (grouped), mean and rstd (B, 1, G, 1) of x."""
+def _native(x: jax.Array) -> bool:
+    """Whether this trace computes x's sums with spgd_jax's CPU kernels (xla_setup.group_norm_kernels)."""
+    return x.dtype == jnp.float32 and jax.default_backend() == "cpu" and group_norm_kernels.route()[0]
+
+
+def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """mean and rstd (B, 1, G, 1) of x (B, ..., C): two passes over the positions and the group's channels."""
+    if _native(x):
+        shape = (x.shape[0], NORM_GROUPS)
+        mean, rstd = jax.ffi.ffi_call(group_norm_kernels.MOMENTS_TARGET, (jax.ShapeDtypeStruct(shape, x.dtype),) * 2,
+                                      vmap_method="broadcast_all")(x.reshape(x.shape[0], -1, x.shape[-1]),
+                                                                   eps=np.float32(NORM_EPS))
+        return mean[:, None, :, None], rstd[:, None, :, None]
     grouped = _grouped(x)
     mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
-    rstd = lax.rsqrt(jnp.mean(jnp.square(grouped - mean), axis=(1, 3), keepdims=True) + NORM_EPS)
-    return (grouped - mean) * rstd, mean, rstd
+    return mean, lax.rsqrt(jnp.mean(jnp.square(grouped - mean), axis=(1, 3), keepdims=True) + NORM_EPS)
+
+
+def _normalized(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """xhat (grouped), mean and rstd (B, 1, G, 1) of x."""
+    mean, rstd = _moments(x)
+    return (_grouped(x) - mean) * rstd, mean, rstd
 
 
 @jax.custom_vjp
@@ -57,11 +79,23 @@ def _group_norm_bwd(residuals, g):
     x, mean, rstd, scale = residuals
     xhat = (_grouped(x) - mean) * rstd
     g_scaled = _grouped(g * scale)
-    mean_g = jnp.mean(g_scaled, axis=(1, 3), keepdims=True)
-    mean_gx = jnp.mean(g_scaled * xhat, axis=(1, 3), keepdims=True)
-    dx = (rstd * (g_scaled - mean_g - xhat * mean_gx)).reshape(x.shape)
     axes = tuple(range(x.ndim - 1))
-    return dx, jnp.sum(g * xhat.reshape(x.shape), axis=axes), jnp.sum(g, axis=axes)
+    if _native(x):
+        b, c = x.shape[0], x.shape[-1]
+        s1, s2 = jax.ffi.ffi_call(group_norm_kernels.SUMS_TARGET, (jax.ShapeDtypeStruct((b, c), x.dtype),) * 2,
+                                  vmap_method="broadcast_all")(g.reshape(b, -1, c), x.reshape(b, -1, c),
+                                                               mean.reshape(b, NORM_GROUPS))
+        count = x.size // b // NORM_GROUPS
+        mean_g = _grouped(s1 * scale).sum(axis=3, keepdims=True) / count
+        mean_gx = _grouped(s2 * scale).sum(axis=3, keepdims=True) * rstd / count
+        grad_scale = jnp.sum(s2 * jnp.repeat(rstd.reshape(b, NORM_GROUPS), c // NORM_GROUPS, axis=1), axis=0)
+        grad_bias = jnp.sum(s1, axis=0)
+    else:
+        mean_g = jnp.mean(g_scaled, axis=(1, 3), keepdims=True)
+        mean_gx = jnp.mean(g_scaled * xhat, axis=(1, 3), keepdims=True)
+        grad_scale, grad_bias = jnp.sum(g * xhat.reshape(x.shape), axis=axes), jnp.sum(g, axis=axes)
+    dx = (rstd * (g_scaled - mean_g - xhat * mean_gx)).reshape(x.shape)
+    return dx, grad_scale, grad_bias
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
