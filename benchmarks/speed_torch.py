@@ -3,6 +3,7 @@ and the cross-check's PyTorch outputs (benchmarks/speed.py)."""
 
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -94,31 +95,42 @@ def _cross_check(preset: Preset, work: Path, device) -> dict:
     return checks
 
 
+def spgd_runner(preset: Preset, model, variant: str, batch: int, device):
+    """A call run(steps=preset.timed_steps) -> seconds of one run of the baseline under `variant` (the
+    preset's inputs at `batch`, N warm-up iterations per outer step)."""
+    from benchmarks import torch_spgd
+
+    inputs = make_inputs(batch, preset.unet.image_size)
+    mask, y, x_t = (_nchw(inputs[k], device) for k in ("mask", "y", "x_T"))
+    forward = lambda z: z * mask  # noqa: E731
+
+    def run(steps: int = preset.timed_steps) -> float:
+        with torch_spgd.settings(model, variant):
+            start = time.perf_counter()
+            torch_spgd.spgd(model, forward, y, x_t, lr=LR, steps=steps, warmup=preset.warmup)
+            _sync(device)
+            return time.perf_counter() - start
+
+    return run
+
+
 def _timed_row(preset: Preset, model, variant: str, batch: int, device) -> dict:
     """One row: timed_steps outer steps of the baseline, once untimed, then `repeats` times timed (the fastest)."""
     import torch
 
     from benchmarks import torch_spgd
 
-    inputs = make_inputs(batch, preset.unet.image_size)
-    mask, y, x_t = (_nchw(inputs[k], device) for k in ("mask", "y", "x_T"))
-    forward = lambda z: z * mask  # noqa: E731
     row = {"framework": "torch", "variant": variant, "dtype": torch_spgd.VARIANT_DTYPES[variant], "batch": batch,
            "status": "ok", "loadavg_before": loadavg()}
     cuda = device.type == "cuda"
     try:
         with torch_spgd.settings(model, variant):
             row["flags"] = torch_spgd.precision_flags()
-            torch_spgd.spgd(model, forward, y, x_t, lr=LR, steps=2, warmup=1)  # untimed: cuDNN setup
-            _sync(device)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(preset.repeats):
-                start = time.perf_counter()
-                torch_spgd.spgd(model, forward, y, x_t, lr=LR, steps=preset.timed_steps, warmup=preset.warmup)
-                _sync(device)
-                times.append(time.perf_counter() - start)
+        run = spgd_runner(preset, model, variant, batch, device)
+        run(2)  # untimed: cuDNN setup
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = [run() for _ in range(preset.repeats)]
         row["run_s"], row["run_s_all"] = min(times), times
         if cuda:
             row["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -130,3 +142,29 @@ def _timed_row(preset: Preset, model, variant: str, batch: int, device) -> dict:
             torch.cuda.empty_cache()
     row["loadavg_after"] = loadavg()
     return row
+
+
+def serve(preset: Preset, programs: list[tuple[str, int]]) -> None:
+    """The baseline's programs (variant, batch) set up (one untimed run each), then timed on request, in a
+    process of their own (benchmarks/versus_torch.py): prints 'ready', then for each line 'VARIANT BATCH' read
+    from stdin prints the seconds of one run."""
+    import torch
+
+    from spgd_jax.convert import torch_adm as tr
+
+    if preset.threads is not None:
+        torch.set_num_threads(preset.threads)
+    device = torch.device("cpu")
+    model = tr.from_config(preset.unet, SEED).to(device)
+    runners = {f"{variant} {batch}": spgd_runner(preset, model, variant, batch, device) for variant, batch in programs}
+    for run in runners.values():
+        run(2)  # untimed
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(runners[line.strip()](), flush=True)
+
+
+if __name__ == "__main__":
+    from benchmarks.speed_setup import PRESETS
+
+    serve(PRESETS[sys.argv[1]], [(variant, int(batch)) for variant, batch in (a.split(":") for a in sys.argv[2:])])

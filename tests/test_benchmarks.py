@@ -357,3 +357,30 @@ def test_group_norm_kernels_compares_both_routes_of_the_sampler(tmp_path):
     assert 0 < row["output_difference"] < 1e-3  # two routes, the same sampler to round-off
     assert "| float32 | 2 |" in (tmp_path / "group_norm_kernels_t.md").read_text()
     assert group_norm_kernels.route()[0] and os.environ.get(group_norm_kernels.ENV_OFF) is None  # given back
+
+
+def test_versus_torch_takes_each_ratio_from_one_rounds_times(tmp_path):
+    from benchmarks import versus_torch
+
+    args = ["--tag", "t", "--out", str(tmp_path), "--preset", "cpu-tiny", "--rounds", "2", "--batches", "8,1,4"]
+    assert versus_torch.main(args) == 0
+    result = json.loads((tmp_path / "versus_torch_t.json").read_text())
+    assert result["batches"] == [1, 4, 8] and len(result["rounds"]) == 2
+    expected = {f"jax {c} b{b}" for c in versus_torch.JAX_COMPUTES for b in (1, 4, 8)} | \
+        {f"torch {v} b{b}" for v, b in versus_torch.TORCH_PROGRAMS}
+    for one in result["rounds"]:
+        seconds = one["s_per_image"]
+        assert set(seconds) == expected and all(0 < s < 100 for s in seconds.values())
+        for name, ratio in versus_torch.ratios(seconds).items():  # from this round's times, not the medians
+            assert abs(one["ratios"][name] - ratio) <= 1e-2 * ratio, name
+        fastest = min(s for n, s in seconds.items() if n.startswith("torch")) / \
+            min(s for n, s in seconds.items() if n.startswith("jax"))
+        assert abs(one["ratios"]["fastest PyTorch / fastest JAX"] - fastest) <= 1e-2 * fastest
+    for name, median in result["median_ratios"].items():
+        assert median == float(np.median([r["ratios"][name] for r in result["rounds"]]))
+    medians = result["median_s_per_image"]
+    assert result["rising"]["float32"] == (medians["jax float32 b1"] > medians["jax float32 b4"] > medians["jax float32 b8"])
+    table = (tmp_path / "versus_torch_t.md").read_text()
+    assert "| reference / jax float32, batch 4 |" in table and ">= 1.5x" in table and "load average" in table
+    with pytest.raises(SystemExit):
+        versus_torch.main(["--tag", "t", "--out", str(tmp_path), "--batches", "1,2"])  # no batch 4 or 8

@@ -3,10 +3,10 @@
 A handler's source ships in the package (xla_setup/*.cc); the first process that needs it compiles it against
 the XLA FFI headers jaxlib ships, with `c++` (or $CXX), into
 
-    $XDG_CACHE_HOME/spgd-jax/<name>-<digest>/lib<...>.so   (else ~/.cache/...; a temporary folder if neither is writable)
+    $XDG_CACHE_HOME/spgd-jax/<name>-<digest>/lib<...>.so
 
-keyed by a digest of the source, jaxlib's version and what else the caller names, so later processes load it in
-milliseconds. The file appears whole or not at all, so processes building side by side do no harm.
+(else ~/.cache/...; a temporary folder if neither is writable), keyed by a digest of the source, jaxlib's
+version and what else the caller names, so later processes load it in milliseconds. The file appears whole or not at all, so processes building side by side do no harm.
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ convolutions (CPUs without AVX-512), far slower than XLA's, there is no route.
 The handler is compiled on first use (spgd_jax.xla_setup.native_build) against the oneDNN wheels
 `onednn-cpu-gomp` (the library) and `onednn-devel-cpu-gomp` (its headers), dependencies of spgd-jax on Linux
 x86-64. That takes some 5 s, once: the library is kept in $XDG_CACHE_HOME/spgd-jax/onednn-<digest>/, keyed
-by a digest of the source and the jaxlib and oneDNN versions, and later processes load it in milliseconds. Where it cannot be had (another OS or CPU, the wheels or a compiler missing, a failed build)
-the bfloat16 convolutions run as before, with one OnednnUnavailableWarning on Linux x86-64 saying why (none elsewhere,
-where oneDNN is not expected). SPGD_JAX_ONEDNN=0 turns the route off: XLA's convolutions (or spgd-jax's
+by a digest of the source and the jaxlib and oneDNN versions, and later processes load it in milliseconds.
+Where it cannot be had (another OS or CPU, the wheels or a compiler missing, a failed build) the bfloat16
+convolutions run as before, with one OnednnUnavailableWarning on Linux x86-64 saying why (none elsewhere, where
+oneDNN is not expected). SPGD_JAX_ONEDNN=0 turns the route off: XLA's convolutions (or spgd-jax's
 Winograd route, spgd_jax/models/adm/_winograd.py) for bfloat16 as before.
 """
 

@@ -1,0 +1,176 @@
+"""JAX's SPGD against the PyTorch reference in alternating rounds, in one process, so that the host's drift
+(up to 40 % within minutes on a shared machine) cancels out of each ratio (issue 23's targets).
+
+    python -m benchmarks.versus_torch --tag cpu-2core   # -> benchmarks/results/versus_torch_TAG.{json,md}
+
+Every program is set up once (JAX: compiled ahead of time in this process; PyTorch: one untimed run in a
+process of its own, benchmarks.speed_torch.serve). Then each round runs every program once, PyTorch's and JAX's
+in turn, `timed_steps` outer steps of the preset each (scaled to T
+like benchmarks/speed.py), and computes its ratios from that round's times alone: the reference's s/image over
+JAX's at batch 1 and 4 (float32, and with bfloat16 convolutions), the fastest PyTorch program's over the
+fastest JAX program's, and JAX's images/s from batch 1 to 8. The report gives each round and the medians.
+Run it on a quiet machine: the load average is recorded beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import spgd_jax  # noqa: F401  (the CPU flags the library compiles with)
+import jax
+import numpy as np
+
+from benchmarks.speed_jax import Timings
+from benchmarks.speed_setup import PRESETS, host_info, loadavg, make_inputs, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+JAX_COMPUTES, JAX_BATCHES = ("float32", "float32-bf16conv"), (1, 2, 4, 8)
+TORCH_PROGRAMS = (("reference", 1), ("reference", 4), ("tuned-bf16", 1), ("tuned-bf16", 4), ("tuned-bf16", 8))
+PAUSE_S = 0.5  # between programs: the other framework's threads stop spinning
+
+__all__ = ["main", "ratios"]
+
+
+def _jax_runner(timings: Timings, compute: str, batch: int):
+    """A call that runs the compiled sampler once (timed_steps outer steps) and returns its seconds."""
+    inputs = make_inputs(batch, timings.size)
+    args = (timings.unet_params, jax.device_put(inputs["y"]), timings.key, jax.device_put(inputs["mask"]))
+    compiled = timings.lower(compute, batch, "sample").compile()
+    jax.block_until_ready(compiled(*args))
+
+    def run() -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        return time.perf_counter() - start
+
+    return run
+
+
+class _TorchProcess:
+    """The baseline's programs in a process of their own (benchmarks.speed_torch.serve): PyTorch's threads and
+    JAX's never share a process (with JAX's runtime started beside it, PyTorch ran 30 % slower here)."""
+
+    def __init__(self, preset_name: str, programs):
+        command = [sys.executable, "-m", "benchmarks.speed_torch", preset_name,
+                   *(f"{variant}:{batch}" for variant, batch in programs)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                        cwd=REPO)
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the PyTorch process did not start (exit status {self.process.wait()})")
+
+    def runner(self, variant: str, batch: int):
+        def run() -> float:
+            self.process.stdin.write(f"{variant} {batch}\n")
+            self.process.stdin.flush()
+            return float(self.process.stdout.readline())
+
+        return run
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def ratios(seconds: dict[str, float]) -> dict[str, float]:
+    """One round's figures from its s/image per program ('jax COMPUTE bB', 'torch VARIANT bB')."""
+    found = {}
+    for compute in JAX_COMPUTES:
+        for batch in (1, 4):
+            found[f"reference / jax {compute}, batch {batch}"] = seconds[f"torch reference b{batch}"] / \
+                seconds[f"jax {compute} b{batch}"]
+        found[f"jax {compute} images/s, batch 8 / batch 1"] = \
+            seconds[f"jax {compute} b1"] / seconds[f"jax {compute} b8"]
+    torch_best = min((s, name) for name, s in seconds.items() if name.startswith("torch"))
+    jax_best = min((s, name) for name, s in seconds.items() if name.startswith("jax"))
+    found["fastest PyTorch / fastest JAX"] = torch_best[0] / jax_best[0]
+    return found
+
+
+def markdown(result: dict) -> str:
+    names = list(result["rounds"][0]["s_per_image"])
+    lines = [f"# JAX against PyTorch in alternating rounds ({result['tag']})", "",
+             f"The `{result['preset']}` preset (T={result['steps']}, N={result['warmup']}, random weights; "
+             f"timed {result['timed_steps']} outer steps, scaled to T), every program run once per round, PyTorch's "
+             f"and JAX's in turn, {len(result['rounds'])} rounds in one process; {result['host']}; load average "
+             f"(1/5/15 min) before {result['load_before']}, after {result['load_after']}.", "",
+             "## s/image", "", "| program | " + " | ".join(f"round {i + 1}" for i in range(len(result['rounds'])))
+             + " | median |", "|---|" + "---:|" * (len(result["rounds"]) + 1)]
+    for name in names:
+        cells = [f"{r['s_per_image'][name]:.3f}" for r in result["rounds"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['median_s_per_image'][name]:.3f} |")
+    lines += ["", "## Ratios, each from one round's times", "", "| ratio | " +
+              " | ".join(f"round {i + 1}" for i in range(len(result['rounds']))) + " | median | goal | met |",
+              "|---|" + "---:|" * (len(result["rounds"]) + 1) + "---|---|"]
+    for name, median in result["median_ratios"].items():
+        goal = 2.0 if name.startswith("reference") else 1.5 if name.startswith("fastest") else None
+        cells = [f"{r['ratios'][name]:.2f}" for r in result["rounds"]]
+        met = "-" if goal is None else "yes" if median >= goal else "no"
+        target = f">= {goal}x" if goal else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{median:.2f}** | {target} | {met} |")
+    rising = result["rising"]
+    steps = ", ".join(map(str, result["batches"]))
+    lines += ["", f"JAX images/s rising at every step of the batch ({steps}), in the medians: " +
+              ", ".join(f"{compute}: {'yes' if ok else 'no'}" for compute, ok in rising.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tag", required=True, help="file name tag, e.g. cpu-2core")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--preset", default="cpu-default64", choices=sorted(PRESETS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", default=",".join(map(str, JAX_BATCHES)),
+                        help="JAX's batches, comma-separated; 1, 4 and 8 among them")
+    args = parser.parse_args(argv)
+    batches = sorted({int(b) for b in args.batches.split(",")})
+    if not {1, 4, 8} <= set(batches):
+        parser.error(f"--batches must include 1, 4 and 8 (the targets' batches), got {args.batches}")
+    preset = PRESETS[args.preset]
+    load_before, scale = loadavg(), preset.steps / preset.timed_steps
+    baseline = _TorchProcess(args.preset, TORCH_PROGRAMS)
+    with tempfile.TemporaryDirectory() as work:
+        timings = Timings(preset, Path(work), None, {"info": {}})
+        runners = {f"jax {compute} b{batch}": (batch, _jax_runner(timings, compute, batch))
+                   for compute in JAX_COMPUTES for batch in batches}
+    runners.update({f"torch {variant} b{batch}": (batch, baseline.runner(variant, batch))
+                    for variant, batch in TORCH_PROGRAMS})
+    torch_names = [n for n in runners if n.startswith("torch")]
+    jax_names = [n for n in runners if n.startswith("jax")]
+    order = [n for pair in zip(torch_names, jax_names) for n in pair]  # the frameworks in turn, then the rest
+    order += [n for n in torch_names + jax_names if n not in order]
+    rounds = []
+    for index in range(args.rounds):
+        seconds = {}
+        for name in order:
+            time.sleep(PAUSE_S)
+            batch, run = runners[name]
+            seconds[name] = run() * scale / batch
+        rounds.append({"s_per_image": {n: round(seconds[n], 4) for n in runners}, "ratios": ratios(seconds),
+                       "load": loadavg()})
+        print(f"round {index + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rounds[-1]["ratios"].items()), flush=True)
+    baseline.close()
+    median_s = {n: float(np.median([r["s_per_image"][n] for r in rounds])) for n in runners}
+    rising = {compute: all(median_s[f"jax {compute} b{a}"] > median_s[f"jax {compute} b{b}"]
+                           for a, b in zip(batches, batches[1:])) for compute in JAX_COMPUTES}
+    result = {"tag": args.tag, "preset": args.preset, "steps": preset.steps, "warmup": preset.warmup,
+              "timed_steps": preset.timed_steps, "batches": batches, "rounds": rounds, "median_s_per_image": median_s,
+              "median_ratios": {k: float(np.median([r["ratios"][k] for r in rounds])) for k in rounds[0]["ratios"]},
+              "rising": rising, "load_before": load_before, "load_after": loadavg(),
+              "host": f"{host_info()['cpu']} ({os.cpu_count()} CPUs), jax {jax.__version__}, "
+                      f"torch {metadata.version('torch')} (in a process of its own), "
+                      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"}
+    write_report(Path(args.out), f"versus_torch_{args.tag}", result, markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
