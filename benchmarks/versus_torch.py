@@ -60,9 +60,8 @@ class _TorchProcess:
     def __init__(self, preset_name: str, programs):
         command = [sys.executable, "-m", "benchmarks.speed_torch", preset_name,
                    *(f"{variant}:{batch}" for variant, batch in programs)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                        cwd=REPO)
+        # from the checkout's root, where `python -m` finds the benchmarks package
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the PyTorch process did not start (exit status {self.process.wait()})")
 

@@ -79,7 +79,6 @@ def _group_norm_bwd(residuals, g):
     x, mean, rstd, scale = residuals
     xhat = (_grouped(x) - mean) * rstd
     g_scaled = _grouped(g * scale)
-    axes = tuple(range(x.ndim - 1))
     if _native(x):
         b, c = x.shape[0], x.shape[-1]
         s1, s2 = jax.ffi.ffi_call(group_norm_kernels.SUMS_TARGET, (jax.ShapeDtypeStruct((b, c), x.dtype),) * 2,
@@ -93,6 +92,7 @@ def _group_norm_bwd(residuals, g):
     else:
         mean_g = jnp.mean(g_scaled, axis=(1, 3), keepdims=True)
         mean_gx = jnp.mean(g_scaled * xhat, axis=(1, 3), keepdims=True)
+        axes = tuple(range(x.ndim - 1))
         grad_scale, grad_bias = jnp.sum(g * xhat.reshape(x.shape), axis=axes), jnp.sum(g, axis=axes)
     dx = (rstd * (g_scaled - mean_g - xhat * mean_gx)).reshape(x.shape)
     return dx, grad_scale, grad_bias
