@@ -1,11 +1,15 @@
-"""Shared inputs for the restore CLI tests: one tiny random-weight prior per test session.
+"""Shared inputs for the restore CLI tests: one tiny random-weight prior per test session; and Python code run in
+a fresh process.
 
 The weights live at one path per session, so every test module that uses them gets the same loaded
 denoiser from restore's cache, and runs with the same settings reuse one compiled sampler.
 """
 
+import os
 import signal
 import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -57,3 +61,10 @@ def popen_as_from_a_terminal(command, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(command, **kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def fresh_python(code: str, **env) -> subprocess.CompletedProcess:
+    """`code` (dedented) run by this Python in a new process on the CPU, with `env` added to the environment."""
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
+                          timeout=600)

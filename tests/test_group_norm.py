@@ -2,17 +2,14 @@
 both of its routes: the native CPU kernels of its sums (spgd_jax.xla_setup.group_norm_kernels) and XLA's
 reductions; the kernels' accuracy, vmap, errors, build and cache."""
 
-import os
 import platform
-import subprocess
-import sys
-import textwrap
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_helpers import fresh_python
 from custom_vjp_checks import assert_matches_plain
 
 from spgd_jax.models.adm._config import NORM_EPS, NORM_GROUPS
@@ -128,12 +125,6 @@ def test_a_wrong_call_of_a_kernel_is_a_clear_error():
         jax.block_until_ready(call(jnp.ones((2, 5, 64)), jnp.ones((2, 5, 64)), jnp.ones((2, 7))))
 
 
-def _fresh(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
-                          timeout=600)
-
-
 _REPORT = """
     import warnings
     warnings.simplefilter("always")
@@ -149,19 +140,19 @@ _REPORT = """
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="the kernels are built on Linux only")
 def test_built_once_into_the_cache_and_loaded_by_the_next_process(tmp_path):
-    first = _fresh(_REPORT, XDG_CACHE_HOME=str(tmp_path))
+    first = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path))
     assert first.returncode == 0, first.stderr
     value = first.stdout.split("y ")[-1].strip()
     assert "route (True, " in first.stdout and "Warning" not in first.stderr
     built = list(tmp_path.glob("spgd-jax/group-norm-*/libspgd_group_norm.so"))
     assert len(built) == 1 and not list(tmp_path.rglob("*.tmp"))
     stamp = built[0].stat().st_mtime_ns
-    second = _fresh(_REPORT, XDG_CACHE_HOME=str(tmp_path), CXX="/bin/false")  # no compiler needed now
+    second = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path), CXX="/bin/false")  # no compiler needed now
     assert second.returncode == 0 and "route (True, " in second.stdout and f"y {value}" in second.stdout, second.stderr
     assert built[0].stat().st_mtime_ns == stamp
     # Without a compiler, or turned off: XLA's reductions, the same value to round-off, silently, nothing built
     for env in ({"CXX": "/bin/false"}, {group_norm_kernels.ENV_OFF: "0"}):
-        run = _fresh(_REPORT, XDG_CACHE_HOME=str(tmp_path / "other"), **env)
+        run = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path / "other"), **env)
         assert run.returncode == 0 and "Warning" not in run.stderr, run.stderr
         assert "route (False, " in run.stdout and f"y {value}" in run.stdout, run.stdout
         assert ("compiling group_norm_sums.cc failed" if "CXX" in env else "turned off") in run.stdout
@@ -181,7 +172,7 @@ def test_a_stored_program_that_calls_them_runs_in_a_fresh_process(tmp_path):
         print("text", "spgd_group_norm_sums" in jax.jit(jax.grad(loss)).lower(x).as_text())
         print("sum", round(float(jnp.abs(program(x)).sum()), 3))
     """
-    first, second = _fresh(code), _fresh(code)
+    first, second = fresh_python(code), fresh_python(code)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert "text True" in first.stdout and first.stdout.split("sum ")[-1] == second.stdout.split("sum ")[-1]
     assert len(list((tmp_path / "cache" / "executables").glob("*.bin"))) == 1

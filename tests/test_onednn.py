@@ -4,15 +4,11 @@ route, the fallback when it cannot be built, and stored programs that call it re
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_helpers import fresh_python
 from jax import lax
 
 from spgd_jax.models.adm import _conv, _onednn, _winograd
@@ -209,12 +205,6 @@ def test_bfloat16_precision_unet_is_close_to_float32_and_retraced():
     assert onednn.TARGET not in forward.lower(params, x).as_text()
 
 
-def _fresh(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
-                          timeout=600)
-
-
 _REPORT = """
     import warnings
     warnings.simplefilter("always")
@@ -230,20 +220,20 @@ _REPORT = """
 
 
 def test_built_once_into_the_cache_and_loaded_by_the_next_process(tmp_path):
-    first = _fresh(_REPORT, XDG_CACHE_HOME=str(tmp_path))
+    first = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path))
     assert first.returncode == 0, first.stderr
     assert "route ('spgd_onednn_conv2d'," in first.stdout and "centre 18.0" in first.stdout
     built = list(tmp_path.glob("spgd-jax/onednn-*/libspgd_onednn_conv.so"))
     assert len(built) == 1 and not list(tmp_path.rglob("*.tmp"))
     stamp = built[0].stat().st_mtime_ns
-    second = _fresh(_REPORT, XDG_CACHE_HOME=str(tmp_path), CXX="/bin/false")  # no compiler needed now
+    second = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path), CXX="/bin/false")  # no compiler needed now
     assert second.returncode == 0 and "centre 18.0" in second.stdout, second.stderr
     assert built[0].stat().st_mtime_ns == stamp
     assert "OnednnUnavailableWarning" not in first.stderr + second.stderr
 
 
 def test_a_failed_build_warns_once_and_falls_back(tmp_path):
-    run = _fresh(_REPORT, XDG_CACHE_HOME=str(tmp_path), CXX="/bin/false")
+    run = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path), CXX="/bin/false")
     assert run.returncode == 0, run.stderr
     assert "route (None, 'compiling onednn_conv.cc failed" in run.stdout
     assert "centre 18.0" in run.stdout  # the Winograd route's value
@@ -252,7 +242,7 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path):
 
 
 def test_turned_off_by_the_environment_without_a_warning(tmp_path):
-    run = _fresh(_REPORT, XDG_CACHE_HOME=str(tmp_path), SPGD_JAX_ONEDNN="0")
+    run = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path), SPGD_JAX_ONEDNN="0")
     assert run.returncode == 0, run.stderr
     assert "route (None, 'turned off (SPGD_JAX_ONEDNN=0)')" in run.stdout and "Warning" not in run.stderr
     assert not list(tmp_path.rglob("*.so"))
@@ -268,7 +258,7 @@ def test_a_stored_program_that_calls_it_runs_in_a_fresh_process(tmp_path):
         program = executables.load_or_compile(jax.jit(_onednn.onednn_conv3x3), (x, k), ("onednn-test", 1))
         print("sum", float(program(x, k).astype(jnp.float32).sum()))
     """
-    first, second = _fresh(code), _fresh(code)
+    first, second = fresh_python(code), fresh_python(code)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert "sum 19360.0" in first.stdout and "sum 19360.0" in second.stdout
     assert len(list((tmp_path / "cache" / "executables").glob("*.bin"))) == 1
@@ -287,7 +277,7 @@ def test_a_float32_process_compiles_no_handler(tmp_path):
         program = executables.load_or_compile(jax.jit(conv), (x, k), ("float32-test", 1))
         print("sum", float(program(x, k).sum()), "fingerprint", onednn.fingerprint(), onednn.route.cache_info().currsize)
     """
-    run = _fresh(code, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    run = fresh_python(code, XDG_CACHE_HOME=str(tmp_path / "xdg"))
     assert run.returncode == 0, run.stderr
     assert "sum 9680.0 fingerprint onednn-" in run.stdout and run.stdout.strip().endswith(" 0")
     assert not list(tmp_path.rglob("*.so"))
