@@ -3,6 +3,7 @@ both of its routes: the native CPU kernels of its sums (spgd_jax.xla_setup.group
 reductions; the kernels' accuracy, vmap, errors, build and cache."""
 
 import platform
+import re
 
 import flax.linen as nn
 import jax
@@ -32,6 +33,29 @@ def test_values_and_gradients_match_the_plain_group_norm(shape, route):
     weight = jax.random.normal(keys[3], shape)
     assert _uses_kernels(group_norm, x, scale, bias) == (route == "kernels")
     assert_matches_plain(group_norm, plain, (x, scale, bias), weight)
+
+def _loop_broadcast_shapes(compiled_text: str) -> list[tuple[int, ...]]:
+    """The shapes that broadcasts make inside the element-wise loop fusions (kind=kLoop) of an optimised CPU
+    program."""
+    bodies = dict(re.findall(r"\n(%[\w.\-]+) \([^\n]*\) -> [^\n]*\{\n(.*?)\n\}", compiled_text, re.S))
+    loops = re.findall(r"kind=kLoop, calls=(%[\w.\-]+)", compiled_text)
+    assert loops, "no loop fusions found: has XLA's text format changed?"
+    return [tuple(int(d) for d in dims.split(",")) for loop in loops
+            for dims in re.findall(r"= f32\[([\d,]+)\]\S* broadcast\(", bodies[loop])]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion of broadcasts")
+def test_cpu_loops_broadcast_per_channel_values_not_per_group_ones(route):
+    # XLA:CPU fuses a (B, G) -> (B, ..., C) broadcast into the loop that uses it, over a (..., G, C/G) view of
+    # the activations, 4x slower (the module docstring): no loop may broadcast onto that view.
+    x = jax.random.normal(jax.random.key(8), (2, 16, 16, 96))
+    loss = lambda x, scale, bias: jnp.sum(jnp.sin(group_norm(x, scale, bias)))
+    text = jax.jit(jax.grad(loss)).lower(x, jnp.ones(96), jnp.zeros(96)).compile().as_text()
+    shapes = _loop_broadcast_shapes(text)
+    assert x.shape in shapes  # the normalisation's per-channel broadcasts were found
+    grouped = [shape for shape in shapes if shape[-2:] == (NORM_GROUPS, 96 // NORM_GROUPS)]
+    assert not grouped, grouped
+
 
 def test_module_has_flax_group_norms_parameters():
     x = jnp.ones((1, 4, 4, 64))
@@ -97,6 +121,7 @@ def test_moments_over_many_positions_match_float64():
     grouped = np.asarray(x, np.float64).reshape(2, -1, NORM_GROUPS, 2)
     expected_mean = grouped.mean(axis=(1, 3), keepdims=True)
     expected_rstd = 1 / np.sqrt(((grouped - expected_mean) ** 2).mean(axis=(1, 3), keepdims=True) + NORM_EPS)
+    expected_mean, expected_rstd = expected_mean.reshape(2, NORM_GROUPS), expected_rstd.reshape(2, NORM_GROUPS)
     np.testing.assert_allclose(mean, expected_mean, rtol=0, atol=1e-5)
     np.testing.assert_allclose(rstd, expected_rstd, rtol=1e-6)
 
