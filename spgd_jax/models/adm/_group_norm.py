@@ -106,7 +106,7 @@ def _group_norm_bwd(residuals, g):
         count = x.size // b // NORM_GROUPS
         mean_g = _grouped(s1 * scale).sum(axis=(1, 3)) / count
         mean_gx = _grouped(s2 * scale).sum(axis=(1, 3)) * rstd / count
-        grad_scale = jnp.sum(s2 * jnp.repeat(rstd, c // NORM_GROUPS, axis=1), axis=0)
+        grad_scale = jnp.sum(s2 * rstd_c.reshape(b, c), axis=0)
         grad_bias = jnp.sum(s1, axis=0)
     else:
         mean_g = jnp.mean(_grouped(g_scaled), axis=(1, 3))
