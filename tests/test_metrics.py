@@ -75,3 +75,19 @@ def test_psnr_equals_dm_pix_and_broadcasts_leading_axes():
     # relative), so PSNR (~26 dB) may move by 4.3 dB x 7e-7, 1.2e-7 of itself: rtol 1e-6, not numpy's 1e-7.
     # x off by 1e-4 relative moves PSNR by 2e-5 (20x).
     np.testing.assert_allclose(stacked[0], metrics.psnr(x, ref), rtol=1e-6)
+
+
+def test_prepare_compiles_every_metric_so_the_first_real_call_compiles_nothing():
+    compiled = []
+    listener = lambda event, duration, **kwargs: compiled.append(event) if event.endswith("backend_compile_duration") else None
+    shape = (2, 40, 40, 3)
+    metrics.prepare(shape)
+    x = jax.random.uniform(jax.random.key(0), shape, minval=-1, maxval=1)
+    reference = jax.block_until_ready(x * 0.5)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        values = metrics.all_metrics(x, reference)
+        jax.block_until_ready(values)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert set(values) == {"psnr", "ssim", "lpips"} and compiled == []
