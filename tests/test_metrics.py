@@ -77,17 +77,15 @@ def test_psnr_equals_dm_pix_and_broadcasts_leading_axes():
     np.testing.assert_allclose(stacked[0], metrics.psnr(x, ref), rtol=1e-6)
 
 
-def test_prepare_compiles_every_metric_so_the_first_real_call_compiles_nothing():
-    compiled = []
-    listener = lambda event, duration, **kwargs: compiled.append(event) if event.endswith("backend_compile_duration") else None
-    shape = (2, 40, 40, 3)
-    metrics.prepare(shape)
-    x = jax.random.uniform(jax.random.key(0), shape, minval=-1, maxval=1)
-    reference = jax.block_until_ready(x * 0.5)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        values = metrics.all_metrics(x, reference)
-        jax.block_until_ready(values)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert set(values) == {"psnr", "ssim", "lpips"} and compiled == []
+
+def test_all_metrics_one_program_equals_each_metric_in_order():
+    x = jax.random.uniform(jax.random.key(0), (2, 40, 40, 3), minval=-1, maxval=1)
+    reference = jnp.clip(x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), -1, 1)
+    values = metrics.all_metrics(x, reference, vgg=True)
+    assert list(values) == ["psnr", "ssim", "lpips", "lpips_vgg"]
+    alone = {"psnr": metrics.psnr(x, reference), "ssim": metrics.ssim(x, reference),
+             "lpips": metrics.lpips(x, reference), "lpips_vgg": metrics.lpips(x, reference, "vgg16")}
+    for name, value in values.items():
+        assert value.shape == (2,)
+        np.testing.assert_allclose(value, alone[name], rtol=1e-5, err_msg=name)
+    assert list(metrics.all_metrics(x[:, :16, :16], reference[:, :16, :16])) == ["psnr", "ssim"]

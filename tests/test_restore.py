@@ -314,19 +314,6 @@ def test_progress_says_when_the_sampler_was_read_from_the_cache(monkeypatch):
     progress(0)  # a new run is not cancelled
 
 
-def test_work_started_beside_the_run_is_not_counted_as_its_compile_time_and_drops_its_errors():
-    """restore compiles the outputs' metrics beside the sampler: the time that takes must not show as the
-    sampler's compile time, and an error there is left to the real call."""
-    before = _progress.compile_seconds()
-    _progress.start_beside(lambda: jax.jit(lambda x: jnp.sin(x) * 5 - 2)(np.arange(11.0)).block_until_ready()).join()
-    assert _progress.compile_seconds() == before
-    jax.jit(lambda x: jnp.cos(x) * 5 - 2)(np.arange(13.0)).block_until_ready()  # the run's own thread: counted
-    assert _progress.compile_seconds() > before
-    failed = _progress.start_beside(lambda: 1 / 0)
-    failed.join()
-    assert not failed.is_alive()
-
-
 def test_train_help_lists_every_set_key(capsys):
     from spgd_jax import train
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from spgd_jax import metrics
 from spgd_jax.xla_setup import onednn
 from spgd_jax.xla_setup.compile_cache import enable_compilation_cache
 from spgd_jax.xla_setup.cpu_flags import use_fast_cpu_flags
@@ -20,7 +19,6 @@ from spgd_jax.io.prior import default_weights_path
 from spgd_jax.restore._args import EXIT_NO_IMAGE_FINISHED, VIDEO_FRAMES, Request, UsageError, hint
 from spgd_jax.restore._folder import OutputFolder
 from spgd_jax.restore._inputs import load_prior, make_operator, measurements
-from spgd_jax.restore._progress import start_beside
 from spgd_jax.restore._run import combine_samples, restore
 from spgd_jax.restore._writers import write_outputs
 from spgd_jax.restore.dataset import run_dataset
@@ -105,8 +103,6 @@ def _run(args, request: Request, dataset: bool) -> int:
 
     out = Path(args.out or f"restored-{task}")
     folder = OutputFolder(out, args.overwrite)
-    # the metrics against the ground truth, compiled while the sampler compiles
-    metrics_ready = None if inputs.truth is None else start_beside(metrics.prepare, np.shape(inputs.truth))
     with folder as staging:
         repeat = lambda a: np.repeat(np.asarray(a), args.samples, axis=0)  # image-major: image b's samples in a row
         keys = posterior_keys(image_keys(key_sampler, len(inputs.y)), args.samples)
@@ -115,8 +111,6 @@ def _run(args, request: Request, dataset: bool) -> int:
         runs = restore(denoiser, operator, repeat(inputs.y), {k: repeat(v) for k, v in inputs.params.items()},
                        keys, config, request.step_sizes, batch, size, f"{args.sampler} {task}", args.quiet)
         runs = combine_samples(runs, args.samples)
-        if metrics_ready is not None:
-            metrics_ready.join()
         summaries = write_outputs(staging, runs, inputs, operator, config, request.step_sizes, args, {
             **record,
             "batch_size": batch,

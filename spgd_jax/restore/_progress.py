@@ -16,19 +16,18 @@ import time
 
 import jax
 
-__all__ = ["Cancelled", "Progress", "run_interruptibly", "start_beside"]
+__all__ = ["Cancelled", "Progress", "run_interruptibly"]
 
 READ_FROM_CACHE_S = 0.5  # compile seconds below this before the first step: the sampler was read back, not built
 STOP_WAIT_S = 5.0  # after Ctrl-C, how long to wait for the compiled run to reach its next step
 # JAX's monitoring events of the work of a compilation: tracing, lowering, XLA's compile (or the cache's read)
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
-_compile_seconds = [0.0]  # the process's total, from the listener below, but for start_beside's threads
-_beside = threading.local()  # .active: this thread runs start_beside's work
+_compile_seconds = [0.0]  # the process's total, from the listener below
 
 
 def _count_compile(event: str, duration: float, *args, **kwargs) -> None:
-    if event in COMPILE_EVENTS and not getattr(_beside, "active", False):
+    if event in COMPILE_EVENTS:
         _compile_seconds[0] += duration
 
 
@@ -36,26 +35,8 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 def compile_seconds() -> float:
-    """Seconds this process has spent tracing and compiling JAX programs so far (start_beside's work left out)."""
+    """Seconds this process has spent tracing and compiling JAX programs so far."""
     return _compile_seconds[0]
-
-
-def start_beside(function, *args) -> threading.Thread:
-    """Runs function(*args) in a daemon thread, beside the run: work that the run's outputs need later (compiling
-    their metrics), done while the sampler compiles on one core. Its compilations are not counted as the run's
-    compile time, and an error in it is dropped: the same work done again where it is needed raises it there.
-    Join the thread before that work."""
-
-    def work():
-        _beside.active = True
-        try:
-            function(*args)
-        except Exception:  # noqa: BLE001 (raised again by the real call; see the docstring)
-            pass
-
-    thread = threading.Thread(target=work, name="spgd-restore-beside", daemon=True)
-    thread.start()
-    return thread
 
 
 class Cancelled(Exception):
