@@ -1,5 +1,5 @@
 """The default prior's 3x3 convolution shapes, one call each, through every route this CPU has: XLA's convolution
-in float32 and bfloat16, spgd-jax's bfloat16 routes (oneDNN's handler, Winograd), and PyTorch's (oneDNN) in
+in float32 and bfloat16, spgd-jax's routes (the direct float32 kernel, oneDNN's bfloat16 handler, Winograd), and PyTorch's (oneDNN) in
 float32 and bfloat16 as a reference (issue 23: where the UNet's convolution time can go).
 
     python -m benchmarks.conv_shapes --tag cpu-2core   # -> benchmarks/results/conv_shapes_TAG.{json,md}
@@ -23,8 +23,8 @@ import numpy as np
 from jax import lax
 
 from benchmarks.speed_setup import loadavg, write_report
-from spgd_jax.models.adm import onednn_conv3x3, winograd_conv3x3
-from spgd_jax.xla_setup import onednn
+from spgd_jax.models.adm import direct_conv3x3, onednn_conv3x3, winograd_conv3x3
+from spgd_jax.xla_setup import direct_conv, onednn
 
 REPO = Path(__file__).resolve().parents[1]
 # (pixels, in channels, out channels) of the default prior's 3x3 convolutions (channel_mult 1, 2, 2, 2 on 32)
@@ -60,6 +60,9 @@ def routes(batch: int, size: int, c: int, d: int) -> dict[str, float]:
     xla = jax.jit(_xla)
     found = {"xla float32": time_ms(lambda: xla(x, k).block_until_ready()),
              "xla bfloat16": time_ms(lambda: xla(xb, kb).block_until_ready())}
+    if direct_conv.route()[0] and d % 16 == 0:
+        program = jax.jit(direct_conv3x3)
+        found["direct float32"] = time_ms(lambda: program(x, k).block_until_ready())
     if onednn.conv_target() is not None:
         program = jax.jit(onednn_conv3x3)
         found["onednn bfloat16"] = time_ms(lambda: program(xb, kb).block_until_ready())
@@ -83,7 +86,7 @@ def markdown(result: dict) -> str:
     names = list(result["rows"][0]["ms"])
     lines = [f"# 3x3 convolutions, one call each ({result['tag']})", "",
              f"Batch {result['batch']}, median ms of {result['repeats']} calls (GFLOP/s in brackets); {result['host']}; "
-             f"oneDNN route: {result['onednn']}; load average (1/5/15 min) before {result['load_before']}, after "
+             f"oneDNN route: {result['onednn']}; direct float32 route: {result.get('direct', '-')}; load average (1/5/15 min) before {result['load_before']}, after "
              f"{result['load_after']}.", "", "| px | in -> out | " + " | ".join(names) + " |",
              "|---|---|" + "---:|" * len(names)]
     for row in result["rows"]:
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
             for px, c, d in SHAPES]
     host = f"{os.cpu_count()} CPUs, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     result = {"tag": args.tag, "batch": args.batch, "repeats": args.repeats, "rows": rows, "host": host,
-              "onednn": onednn.route()[1], "load_before": load_before, "load_after": loadavg()}
+              "onednn": onednn.route()[1], "direct": direct_conv.route()[1], "load_before": load_before, "load_after": loadavg()}
     write_report(Path(args.out), f"conv_shapes_{args.tag}", result, markdown(result))
     return 0
 

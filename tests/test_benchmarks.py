@@ -21,7 +21,6 @@ from spgd_jax import CONFIGS, edm_sigmas, make_denoiser, operators
 from spgd_jax.convert import to_flax_params
 from spgd_jax.convert import torch_adm as tr
 from spgd_jax.samplers import SPGDConfig, run
-from spgd_jax.xla_setup import group_norm_kernels
 
 from benchmarks import roofline, speed_jax, speed_report, speed_setup, torch_spgd, trace_summary
 
@@ -337,26 +336,32 @@ def test_conv_shapes_times_every_route_of_every_shape(tmp_path):
     if result["onednn"].startswith("/"):  # the handler's path: the route was set up
         expected.add("onednn bfloat16")
     for row in result["rows"]:
-        assert set(row["ms"]) == expected and all(0 < ms < 10_000 for ms in row["ms"].values()), row
+        direct = {"direct float32"} if result["direct"].startswith("/") and row["out"] % 16 == 0 else set()
+        assert set(row["ms"]) == expected | direct and all(0 < ms < 10_000 for ms in row["ms"].values()), row
     table = (tmp_path / "conv_shapes_t.md").read_text()
     assert "| 64 | 32 -> 32 |" in table and "load average" in table and "GFLOP/s" in table
 
 
-@pytest.mark.skipif(not group_norm_kernels.route()[0], reason="GroupNorm's CPU kernels unavailable")
-def test_group_norm_kernels_compares_both_routes_of_the_sampler(tmp_path):
-    from benchmarks import group_norm_kernels as bench
+@pytest.mark.parametrize("kernels", ["group-norm", "direct-conv"])
+def test_native_kernels_compares_both_routes_of_the_sampler(tmp_path, kernels):
+    from benchmarks import native_kernels as bench
 
-    args = ["--tag", "t", "--out", str(tmp_path), "--preset", "cpu-tiny", "--case", "float32:2", "--rounds", "2"]
+    module = bench.KERNELS[kernels][0]
+    if not module.route()[0]:
+        pytest.skip(f"{kernels} kernels unavailable: {module.route()[1]}")
+    args = ["--kernels", kernels, "--tag", "t", "--out", str(tmp_path), "--preset", "cpu-tiny", "--case", "float32:2",
+            "--rounds", "2"]
     assert bench.main(args) == 0
-    result = json.loads((tmp_path / "group_norm_kernels_t.json").read_text())
+    name = f"{kernels.replace('-', '_')}_kernels_t"
+    result = json.loads((tmp_path / f"{name}.json").read_text())
     (row,) = result["rows"]
-    assert (row["compute"], row["batch"], len(row["ratios"])) == ("float32", 2, 2)
+    assert (result["kernels"], row["compute"], row["batch"], len(row["ratios"])) == (kernels, "float32", 2, 2)
     assert all(a > 0 and b > 0 for a, b in zip(row["ms_xla"], row["ms_kernels"]))
     assert all(abs(r - a / b) < 0.01 * r for r, a, b in zip(row["ratios"], row["ms_xla"], row["ms_kernels"]))
     assert abs(row["median_ratio"] - float(np.median(row["ratios"]))) <= 1e-3
     assert 0 < row["output_difference"] < 1e-3  # two routes, the same sampler to round-off
-    assert "| float32 | 2 |" in (tmp_path / "group_norm_kernels_t.md").read_text()
-    assert group_norm_kernels.route()[0] and os.environ.get(group_norm_kernels.ENV_OFF) is None  # given back
+    assert "| float32 | 2 |" in (tmp_path / f"{name}.md").read_text()
+    assert module.route()[0] and os.environ.get(module.ENV_OFF) is None  # given back
 
 
 def test_versus_torch_takes_each_ratio_from_one_rounds_times(tmp_path):

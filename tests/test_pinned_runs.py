@@ -7,7 +7,10 @@ against jax.grad) had changed the outputs by float32 round-off, 7.6e-7 (SPGD) an
 scale, and the bits were checked only on machines of another kind since. It was recorded again in session 21
 (2026-12-06, same kind of machine): GroupNorm32's sums became native CPU kernels (spgd_jax.xla_setup.
 group_norm_kernels, 7 % faster, tested against jax.grad of flax's GroupNorm), which moved the outputs by
-7.1e-7 (SPGD) and 5.4e-7 (DPS) of their scale. A denoiser given as a plain function
+7.1e-7 (SPGD) and 5.4e-7 (DPS) of their scale. It was recorded again in session 24 (2026-12-06, same kind of
+machine): float32 3x3 convolutions became a direct AVX-512 kernel (spgd_jax.xla_setup.direct_conv, tested
+against a float64 convolution and lax's gradients), which moved the outputs by 7.4e-7 (SPGD) and 5.1e-7 (DPS) of
+their scale. A denoiser given as a plain function
 (its weights closed over, so constants of the compiled program, as then) must reproduce them bit for bit
 on the kind of machine that wrote them (RECORDED_ON): a refactoring changes no arithmetic; a change that
 means to (a faster formulation) records them again and says so here. A

@@ -11,14 +11,12 @@
 // Sums run in float32 vectors over blocks of positions and in float64 across the blocks; each (image, half of
 // the groups or channels) is one task on XLA's intra-op thread pool, so results do not depend on the threads.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "native_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -65,29 +63,6 @@ SPGD_VECTOR_CLONES void AddProducts(const float* g, const float* x, int64_t rows
   }
 }
 
-// Runs task(0 .. count-1) on the calling thread and on idle threads of XLA's pool; returns when all are done.
-// A helper that starts late finds nothing left to claim and touches nothing of this call.
-template <class Task>
-void RunTasks(ffi::ThreadPool pool, int64_t count, Task task) {
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  auto work = [counters, count, task]() {
-    for (int64_t i; (i = counters->next.fetch_add(1)) < count;) {
-      task(i);
-      counters->done.fetch_add(1);
-    }
-  };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t h = 0; h < helpers; ++h) {
-    auto copy = work;
-    pool.Schedule(std::move(copy));
-  }
-  work();
-  while (counters->done.load() < count) std::this_thread::yield();
-}
-
 // (images, positions, channels) of a (..., P, C) buffer.
 struct Layout {
   int64_t images = 1, positions = 0, channels = 0;
@@ -127,7 +102,7 @@ ffi::Error Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuf
   const float* xs = x.typed_data();
   float* means = mean->typed_data();
   float* rstds = rstd->typed_data();
-  RunTasks(pool, l.images * parts, [&](int64_t task) {
+  spgd::RunTasks(pool, l.images * parts, [&](int64_t task) {
     const int64_t image = task / parts, part = task % parts;
     const int64_t g0 = part * groups / parts, g1 = (part + 1) * groups / parts;
     const int64_t c0 = g0 * per_group, width = (g1 - g0) * per_group;
@@ -173,7 +148,7 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::
   const float* means = mean.typed_data();
   float* out1 = s1->typed_data();
   float* out2 = s2->typed_data();
-  RunTasks(pool, l.images * parts, [&](int64_t task) {
+  spgd::RunTasks(pool, l.images * parts, [&](int64_t task) {
     const int64_t image = task / parts, part = task % parts;
     const int64_t c0 = part * l.channels / parts, width = (part + 1) * l.channels / parts - c0;
     const int64_t offset = image * l.positions * l.channels + c0;

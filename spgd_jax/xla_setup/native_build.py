@@ -7,19 +7,25 @@ the XLA FFI headers jaxlib ships, with `c++` (or $CXX), into
 
 (else ~/.cache/...; a temporary folder if neither is writable), keyed by a digest of the source, jaxlib's
 version and what else the caller names, so later processes load it in milliseconds. The file appears whole or not at all, so processes building side by side do no harm.
+`Handlers` describes such a library of FFI handlers (GroupNorm's sums, the direct float32 convolution) and
+registers it with XLA:CPU on first use.
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["build", "library_paths"]
+__all__ = ["Handlers", "build", "library_paths"]
 
 _BUILD_TIMEOUT_S = 300
 
@@ -64,3 +70,81 @@ def build(source: Path, targets: Sequence[Path], flags: Sequence[str] = (), link
             partial.unlink(missing_ok=True)
         return target
     raise RuntimeError(f"no writable folder for the compiled library ({', '.join(str(t.parent) for t in targets)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Handlers:
+    """XLA FFI handlers of one C++ source of spgd_jax/xla_setup, built once per machine (`build`) and registered
+    with XLA:CPU on first use. Where they cannot be had (turned off, another system, no compiler, a failed build,
+    a CPU without the instructions) the callers take XLA's own ops, and `route()` says why.
+
+    name: the cache folder's prefix. source: the .cc file; headers: the files of that folder it includes (part of
+    the digest). library: the built file's name. symbols: (FFI target, exported handler symbol) pairs. env_off:
+    the environment variable that turns them off with "0". flags: the compiler's flags besides the XLA FFI
+    headers' and this folder. machines: the platform.machine() values they build on (empty: any).
+    supported: an exported `int f(void)`, nonzero where this CPU runs the handlers ("" when any CPU does).
+    """
+
+    name: str
+    source: Path
+    library: str
+    symbols: tuple[tuple[str, str], ...]
+    env_off: str
+    flags: tuple[str, ...] = ()
+    headers: tuple[Path, ...] = ()
+    machines: tuple[str, ...] = ()
+    supported: str = ""
+
+    def ineligible(self) -> str | None:
+        """Why this process takes no handlers without trying (turned off, another system), else None."""
+        if os.environ.get(self.env_off, "") == "0":
+            return f"turned off ({self.env_off}=0)"
+        if platform.system() != "Linux":
+            return f"built on Linux only, not {platform.system()}"
+        if self.machines and platform.machine() not in self.machines:
+            return f"built for {', '.join(self.machines)} only, not {platform.machine()}"
+        return None
+
+    def targets(self) -> list[Path]:
+        """The places of the built library (library_paths), first choice first."""
+        parts = [platform.machine().encode(), *(header.read_bytes() for header in self.headers)]
+        return library_paths(self.source, self.name, self.library, parts)
+
+    def route(self) -> tuple[bool, str]:
+        """(True, the library's path) once every handler is registered with XLA:CPU, or (False, why not). Built,
+        loaded and registered on the first call of the process; turning them off by the environment takes
+        effect at the next call."""
+        why = self.ineligible()
+        return (False, why) if why is not None else _register(self)
+
+    def fingerprint(self) -> str:
+        """What decides the route, found without compiling anything (for the keys of stored programs): why there
+        is none, or the library's folder name (its digest). A library already built is registered here, so that
+        a stored program that calls it can be read back."""
+        why = self.ineligible()
+        if why is not None:
+            return why
+        targets = self.targets()
+        if any(target.exists() for target in targets):
+            self.route()
+        return targets[0].parent.name
+
+
+_LOADED: list[ctypes.CDLL] = []  # the loaded libraries, kept alive for the process
+
+
+@functools.lru_cache(maxsize=None)
+def _register(handlers: Handlers) -> tuple[bool, str]:
+    import jax  # noqa: PLC0415 (importing spgd_jax stays free of JAX)
+
+    try:
+        path = build(handlers.source, handlers.targets(), [*handlers.flags, f"-I{handlers.source.parent}"])
+        library = ctypes.CDLL(str(path))
+        if handlers.supported and not getattr(library, handlers.supported)():
+            return False, "this CPU lacks the instructions the handlers use"
+        for target, symbol in handlers.symbols:
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    except (RuntimeError, OSError, AttributeError, subprocess.SubprocessError) as error:
+        return False, str(error) or type(error).__name__
+    _LOADED.append(library)
+    return True, str(path)

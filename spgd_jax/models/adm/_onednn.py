@@ -10,8 +10,9 @@ registered (a CPU with AVX512-BF16 or AMX):
   CPU autocast does to convolutions, and what that precision means for convolutions on TPUs. Everything else
   (GroupNorm, SiLU, attention, the 1x1 and strided convolutions) stays float32.
 Products accumulate in float32 either way (AMX where the CPU has it). Everything else goes to
-`_winograd.conv_general_dilated` (Winograd for bfloat16, lax's convolution for the rest): float32 at JAX's
-default precision never takes this route, so its results stay XLA's, bit for bit.
+`_winograd.conv_general_dilated` (Winograd for bfloat16, then `_direct` for float32 3x3 convolutions on AVX-512
+CPUs, lax's convolution for the rest): float32 at JAX's default precision never takes this route, so its results
+stay float32 to round-off.
 
 The input gradient is the same convolution of the output gradient with the kernel flipped in space and its
 in/out axes swapped (same operand rounding); the kernel gradient is lax's, in x's dtype (training only).

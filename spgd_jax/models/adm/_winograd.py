@@ -11,8 +11,8 @@ error (about 2^-8 per operand), like a bfloat16 convolution.
 
 `conv_general_dilated` has lax's signature (Flax's `nn.Conv(conv_general_dilated=...)` takes it). It
 takes this route for bfloat16 NHWC inputs, HWIO 3x3 kernels, stride 1, padding 1, no dilation or
-groups, even height and width, on the CPU backend; everything else (float32 included, bit for bit) goes
-to `_conv.conv_general_dilated`. The input gradient is the same Winograd convolution with the kernel
+groups, even height and width, on the CPU backend; everything else (float32 included) goes
+to `_direct.conv_general_dilated`. The input gradient is the same Winograd convolution with the kernel
 flipped in space and its in/out axes swapped; the kernel gradient is lax's (training only).
 Shapes: x (B, H, W, C), kernel (3, 3, C, D) -> (B, H, W, D), in x's dtype.
 """
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spgd_jax.models.adm import _conv
+from spgd_jax.models.adm import _conv, _direct
 
 __all__ = ["conv_general_dilated", "winograd_conv3x3"]
 
@@ -83,5 +83,5 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if _takes_winograd(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                        feature_group_count, kwargs):
         return winograd_conv3x3(lhs, rhs.astype(lhs.dtype))
-    return _conv.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+    return _direct.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                       dimension_numbers, feature_group_count, precision, **kwargs)

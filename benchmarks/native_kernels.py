@@ -1,7 +1,10 @@
-"""GroupNorm's native CPU kernels (spgd_jax.xla_setup.group_norm_kernels) against XLA's reductions: the whole SPGD
-sampler of a speed preset, both routes compiled in one process and timed in turn, A B A B (issue 23).
+"""spgd_jax's native CPU kernels against XLA's own ops: the whole SPGD sampler of a speed preset, both routes
+compiled in one process and timed in turn, A B A B (issue 23). The kernels: GroupNorm's sums
+(spgd_jax.xla_setup.group_norm_kernels, against XLA's reductions) or the direct float32 3x3 convolution
+(spgd_jax.xla_setup.direct_conv, against XLA's convolution).
 
-    python -m benchmarks.group_norm_kernels --tag cpu-2core   # -> benchmarks/results/group_norm_kernels_TAG.{json,md}
+    python -m benchmarks.native_kernels --kernels group-norm --tag cpu-2core
+    # -> benchmarks/results/group_norm_kernels_TAG.{json,md} (direct_conv_kernels_TAG for --kernels direct-conv)
 
 Each case (a compute of benchmarks.compute, a batch) is compiled with the kernels off (A) and on (B); then
 `rounds` times A and B are each run once, and the row gives ms per image-NFE and the ratio A/B of each round
@@ -25,41 +28,44 @@ import numpy as np
 
 from benchmarks.speed_jax import Timings, make_inputs
 from benchmarks.speed_setup import PRESETS, loadavg, write_report
-from spgd_jax.xla_setup import group_norm_kernels
+from spgd_jax.xla_setup import direct_conv, group_norm_kernels
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = (("float32", 1), ("float32", 4), ("float32-bf16conv", 8))
+# name -> (the module of the kernels, an FFI target that a program using them calls, XLA's side, default cases)
+KERNELS = {
+    "group-norm": (group_norm_kernels, group_norm_kernels.MOMENTS_TARGET, "XLA's reductions",
+                   (("float32", 1), ("float32", 4), ("float32-bf16conv", 8))),
+    "direct-conv": (direct_conv, direct_conv.TARGET, "XLA's convolution", (("float32", 1), ("float32", 4))),
+}
 
 __all__ = ["compare", "main"]
 
 
-def _compiled(timings: Timings, compute: str, batch: int, kernels: bool):
-    """The sampler of `timings` compiled with GroupNorm's kernels on or off (the route is decided when tracing)."""
-    before = os.environ.get(group_norm_kernels.ENV_OFF)
-    os.environ[group_norm_kernels.ENV_OFF] = "1" if kernels else "0"
-    group_norm_kernels.route.cache_clear()
+def _compiled(timings: Timings, kernels: str, compute: str, batch: int, on: bool):
+    """The sampler of `timings` compiled with `kernels` on or off (the route is decided when tracing)."""
+    module, target = KERNELS[kernels][:2]
+    before = os.environ.get(module.ENV_OFF)
+    os.environ[module.ENV_OFF] = "1" if on else "0"
     jax.clear_caches()
     try:
         lowered = timings.lower(compute, batch, "sample")
-        used = group_norm_kernels.MOMENTS_TARGET in lowered.as_text()
-        return lowered.compile(), used
+        return lowered.compile(), target in lowered.as_text()
     finally:
         if before is None:
-            os.environ.pop(group_norm_kernels.ENV_OFF)
+            os.environ.pop(module.ENV_OFF)
         else:
-            os.environ[group_norm_kernels.ENV_OFF] = before
-        group_norm_kernels.route.cache_clear()
+            os.environ[module.ENV_OFF] = before
         jax.clear_caches()
 
 
-def compare(timings: Timings, compute: str, batch: int, rounds: int) -> dict:
+def compare(timings: Timings, kernels: str, compute: str, batch: int, rounds: int) -> dict:
     """One case: A (kernels off) and B (on) compiled, run in turn `rounds` times; ms per image-NFE and ratios."""
     inputs = make_inputs(batch, timings.size)
     args = (timings.unet_params, jax.device_put(inputs["y"]), timings.key, jax.device_put(inputs["mask"]))
-    (a, a_used), (b, b_used) = _compiled(timings, compute, batch, False), _compiled(timings, compute, batch, True)
+    (a, a_used), (b, b_used) = (_compiled(timings, kernels, compute, batch, on) for on in (False, True))
     if a_used or not b_used:
         raise RuntimeError(f"the routes were not as asked (kernels off: {a_used}, on: {b_used}); "
-                           f"{group_norm_kernels.route()}")
+                           f"{KERNELS[kernels][0].route()}")
     out_a, out_b = (np.asarray(jax.block_until_ready(p(*args))) for p in (a, b))
     nfe = batch * timings.config.steps * timings.config.warmup
 
@@ -80,12 +86,13 @@ def compare(timings: Timings, compute: str, batch: int, rounds: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# GroupNorm's CPU kernels against XLA's reductions ({result['tag']})", "",
+    xla = KERNELS[result["kernels"]][2]
+    lines = [f"# spgd_jax's {result['kernels']} CPU kernels against {xla} ({result['tag']})", "",
              f"The `{result['preset']}` preset's SPGD sampler ({result['steps']} outer x {result['warmup']} inner "
              f"steps, random weights), both routes compiled in one process and run in turn, {result['rounds']} "
-             f"rounds; ms per image-NFE; ratio = XLA's / the kernels' (above 1: the kernels are faster). "
+             f"rounds; ms per image-NFE; ratio = {xla} / the kernels' (above 1: the kernels are faster). "
              f"{result['host']}. Kernels: {result['route']}.", "",
-             "| compute | batch | XLA's reductions, ms | kernels, ms | ratio per round | median ratio | "
+             f"| compute | batch | {xla}, ms | kernels, ms | ratio per round | median ratio | "
              "outputs differ by (of their scale) | load before / after |", "|---|---:|---|---|---|---:|---:|---|"]
     for row in result["rows"]:
         lines.append(f"| {row['compute']} | {row['batch']} | {' '.join(map(str, row['ms_xla']))} | "
@@ -104,24 +111,27 @@ def _case(text: str) -> tuple[str, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernels", default="group-norm", choices=sorted(KERNELS))
     parser.add_argument("--tag", required=True, help="file name tag, e.g. cpu-2core")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--preset", default="cpu-default64", choices=sorted(PRESETS))
-    parser.add_argument("--case", type=_case, action="append", help="COMPUTE:BATCH, repeatable "
-                        f"(default: {' '.join(f'{c}:{b}' for c, b in CASES)})")
+    parser.add_argument("--case", type=_case, action="append", help="COMPUTE:BATCH, repeatable (default: "
+                        + "; ".join(f"{name}: {' '.join(f'{c}:{b}' for c, b in spec[3])}" for name, spec in KERNELS.items())
+                        + ")")
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args(argv)
-    if not group_norm_kernels.route()[0]:
-        print(f"GroupNorm's kernels are unavailable here: {group_norm_kernels.route()[1]}", file=sys.stderr)
+    module, _, _, cases = KERNELS[args.kernels]
+    if not module.route()[0]:
+        print(f"The {args.kernels} kernels are unavailable here: {module.route()[1]}", file=sys.stderr)
         return 1
     preset = PRESETS[args.preset]
     with tempfile.TemporaryDirectory() as work:
         timings = Timings(preset, Path(work), None, {"info": {}})
-        rows = [compare(timings, compute, batch, args.rounds) for compute, batch in args.case or CASES]
+        rows = [compare(timings, args.kernels, compute, batch, args.rounds) for compute, batch in args.case or cases]
     host = f"{os.cpu_count()} CPUs, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
-    result = {"tag": args.tag, "preset": args.preset, "steps": preset.timed_steps, "warmup": preset.warmup,
-              "rounds": args.rounds, "rows": rows, "host": host, "route": group_norm_kernels.route()[1]}
-    write_report(Path(args.out), f"group_norm_kernels_{args.tag}", result, markdown(result))
+    result = {"tag": args.tag, "kernels": args.kernels, "preset": args.preset, "steps": preset.timed_steps, "warmup": preset.warmup,
+              "rounds": args.rounds, "rows": rows, "host": host, "route": module.route()[1]}
+    write_report(Path(args.out), f"{args.kernels.replace('-', '_')}_kernels_{args.tag}", result, markdown(result))
     return 0
 
 

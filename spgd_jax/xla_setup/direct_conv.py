@@ -1,0 +1,42 @@
+"""Float32 3x3 'same' convolutions on the CPU as a direct AVX-512 kernel: the FFI handler of direct_conv.cc.
+
+XLA:CPU runs a float32 convolution as Eigen's contraction over image patches, which repacks the input for every
+block it multiplies; on a 2-core Xeon (AVX-512) that ran the default prior's 3x3 convolutions at 90-250 GFLOP/s.
+The handler holds a block of pixels times output channels in vector registers and sums the taps and input
+channels straight from the NHWC input. spgd_jax/models/adm/_conv.py calls it for float32 3x3 'same'
+convolutions traced for the CPU whose output channels are a multiple of 16; results differ from XLA's by float32
+round-off (another order of the same sums).
+
+Compiled on first use with the system's C++ compiler (spgd_jax.xla_setup.native_build, once per machine, kept in
+$XDG_CACHE_HOME/spgd-jax/direct-conv-<digest>/). Where it cannot be had (not Linux on x86-64, a CPU without
+AVX-512F, no compiler, a failed build) the convolutions stay XLA's, silently: `route()` says why.
+SPGD_JAX_DIRECT_CONV=0 turns it off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spgd_jax.xla_setup import native_build
+
+__all__ = ["ENV_OFF", "HANDLERS", "TARGET", "fingerprint", "route"]
+
+ENV_OFF = "SPGD_JAX_DIRECT_CONV"
+TARGET = "spgd_direct_conv3x3"
+_FOLDER = Path(__file__).parent
+HANDLERS = native_build.Handlers(
+    name="direct-conv", source=_FOLDER / "direct_conv.cc", library="libspgd_direct_conv.so",
+    symbols=((TARGET, "SpgdDirectConv3x3"),), env_off=ENV_OFF, flags=("-O3",), headers=(_FOLDER / "native_tasks.h",),
+    machines=("x86_64", "AMD64"), supported="SpgdDirectConvSupported")
+
+
+def route() -> tuple[bool, str]:
+    """(True, the library's path) once the handler is registered with XLA:CPU, or (False, why not). Built, loaded
+    and registered on the first call of the process (see the module docstring)."""
+    return HANDLERS.route()
+
+
+def fingerprint() -> str:
+    """What decides the float32 convolutions' route (native_build.Handlers.fingerprint), for the keys of stored
+    programs."""
+    return HANDLERS.fingerprint()

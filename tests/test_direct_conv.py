@@ -1,0 +1,238 @@
+"""The direct float32 3x3 convolution (spgd_jax/xla_setup/direct_conv.py, spgd_jax/models/adm/_direct.py): the
+handler's values against a float64 convolution on shapes that reach every code path (edges, partial blocks, the
+three register blockings), gradients against lax's, vmap, which convolutions take the route, clear errors, the
+UNet through it against XLA's convolutions, and the build in a fresh process (cached, no compiler, turned off)."""
+
+from __future__ import annotations
+
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cli_helpers import fresh_python
+from jax import lax
+
+from spgd_jax.models.adm import _conv, _direct, _onednn
+from spgd_jax.xla_setup import direct_conv
+
+needs_kernel = pytest.mark.skipif(not direct_conv.route()[0], reason=f"no direct kernel: {direct_conv.route()[1]}")
+
+# (B, H, W, C, D): 64 / 32 / 16 output channels (the three blockings of 6, 12 and 24 pixels), widths below, at and
+# above a block with a partial last block, one row or one column, 3 input channels, and the UNet's own shapes.
+SHAPES = [(1, 8, 8, 64, 64), (2, 5, 7, 3, 16), (1, 1, 1, 5, 48), (3, 2, 13, 96, 32), (1, 6, 14, 8, 128),
+          (2, 9, 1, 7, 16), (1, 3, 31, 12, 96), (1, 16, 16, 32, 64), (2, 4, 25, 17, 32)]
+
+
+def _float64(x, kernel):
+    """The convolution in float64 (NumPy), x (B, H, W, C), kernel (3, 3, C, D)."""
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    h, w = x.shape[1:3]
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(padded[:, i:i + h, j:j + w] @ kernel[i, j] for i in range(3) for j in range(3))
+
+
+def _lax(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_conv.NHWC,
+                                    precision=lax.Precision.HIGHEST)
+
+
+def _inputs(shape, seed=0):
+    b, h, w, c, d = shape
+    kx, kk = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(kx, (b, h, w, c)), jax.random.normal(kk, (3, 3, c, d)) / np.sqrt(9 * c)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+def test_values_are_the_convolution_to_float32_round_off(shape):
+    x, kernel = _inputs(shape)
+    got = jax.jit(_direct.direct_conv3x3)(x, kernel)
+    assert got.dtype == jnp.float32 and got.shape == shape[:3] + (shape[4],)
+    ref = _float64(x, kernel)
+    # Sums of 9 C products in float32: within a few ulps of the terms' scale (|terms| about 1 here).
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.sqrt(9 * shape[3]))
+    xla_error = np.abs(np.asarray(_lax(x, kernel)) - ref).max()
+    assert np.abs(np.asarray(got) - ref).max() <= 8 * xla_error + 1e-7  # as close as XLA's, to a small factor
+
+
+@needs_kernel
+def test_gradients_are_the_convolutions_gradients():
+    x, kernel = _inputs((2, 6, 10, 16, 32), seed=2)
+    weights = jax.random.normal(jax.random.key(3), (2, 6, 10, 32))
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(jnp.sin(conv(x, k)) * weights)
+
+    got = jax.grad(loss(_direct.direct_conv3x3), argnums=(0, 1))(x, kernel)
+    ref = jax.grad(loss(_lax), argnums=(0, 1))(x, kernel)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    # The input gradient of a convolution to 3 channels is a 3 -> 16 one through the kernel; its forward is lax's.
+    x, kernel = _inputs((1, 8, 8, 16, 3), seed=4)
+    got = jax.grad(lambda x: jnp.sum(_direct.direct_conv3x3(x, kernel) ** 2))(x)
+    np.testing.assert_allclose(got, jax.grad(lambda x: jnp.sum(_lax(x, kernel) ** 2))(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_vmap_over_images_kernels_or_both():
+    x, kernel = _inputs((3, 6, 8, 8, 16), seed=4)
+    kernels = jnp.stack([kernel, -kernel, 2 * kernel])
+    conv = _direct.direct_conv3x3
+    per_image = jax.vmap(lambda xi: conv(xi[None], kernel)[0])(x)
+    np.testing.assert_array_equal(per_image, conv(x, kernel))
+    per_kernel = jax.vmap(lambda k: conv(x, k))(kernels)
+    both = jax.vmap(lambda xi, k: conv(xi[None], k)[0])(x, kernels)
+    for i in range(3):
+        np.testing.assert_array_equal(per_kernel[i], conv(x, kernels[i]))
+        np.testing.assert_array_equal(both[i], conv(x[i:i + 1], kernels[i])[0])
+    grads = jax.vmap(jax.grad(lambda xi: jnp.sum(conv(xi[None], kernel) ** 2)))(x)
+    np.testing.assert_array_equal(grads, jax.grad(lambda x: jnp.sum(conv(x, kernel) ** 2))(x))
+
+
+@needs_kernel
+def test_runs_inside_scan_and_an_empty_batch():
+    x, kernel = _inputs((2, 8, 8, 16, 16), seed=5)
+
+    def step(h, _):
+        return jnp.tanh(_direct.direct_conv3x3(h, kernel)), None
+
+    out, _ = jax.jit(lambda x: lax.scan(step, x, None, length=3))(x)
+    ref = x
+    for _ in range(3):
+        ref = jnp.tanh(_direct.direct_conv3x3(ref, kernel))
+    np.testing.assert_array_equal(out, ref)
+    assert _direct.direct_conv3x3(x[:0], kernel).shape == (0, 8, 8, 16)
+    np.testing.assert_array_equal(_direct.direct_conv3x3(x[..., :0], kernel[:, :, :0]), jnp.zeros((2, 8, 8, 16)))
+
+
+def test_wrong_inputs_are_clear_errors(monkeypatch):
+    x, kernel = _inputs((1, 8, 8, 4, 16))
+    with pytest.raises(TypeError, match="float32 x and kernel, got bfloat16 and float32"):
+        _direct.direct_conv3x3(x.astype(jnp.bfloat16), kernel)
+    with pytest.raises(ValueError, match=r"kernel \(3, 3, C, D\), got \(1, 8, 8, 4\) and \(3, 3, 5, 16\)"):
+        _direct.direct_conv3x3(x, jnp.zeros((3, 3, 5, 16)))
+    with pytest.raises(ValueError, match=r"got \(8, 8, 4\) and"):
+        _direct.direct_conv3x3(x[0], kernel)
+    monkeypatch.setattr(direct_conv, "route", lambda: (False, "off for this test"))
+    with pytest.raises(RuntimeError, match=r"not available here \(off for this test\); use lax.conv_general_dilated"):
+        _direct.direct_conv3x3(x, kernel)
+
+
+@needs_kernel
+def test_a_wrong_call_of_the_handler_is_a_clear_error():
+    call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 4, 4, 8), jnp.float32))
+    with pytest.raises(Exception, match="out channels must be a multiple of 16"):
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 8))))
+    call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 4, 4, 16), jnp.float32))
+    with pytest.raises(Exception, match="3x3 'same' convolution"):
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16))))
+
+
+def test_only_float32_same_3x3_convolutions_on_the_cpu_take_the_route(monkeypatch):
+    calls = []
+    monkeypatch.setattr(direct_conv, "route", lambda: (True, "stand-in"))
+    monkeypatch.setattr(_direct, "direct_conv3x3", lambda x, k: calls.append(x.shape) or _lax(x, k))
+    x, kernel = _inputs((1, 8, 8, 4, 16))
+    same, dims = ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")
+    _onednn.conv_general_dilated(x, kernel, (1, 1), same, dimension_numbers=dims)
+    _onednn.conv_general_dilated(x[:, :7], kernel, (1, 1), same, dimension_numbers=dims)  # odd sizes too
+    assert calls == [(1, 8, 8, 4), (1, 7, 8, 4)]
+    # Stride 2, other padding, 1x1 kernels, float16: lax's convolution.
+    _onednn.conv_general_dilated(x, kernel, (2, 2), same, dimension_numbers=dims)
+    _onednn.conv_general_dilated(x, kernel, (1, 1), ((0, 0), (0, 0)), dimension_numbers=dims)
+    _onednn.conv_general_dilated(x, kernel[:1, :1], (1, 1), ((0, 0), (0, 0)), dimension_numbers=dims)
+    _onednn.conv_general_dilated(x.astype(jnp.float16), kernel.astype(jnp.float16), (1, 1), same,
+                                 dimension_numbers=dims)
+    assert len(calls) == 2
+    monkeypatch.setattr(direct_conv, "route", lambda: (False, "off for this test"))
+    np.testing.assert_array_equal(_direct.conv_general_dilated(x, kernel, (1, 1), same, dimension_numbers=dims),
+                                  _conv.conv_general_dilated(x, kernel, (1, 1), same, dimension_numbers=dims))
+    assert len(calls) == 2
+
+
+@needs_kernel
+def test_unet_through_the_kernel_agrees_with_xlas_convolutions(monkeypatch):
+    from spgd_jax.models.adm import CONFIGS, UNet
+
+    model = UNet(CONFIGS["tiny16"])
+    x, t = jax.random.normal(jax.random.key(0), (2, 16, 16, 3)), jnp.array([10.0, 500.0])
+    params = model.init(jax.random.key(1), x, t)["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)  # every weight random (zero-initialised layers hide nothing)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree_util.tree_unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+    def run():
+        forward = lambda x: model.apply({"params": params}, x, t)
+        loss = lambda x: jnp.sum(forward(x) ** 2)
+        return forward(x), jax.grad(loss)(x), jax.jit(jax.grad(loss)).lower(x).as_text()
+
+    out, grad, text = run()
+    assert text.count(direct_conv.TARGET) >= 2  # forward and input-gradient convolutions
+    monkeypatch.setattr(direct_conv, "route", lambda: (False, "off for this test"))
+    plain_out, plain_grad, plain_text = run()
+    assert direct_conv.TARGET not in plain_text
+    for got, ref in ((out, plain_out), (grad, plain_grad)):
+        scale = float(jnp.abs(ref).max())
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * scale)
+
+
+_REPORT = """
+    import warnings
+    warnings.simplefilter("always")
+    import jax, jax.numpy as jnp
+    from spgd_jax.models.adm import _onednn
+    from spgd_jax.xla_setup import direct_conv
+    x = jnp.arange(2 * 5 * 6 * 3, dtype=jnp.float32).reshape(2, 5, 6, 3) % 7
+    k = jnp.arange(3 * 3 * 3 * 16, dtype=jnp.float32).reshape(3, 3, 3, 16) % 5 - 2
+    y = jax.jit(lambda x, k: _onednn.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                          dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, k)
+    print("route", direct_conv.route())
+    print("y", float(jnp.abs(y).sum()))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="built on x86-64 Linux only")
+def test_built_once_into_the_cache_and_loaded_by_the_next_process(tmp_path):
+    first = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    value = first.stdout.split("y ")[-1].strip()
+    assert "Warning" not in first.stderr
+    built = list(tmp_path.glob("spgd-jax/direct-conv-*/libspgd_direct_conv.so"))
+    assert len(built) == 1 and not list(tmp_path.rglob("*.tmp"))
+    if "route (True, " not in first.stdout:  # built, but this CPU has no AVX-512F
+        assert "lacks the instructions" in first.stdout
+        return
+    stamp = built[0].stat().st_mtime_ns
+    second = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path), CXX="/bin/false")  # no compiler needed now
+    assert second.returncode == 0 and "route (True, " in second.stdout and f"y {value}" in second.stdout, second.stderr
+    assert built[0].stat().st_mtime_ns == stamp
+    # Without a compiler, or turned off: XLA's convolution, the same (integer) sums exactly, silently, nothing built
+    for env in ({"CXX": "/bin/false"}, {direct_conv.ENV_OFF: "0"}):
+        run = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path / "other"), **env)
+        assert run.returncode == 0 and "Warning" not in run.stderr, run.stderr
+        assert "route (False, " in run.stdout and f"y {value}" in run.stdout, run.stdout
+        assert ("compiling direct_conv.cc failed" if "CXX" in env else "turned off") in run.stdout
+        assert not list((tmp_path / "other").rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
+
+
+@needs_kernel
+def test_a_stored_program_that_calls_it_runs_in_a_fresh_process(tmp_path):
+    code = f"""
+        import jax, jax.numpy as jnp
+        from spgd_jax.models.adm import direct_conv3x3
+        from spgd_jax.xla_setup import enable_compilation_cache, executables
+        enable_compilation_cache({str(tmp_path / "cache")!r})
+        x = jnp.arange(2 * 6 * 6 * 4, dtype=jnp.float32).reshape(2, 6, 6, 4) % 7
+        k = jnp.arange(3 * 3 * 4 * 16, dtype=jnp.float32).reshape(3, 3, 4, 16) % 5 - 2
+        loss = lambda x: jnp.sum(jnp.sin(direct_conv3x3(x, k)))
+        program = executables.load_or_compile(jax.jit(jax.grad(loss)), (x,), ("direct-conv-test", 1))
+        print("text", "spgd_direct_conv3x3" in jax.jit(jax.grad(loss)).lower(x).as_text())
+        print("sum", round(float(jnp.abs(program(x)).sum()), 3))
+    """
+    first, second = fresh_python(code), fresh_python(code)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "text True" in first.stdout and first.stdout.split("sum ")[-1] == second.stdout.split("sum ")[-1]
+    assert len(list((tmp_path / "cache" / "executables").glob("*.bin"))) == 1
+    assert "ExecutableStoreWarning" not in second.stderr
