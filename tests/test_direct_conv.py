@@ -92,6 +92,27 @@ def test_vmap_over_images_kernels_or_both():
 
 
 @needs_kernel
+def test_input_gradients_with_a_kernel_per_image_and_a_kernel_that_changes_in_place():
+    x, kernel = _inputs((3, 6, 8, 16, 32), seed=6)
+    kernels = jnp.stack([kernel, -kernel, 2 * kernel])
+    loss = lambda conv: lambda xi, k: jnp.sum(jnp.sin(conv(xi[None], k)))
+    got = jax.vmap(jax.grad(loss(_direct.direct_conv3x3)))(x, kernels)
+    np.testing.assert_allclose(got, jax.vmap(jax.grad(loss(_lax)))(x, kernels), rtol=1e-5, atol=1e-5)
+
+    # The handler keeps the flipped kernels it made: a kernel updated in a loop (XLA may keep it at one address)
+    # must be flipped again from its new values.
+    def descend(conv):
+        def step(_, carry):
+            x, k = carry
+            g = jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, k))))(x)
+            return x - 0.1 * g, k * 0.5 + 0.01
+        return jax.jit(lambda x, k: lax.fori_loop(0, 4, step, (x, k))[0])
+
+    np.testing.assert_allclose(descend(_direct.direct_conv3x3)(x, kernel), descend(_lax)(x, kernel),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_runs_inside_scan_and_an_empty_batch():
     x, kernel = _inputs((2, 8, 8, 16, 16), seed=5)
 
@@ -124,10 +145,12 @@ def test_wrong_inputs_are_clear_errors(monkeypatch):
 def test_a_wrong_call_of_the_handler_is_a_clear_error():
     call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 4, 4, 8), jnp.float32))
     with pytest.raises(Exception, match="out channels must be a multiple of 16"):
-        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 8))))
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 8)), flipped=False))
     call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 4, 4, 16), jnp.float32))
     with pytest.raises(Exception, match="3x3 'same' convolution"):
-        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16))))
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), flipped=False))
+    with pytest.raises(Exception, match="3x3 'same' convolution"):  # flipped: the kernel is (3, 3, out, in)
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), flipped=True))
 
 
 def test_only_float32_same_3x3_convolutions_on_the_cpu_take_the_route(monkeypatch):

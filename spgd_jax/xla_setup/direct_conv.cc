@@ -5,6 +5,10 @@
 //   x      (..., H, W, C)       float32, row-major (NHWC)
 //   kernel (..., 3, 3, C, D)    float32 (HWIO), D a multiple of 16
 //   out    (..., H, W, D)       float32
+// With the attribute flipped, the call computes the input gradient of the convolution by `kernel`: kernel is then
+// (..., 3, 3, D, C), and the convolution's is that kernel flipped in space with its in/out axes swapped. The
+// handler makes that copy itself and keeps it (up to kMaxKept of them), for the next call with the same kernel
+// values: a sampler's loop passes the same weights at every step, where XLA would make the copy every time.
 // The leading dims of x and out are the images. jax.vmap (vmap_method="expand_dims") may add leading dims to
 // the kernel too: its leading dims (product G) then split out's images into G groups, each convolved with its
 // own kernel, and x holds either the same G groups or one group shared by all (size 1 when expanded).
@@ -19,6 +23,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "native_tasks.h"
@@ -110,6 +117,45 @@ void Rows(ffi::ThreadPool pool, const float* x, const float* kernel, float* out,
   });
 }
 
+// A kernel (3, 3, C, D) flipped in space with its in/out axes swapped, (3, 3, D, C), kept with the values it was
+// made from: found again only for a kernel at the same address with the same shape and the same values.
+struct Flipped {
+  const float* source;
+  int64_t in_channels, out_channels;
+  std::vector<float> values, flipped;
+};
+
+constexpr size_t kMaxKept = 256;
+
+std::shared_ptr<const Flipped> FlippedKernel(const float* kernel, int64_t c, int64_t d) {
+  static std::mutex mutex;
+  static std::list<std::shared_ptr<const Flipped>> kept;  // most recently used first
+  const size_t size = 9 * c * d;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (auto it = kept.begin(); it != kept.end(); ++it) {
+      const Flipped& f = **it;
+      if (f.source == kernel && f.in_channels == c && f.out_channels == d &&
+          std::memcmp(f.values.data(), kernel, sizeof(float) * size) == 0) {
+        kept.splice(kept.begin(), kept, it);
+        return kept.front();
+      }
+    }
+  }
+  auto made = std::make_shared<Flipped>(Flipped{kernel, c, d, std::vector<float>(kernel, kernel + size),
+                                                std::vector<float>(size)});
+  for (int64_t tap = 0; tap < 9; ++tap) {
+    const float* from = kernel + (8 - tap) * c * d;  // (2 - kh, 2 - kw)
+    float* to = made->flipped.data() + tap * c * d;
+    for (int64_t i = 0; i < c; ++i)
+      for (int64_t j = 0; j < d; ++j) to[j * c + i] = from[i * d + j];
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  kept.push_front(made);
+  if (kept.size() > kMaxKept) kept.pop_back();
+  return made;
+}
+
 int64_t Product(ffi::Span<const int64_t> dims, size_t count) {
   int64_t p = 1;
   for (size_t i = 0; i < count; ++i) p *= dims[i];
@@ -117,12 +163,14 @@ int64_t Product(ffi::Span<const int64_t> dims, size_t count) {
 }
 
 ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                   ffi::ResultBuffer<ffi::F32> out) {
+                   ffi::ResultBuffer<ffi::F32> out, bool flipped) {
   auto xd = x.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
   if (xd.size() < 4 || kd.size() < 4 || od.size() < 4) return ffi::Error::InvalidArgument("rank below 4");
   size_t xr = xd.size(), kr = kd.size(), orank = od.size();
-  Problem pr{xd[xr - 3], xd[xr - 2], xd[xr - 1], kd[kr - 1]};
-  if (kd[kr - 4] != 3 || kd[kr - 3] != 3 || kd[kr - 2] != pr.in_channels || od[orank - 3] != pr.height ||
+  // The convolution's own kernel is (3, 3, in, out); flipped, the buffer holds (3, 3, out, in).
+  const int64_t k_in = kd[kr - (flipped ? 1 : 2)], k_out = kd[kr - (flipped ? 2 : 1)];
+  Problem pr{xd[xr - 3], xd[xr - 2], xd[xr - 1], k_out};
+  if (kd[kr - 4] != 3 || kd[kr - 3] != 3 || k_in != pr.in_channels || od[orank - 3] != pr.height ||
       od[orank - 2] != pr.width || od[orank - 1] != pr.out_channels)
     return ffi::Error::InvalidArgument("shapes do not make a 3x3 'same' convolution");
   if (pr.out_channels % 16 != 0) return ffi::Error::InvalidArgument("out channels must be a multiple of 16");
@@ -137,6 +185,21 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const bool x_grouped = x_images == images;
   const float *xp = x.typed_data(), *kp = kernel.typed_data();
   float* op = out->typed_data();
+  const int64_t kernel_size = 9 * pr.in_channels * pr.out_channels;
+  std::vector<std::shared_ptr<const Flipped>> flips;  // held until the convolutions are done
+  std::vector<float> grouped;
+  if (flipped) {
+    for (int64_t g = 0; g < groups; ++g) flips.push_back(FlippedKernel(kp + g * kernel_size, pr.out_channels,
+                                                                       pr.in_channels));
+    if (groups == 1) {
+      kp = flips[0]->flipped.data();
+    } else {
+      grouped.resize(groups * kernel_size);
+      for (int64_t g = 0; g < groups; ++g)
+        std::copy(flips[g]->flipped.begin(), flips[g]->flipped.end(), grouped.begin() + g * kernel_size);
+      kp = grouped.data();
+    }
+  }
   if (pr.out_channels % 64 == 0)
     Rows<4, 6>(pool, xp, kp, op, images, n, x_grouped, pr);
   else if (pr.out_channels % 32 == 0)
@@ -156,4 +219,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdDirectConv3x3, Conv3x3,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("flipped"));

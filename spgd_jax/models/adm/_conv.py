@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["NHWC", "conv_general_dilated", "is_same_3x3", "with_same_3x3_gradient"]
+__all__ = ["NHWC", "conv_general_dilated", "flipped", "is_same_3x3", "with_same_3x3_gradient"]
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -46,7 +46,7 @@ def _hwio_conv_bwd(strides, padding, dimension_numbers, precision, residuals, g)
     x, kernel, x_shape = residuals
     # The input gradient is the convolution of g, dilated by the strides, with the kernel flipped
     # in space and its in/out axes swapped (an HWIO kernel again), padded to give x's size back.
-    transposed = lax.optimization_barrier(jnp.swapaxes(kernel[::-1, ::-1], 2, 3))
+    transposed = lax.optimization_barrier(flipped(kernel))
     pads = []
     for axis, (low, _), stride, size in zip((1, 2), padding, strides, kernel.shape[:2]):
         dilated = (g.shape[axis] - 1) * stride + 1
@@ -99,19 +99,27 @@ def is_same_3x3(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     )
 
 
-def with_same_3x3_gradient(conv):
+def flipped(kernel: jax.Array) -> jax.Array:
+    """The kernel (3, 3, C, D) of a 3x3 'same' convolution's input gradient: (3, 3, D, C), flipped in space with its
+    in/out axes swapped."""
+    return jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+
+
+def with_same_3x3_gradient(conv, input_gradient=None):
     """`conv(x, kernel)`, a 3x3 'same' stride-1 convolution (x (B, H, W, C), kernel (3, 3, C, D)), as a custom_vjp:
-    the input gradient is `conv` of the output gradient with the kernel flipped in space and its in/out axes
-    swapped; the kernel gradient is lax's, traced only when the kernel is differentiated (training), so that
-    the samplers' input gradient keeps no x for it."""
+    the input gradient is `input_gradient(g, kernel)` of the output gradient g (B, H, W, D), by default `conv` of g
+    with `flipped(kernel)`; the kernel gradient is lax's, traced only when the kernel is differentiated
+    (training), so that the samplers' input gradient keeps no x for it."""
     rule = jax.custom_vjp(conv)
+    if input_gradient is None:
+        input_gradient = lambda g, kernel: conv(g, flipped(kernel))  # noqa: E731
 
     def forward(x, kernel):
         return rule(x.value, kernel.value), (x.value if kernel.perturbed else None, kernel.value)
 
     def backward(residuals, g):
         x, kernel = residuals
-        dx = conv(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3)).astype(g.dtype)
+        dx = input_gradient(g, kernel).astype(g.dtype)
         if x is None:
             return dx, None
         _, kernel_vjp = jax.vjp(lambda k: lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),

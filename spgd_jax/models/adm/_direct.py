@@ -6,12 +6,16 @@ over the taps and input channels, so results differ from XLA's convolution by fl
 2-core Xeon the default prior's convolutions ran 1.2-2.4x faster alone (benchmarks/results/direct_conv_*.md).
 Convolutions whose output channels are not a multiple of 16 (the UNet's 32->3 output head) stay XLA's. The
 input gradient is the same convolution of the output gradient with the kernel flipped in space and its in/out
-axes swapped; the kernel gradient is lax's (training only). Everything else goes to `_conv.conv_general_dilated`.
+axes swapped, a copy the handler makes and keeps across calls with the same kernel values (XLA:CPU would copy it
+at every step of a sampler's loop); the kernel gradient is lax's (training only). Everything else goes to
+`_conv.conv_general_dilated`.
 jax.vmap batches the call itself (the handler takes leading batch dims of the input and of the kernel).
 Shapes: x (B, H, W, C), kernel (3, 3, C, D) -> (B, H, W, D), float32.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +29,23 @@ __all__ = ["conv_general_dilated", "direct_conv3x3"]
 CHANNEL_MULTIPLE = 16  # the handler's output channels come in AVX-512 vectors of 16 float32
 
 
-@_conv.with_same_3x3_gradient
+def _call(x: jax.Array, kernel: jax.Array, flipped: bool) -> jax.Array:
+    """The handler's convolution of x by kernel, or (flipped) by _conv.flipped(kernel); lax's where the output
+    channels are not a multiple of 16."""
+    out_channels = kernel.shape[2] if flipped else kernel.shape[3]
+    if out_channels % CHANNEL_MULTIPLE:
+        return lax.conv_general_dilated(x, _conv.flipped(kernel) if flipped else kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=_conv.NHWC)
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (out_channels,), jnp.float32)
+    return jax.ffi.ffi_call(direct_conv.TARGET, out, vmap_method="expand_dims")(x, kernel, flipped=flipped)
+
+
+def _input_gradient(g: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The handler flips the kernel itself and keeps the copy for the next call with the same values."""
+    return _call(g, kernel, True)
+
+
+@functools.partial(_conv.with_same_3x3_gradient, input_gradient=_input_gradient)
 def direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x (B, H, W, C), kernel (3, 3, C, D), both float32 -> (B, H, W, D) float32. The CPU only, once
     spgd_jax.xla_setup.direct_conv.route()[0]; D not a multiple of 16 runs as lax's convolution."""
@@ -38,10 +58,7 @@ def direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
         raise ValueError(f"direct_conv3x3 takes x (B, H, W, C) and kernel (3, 3, C, D), got {x.shape} and "
                          f"{kernel.shape}")
-    if kernel.shape[-1] % CHANNEL_MULTIPLE:
-        return lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_conv.NHWC)
-    out = jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], jnp.float32)
-    return jax.ffi.ffi_call(direct_conv.TARGET, out, vmap_method="expand_dims")(x, kernel)
+    return _call(x, kernel, False)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
