@@ -3,9 +3,10 @@
 XLA:CPU runs a float32 convolution as Eigen's contraction over image patches, which repacks the input for every
 block it multiplies; on a 2-core Xeon (AVX-512) that ran the default prior's 3x3 convolutions at 90-250 GFLOP/s.
 The handler holds a block of pixels times output channels in vector registers and sums the taps and input
-channels straight from the NHWC input. spgd_jax/models/adm/_conv.py calls it for float32 3x3 'same'
-convolutions traced for the CPU whose output channels are a multiple of 16; results differ from XLA's by float32
-round-off (another order of the same sums).
+channels straight from the NHWC input. spgd_jax/models/adm/_direct.py calls it for float32 3x3 'same'
+convolutions traced for the CPU whose output channels are a multiple of 16, and for their input gradients (the
+attribute flipped: the handler flips the kernel itself and keeps the copy for the next call with the same
+values); results differ from XLA's by float32 round-off (another order of the same sums).
 
 Compiled on first use with the system's C++ compiler (spgd_jax.xla_setup.native_build, once per machine, kept in
 $XDG_CACHE_HOME/spgd-jax/direct-conv-<digest>/). Where it cannot be had (not Linux on x86-64, a CPU without

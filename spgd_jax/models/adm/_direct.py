@@ -3,7 +3,9 @@
 Float32 3x3 stride-1 convolutions with padding 1 (the ADM UNet's) take this route on the CPU backend once the
 handler is registered (x86-64 Linux with AVX-512F): each output pixel's sums are float32 fused multiply-adds
 over the taps and input channels, so results differ from XLA's convolution by float32 round-off only. On a
-2-core Xeon the default prior's convolutions ran 1.2-2.4x faster alone (benchmarks/results/direct_conv_*.md).
+2-core Xeon the default prior's convolutions ran 1.4-3.0x faster than XLA's alone at batch 1 and 1.0-5.5x at
+batch 4 (benchmarks/results/conv_shapes_cpu-2core-xeon-s24-b1.md, -b4.md), and its SPGD sampler 1.22x faster at
+batch 1 and 1.09x at batch 4 (benchmarks/results/direct_conv_kernels_cpu-2core-xeon.md).
 Convolutions whose output channels are not a multiple of 16 (the UNet's 32->3 output head) stay XLA's. The
 input gradient is the same convolution of the output gradient with the kernel flipped in space and its in/out
 axes swapped, a copy the handler makes and keeps across calls with the same kernel values (XLA:CPU would copy it
