@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_helpers import fresh_python
+from native_kernel_checks import assert_built_once_with_fallbacks, assert_conv_vmaps, assert_stored_gradient_reads_back
 from jax import lax
 
 from spgd_jax.models.adm import _conv, _direct, _onednn
@@ -77,18 +77,7 @@ def test_gradients_are_the_convolutions_gradients():
 
 @needs_kernel
 def test_vmap_over_images_kernels_or_both():
-    x, kernel = _inputs((3, 6, 8, 8, 16), seed=4)
-    kernels = jnp.stack([kernel, -kernel, 2 * kernel])
-    conv = _direct.direct_conv3x3
-    per_image = jax.vmap(lambda xi: conv(xi[None], kernel)[0])(x)
-    np.testing.assert_array_equal(per_image, conv(x, kernel))
-    per_kernel = jax.vmap(lambda k: conv(x, k))(kernels)
-    both = jax.vmap(lambda xi, k: conv(xi[None], k)[0])(x, kernels)
-    for i in range(3):
-        np.testing.assert_array_equal(per_kernel[i], conv(x, kernels[i]))
-        np.testing.assert_array_equal(both[i], conv(x[i:i + 1], kernels[i])[0])
-    grads = jax.vmap(jax.grad(lambda xi: jnp.sum(conv(xi[None], kernel) ** 2)))(x)
-    np.testing.assert_array_equal(grads, jax.grad(lambda x: jnp.sum(conv(x, kernel) ** 2))(x))
+    assert_conv_vmaps(_direct.direct_conv3x3, *_inputs((3, 6, 8, 8, 16), seed=4))
 
 
 @needs_kernel
@@ -218,44 +207,13 @@ _REPORT = """
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="built on x86-64 Linux only")
 def test_built_once_into_the_cache_and_loaded_by_the_next_process(tmp_path):
-    first = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path))
-    assert first.returncode == 0, first.stderr
-    value = first.stdout.split("y ")[-1].strip()
-    assert "Warning" not in first.stderr
-    built = list(tmp_path.glob("spgd-jax/direct-conv-*/libspgd_direct_conv.so"))
-    assert len(built) == 1 and not list(tmp_path.rglob("*.tmp"))
-    if "route (True, " not in first.stdout:  # built, but this CPU has no AVX-512F
-        assert "lacks the instructions" in first.stdout
-        return
-    stamp = built[0].stat().st_mtime_ns
-    second = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path), CXX="/bin/false")  # no compiler needed now
-    assert second.returncode == 0 and "route (True, " in second.stdout and f"y {value}" in second.stdout, second.stderr
-    assert built[0].stat().st_mtime_ns == stamp
-    # Without a compiler, or turned off: XLA's convolution, the same (integer) sums exactly, silently, nothing built
-    for env in ({"CXX": "/bin/false"}, {direct_conv.ENV_OFF: "0"}):
-        run = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path / "other"), **env)
-        assert run.returncode == 0 and "Warning" not in run.stderr, run.stderr
-        assert "route (False, " in run.stdout and f"y {value}" in run.stdout, run.stdout
-        assert ("compiling direct_conv.cc failed" if "CXX" in env else "turned off") in run.stdout
-        assert not list((tmp_path / "other").rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
+    assert_built_once_with_fallbacks(_REPORT, direct_conv.HANDLERS, tmp_path)  # integer sums: exact either way
 
 
 @needs_kernel
 def test_a_stored_program_that_calls_it_runs_in_a_fresh_process(tmp_path):
-    code = f"""
-        import jax, jax.numpy as jnp
-        from spgd_jax.models.adm import direct_conv3x3
-        from spgd_jax.xla_setup import enable_compilation_cache, executables
-        enable_compilation_cache({str(tmp_path / "cache")!r})
-        x = jnp.arange(2 * 6 * 6 * 4, dtype=jnp.float32).reshape(2, 6, 6, 4) % 7
-        k = jnp.arange(3 * 3 * 4 * 16, dtype=jnp.float32).reshape(3, 3, 4, 16) % 5 - 2
-        loss = lambda x: jnp.sum(jnp.sin(direct_conv3x3(x, k)))
-        program = executables.load_or_compile(jax.jit(jax.grad(loss)), (x,), ("direct-conv-test", 1))
-        print("text", "spgd_direct_conv3x3" in jax.jit(jax.grad(loss)).lower(x).as_text())
-        print("sum", round(float(jnp.abs(program(x)).sum()), 3))
-    """
-    first, second = fresh_python(code), fresh_python(code)
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-    assert "text True" in first.stdout and first.stdout.split("sum ")[-1] == second.stdout.split("sum ")[-1]
-    assert len(list((tmp_path / "cache" / "executables").glob("*.bin"))) == 1
-    assert "ExecutableStoreWarning" not in second.stderr
+    assert_stored_gradient_reads_back(
+        "from spgd_jax.models.adm import direct_conv3x3",
+        "x = jnp.arange(2 * 6 * 6 * 4, dtype=jnp.float32).reshape(2, 6, 6, 4) % 7; "
+        "k = jnp.arange(3 * 3 * 4 * 16, dtype=jnp.float32).reshape(3, 3, 4, 16) % 5 - 2",
+        "jnp.sum(jnp.sin(direct_conv3x3(x, k)))", direct_conv.TARGET, tmp_path)

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_helpers import fresh_python
 from custom_vjp_checks import assert_matches_plain
+from native_kernel_checks import assert_built_once_with_fallbacks, assert_stored_gradient_reads_back
 
 from spgd_jax.models.adm._config import NORM_EPS, NORM_GROUPS
 from spgd_jax.models.adm import _group_norm
@@ -165,40 +165,12 @@ _REPORT = """
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="the kernels are built on Linux only")
 def test_built_once_into_the_cache_and_loaded_by_the_next_process(tmp_path):
-    first = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path))
-    assert first.returncode == 0, first.stderr
-    value = first.stdout.split("y ")[-1].strip()
-    assert "route (True, " in first.stdout and "Warning" not in first.stderr
-    built = list(tmp_path.glob("spgd-jax/group-norm-*/libspgd_group_norm.so"))
-    assert len(built) == 1 and not list(tmp_path.rglob("*.tmp"))
-    stamp = built[0].stat().st_mtime_ns
-    second = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path), CXX="/bin/false")  # no compiler needed now
-    assert second.returncode == 0 and "route (True, " in second.stdout and f"y {value}" in second.stdout, second.stderr
-    assert built[0].stat().st_mtime_ns == stamp
-    # Without a compiler, or turned off: XLA's reductions, the same value to round-off, silently, nothing built
-    for env in ({"CXX": "/bin/false"}, {group_norm_kernels.ENV_OFF: "0"}):
-        run = fresh_python(_REPORT, XDG_CACHE_HOME=str(tmp_path / "other"), **env)
-        assert run.returncode == 0 and "Warning" not in run.stderr, run.stderr
-        assert "route (False, " in run.stdout and f"y {value}" in run.stdout, run.stdout
-        assert ("compiling group_norm_sums.cc failed" if "CXX" in env else "turned off") in run.stdout
-        assert not list((tmp_path / "other").rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))
+    assert_built_once_with_fallbacks(_REPORT, group_norm_kernels.HANDLERS, tmp_path)
 
 
 @needs_kernels
 def test_a_stored_program_that_calls_them_runs_in_a_fresh_process(tmp_path):
-    code = f"""
-        import jax, jax.numpy as jnp
-        from spgd_jax.models.adm._group_norm import group_norm
-        from spgd_jax.xla_setup import enable_compilation_cache, executables
-        enable_compilation_cache({str(tmp_path / "cache")!r})
-        x = jnp.arange(2 * 3 * 64, dtype=jnp.float32).reshape(2, 3, 64) % 7
-        loss = lambda x: jnp.sum(jnp.sin(group_norm(x, jnp.ones(64), jnp.zeros(64))))
-        program = executables.load_or_compile(jax.jit(jax.grad(loss)), (x,), ("group-norm-test", 1))
-        print("text", "spgd_group_norm_sums" in jax.jit(jax.grad(loss)).lower(x).as_text())
-        print("sum", round(float(jnp.abs(program(x)).sum()), 3))
-    """
-    first, second = fresh_python(code), fresh_python(code)
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-    assert "text True" in first.stdout and first.stdout.split("sum ")[-1] == second.stdout.split("sum ")[-1]
-    assert len(list((tmp_path / "cache" / "executables").glob("*.bin"))) == 1
-    assert "ExecutableStoreWarning" not in second.stderr  # read back, not compiled again after a failed read
+    assert_stored_gradient_reads_back(
+        "from spgd_jax.models.adm._group_norm import group_norm",
+        "x = jnp.arange(2 * 3 * 64, dtype=jnp.float32).reshape(2, 3, 64) % 7",
+        "jnp.sum(jnp.sin(group_norm(x, jnp.ones(64), jnp.zeros(64))))", group_norm_kernels.SUMS_TARGET, tmp_path)

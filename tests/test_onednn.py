@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli_helpers import fresh_python
+from native_kernel_checks import assert_conv_vmaps
 from jax import lax
 
 from spgd_jax.models.adm import _conv, _direct, _onednn, _winograd
@@ -95,19 +96,7 @@ def test_float32_gradients_are_the_convolutions_gradients():
 
 
 def test_vmap_over_images_kernels_or_both():
-    x, kernel = _inputs((3, 6, 8, 8, 4), seed=4)
-    kernels = jnp.stack([kernel, -kernel, 2 * kernel])
-    conv = _onednn.onednn_conv3x3
-    per_image = jax.vmap(lambda xi: conv(xi[None], kernel)[0])(x)
-    np.testing.assert_array_equal(per_image, conv(x, kernel))
-    per_kernel = jax.vmap(lambda k: conv(x, k))(kernels)
-    for i in range(3):
-        np.testing.assert_array_equal(per_kernel[i], conv(x, kernels[i]))
-    both = jax.vmap(lambda xi, k: conv(xi[None], k)[0])(x, kernels)
-    for i in range(3):
-        np.testing.assert_array_equal(both[i], conv(x[i:i + 1], kernels[i])[0])
-    grads = jax.vmap(jax.grad(lambda xi: jnp.sum(conv(xi[None], kernel).astype(jnp.float32) ** 2)))(x)
-    np.testing.assert_array_equal(grads, jax.grad(lambda x: jnp.sum(conv(x, kernel).astype(jnp.float32) ** 2))(x))
+    assert_conv_vmaps(_onednn.onednn_conv3x3, *_inputs((3, 6, 8, 8, 4), seed=4))
 
 
 def test_runs_inside_scan_and_an_empty_batch():
