@@ -1,5 +1,6 @@
 """The default prior's 3x3 convolution shapes, one call each, through every route this CPU has: XLA's convolution
-in float32 and bfloat16, spgd-jax's routes (the direct float32 kernel, oneDNN's bfloat16 handler, Winograd), and PyTorch's (oneDNN) in
+in float32 and bfloat16, spgd-jax's routes (the native float32 kernel's direct sums and its Winograd, oneDNN's
+bfloat16 handler, Winograd with bfloat16 products), and PyTorch's (oneDNN) in
 float32 and bfloat16 as a reference (issue 23: where the UNet's convolution time can go).
 
     python -m benchmarks.conv_shapes --tag cpu-2core   # -> benchmarks/results/conv_shapes_TAG.{json,md}
@@ -23,7 +24,8 @@ import numpy as np
 from jax import lax
 
 from benchmarks.speed_setup import loadavg, write_report
-from spgd_jax.models.adm import direct_conv3x3, onednn_conv3x3, winograd_conv3x3
+from spgd_jax.models.adm import (direct_conv3x3, onednn_conv3x3, uses_winograd, winograd_conv3x3,
+                                  winograd_float32_conv3x3)
 from spgd_jax.xla_setup import direct_conv, onednn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +65,9 @@ def routes(batch: int, size: int, c: int, d: int) -> dict[str, float]:
     if direct_conv.route()[0] and d % 16 == 0:
         program = jax.jit(direct_conv3x3)
         found["direct float32"] = time_ms(lambda: program(x, k).block_until_ready())
+        if uses_winograd(size, size, c):
+            program = jax.jit(winograd_float32_conv3x3)
+            found["winograd float32"] = time_ms(lambda: program(x, k).block_until_ready())
     if onednn.conv_target() is not None:
         program = jax.jit(onednn_conv3x3)
         found["onednn bfloat16"] = time_ms(lambda: program(xb, kb).block_until_ready())
@@ -83,7 +88,7 @@ def routes(batch: int, size: int, c: int, d: int) -> dict[str, float]:
 
 
 def markdown(result: dict) -> str:
-    names = list(result["rows"][0]["ms"])
+    names = list(dict.fromkeys(name for row in result["rows"] for name in row["ms"]))  # every route, first seen first
     lines = [f"# 3x3 convolutions, one call each ({result['tag']})", "",
              f"Batch {result['batch']}, median ms of {result['repeats']} calls (GFLOP/s in brackets); {result['host']}; "
              f"oneDNN route: {result['onednn']}; direct float32 route: {result.get('direct', '-')}; load average (1/5/15 min) before {result['load_before']}, after "

@@ -336,10 +336,15 @@ def test_conv_shapes_times_every_route_of_every_shape(tmp_path):
     if result["onednn"].startswith("/"):  # the handler's path: the route was set up
         expected.add("onednn bfloat16")
     for row in result["rows"]:
-        direct = {"direct float32"} if result["direct"].startswith("/") and row["out"] % 16 == 0 else set()
-        assert set(row["ms"]) == expected | direct and all(0 < ms < 10_000 for ms in row["ms"].values()), row
+        native = set()
+        if result["direct"].startswith("/") and row["out"] % 16 == 0:
+            native.add("direct float32")
+            if row["in"] % 16 == 0 and row["px"] >= 16:  # Winograd: the square images of 16 px and more
+                native.add("winograd float32")
+        assert set(row["ms"]) == expected | native and all(0 < ms < 10_000 for ms in row["ms"].values()), row
     table = (tmp_path / "conv_shapes_t.md").read_text()
     assert "| 64 | 32 -> 32 |" in table and "load average" in table and "GFLOP/s" in table
+    assert ("winograd float32" in table) == result["direct"].startswith("/")
 
 
 @pytest.mark.parametrize("kernels", ["group-norm", "direct-conv"])

@@ -1,7 +1,8 @@
-"""The direct float32 3x3 convolution (spgd_jax/xla_setup/direct_conv.py, spgd_jax/models/adm/_direct.py): the
-handler's values against a float64 convolution on shapes that reach every code path (edges, partial blocks, the
-three register blockings), gradients against lax's, vmap, which convolutions take the route, clear errors, the
-UNet through it against XLA's convolutions, and the build in a fresh process (cached, no compiler, turned off)."""
+"""The native float32 3x3 convolution (spgd_jax/xla_setup/direct_conv.py, spgd_jax/models/adm/_direct.py), direct
+and as Winograd's F(2x2, 3x3): the handler's values against a float64 convolution on shapes that reach every code
+path (edges, partial blocks, the three register blockings, chunks and tasks of tiles), gradients against lax's,
+vmap, which convolutions take the route and which algorithm, clear errors, the UNet through it against XLA's
+convolutions, and the build in a fresh process (cached, no compiler, turned off)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,17 @@ from spgd_jax.xla_setup import direct_conv
 
 needs_kernel = pytest.mark.skipif(not direct_conv.route()[0], reason=f"no direct kernel: {direct_conv.route()[1]}")
 
-# (B, H, W, C, D): 64 / 32 / 16 output channels (the three blockings of 6, 12 and 24 pixels), widths below, at and
-# above a block with a partial last block, one row or one column, 3 input channels, and the UNet's own shapes.
-SHAPES = [(1, 8, 8, 64, 64), (2, 5, 7, 3, 16), (1, 1, 1, 5, 48), (3, 2, 13, 96, 32), (1, 6, 14, 8, 128),
-          (2, 9, 1, 7, 16), (1, 3, 31, 12, 96), (1, 16, 16, 32, 64), (2, 4, 25, 17, 32)]
+# (B, H, W, C, D) that Winograd leaves to the direct sums: 64 / 32 / 16 output channels (the three blockings of 6,
+# 12 and 24 pixels), widths below, at and above a block with a partial last block, one row or one column, 3 input
+# channels, and the UNet's 8 px images.
+DIRECT_SHAPES = [(1, 8, 8, 64, 64), (2, 5, 7, 3, 16), (1, 1, 1, 5, 48), (3, 2, 13, 96, 32), (1, 6, 14, 8, 128),
+                 (2, 9, 1, 7, 16), (1, 3, 31, 12, 96), (2, 4, 25, 17, 32)]
+# Shapes Winograd takes (even sides, 48 tiles or more, C a multiple of 16), which the direct sums are tested on
+# too: the three blockings, several chunks of tiles (96 for 16 channels) and tasks, a last block of tiles with
+# fewer than P, a tile count at the minimum, the UNet's 16 px images.
+WINOGRAD_SHAPES = [(1, 16, 16, 32, 64), (2, 32, 24, 16, 16), (4, 6, 34, 48, 32), (2, 8, 24, 128, 64),
+                   (1, 14, 14, 16, 48)]
+CONVS = {"direct": _direct.direct_conv3x3, "winograd": _direct.winograd_float32_conv3x3}
 
 
 def _float64(x, kernel):
@@ -45,10 +53,11 @@ def _inputs(shape, seed=0):
 
 
 @needs_kernel
-@pytest.mark.parametrize("shape", SHAPES)
-def test_values_are_the_convolution_to_float32_round_off(shape):
+@pytest.mark.parametrize("name,shape", [("direct", s) for s in DIRECT_SHAPES + WINOGRAD_SHAPES]
+                         + [("winograd", s) for s in WINOGRAD_SHAPES])
+def test_values_are_the_convolution_to_float32_round_off(name, shape):
     x, kernel = _inputs(shape)
-    got = jax.jit(_direct.direct_conv3x3)(x, kernel)
+    got = jax.jit(CONVS[name])(x, kernel)
     assert got.dtype == jnp.float32 and got.shape == shape[:3] + (shape[4],)
     ref = _float64(x, kernel)
     # Sums of 9 C products in float32: within a few ulps of the terms' scale (|terms| about 1 here).
@@ -58,38 +67,64 @@ def test_values_are_the_convolution_to_float32_round_off(shape):
 
 
 @needs_kernel
-def test_gradients_are_the_convolutions_gradients():
-    x, kernel = _inputs((2, 6, 10, 16, 32), seed=2)
-    weights = jax.random.normal(jax.random.key(3), (2, 6, 10, 32))
+def test_winograd_takes_the_shapes_it_can_and_leaves_the_rest_to_the_direct_sums():
+    for shape in WINOGRAD_SHAPES:
+        assert _direct.uses_winograd(*shape[1:4])
+        x, kernel = _inputs(shape, seed=1)
+        # Another order of the sums: not the direct kernel's bits (a call that fell back would be).
+        assert not np.array_equal(_direct.winograd_float32_conv3x3(x, kernel), _direct.direct_conv3x3(x, kernel))
+    for shape in DIRECT_SHAPES + [(1, 8, 12, 16, 16), (1, 16, 16, 24, 16)]:  # 24 tiles; 24 input channels
+        assert not _direct.uses_winograd(*shape[1:4])
+        x, kernel = _inputs(shape, seed=1)
+        np.testing.assert_array_equal(_direct.winograd_float32_conv3x3(x, kernel), _direct.direct_conv3x3(x, kernel))
+    # Decided per image: an image's result is the same alone as in a batch.
+    x, kernel = _inputs((4, 16, 16, 16, 32), seed=2)
+    np.testing.assert_array_equal(_direct.winograd_float32_conv3x3(x, kernel)[2:3],
+                                  _direct.winograd_float32_conv3x3(x[2:3], kernel))
+
+
+# Per algorithm, (B, H, W) of the images for the tests below: the direct kernel's odd sides, Winograd's 48 tiles.
+SIZES = {"direct": (3, 6, 7), "winograd": (3, 8, 24)}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", CONVS)
+def test_gradients_are_the_convolutions_gradients(name):
+    x, kernel = _inputs(SIZES[name] + (16, 32), seed=2)
+    weights = jax.random.normal(jax.random.key(3), SIZES[name] + (32,))
 
     def loss(conv):
         return lambda x, k: jnp.sum(jnp.sin(conv(x, k)) * weights)
 
-    got = jax.grad(loss(_direct.direct_conv3x3), argnums=(0, 1))(x, kernel)
+    got = jax.grad(loss(CONVS[name]), argnums=(0, 1))(x, kernel)
     ref = jax.grad(loss(_lax), argnums=(0, 1))(x, kernel)
-    for g, r in zip(got, ref):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
-    # The input gradient of a convolution to 3 channels is a 3 -> 16 one through the kernel; its forward is lax's.
-    x, kernel = _inputs((1, 8, 8, 16, 3), seed=4)
-    got = jax.grad(lambda x: jnp.sum(_direct.direct_conv3x3(x, kernel) ** 2))(x)
+    for g, r in zip(got, ref):  # the kernel's: sums over 500 pixels of terms moved by the forward's round-off
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * np.abs(r).max())
+    # The input gradient of a convolution to 3 channels is a 3 -> 16 one through the kernel (direct: 3 input
+    # channels); its forward is lax's.
+    x, kernel = _inputs(SIZES[name] + (16, 3), seed=4)
+    got = jax.grad(lambda x: jnp.sum(CONVS[name](x, kernel) ** 2))(x)
     np.testing.assert_allclose(got, jax.grad(lambda x: jnp.sum(_lax(x, kernel) ** 2))(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
-def test_vmap_over_images_kernels_or_both():
-    assert_conv_vmaps(_direct.direct_conv3x3, *_inputs((3, 6, 8, 8, 16), seed=4))
+@pytest.mark.parametrize("name", CONVS)
+def test_vmap_over_images_kernels_or_both(name):
+    assert_conv_vmaps(CONVS[name], *_inputs(SIZES[name] + (16, 16), seed=4))
 
 
 @needs_kernel
-def test_input_gradients_with_a_kernel_per_image_and_a_kernel_that_changes_in_place():
-    x, kernel = _inputs((3, 6, 8, 16, 32), seed=6)
+@pytest.mark.parametrize("name", CONVS)
+def test_input_gradients_with_a_kernel_per_image_and_a_kernel_that_changes_in_place(name):
+    conv = CONVS[name]
+    x, kernel = _inputs(SIZES[name] + (16, 32), seed=6)
     kernels = jnp.stack([kernel, -kernel, 2 * kernel])
     loss = lambda conv: lambda xi, k: jnp.sum(jnp.sin(conv(xi[None], k)))
-    got = jax.vmap(jax.grad(loss(_direct.direct_conv3x3)))(x, kernels)
+    got = jax.vmap(jax.grad(loss(conv)))(x, kernels)
     np.testing.assert_allclose(got, jax.vmap(jax.grad(loss(_lax)))(x, kernels), rtol=1e-5, atol=1e-5)
 
-    # The handler keeps the flipped kernels it made: a kernel updated in a loop (XLA may keep it at one address)
-    # must be flipped again from its new values.
+    # The handler keeps the kernels it prepared (flipped, transformed): a kernel updated in a loop (XLA may keep
+    # it at one address) must be prepared again from its new values.
     def descend(conv):
         def step(_, carry):
             x, k = carry
@@ -97,24 +132,26 @@ def test_input_gradients_with_a_kernel_per_image_and_a_kernel_that_changes_in_pl
             return x - 0.1 * g, k * 0.5 + 0.01
         return jax.jit(lambda x, k: lax.fori_loop(0, 4, step, (x, k))[0])
 
-    np.testing.assert_allclose(descend(_direct.direct_conv3x3)(x, kernel), descend(_lax)(x, kernel),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(descend(conv)(x, kernel), descend(_lax)(x, kernel), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
-def test_runs_inside_scan_and_an_empty_batch():
-    x, kernel = _inputs((2, 8, 8, 16, 16), seed=5)
+@pytest.mark.parametrize("name", CONVS)
+def test_runs_inside_scan_and_an_empty_batch(name):
+    conv = CONVS[name]
+    b, h, w = SIZES[name]
+    x, kernel = _inputs((b, h, w, 16, 16), seed=5)
 
     def step(h, _):
-        return jnp.tanh(_direct.direct_conv3x3(h, kernel)), None
+        return jnp.tanh(conv(h, kernel)), None
 
     out, _ = jax.jit(lambda x: lax.scan(step, x, None, length=3))(x)
     ref = x
     for _ in range(3):
-        ref = jnp.tanh(_direct.direct_conv3x3(ref, kernel))
+        ref = jnp.tanh(conv(ref, kernel))
     np.testing.assert_array_equal(out, ref)
-    assert _direct.direct_conv3x3(x[:0], kernel).shape == (0, 8, 8, 16)
-    np.testing.assert_array_equal(_direct.direct_conv3x3(x[..., :0], kernel[:, :, :0]), jnp.zeros((2, 8, 8, 16)))
+    assert conv(x[:0], kernel).shape == (0, h, w, 16)
+    np.testing.assert_array_equal(conv(x[..., :0], kernel[:, :, :0]), jnp.zeros((b, h, w, 16)))
 
 
 def test_wrong_inputs_are_clear_errors(monkeypatch):
@@ -126,26 +163,32 @@ def test_wrong_inputs_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"got \(8, 8, 4\) and"):
         _direct.direct_conv3x3(x[0], kernel)
     monkeypatch.setattr(direct_conv, "route", lambda: (False, "off for this test"))
-    with pytest.raises(RuntimeError, match=r"not available here \(off for this test\); use lax.conv_general_dilated"):
-        _direct.direct_conv3x3(x, kernel)
+    for conv in CONVS.values():
+        with pytest.raises(RuntimeError, match=r"not available here \(off for this test\); use lax.conv_general_d"):
+            conv(x, kernel)
 
 
 @needs_kernel
 def test_a_wrong_call_of_the_handler_is_a_clear_error():
     call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 4, 4, 8), jnp.float32))
     with pytest.raises(Exception, match="out channels must be a multiple of 16"):
-        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 8)), flipped=False))
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 8)), flipped=False, winograd=False))
     call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 4, 4, 16), jnp.float32))
     with pytest.raises(Exception, match="3x3 'same' convolution"):
-        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), flipped=False))
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), flipped=False, winograd=False))
     with pytest.raises(Exception, match="3x3 'same' convolution"):  # flipped: the kernel is (3, 3, out, in)
-        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), flipped=True))
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), flipped=True, winograd=False))
+    with pytest.raises(Exception, match="winograd needs an even height and width and in channels a multiple of 16"):
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 8, 16)), flipped=False, winograd=True))
+    call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 5, 4, 16), jnp.float32))
+    with pytest.raises(Exception, match="winograd needs an even height"):
+        jax.block_until_ready(call(jnp.ones((1, 5, 4, 16)), jnp.ones((3, 3, 16, 16)), flipped=False, winograd=True))
 
 
 def test_only_float32_same_3x3_convolutions_on_the_cpu_take_the_route(monkeypatch):
     calls = []
     monkeypatch.setattr(direct_conv, "route", lambda: (True, "stand-in"))
-    monkeypatch.setattr(_direct, "direct_conv3x3", lambda x, k: calls.append(x.shape) or _lax(x, k))
+    monkeypatch.setattr(_direct, "winograd_float32_conv3x3", lambda x, k: calls.append(x.shape) or _lax(x, k))
     x, kernel = _inputs((1, 8, 8, 4, 16))
     same, dims = ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")
     _onednn.conv_general_dilated(x, kernel, (1, 1), same, dimension_numbers=dims)

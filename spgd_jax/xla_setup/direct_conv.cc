@@ -1,23 +1,30 @@
 // spgd_direct_conv3x3: a 3x3 'same' convolution with stride 1 of float32 operands on the CPU (AVX-512), as an
-// XLA FFI handler: a direct convolution, with no im2col copy of the input.
+// XLA FFI handler: a direct convolution or Winograd's F(2x2, 3x3), with no im2col copy of the input.
 //
-// Built and registered by spgd_jax/xla_setup/direct_conv.py; called by spgd_jax/models/adm/_conv.py.
+// Built and registered by spgd_jax/xla_setup/direct_conv.py; called by spgd_jax/models/adm/_direct.py.
 //   x      (..., H, W, C)       float32, row-major (NHWC)
 //   kernel (..., 3, 3, C, D)    float32 (HWIO), D a multiple of 16
 //   out    (..., H, W, D)       float32
 // With the attribute flipped, the call computes the input gradient of the convolution by `kernel`: kernel is then
 // (..., 3, 3, D, C), and the convolution's is that kernel flipped in space with its in/out axes swapped. The
-// handler makes that copy itself and keeps it (up to kMaxKept of them), for the next call with the same kernel
-// values: a sampler's loop passes the same weights at every step, where XLA would make the copy every time.
+// handler prepares the kernels it needs (flipped, or in Winograd's form) itself and keeps them (up to kMaxKept),
+// for the next call with the same kernel values: a sampler's loop passes the same weights at every step, where
+// XLA would make the copy every time.
 // The leading dims of x and out are the images. jax.vmap (vmap_method="expand_dims") may add leading dims to
 // the kernel too: its leading dims (product G) then split out's images into G groups, each convolved with its
 // own kernel, and x holds either the same G groups or one group shared by all (size 1 when expanded).
 //
-// Each output pixel's D sums are float32 fused multiply-adds, in the order: taps (kh, kw) row-major, the input
-// channels ascending within a tap. Taps that fall outside the image above or below are skipped; those left or
-// right of it multiply zeros. A block of P consecutive pixels of a row times 16 * NZ output channels is held in
-// AVX-512 registers for the whole sum. The rows of all images are split into tasks on XLA's intra-op threads;
-// every sum is computed by one thread in the same order, so results do not depend on the threads.
+// Direct: each output pixel's D sums are float32 fused multiply-adds, in the order: taps (kh, kw) row-major, the
+// input channels ascending within a tap. Taps that fall outside the image above or below are skipped; those left
+// or right of it multiply zeros. A block of P consecutive pixels of a row times 16 * NZ output channels is held in
+// AVX-512 registers for the whole sum.
+// Winograd (the attribute winograd; H and W even, C a multiple of 16): each 2x2 output tile is A^T M A with M = sum over c of (G g G^T) * (B^T d B), d
+// the 4x4 input tile around it (zeros outside the image), g the kernel (Lavin & Gray 2016, "Fast Algorithms for
+// Convolutional Neural Networks"): 16 products of (tiles, C) x (C, D) in place of the 9 taps' (pixels, C) x
+// (C, D) for 4 output pixels, 2.25x fewer multiplies. The transforms' coefficients are 0, +-1 and +-1/2, so the
+// result is the convolution to float32 round-off, as the direct sums are (in tests, closer to float64's).
+// The work (rows, or tiles) is split into tasks on XLA's intra-op threads; every sum is computed by one thread in
+// the same order, so results do not depend on the threads.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -26,6 +33,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "native_tasks.h"
@@ -39,7 +47,30 @@ struct Problem {
   int64_t height, width, in_channels, out_channels;
 };
 
-// out[p, d0 : d0 + 16 NZ] for the P pixels of a block, p < count stored. `window` points at input row
+// acc[p][z] += sum over c < C of x[p * x_stride + c] * k[c * D + 16 z .. + 16]: P pixels times 16 NZ output
+// channels of a (C, D) kernel, the channels ascending.
+template <int NZ, int P>
+__attribute__((target("avx512f"))) inline void Accumulate(__m512 (&acc)[P][NZ], const float* x, int64_t x_stride,
+                                                           const float* k, int64_t C, int64_t D) {
+  for (int64_t c = 0; c < C; ++c) {
+    __m512 w[NZ];
+    for (int z = 0; z < NZ; ++z) w[z] = _mm512_loadu_ps(k + c * D + 16 * z);
+    for (int p = 0; p < P; ++p) {
+      __m512 v = _mm512_set1_ps(x[p * x_stride + c]);
+      for (int z = 0; z < NZ; ++z) acc[p][z] = _mm512_fmadd_ps(v, w[z], acc[p][z]);
+    }
+  }
+}
+
+// out[p * stride + 16 z ..] = acc[p][z] for the first `count` pixels.
+template <int NZ, int P>
+__attribute__((target("avx512f"))) inline void Store(const __m512 (&acc)[P][NZ], float* out, int64_t stride,
+                                                      int count) {
+  for (int p = 0; p < count; ++p)
+    for (int z = 0; z < NZ; ++z) _mm512_storeu_ps(out + p * stride + 16 * z, acc[p][z]);
+}
+
+// Direct: out[p, d0 : d0 + 16 NZ] for the P pixels of a block, p < count stored. `window` points at input row
 // (h - 1 + kh_begin), column (w0 - 1), channel 0, and `row_stride` floats separate its rows; taps kh_begin ..
 // kh_end - 1 are summed, with kernel rows from `kernel` (3, 3, C, D) at output channel d0.
 template <int NZ, int P>
@@ -50,22 +81,11 @@ __attribute__((target("avx512f"))) void Block(const float* window, int64_t row_s
   __m512 acc[P][NZ];
   for (int p = 0; p < P; ++p)
     for (int z = 0; z < NZ; ++z) acc[p][z] = _mm512_setzero_ps();
-  for (int kh = kh_begin; kh < kh_end; ++kh) {
-    for (int kw = 0; kw < 3; ++kw) {
-      const float* x = window + (kh - kh_begin) * row_stride + kw * C;
-      const float* k = kernel + (kh * 3 + kw) * C * D + d0;
-      for (int64_t c = 0; c < C; ++c) {
-        __m512 w[NZ];
-        for (int z = 0; z < NZ; ++z) w[z] = _mm512_loadu_ps(k + c * D + 16 * z);
-        for (int p = 0; p < P; ++p) {
-          __m512 v = _mm512_set1_ps(x[p * C + c]);
-          for (int z = 0; z < NZ; ++z) acc[p][z] = _mm512_fmadd_ps(v, w[z], acc[p][z]);
-        }
-      }
-    }
-  }
-  for (int p = 0; p < count; ++p)
-    for (int z = 0; z < NZ; ++z) _mm512_storeu_ps(out + p * D + d0 + 16 * z, acc[p][z]);
+  for (int kh = kh_begin; kh < kh_end; ++kh)
+    for (int kw = 0; kw < 3; ++kw)
+      Accumulate<NZ, P>(acc, window + (kh - kh_begin) * row_stride + kw * C, C, kernel + (kh * 3 + kw) * C * D + d0,
+                        C, D);
+  Store<NZ, P>(acc, out + d0, D, count);
 }
 
 // One output row h of one image: x (H, W, C) -> out (W, D). `strip` holds 3 x (P + 2) x C floats.
@@ -97,58 +117,210 @@ void Row(const float* x, const float* kernel, float* out, int64_t h, const Probl
   }
 }
 
+// The images, groups and tasks of one call. Image i is convolved with group i / n's kernel; its input is x's image
+// i (x_grouped) or i % n.
+struct Batch {
+  int64_t images, n;
+  bool x_grouped;
+  int64_t Input(int64_t image) const { return x_grouped ? image : image % n; }
+};
+
+// Tasks for `flops` of work: about 2 MFLOP each at least (tens of microseconds), at most 8 and at most `units`.
+int64_t Tasks(double flops, int64_t units) {
+  return std::clamp<int64_t>(static_cast<int64_t>(flops / 2e6), 1, std::min<int64_t>(8, units));
+}
+
 template <int NZ, int P>
-void Rows(ffi::ThreadPool pool, const float* x, const float* kernel, float* out, int64_t images, int64_t n,
-          bool x_grouped, const Problem& pr) {
-  const int64_t rows = images * pr.height;
-  const double flops = 18.0 * rows * pr.width * pr.in_channels * pr.out_channels;
-  // About 2 MFLOP per task at least (tens of microseconds), at most 8 tasks.
-  const int64_t tasks = std::clamp<int64_t>(static_cast<int64_t>(flops / 2e6), 1, std::min<int64_t>(8, rows));
+void DirectRows(ffi::ThreadPool pool, const float* x, const float* kernel, float* out, const Batch& b,
+                const Problem& pr) {
+  const int64_t rows = b.images * pr.height;
+  const int64_t tasks = Tasks(18.0 * rows * pr.width * pr.in_channels * pr.out_channels, rows);
   const int64_t image_in = pr.height * pr.width * pr.in_channels, image_out = pr.height * pr.width * pr.out_channels;
   const int64_t kernel_size = 9 * pr.in_channels * pr.out_channels;
   spgd::RunTasks(pool, tasks, [=](int64_t task) {
     std::vector<float> strip(3 * (P + 2) * pr.in_channels);
     for (int64_t r = rows * task / tasks; r < rows * (task + 1) / tasks; ++r) {
-      const int64_t image = r / pr.height, h = r % pr.height, group = image / n;
-      const float* xi = x + (x_grouped ? image : image % n) * image_in;
-      Row<NZ, P>(xi, kernel + group * kernel_size, out + image * image_out + h * pr.width * pr.out_channels, h, pr,
-                 strip.data());
+      const int64_t image = r / pr.height, h = r % pr.height;
+      Row<NZ, P>(x + b.Input(image) * image_in, kernel + image / b.n * kernel_size,
+                 out + image * image_out + h * pr.width * pr.out_channels, h, pr, strip.data());
     }
   });
 }
 
-// A kernel (3, 3, C, D) flipped in space with its in/out axes swapped, (3, 3, D, C), kept with the values it was
-// made from: found again only for a kernel at the same address with the same shape and the same values.
-struct Flipped {
+// Winograd's tasks take at least this many tiles (one task takes all of fewer).
+constexpr int64_t kMinTaskTiles = 24;
+
+// Winograd F(2x2, 3x3): the kernel (3, 3, C, D) -> u (16, C, D), u[4 i + j] = (G g G^T)[i][j] for every (c, d),
+// G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
+void WinogradKernel(const float* kernel, int64_t C, int64_t D, float* u) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t d = 0; d < D; ++d) {
+      float g[3][3], gg[4][3];
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) g[i][j] = kernel[((i * 3 + j) * C + c) * D + d];
+      for (int j = 0; j < 3; ++j) {
+        gg[0][j] = g[0][j];
+        gg[1][j] = 0.5f * (g[0][j] + g[1][j] + g[2][j]);
+        gg[2][j] = 0.5f * (g[0][j] - g[1][j] + g[2][j]);
+        gg[3][j] = g[2][j];
+      }
+      for (int i = 0; i < 4; ++i) {
+        const float row[4] = {gg[i][0], 0.5f * (gg[i][0] + gg[i][1] + gg[i][2]),
+                              0.5f * (gg[i][0] - gg[i][1] + gg[i][2]), gg[i][2]};
+        for (int j = 0; j < 4; ++j) u[((i * 4 + j) * C + c) * D + d] = row[j];
+      }
+    }
+}
+
+// v[e * C + c] for e = 4 i + j: (B^T d B)[i][j] of the 4x4 tile d of x (H, W, C) whose top left pixel is
+// (r0, col0), zero outside the image. B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
+__attribute__((target("avx512f"))) void InputTile(const float* x, int64_t r0, int64_t col0, const Problem& pr,
+                                                   float* v) {
+  const int64_t H = pr.height, W = pr.width, C = pr.in_channels;
+  const bool inside = r0 >= 0 && r0 + 4 <= H && col0 >= 0 && col0 + 4 <= W;
+  for (int64_t c0 = 0; c0 < C; c0 += 16) {
+    __m512 d[4][4], s[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int64_t r = r0 + i, col = col0 + j;
+        d[i][j] = inside || (r >= 0 && r < H && col >= 0 && col < W) ? _mm512_loadu_ps(x + (r * W + col) * C + c0)
+                                                                      : _mm512_setzero_ps();
+      }
+    for (int j = 0; j < 4; ++j) {
+      s[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+      s[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+      s[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+      s[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      float* e = v + 4 * i * C + c0;
+      _mm512_storeu_ps(e, _mm512_sub_ps(s[i][0], s[i][2]));
+      _mm512_storeu_ps(e + C, _mm512_add_ps(s[i][1], s[i][2]));
+      _mm512_storeu_ps(e + 2 * C, _mm512_sub_ps(s[i][2], s[i][1]));
+      _mm512_storeu_ps(e + 3 * C, _mm512_sub_ps(s[i][1], s[i][3]));
+    }
+  }
+}
+
+// The 2x2 output pixels of one tile, out (2 rows `row_stride` floats apart, 2 pixels, D): A^T M A of
+// M[e] = m[e * D ..], A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+__attribute__((target("avx512f"))) void OutputTile(const float* m, int64_t D, float* out, int64_t row_stride) {
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    __m512 t[4][4], s[2][4];
+    for (int e = 0; e < 16; ++e) t[e / 4][e % 4] = _mm512_loadu_ps(m + e * D + d0);
+    for (int j = 0; j < 4; ++j) {
+      s[0][j] = _mm512_add_ps(_mm512_add_ps(t[0][j], t[1][j]), t[2][j]);
+      s[1][j] = _mm512_sub_ps(_mm512_sub_ps(t[1][j], t[2][j]), t[3][j]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      float* row = out + i * row_stride + d0;
+      _mm512_storeu_ps(row, _mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), s[i][2]));
+      _mm512_storeu_ps(row + D, _mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]));
+    }
+  }
+}
+
+// m[(s * 16 + e) * D ..] = v[(s * 16 + e) * C ..] (C) x u[e] (C, D) for the 16 slices e and the tiles s < count
+// (blocks of P tiles; the last block's extra rows of v are read, their products not stored).
+template <int NZ, int P>
+__attribute__((target("avx512f"))) void TileProducts(const float* v, const float* u, float* m, int count,
+                                                      const Problem& pr) {
+  const int64_t C = pr.in_channels, D = pr.out_channels;
+  for (int e = 0; e < 16; ++e)
+    for (int p0 = 0; p0 < count; p0 += P)
+      for (int64_t d0 = 0; d0 < D; d0 += 16 * NZ) {
+        __m512 acc[P][NZ];
+        for (int p = 0; p < P; ++p)
+          for (int z = 0; z < NZ; ++z) acc[p][z] = _mm512_setzero_ps();
+        Accumulate<NZ, P>(acc, v + (p0 * 16 + e) * C, 16 * C, u + e * C * D + d0, C, D);
+        Store<NZ, P>(acc, m + (p0 * 16 + e) * D + d0, 16 * D, std::min(P, count - p0));
+      }
+}
+
+// Tiles are numbered over images, tile rows and tile columns. A chunk of up to `chunk` consecutive tiles of one
+// kernel group is transformed into v (chunk, 16, C), multiplied slice by slice with u (16, C, D) into m (chunk, 16,
+// D) and transformed back into out.
+template <int NZ, int P>
+void WinogradTiles(ffi::ThreadPool pool, const float* x, const float* u, float* out, const Batch& b,
+                   const Problem& pr) {
+  const int64_t C = pr.in_channels, D = pr.out_channels, W = pr.width;
+  const int64_t tile_cols = W / 2, per_image = pr.height / 2 * tile_cols, tiles = b.images * per_image;
+  // v and m of about 400 KB each at most (they stay in L2); a multiple of 24 tiles, so of every P.
+  const int64_t chunk = std::clamp<int64_t>(12288 / std::max(C, D) / 24 * 24, 24, 96);
+  const int64_t image_in = pr.height * W * C, image_out = pr.height * W * D;
+  const int64_t tasks = Tasks(32.0 * tiles * C * D, std::max<int64_t>(1, tiles / kMinTaskTiles));
+  spgd::RunTasks(pool, tasks, [=](int64_t task) {
+    thread_local std::vector<float> v, m;
+    v.resize(std::max<size_t>(v.size(), 16 * chunk * C));
+    m.resize(std::max<size_t>(m.size(), 16 * chunk * D));
+    for (int64_t t = tiles * task / tasks, end = tiles * (task + 1) / tasks; t < end;) {
+      const int64_t group = t / per_image / b.n;
+      const int64_t stop = std::min({t + chunk, end, (group + 1) * b.n * per_image});
+      const int count = static_cast<int>(stop - t);
+      for (int s = 0; s < count; ++s) {
+        const int64_t image = (t + s) / per_image, tile = (t + s) % per_image;
+        InputTile(x + b.Input(image) * image_in, 2 * (tile / tile_cols) - 1, 2 * (tile % tile_cols) - 1, pr,
+                  v.data() + s * 16 * C);
+      }
+      TileProducts<NZ, P>(v.data(), u + group * 16 * C * D, m.data(), count, pr);
+      for (int s = 0; s < count; ++s) {
+        const int64_t image = (t + s) / per_image, tile = (t + s) % per_image;
+        OutputTile(m.data() + s * 16 * D, D,
+                   out + image * image_out + (2 * (tile / tile_cols) * W + 2 * (tile % tile_cols)) * D, W * D);
+      }
+      t = stop;
+    }
+  });
+}
+
+// A kernel buffer prepared for the handler's loops: flipped in space with its in/out axes swapped (the input
+// gradient's) and/or in Winograd's form (16, C, D). Kept with the values it was made from: found again only for a
+// kernel at the same address with the same shape, the same preparation and the same values.
+struct Prepared {
   const float* source;
-  int64_t in_channels, out_channels;
-  std::vector<float> values, flipped;
+  int64_t rows, cols;  // the source's (3, 3, rows, cols)
+  bool flipped, winograd;
+  std::vector<float> values, data;
 };
 
 constexpr size_t kMaxKept = 256;
 
-std::shared_ptr<const Flipped> FlippedKernel(const float* kernel, int64_t c, int64_t d) {
+std::shared_ptr<const Prepared> PreparedKernel(const float* kernel, int64_t rows, int64_t cols, bool flipped,
+                                               bool winograd) {
   static std::mutex mutex;
-  static std::list<std::shared_ptr<const Flipped>> kept;  // most recently used first
-  const size_t size = 9 * c * d;
+  static std::list<std::shared_ptr<const Prepared>> kept;  // most recently used first
+  const size_t size = 9 * rows * cols;
   {
     std::lock_guard<std::mutex> lock(mutex);
     for (auto it = kept.begin(); it != kept.end(); ++it) {
-      const Flipped& f = **it;
-      if (f.source == kernel && f.in_channels == c && f.out_channels == d &&
+      const Prepared& f = **it;
+      if (f.source == kernel && f.rows == rows && f.cols == cols && f.flipped == flipped && f.winograd == winograd &&
           std::memcmp(f.values.data(), kernel, sizeof(float) * size) == 0) {
         kept.splice(kept.begin(), kept, it);
         return kept.front();
       }
     }
   }
-  auto made = std::make_shared<Flipped>(Flipped{kernel, c, d, std::vector<float>(kernel, kernel + size),
-                                                std::vector<float>(size)});
-  for (int64_t tap = 0; tap < 9; ++tap) {
-    const float* from = kernel + (8 - tap) * c * d;  // (2 - kh, 2 - kw)
-    float* to = made->flipped.data() + tap * c * d;
-    for (int64_t i = 0; i < c; ++i)
-      for (int64_t j = 0; j < d; ++j) to[j * c + i] = from[i * d + j];
+  auto made = std::make_shared<Prepared>(
+      Prepared{kernel, rows, cols, flipped, winograd, std::vector<float>(kernel, kernel + size), {}});
+  std::vector<float> flips;
+  const float* conv_kernel = kernel;  // (3, 3, in, out) of the convolution computed
+  if (flipped) {
+    flips.resize(size);
+    for (int64_t tap = 0; tap < 9; ++tap) {
+      const float* from = kernel + (8 - tap) * rows * cols;  // (2 - kh, 2 - kw)
+      float* to = flips.data() + tap * rows * cols;
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j) to[j * rows + i] = from[i * cols + j];
+    }
+    conv_kernel = flips.data();
+  }
+  const int64_t in = flipped ? cols : rows, out = flipped ? rows : cols;
+  if (winograd) {
+    made->data.resize(16 * in * out);
+    WinogradKernel(conv_kernel, in, out, made->data.data());
+  } else {
+    made->data = std::move(flips);
   }
   std::lock_guard<std::mutex> lock(mutex);
   kept.push_front(made);
@@ -163,7 +335,7 @@ int64_t Product(ffi::Span<const int64_t> dims, size_t count) {
 }
 
 ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                   ffi::ResultBuffer<ffi::F32> out, bool flipped) {
+                   ffi::ResultBuffer<ffi::F32> out, bool flipped, bool winograd) {
   auto xd = x.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
   if (xd.size() < 4 || kd.size() < 4 || od.size() < 4) return ffi::Error::InvalidArgument("rank below 4");
   size_t xr = xd.size(), kr = kd.size(), orank = od.size();
@@ -174,6 +346,8 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
       od[orank - 2] != pr.width || od[orank - 1] != pr.out_channels)
     return ffi::Error::InvalidArgument("shapes do not make a 3x3 'same' convolution");
   if (pr.out_channels % 16 != 0) return ffi::Error::InvalidArgument("out channels must be a multiple of 16");
+  if (winograd && (pr.height % 2 != 0 || pr.width % 2 != 0 || pr.in_channels % 16 != 0))
+    return ffi::Error::InvalidArgument("winograd needs an even height and width and in channels a multiple of 16");
   int64_t x_images = Product(xd, xr - 3), groups = Product(kd, kr - 4), images = Product(od, orank - 3);
   if (images == 0 || pr.in_channels == 0) {
     std::fill_n(out->typed_data(), out->element_count(), 0.0f);
@@ -181,31 +355,38 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   }
   if (images % groups != 0 || (x_images != images && x_images * groups != images))
     return ffi::Error::InvalidArgument("batch dims of x, kernel and out do not match");
-  const int64_t n = images / groups;
-  const bool x_grouped = x_images == images;
+  const Batch batch{images, images / groups, x_images == images};
   const float *xp = x.typed_data(), *kp = kernel.typed_data();
   float* op = out->typed_data();
   const int64_t kernel_size = 9 * pr.in_channels * pr.out_channels;
-  std::vector<std::shared_ptr<const Flipped>> flips;  // held until the convolutions are done
+  std::vector<std::shared_ptr<const Prepared>> prepared;  // held until the convolutions are done
   std::vector<float> grouped;
-  if (flipped) {
-    for (int64_t g = 0; g < groups; ++g) flips.push_back(FlippedKernel(kp + g * kernel_size, pr.out_channels,
-                                                                       pr.in_channels));
+  if (flipped || winograd) {
+    for (int64_t g = 0; g < groups; ++g)
+      prepared.push_back(PreparedKernel(kp + g * kernel_size, kd[kr - 2], kd[kr - 1], flipped, winograd));
     if (groups == 1) {
-      kp = flips[0]->flipped.data();
+      kp = prepared[0]->data.data();
     } else {
-      grouped.resize(groups * kernel_size);
-      for (int64_t g = 0; g < groups; ++g)
-        std::copy(flips[g]->flipped.begin(), flips[g]->flipped.end(), grouped.begin() + g * kernel_size);
+      const size_t size = prepared[0]->data.size();
+      grouped.resize(groups * size);
+      for (int64_t g = 0; g < groups; ++g) std::copy(prepared[g]->data.begin(), prepared[g]->data.end(),
+                                                     grouped.begin() + g * size);
       kp = grouped.data();
     }
   }
+  const auto run = [&](auto nz, auto p) {
+    constexpr int NZ = decltype(nz)::value, P = decltype(p)::value;
+    if (winograd)
+      WinogradTiles<NZ, P>(pool, xp, kp, op, batch, pr);
+    else
+      DirectRows<NZ, P>(pool, xp, kp, op, batch, pr);
+  };
   if (pr.out_channels % 64 == 0)
-    Rows<4, 6>(pool, xp, kp, op, images, n, x_grouped, pr);
+    run(std::integral_constant<int, 4>(), std::integral_constant<int, 6>());
   else if (pr.out_channels % 32 == 0)
-    Rows<2, 12>(pool, xp, kp, op, images, n, x_grouped, pr);
+    run(std::integral_constant<int, 2>(), std::integral_constant<int, 12>());
   else
-    Rows<1, 24>(pool, xp, kp, op, images, n, x_grouped, pr);
+    run(std::integral_constant<int, 1>(), std::integral_constant<int, 24>());
   return ffi::Error::Success();
 }
 
@@ -220,4 +401,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdDirectConv3x3, Conv3x3,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("flipped"));
+                                  .Attr<bool>("flipped")
+                                  .Attr<bool>("winograd"));

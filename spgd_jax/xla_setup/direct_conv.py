@@ -1,12 +1,13 @@
-"""Float32 3x3 'same' convolutions on the CPU as a direct AVX-512 kernel: the FFI handler of direct_conv.cc.
+"""Float32 3x3 'same' convolutions on the CPU as an AVX-512 kernel: the FFI handler of direct_conv.cc.
 
 XLA:CPU runs a float32 convolution as Eigen's contraction over image patches, which repacks the input for every
 block it multiplies; on a 2-core Xeon (AVX-512) that ran the default prior's 3x3 convolutions at 90-250 GFLOP/s.
 The handler holds a block of pixels times output channels in vector registers and sums the taps and input
-channels straight from the NHWC input. spgd_jax/models/adm/_direct.py calls it for float32 3x3 'same'
-convolutions traced for the CPU whose output channels are a multiple of 16, and for their input gradients (the
-attribute flipped: the handler flips the kernel itself and keeps the copy for the next call with the same
-values); results differ from XLA's by float32 round-off (another order of the same sums).
+channels straight from the NHWC input (direct), or (the attribute winograd) computes Winograd's F(2x2, 3x3): 16
+channel products per 2x2 output tile in place of 36, between transforms of the input and output tiles.
+spgd_jax/models/adm/_direct.py calls it for float32 3x3 'same' convolutions traced for the CPU whose output
+channels are a multiple of 16, and for their input gradients (the attribute flipped: the handler flips the kernel
+itself and keeps the copy for the next call with the same values); results differ from XLA's by float32 round-off.
 
 Compiled on first use with the system's C++ compiler (spgd_jax.xla_setup.native_build, once per machine, kept in
 $XDG_CACHE_HOME/spgd-jax/direct-conv-<digest>/). Where it cannot be had (not Linux on x86-64, a CPU without

@@ -30,8 +30,9 @@ up (spgd_jax.xla_setup.onednn), as Winograd F(2x2, 3x3) with bfloat16 channel
 products (``_winograd``; on a 2-core AMD EPYC 1.1-1.2x faster at batch 4).
 'float32' leaves convolutions and matmuls at JAX's default precision, which on
 recent NVIDIA GPUs is TF32; on x86-64 CPUs with AVX-512 its 3x3 stride-1 convolutions
-run as spgd_jax's direct float32 kernel (``_direct``: float32 sums, round-off apart from
-XLA's, faster than XLA's convolution; SPGD_JAX_DIRECT_CONV=0 keeps XLA's); wrap calls in ``jax.default_matmul_precision("highest")``
+run as spgd_jax's native float32 kernel (``_direct``: Winograd's F(2x2, 3x3) on images of 16 x 12 px
+or more with channels in 16s, direct sums elsewhere; float32 round-off apart from XLA's, faster than
+XLA's convolution; SPGD_JAX_DIRECT_CONV=0 keeps XLA's); wrap calls in ``jax.default_matmul_precision("highest")``
 for true float32 arithmetic there. On the CPU, ``jax.default_matmul_precision("bfloat16")``
 makes the float32 network's 3x3 stride-1 convolutions compute from bfloat16 operands
 with float32 sums through oneDNN (like PyTorch's autocast; everything else stays
@@ -40,15 +41,15 @@ float32): on that Xeon SPGD 1.3-1.8x faster than float32, and faster than 'bfloa
 The 3x3 convolution routes are public for benchmarks and for users' own networks:
 ``onednn_conv3x3(x, kernel)`` (bfloat16, or float32 from bfloat16 operands; once
 ``spgd_jax.xla_setup.onednn.conv_target()`` is not None),
-``direct_conv3x3(x, kernel)`` (float32; once ``spgd_jax.xla_setup.direct_conv.route()[0]``) and
-``winograd_conv3x3(x, kernel)``; x (B, H, W, C), kernel (3, 3, C, D), 'same' padding, stride 1.
+``direct_conv3x3(x, kernel)`` and ``winograd_float32_conv3x3(x, kernel)`` (float32; once
+``spgd_jax.xla_setup.direct_conv.route()[0]``; ``uses_winograd(H, W, C)`` says which the latter computes) and ``winograd_conv3x3(x, kernel)`` (bfloat16 products); x (B, H, W, C), kernel (3, 3, C, D), 'same' padding, stride 1.
 
 Parameter names mirror guided-diffusion's state-dict keys (spgd_jax.convert.guided_diffusion
 maps one to the other).
 """
 
 from spgd_jax.models.adm._config import CONFIGS, DEFAULT_CHANNEL_MULT, NUM_CLASSES, UNetConfig
-from spgd_jax.models.adm._direct import direct_conv3x3
+from spgd_jax.models.adm._direct import direct_conv3x3, uses_winograd, winograd_float32_conv3x3
 from spgd_jax.models.adm._family import ADM  # the family, registered at its definition
 from spgd_jax.models.adm._network import UNet, init_shapes, param_count, timestep_embedding
 from spgd_jax.models.adm._onednn import onednn_conv3x3
@@ -56,4 +57,4 @@ from spgd_jax.models.adm._winograd import winograd_conv3x3
 
 __all__ = ["ADM", "CONFIGS", "DEFAULT_CHANNEL_MULT", "NUM_CLASSES", "UNet", "UNetConfig", "direct_conv3x3", "init_shapes",
            "onednn_conv3x3",
-           "param_count", "timestep_embedding", "winograd_conv3x3"]
+           "param_count", "timestep_embedding", "uses_winograd", "winograd_conv3x3", "winograd_float32_conv3x3"]

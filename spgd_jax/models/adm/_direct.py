@@ -1,16 +1,19 @@
-"""Float32 3x3 'same' convolutions on the CPU through spgd_jax's direct AVX-512 kernel (xla_setup.direct_conv).
+"""Float32 3x3 'same' convolutions on the CPU through spgd_jax's native AVX-512 kernel (xla_setup.direct_conv):
+Winograd's F(2x2, 3x3) where it pays, direct sums elsewhere.
 
 Float32 3x3 stride-1 convolutions with padding 1 (the ADM UNet's) take this route on the CPU backend once the
-handler is registered (x86-64 Linux with AVX-512F): each output pixel's sums are float32 fused multiply-adds
-over the taps and input channels, so results differ from XLA's convolution by float32 round-off only. On a
-2-core Xeon the default prior's convolutions ran 1.4-3.0x faster than XLA's alone at batch 1 and 1.0-5.5x at
-batch 4 (benchmarks/results/conv_shapes_cpu-2core-xeon-s24-b1.md, -b4.md), and its SPGD sampler 1.22x faster at
-batch 1 and 1.09x at batch 4 (benchmarks/results/direct_conv_kernels_cpu-2core-xeon.md).
+handler is registered (x86-64 Linux with AVX-512F), as `winograd_float32_conv3x3`: images with even sides, at
+least 48 tiles of 2x2 pixels (16 x 12 px) and input channels in 16s as Winograd's F(2x2, 3x3) in float32 (2.25x
+fewer multiplies; transforms with coefficients 0, +-1, +-1/2), the others as direct float32 sums
+(`direct_conv3x3`): results differ from XLA's convolution by float32 round-off only. On a 2-core Xeon the direct
+kernel ran the default prior's convolutions 1.4-3.0x faster than XLA's alone at batch 1 and 1.0-5.5x at batch 4
+(benchmarks/results/conv_shapes_cpu-2core-xeon-s24-b1.md, -b4.md), and Winograd 1.2-1.6x faster than the direct
+kernel on the 16-64 px ones (benchmarks/results/conv_shapes_cpu-2core-xeon-s25-b1.md, -b4.md).
 Convolutions whose output channels are not a multiple of 16 (the UNet's 32->3 output head) stay XLA's. The
-input gradient is the same convolution of the output gradient with the kernel flipped in space and its in/out
-axes swapped, a copy the handler makes and keeps across calls with the same kernel values (XLA:CPU would copy it
-at every step of a sampler's loop); the kernel gradient is lax's (training only). Everything else goes to
-`_conv.conv_general_dilated`.
+input gradient is the same kind of convolution of the output gradient with the kernel flipped in space and its
+in/out axes swapped, a copy the handler makes (and transforms, for Winograd) and keeps across calls with the same
+kernel values (XLA:CPU would copy it at every step of a sampler's loop); the kernel gradient is lax's (training
+only). Everything else goes to `_conv.conv_general_dilated`.
 jax.vmap batches the call itself (the handler takes leading batch dims of the input and of the kernel).
 Shapes: x (B, H, W, C), kernel (3, 3, C, D) -> (B, H, W, D), float32.
 """
@@ -26,54 +29,76 @@ from jax import lax
 from spgd_jax.models.adm import _conv
 from spgd_jax.xla_setup import direct_conv
 
-__all__ = ["conv_general_dilated", "direct_conv3x3"]
+__all__ = ["conv_general_dilated", "direct_conv3x3", "uses_winograd", "winograd_float32_conv3x3"]
 
-CHANNEL_MULTIPLE = 16  # the handler's output channels come in AVX-512 vectors of 16 float32
+CHANNEL_MULTIPLE = 16  # the handler's channels come in AVX-512 vectors of 16 float32
+# Winograd takes images of at least this many 2x2 tiles (16 x 12 px): fewer are too little work to split over two
+# threads at batch 1, and there the direct sums ran as fast (8 px images: 0.10 ms either way). Decided per image,
+# not per batch, so that an image's result does not depend on the images beside it.
+WINOGRAD_MIN_TILES = 48
 
 
-def _call(x: jax.Array, kernel: jax.Array, flipped: bool) -> jax.Array:
-    """The handler's convolution of x by kernel, or (flipped) by _conv.flipped(kernel); lax's where the output
-    channels are not a multiple of 16."""
+def uses_winograd(height: int, width: int, in_channels: int) -> bool:
+    """Whether `winograd_float32_conv3x3` computes a convolution of (height, width, in_channels) images as
+    Winograd's F(2x2, 3x3): even height and width, at least WINOGRAD_MIN_TILES tiles, in_channels a multiple of 16."""
+    return (height % 2 == 0 and width % 2 == 0 and (height // 2) * (width // 2) >= WINOGRAD_MIN_TILES
+            and in_channels % CHANNEL_MULTIPLE == 0)
+
+
+def _call(x: jax.Array, kernel: jax.Array, flipped: bool, winograd: bool) -> jax.Array:
+    """The handler's convolution of x by kernel, or (flipped) by _conv.flipped(kernel); as Winograd's F(2x2, 3x3)
+    when `winograd` and uses_winograd(x's height, width, channels); lax's where the output channels are not a
+    multiple of 16."""
     out_channels = kernel.shape[2] if flipped else kernel.shape[3]
     if out_channels % CHANNEL_MULTIPLE:
         return lax.conv_general_dilated(x, _conv.flipped(kernel) if flipped else kernel, (1, 1), ((1, 1), (1, 1)),
                                         dimension_numbers=_conv.NHWC)
+    winograd = winograd and uses_winograd(*x.shape[-3:])
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (out_channels,), jnp.float32)
-    return jax.ffi.ffi_call(direct_conv.TARGET, out, vmap_method="expand_dims")(x, kernel, flipped=flipped)
+    return jax.ffi.ffi_call(direct_conv.TARGET, out, vmap_method="expand_dims")(x, kernel, flipped=flipped,
+                                                                                 winograd=winograd)
 
 
-def _input_gradient(g: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The handler flips the kernel itself and keeps the copy for the next call with the same values."""
-    return _call(g, kernel, True)
-
-
-@functools.partial(_conv.with_same_3x3_gradient, input_gradient=_input_gradient)
-def direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x (B, H, W, C), kernel (3, 3, C, D), both float32 -> (B, H, W, D) float32. The CPU only, once
-    spgd_jax.xla_setup.direct_conv.route()[0]; D not a multiple of 16 runs as lax's convolution."""
+def _checked_call(name: str, x: jax.Array, kernel: jax.Array, winograd: bool) -> jax.Array:
     ok, why = direct_conv.route()
     if not ok:
-        raise RuntimeError(f"the direct convolution kernel is not available here ({why}); use "
+        raise RuntimeError(f"the native float32 convolution kernel is not available here ({why}); use "
                            "lax.conv_general_dilated")
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-        raise TypeError(f"direct_conv3x3 takes float32 x and kernel, got {x.dtype} and {kernel.dtype}")
+        raise TypeError(f"{name} takes float32 x and kernel, got {x.dtype} and {kernel.dtype}")
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
-        raise ValueError(f"direct_conv3x3 takes x (B, H, W, C) and kernel (3, 3, C, D), got {x.shape} and "
-                         f"{kernel.shape}")
-    return _call(x, kernel, False)
+        raise ValueError(f"{name} takes x (B, H, W, C) and kernel (3, 3, C, D), got {x.shape} and {kernel.shape}")
+    return _call(x, kernel, False, winograd)
+
+
+@functools.partial(_conv.with_same_3x3_gradient, input_gradient=lambda g, kernel: _call(g, kernel, True, False))
+def direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (B, H, W, C), kernel (3, 3, C, D), both float32 -> (B, H, W, D) float32, as the direct convolution (the
+    input gradient too). The CPU only, once spgd_jax.xla_setup.direct_conv.route()[0]; D not a multiple of 16 runs
+    as lax's convolution."""
+    return _checked_call("direct_conv3x3", x, kernel, winograd=False)
+
+
+@functools.partial(_conv.with_same_3x3_gradient, input_gradient=lambda g, kernel: _call(g, kernel, True, True))
+def winograd_float32_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (B, H, W, C), kernel (3, 3, C, D), both float32 -> (B, H, W, D) float32, as Winograd's F(2x2, 3x3) in
+    float32 where `uses_winograd(H, W, in channels)` (each direction decides for itself: the input gradient's input
+    channels are D), else as `direct_conv3x3`. The CPU only, once
+    spgd_jax.xla_setup.direct_conv.route()[0]; D not a multiple of 16 runs as lax's convolution."""
+    return _checked_call("winograd_float32_conv3x3", x, kernel, winograd=True)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """lax.conv_general_dilated; float32 3x3 'same' convolutions run as `direct_conv3x3` on the CPU where the
-    kernel is available and its output or input channels are a multiple of 16 (the forward or the input gradient
-    then runs in the kernel)."""
+    """lax.conv_general_dilated; float32 3x3 'same' convolutions run as `winograd_float32_conv3x3` on the CPU where
+    the kernel is available and their output or input channels are a multiple of 16 (the forward or the input
+    gradient then runs in the kernel)."""
     if (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
             and jax.default_backend() == "cpu"
             and _conv.is_same_3x3(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                   feature_group_count, kwargs)
             and 0 in (rhs.shape[3] % CHANNEL_MULTIPLE, rhs.shape[2] % CHANNEL_MULTIPLE)  # forward or input gradient
             and direct_conv.route()[0]):
-        return direct_conv3x3(lhs, rhs)
+        return winograd_float32_conv3x3(lhs, rhs)
     return _conv.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                       dimension_numbers, feature_group_count, precision, **kwargs)
