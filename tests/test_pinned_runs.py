@@ -12,7 +12,8 @@ machine): float32 3x3 convolutions became a direct AVX-512 kernel (spgd_jax.xla_
 against a float64 convolution and lax's gradients), which moved the outputs by 7.4e-7 (SPGD) and 5.1e-7 (DPS) of
 their scale. It was recorded again in session 25 (2026-12-06, same kind of machine): that kernel computes the
 convolutions of images of 16 x 12 px or more as Winograd's F(2x2, 3x3) (tested the same way, and closer to float64
-than the direct sums), which moved the outputs by 7.6e-7 (SPGD) and 7.3e-7 (DPS) of their scale. A denoiser given
+than the direct sums) and takes the RGB convolutions too, which moved the outputs by 8.1e-7 (SPGD) and 7.3e-7
+(DPS) of their scale. A denoiser given
 as a plain function
 (its weights closed over, so constants of the compiled program, as then) must reproduce them bit for bit
 on the kind of machine that wrote them (RECORDED_ON): a refactoring changes no arithmetic; a change that

@@ -3,7 +3,7 @@
 //
 // Built and registered by spgd_jax/xla_setup/direct_conv.py; called by spgd_jax/models/adm/_direct.py.
 //   x      (..., H, W, C)       float32, row-major (NHWC)
-//   kernel (..., 3, 3, C, D)    float32 (HWIO), D a multiple of 16
+//   kernel (..., 3, 3, C, D)    float32 (HWIO)
 //   out    (..., H, W, D)       float32
 // With the attribute flipped, the call computes the input gradient of the convolution by `kernel`: kernel is then
 // (..., 3, 3, D, C), and the convolution's is that kernel flipped in space with its in/out axes swapped. The
@@ -17,12 +17,14 @@
 // Direct: each output pixel's D sums are float32 fused multiply-adds, in the order: taps (kh, kw) row-major, the
 // input channels ascending within a tap. Taps that fall outside the image above or below are skipped; those left
 // or right of it multiply zeros. A block of P consecutive pixels of a row times 16 * NZ output channels is held in
-// AVX-512 registers for the whole sum.
-// Winograd (the attribute winograd; H and W even, C a multiple of 16): each 2x2 output tile is A^T M A with M = sum over c of (G g G^T) * (B^T d B), d
-// the 4x4 input tile around it (zeros outside the image), g the kernel (Lavin & Gray 2016, "Fast Algorithms for
-// Convolutional Neural Networks"): 16 products of (tiles, C) x (C, D) in place of the 9 taps' (pixels, C) x
-// (C, D) for 4 output pixels, 2.25x fewer multiplies. The transforms' coefficients are 0, +-1 and +-1/2, so the
-// result is the convolution to float32 round-off, as the direct sums are (in tests, closer to float64's).
+// AVX-512 registers for the whole sum. D not a multiple of 16 (an RGB output) is computed in 16s with a kernel
+// padded with zeros, the extra channels not stored.
+// Winograd (the attribute winograd; H and W even, C a multiple of 16): each 2x2 output tile is A^T M A with M = sum
+// over c of (G g G^T) * (B^T d B), d the 4x4 input tile around it (zeros outside the image), g the kernel (Lavin &
+// Gray 2016, "Fast Algorithms for Convolutional Neural Networks"): 16 products of (tiles, C) x (C, D) in place of
+// the 9 taps' (pixels, C) x (C, D) for 4 output pixels, 2.25x fewer multiplies. The transforms' coefficients are 0,
+// +-1 and +-1/2, so the result is the convolution to float32 round-off, as the direct sums are (in tests, closer to
+// float64's).
 // The work (rows, or tiles) is split into tasks on XLA's intra-op threads; every sum is computed by one thread in
 // the same order, so results do not depend on the threads.
 #include <immintrin.h>
@@ -45,6 +47,7 @@ namespace {
 
 struct Problem {
   int64_t height, width, in_channels, out_channels;
+  int64_t kernel_channels;  // the kernel's out channels: out_channels, or (direct) rounded up to 16 with zeros
 };
 
 // acc[p][z] += sum over c < C of x[p * x_stride + c] * k[c * D + 16 z .. + 16]: P pixels times 16 NZ output
@@ -62,30 +65,36 @@ __attribute__((target("avx512f"))) inline void Accumulate(__m512 (&acc)[P][NZ], 
   }
 }
 
-// out[p * stride + 16 z ..] = acc[p][z] for the first `count` pixels.
+// out[p * stride + 16 z ..] = acc[p][z] for the first `count` pixels and the first `channels` channels.
 template <int NZ, int P>
 __attribute__((target("avx512f"))) inline void Store(const __m512 (&acc)[P][NZ], float* out, int64_t stride,
-                                                      int count) {
+                                                      int count, int64_t channels = 16 * NZ) {
   for (int p = 0; p < count; ++p)
-    for (int z = 0; z < NZ; ++z) _mm512_storeu_ps(out + p * stride + 16 * z, acc[p][z]);
+    for (int z = 0; z < NZ; ++z) {
+      if (16 * z + 16 <= channels)
+        _mm512_storeu_ps(out + p * stride + 16 * z, acc[p][z]);
+      else if (16 * z < channels)
+        _mm512_mask_storeu_ps(out + p * stride + 16 * z, static_cast<__mmask16>((1u << (channels - 16 * z)) - 1),
+                              acc[p][z]);
+    }
 }
 
-// Direct: out[p, d0 : d0 + 16 NZ] for the P pixels of a block, p < count stored. `window` points at input row
-// (h - 1 + kh_begin), column (w0 - 1), channel 0, and `row_stride` floats separate its rows; taps kh_begin ..
-// kh_end - 1 are summed, with kernel rows from `kernel` (3, 3, C, D) at output channel d0.
+// Direct: out[p, d0 : d0 + 16 NZ] for the P pixels of a block, p < count and channels below D stored. `window`
+// points at input row (h - 1 + kh_begin), column (w0 - 1), channel 0, and `row_stride` floats separate its rows;
+// taps kh_begin .. kh_end - 1 are summed, with kernel rows from `kernel` (3, 3, C, kernel_channels) at d0.
 template <int NZ, int P>
 __attribute__((target("avx512f"))) void Block(const float* window, int64_t row_stride, int kh_begin, int kh_end,
                                                const float* kernel, int64_t d0, const Problem& pr, float* out,
                                                int count) {
-  const int64_t C = pr.in_channels, D = pr.out_channels;
+  const int64_t C = pr.in_channels, D = pr.out_channels, KD = pr.kernel_channels;
   __m512 acc[P][NZ];
   for (int p = 0; p < P; ++p)
     for (int z = 0; z < NZ; ++z) acc[p][z] = _mm512_setzero_ps();
   for (int kh = kh_begin; kh < kh_end; ++kh)
     for (int kw = 0; kw < 3; ++kw)
-      Accumulate<NZ, P>(acc, window + (kh - kh_begin) * row_stride + kw * C, C, kernel + (kh * 3 + kw) * C * D + d0,
-                        C, D);
-  Store<NZ, P>(acc, out + d0, D, count);
+      Accumulate<NZ, P>(acc, window + (kh - kh_begin) * row_stride + kw * C, C, kernel + (kh * 3 + kw) * C * KD + d0,
+                        C, KD);
+  Store<NZ, P>(acc, out + d0, D, count, D - d0);
 }
 
 // One output row h of one image: x (H, W, C) -> out (W, D). `strip` holds 3 x (P + 2) x C floats.
@@ -96,7 +105,7 @@ void Row(const float* x, const float* kernel, float* out, int64_t h, const Probl
   const float* first_row = x + (h - 1 + kh_begin) * W * C;
   for (int64_t w0 = 0; w0 < W; w0 += P) {
     const int count = static_cast<int>(std::min<int64_t>(P, W - w0));
-    for (int64_t d0 = 0; d0 < pr.out_channels; d0 += 16 * NZ) {
+    for (int64_t d0 = 0; d0 < pr.kernel_channels; d0 += 16 * NZ) {
       if (w0 >= 1 && w0 + P + 1 <= W) {  // the block's window lies inside the image's columns
         Block<NZ, P>(first_row + (w0 - 1) * C, W * C, kh_begin, kh_end, kernel, d0, pr, out + w0 * pr.out_channels,
                      count);
@@ -136,7 +145,7 @@ void DirectRows(ffi::ThreadPool pool, const float* x, const float* kernel, float
   const int64_t rows = b.images * pr.height;
   const int64_t tasks = Tasks(18.0 * rows * pr.width * pr.in_channels * pr.out_channels, rows);
   const int64_t image_in = pr.height * pr.width * pr.in_channels, image_out = pr.height * pr.width * pr.out_channels;
-  const int64_t kernel_size = 9 * pr.in_channels * pr.out_channels;
+  const int64_t kernel_size = 9 * pr.in_channels * pr.kernel_channels;
   spgd::RunTasks(pool, tasks, [=](int64_t task) {
     std::vector<float> strip(3 * (P + 2) * pr.in_channels);
     for (int64_t r = rows * task / tasks; r < rows * (task + 1) / tasks; ++r) {
@@ -150,9 +159,9 @@ void DirectRows(ffi::ThreadPool pool, const float* x, const float* kernel, float
 // Winograd's tasks take at least this many tiles (one task takes all of fewer).
 constexpr int64_t kMinTaskTiles = 24;
 
-// Winograd F(2x2, 3x3): the kernel (3, 3, C, D) -> u (16, C, D), u[4 i + j] = (G g G^T)[i][j] for every (c, d),
-// G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
-void WinogradKernel(const float* kernel, int64_t C, int64_t D, float* u) {
+// Winograd F(2x2, 3x3): the kernel (3, 3, C, D) -> u (16, C, KD), u[4 i + j] = (G g G^T)[i][j] for every (c, d),
+// G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]; u's channels d >= D are left as they are.
+void WinogradKernel(const float* kernel, int64_t C, int64_t D, int64_t KD, float* u) {
   for (int64_t c = 0; c < C; ++c)
     for (int64_t d = 0; d < D; ++d) {
       float g[3][3], gg[4][3];
@@ -167,7 +176,7 @@ void WinogradKernel(const float* kernel, int64_t C, int64_t D, float* u) {
       for (int i = 0; i < 4; ++i) {
         const float row[4] = {gg[i][0], 0.5f * (gg[i][0] + gg[i][1] + gg[i][2]),
                               0.5f * (gg[i][0] - gg[i][1] + gg[i][2]), gg[i][2]};
-        for (int j = 0; j < 4; ++j) u[((i * 4 + j) * C + c) * D + d] = row[j];
+        for (int j = 0; j < 4; ++j) u[((i * 4 + j) * C + c) * KD + d] = row[j];
       }
     }
 }
@@ -203,56 +212,58 @@ __attribute__((target("avx512f"))) void InputTile(const float* x, int64_t r0, in
 }
 
 // The 2x2 output pixels of one tile, out (2 rows `row_stride` floats apart, 2 pixels, D): A^T M A of
-// M[e] = m[e * D ..], A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
-__attribute__((target("avx512f"))) void OutputTile(const float* m, int64_t D, float* out, int64_t row_stride) {
-  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+// M[e] = m[e * KD ..] (KD: D rounded up to 16), A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
+__attribute__((target("avx512f"))) void OutputTile(const float* m, int64_t D, int64_t KD, float* out,
+                                                    int64_t row_stride) {
+  for (int64_t d0 = 0; d0 < KD; d0 += 16) {
+    const __mmask16 mask = static_cast<__mmask16>(D - d0 >= 16 ? 0xffff : (1u << (D - d0)) - 1);
     __m512 t[4][4], s[2][4];
-    for (int e = 0; e < 16; ++e) t[e / 4][e % 4] = _mm512_loadu_ps(m + e * D + d0);
+    for (int e = 0; e < 16; ++e) t[e / 4][e % 4] = _mm512_loadu_ps(m + e * KD + d0);
     for (int j = 0; j < 4; ++j) {
       s[0][j] = _mm512_add_ps(_mm512_add_ps(t[0][j], t[1][j]), t[2][j]);
       s[1][j] = _mm512_sub_ps(_mm512_sub_ps(t[1][j], t[2][j]), t[3][j]);
     }
     for (int i = 0; i < 2; ++i) {
       float* row = out + i * row_stride + d0;
-      _mm512_storeu_ps(row, _mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), s[i][2]));
-      _mm512_storeu_ps(row + D, _mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]));
+      _mm512_mask_storeu_ps(row, mask, _mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), s[i][2]));
+      _mm512_mask_storeu_ps(row + D, mask, _mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]));
     }
   }
 }
 
-// m[(s * 16 + e) * D ..] = v[(s * 16 + e) * C ..] (C) x u[e] (C, D) for the 16 slices e and the tiles s < count
+// m[(s * 16 + e) * KD ..] = v[(s * 16 + e) * C ..] (C) x u[e] (C, KD) for the 16 slices e and the tiles s < count
 // (blocks of P tiles; the last block's extra rows of v are read, their products not stored).
 template <int NZ, int P>
 __attribute__((target("avx512f"))) void TileProducts(const float* v, const float* u, float* m, int count,
                                                       const Problem& pr) {
-  const int64_t C = pr.in_channels, D = pr.out_channels;
+  const int64_t C = pr.in_channels, KD = pr.kernel_channels;
   for (int e = 0; e < 16; ++e)
     for (int p0 = 0; p0 < count; p0 += P)
-      for (int64_t d0 = 0; d0 < D; d0 += 16 * NZ) {
+      for (int64_t d0 = 0; d0 < KD; d0 += 16 * NZ) {
         __m512 acc[P][NZ];
         for (int p = 0; p < P; ++p)
           for (int z = 0; z < NZ; ++z) acc[p][z] = _mm512_setzero_ps();
-        Accumulate<NZ, P>(acc, v + (p0 * 16 + e) * C, 16 * C, u + e * C * D + d0, C, D);
-        Store<NZ, P>(acc, m + (p0 * 16 + e) * D + d0, 16 * D, std::min(P, count - p0));
+        Accumulate<NZ, P>(acc, v + (p0 * 16 + e) * C, 16 * C, u + e * C * KD + d0, C, KD);
+        Store<NZ, P>(acc, m + (p0 * 16 + e) * KD + d0, 16 * KD, std::min(P, count - p0));
       }
 }
 
 // Tiles are numbered over images, tile rows and tile columns. A chunk of up to `chunk` consecutive tiles of one
-// kernel group is transformed into v (chunk, 16, C), multiplied slice by slice with u (16, C, D) into m (chunk, 16,
-// D) and transformed back into out.
+// kernel group is transformed into v (chunk, 16, C), multiplied slice by slice with u (16, C, KD) into m (chunk,
+// 16, KD) and transformed back into out.
 template <int NZ, int P>
 void WinogradTiles(ffi::ThreadPool pool, const float* x, const float* u, float* out, const Batch& b,
                    const Problem& pr) {
-  const int64_t C = pr.in_channels, D = pr.out_channels, W = pr.width;
+  const int64_t C = pr.in_channels, D = pr.out_channels, KD = pr.kernel_channels, W = pr.width;
   const int64_t tile_cols = W / 2, per_image = pr.height / 2 * tile_cols, tiles = b.images * per_image;
   // v and m of about 400 KB each at most (they stay in L2); a multiple of 24 tiles, so of every P.
-  const int64_t chunk = std::clamp<int64_t>(12288 / std::max(C, D) / 24 * 24, 24, 96);
+  const int64_t chunk = std::clamp<int64_t>(12288 / std::max(C, KD) / 24 * 24, 24, 96);
   const int64_t image_in = pr.height * W * C, image_out = pr.height * W * D;
-  const int64_t tasks = Tasks(32.0 * tiles * C * D, std::max<int64_t>(1, tiles / kMinTaskTiles));
+  const int64_t tasks = Tasks(32.0 * tiles * C * KD, std::max<int64_t>(1, tiles / kMinTaskTiles));
   spgd::RunTasks(pool, tasks, [=](int64_t task) {
     thread_local std::vector<float> v, m;
     v.resize(std::max<size_t>(v.size(), 16 * chunk * C));
-    m.resize(std::max<size_t>(m.size(), 16 * chunk * D));
+    m.resize(std::max<size_t>(m.size(), 16 * chunk * KD));
     for (int64_t t = tiles * task / tasks, end = tiles * (task + 1) / tasks; t < end;) {
       const int64_t group = t / per_image / b.n;
       const int64_t stop = std::min({t + chunk, end, (group + 1) * b.n * per_image});
@@ -262,10 +273,10 @@ void WinogradTiles(ffi::ThreadPool pool, const float* x, const float* u, float* 
         InputTile(x + b.Input(image) * image_in, 2 * (tile / tile_cols) - 1, 2 * (tile % tile_cols) - 1, pr,
                   v.data() + s * 16 * C);
       }
-      TileProducts<NZ, P>(v.data(), u + group * 16 * C * D, m.data(), count, pr);
+      TileProducts<NZ, P>(v.data(), u + group * 16 * C * KD, m.data(), count, pr);
       for (int s = 0; s < count; ++s) {
         const int64_t image = (t + s) / per_image, tile = (t + s) % per_image;
-        OutputTile(m.data() + s * 16 * D, D,
+        OutputTile(m.data() + s * 16 * KD, D, KD,
                    out + image * image_out + (2 * (tile / tile_cols) * W + 2 * (tile % tile_cols)) * D, W * D);
       }
       t = stop;
@@ -274,8 +285,9 @@ void WinogradTiles(ffi::ThreadPool pool, const float* x, const float* u, float* 
 }
 
 // A kernel buffer prepared for the handler's loops: flipped in space with its in/out axes swapped (the input
-// gradient's) and/or in Winograd's form (16, C, D). Kept with the values it was made from: found again only for a
-// kernel at the same address with the same shape, the same preparation and the same values.
+// gradient's) or not, in Winograd's form (16, C, KD) or the direct sums' (3, 3, C, KD), its out channels padded
+// with zeros to KD, a multiple of 16. Kept with the values it was made from: found again only for a kernel at the
+// same address with the same shape, the same preparation and the same values.
 struct Prepared {
   const float* source;
   int64_t rows, cols;  // the source's (3, 3, rows, cols)
@@ -315,12 +327,14 @@ std::shared_ptr<const Prepared> PreparedKernel(const float* kernel, int64_t rows
     }
     conv_kernel = flips.data();
   }
-  const int64_t in = flipped ? cols : rows, out = flipped ? rows : cols;
+  const int64_t in = flipped ? cols : rows, out = flipped ? rows : cols, padded = (out + 15) / 16 * 16;
   if (winograd) {
-    made->data.resize(16 * in * out);
-    WinogradKernel(conv_kernel, in, out, made->data.data());
+    made->data.assign(16 * in * padded, 0.0f);
+    WinogradKernel(conv_kernel, in, out, padded, made->data.data());
   } else {
-    made->data = std::move(flips);
+    made->data.assign(9 * in * padded, 0.0f);
+    for (int64_t r = 0; r < 9 * in; ++r)
+      std::copy(conv_kernel + r * out, conv_kernel + (r + 1) * out, made->data.begin() + r * padded);
   }
   std::lock_guard<std::mutex> lock(mutex);
   kept.push_front(made);
@@ -341,11 +355,10 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   size_t xr = xd.size(), kr = kd.size(), orank = od.size();
   // The convolution's own kernel is (3, 3, in, out); flipped, the buffer holds (3, 3, out, in).
   const int64_t k_in = kd[kr - (flipped ? 1 : 2)], k_out = kd[kr - (flipped ? 2 : 1)];
-  Problem pr{xd[xr - 3], xd[xr - 2], xd[xr - 1], k_out};
+  Problem pr{xd[xr - 3], xd[xr - 2], xd[xr - 1], k_out, (k_out + 15) / 16 * 16};
   if (kd[kr - 4] != 3 || kd[kr - 3] != 3 || k_in != pr.in_channels || od[orank - 3] != pr.height ||
       od[orank - 2] != pr.width || od[orank - 1] != pr.out_channels)
     return ffi::Error::InvalidArgument("shapes do not make a 3x3 'same' convolution");
-  if (pr.out_channels % 16 != 0) return ffi::Error::InvalidArgument("out channels must be a multiple of 16");
   if (winograd && (pr.height % 2 != 0 || pr.width % 2 != 0 || pr.in_channels % 16 != 0))
     return ffi::Error::InvalidArgument("winograd needs an even height and width and in channels a multiple of 16");
   int64_t x_images = Product(xd, xr - 3), groups = Product(kd, kr - 4), images = Product(od, orank - 3);
@@ -361,7 +374,7 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t kernel_size = 9 * pr.in_channels * pr.out_channels;
   std::vector<std::shared_ptr<const Prepared>> prepared;  // held until the convolutions are done
   std::vector<float> grouped;
-  if (flipped || winograd) {
+  if (flipped || winograd || pr.kernel_channels != pr.out_channels) {
     for (int64_t g = 0; g < groups; ++g)
       prepared.push_back(PreparedKernel(kp + g * kernel_size, kd[kr - 2], kd[kr - 1], flipped, winograd));
     if (groups == 1) {
@@ -381,9 +394,9 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     else
       DirectRows<NZ, P>(pool, xp, kp, op, batch, pr);
   };
-  if (pr.out_channels % 64 == 0)
+  if (pr.kernel_channels % 64 == 0)
     run(std::integral_constant<int, 4>(), std::integral_constant<int, 6>());
-  else if (pr.out_channels % 32 == 0)
+  else if (pr.kernel_channels % 32 == 0)
     run(std::integral_constant<int, 2>(), std::integral_constant<int, 12>());
   else
     run(std::integral_constant<int, 1>(), std::integral_constant<int, 24>());

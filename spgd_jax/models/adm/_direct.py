@@ -9,8 +9,9 @@ fewer multiplies; transforms with coefficients 0, +-1, +-1/2), the others as dir
 kernel ran the default prior's convolutions 1.4-3.0x faster than XLA's alone at batch 1 and 1.0-5.5x at batch 4
 (benchmarks/results/conv_shapes_cpu-2core-xeon-s24-b1.md, -b4.md), and Winograd 1.2-1.6x faster than the direct
 kernel on the 16-64 px ones (benchmarks/results/conv_shapes_cpu-2core-xeon-s25-b1.md, -b4.md).
-Convolutions whose output channels are not a multiple of 16 (the UNet's 32->3 output head) stay XLA's. The
-input gradient is the same kind of convolution of the output gradient with the kernel flipped in space and its
+Output channels that are not a multiple of 16 (the UNet's RGB output head, and the input gradient of its first
+convolution) are computed in 16s, the extra ones zero and not stored: 5x the multiplies for 3 channels, still
+faster than XLA's convolution at about 25 GFLOP/s on those shapes. The input gradient is the same kind of convolution of the output gradient with the kernel flipped in space and its
 in/out axes swapped, a copy the handler makes (and transforms, for Winograd) and keeps across calls with the same
 kernel values (XLA:CPU would copy it at every step of a sampler's loop); the kernel gradient is lax's (training
 only). Everything else goes to `_conv.conv_general_dilated`.
@@ -24,14 +25,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from spgd_jax.models.adm import _conv
 from spgd_jax.xla_setup import direct_conv
 
 __all__ = ["conv_general_dilated", "direct_conv3x3", "uses_winograd", "winograd_float32_conv3x3"]
 
-CHANNEL_MULTIPLE = 16  # the handler's channels come in AVX-512 vectors of 16 float32
+CHANNEL_MULTIPLE = 16  # Winograd's input transform takes the input channels in AVX-512 vectors of 16 float32
 # Winograd takes images of at least this many 2x2 tiles (16 x 12 px): fewer are too little work to split over two
 # threads at batch 1, and there the direct sums ran as fast (8 px images: 0.10 ms either way). Decided per image,
 # not per batch, so that an image's result does not depend on the images beside it.
@@ -47,12 +47,8 @@ def uses_winograd(height: int, width: int, in_channels: int) -> bool:
 
 def _call(x: jax.Array, kernel: jax.Array, flipped: bool, winograd: bool) -> jax.Array:
     """The handler's convolution of x by kernel, or (flipped) by _conv.flipped(kernel); as Winograd's F(2x2, 3x3)
-    when `winograd` and uses_winograd(x's height, width, channels); lax's where the output channels are not a
-    multiple of 16."""
+    when `winograd` and uses_winograd(x's height, width, channels)."""
     out_channels = kernel.shape[2] if flipped else kernel.shape[3]
-    if out_channels % CHANNEL_MULTIPLE:
-        return lax.conv_general_dilated(x, _conv.flipped(kernel) if flipped else kernel, (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=_conv.NHWC)
     winograd = winograd and uses_winograd(*x.shape[-3:])
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (out_channels,), jnp.float32)
     return jax.ffi.ffi_call(direct_conv.TARGET, out, vmap_method="expand_dims")(x, kernel, flipped=flipped,
@@ -74,8 +70,7 @@ def _checked_call(name: str, x: jax.Array, kernel: jax.Array, winograd: bool) ->
 @functools.partial(_conv.with_same_3x3_gradient, input_gradient=lambda g, kernel: _call(g, kernel, True, False))
 def direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x (B, H, W, C), kernel (3, 3, C, D), both float32 -> (B, H, W, D) float32, as the direct convolution (the
-    input gradient too). The CPU only, once spgd_jax.xla_setup.direct_conv.route()[0]; D not a multiple of 16 runs
-    as lax's convolution."""
+    input gradient too). The CPU only, once spgd_jax.xla_setup.direct_conv.route()[0]."""
     return _checked_call("direct_conv3x3", x, kernel, winograd=False)
 
 
@@ -83,21 +78,18 @@ def direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def winograd_float32_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x (B, H, W, C), kernel (3, 3, C, D), both float32 -> (B, H, W, D) float32, as Winograd's F(2x2, 3x3) in
     float32 where `uses_winograd(H, W, in channels)` (each direction decides for itself: the input gradient's input
-    channels are D), else as `direct_conv3x3`. The CPU only, once
-    spgd_jax.xla_setup.direct_conv.route()[0]; D not a multiple of 16 runs as lax's convolution."""
+    channels are D), else as `direct_conv3x3`. The CPU only, once spgd_jax.xla_setup.direct_conv.route()[0]."""
     return _checked_call("winograd_float32_conv3x3", x, kernel, winograd=True)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """lax.conv_general_dilated; float32 3x3 'same' convolutions run as `winograd_float32_conv3x3` on the CPU where
-    the kernel is available and their output or input channels are a multiple of 16 (the forward or the input
-    gradient then runs in the kernel)."""
+    the kernel is available."""
     if (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
             and jax.default_backend() == "cpu"
             and _conv.is_same_3x3(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                   feature_group_count, kwargs)
-            and 0 in (rhs.shape[3] % CHANNEL_MULTIPLE, rhs.shape[2] % CHANNEL_MULTIPLE)  # forward or input gradient
             and direct_conv.route()[0]):
         return winograd_float32_conv3x3(lhs, rhs)
     return _conv.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
