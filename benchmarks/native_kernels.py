@@ -1,10 +1,11 @@
 """spgd_jax's native CPU kernels against XLA's own ops: the whole SPGD sampler of a speed preset, both routes
 compiled in one process and timed in turn, A B A B (issue 23). The kernels: GroupNorm's sums
-(spgd_jax.xla_setup.group_norm_kernels, against XLA's reductions) or the direct float32 3x3 convolution
-(spgd_jax.xla_setup.direct_conv, against XLA's convolution).
+(spgd_jax.xla_setup.group_norm_kernels, against XLA's reductions), the direct float32 3x3 convolution
+(spgd_jax.xla_setup.direct_conv, against XLA's convolution) or float32 attention
+(spgd_jax.xla_setup.attention_kernels, against XLA's ops).
 
     python -m benchmarks.native_kernels --kernels group-norm --tag cpu-2core
-    # -> benchmarks/results/group_norm_kernels_TAG.{json,md} (direct_conv_kernels_TAG for --kernels direct-conv)
+    # -> benchmarks/results/group_norm_kernels_TAG.{json,md} (direct_conv_kernels_TAG, attention_kernels_TAG)
 
 Each case (a compute of benchmarks.compute, a batch) is compiled with the kernels off (A) and on (B); then
 `rounds` times A and B are each run once, and the row gives ms per image-NFE and the ratio A/B of each round
@@ -28,7 +29,7 @@ import numpy as np
 
 from benchmarks.speed_jax import Timings, make_inputs
 from benchmarks.speed_setup import PRESETS, loadavg, write_report
-from spgd_jax.xla_setup import direct_conv, group_norm_kernels
+from spgd_jax.xla_setup import attention_kernels, direct_conv, group_norm_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (the module of the kernels, an FFI target that a program using them calls, XLA's side, default cases)
@@ -36,6 +37,8 @@ KERNELS = {
     "group-norm": (group_norm_kernels, group_norm_kernels.MOMENTS_TARGET, "XLA's reductions",
                    (("float32", 1), ("float32", 4), ("float32-bf16conv", 8))),
     "direct-conv": (direct_conv, direct_conv.TARGET, "XLA's convolution", (("float32", 1), ("float32", 4))),
+    "attention": (attention_kernels, attention_kernels.FORWARD_TARGET, "XLA's ops",
+                  (("float32", 1), ("float32", 4), ("float32-bf16conv", 8))),
 }
 
 __all__ = ["compare", "main"]

@@ -23,7 +23,7 @@ from benchmarks.speed_setup import (GIB, LR, SEED, XCHECK_RTOL, Deadline, Preset
 from spgd_jax import make_denoiser, operators, sample
 from spgd_jax.models.adm import UNetConfig
 from spgd_jax.samplers import SPGDConfig, run
-from spgd_jax.xla_setup import direct_conv, group_norm_kernels
+from spgd_jax.xla_setup import attention_kernels, direct_conv, group_norm_kernels
 
 
 def jax_plan(preset: Preset) -> list[tuple[str, int | str]]:
@@ -174,11 +174,11 @@ def compile_item(item: dict) -> dict:
 
 @contextlib.contextmanager
 def xla_ops_only():
-    """Programs traced inside run the float32 convolutions and GroupNorm's sums as XLA's own ops, not as spgd_jax's
-    native CPU kernels: XLA's cost analysis counts no FLOPs in an FFI call (the 3x3 convolutions would count as
-    none). JAX's trace caches are cleared on the way in and out, so that no program traced inside is reused
+    """Programs traced inside run the float32 convolutions, GroupNorm's sums and attention as XLA's own ops, not as
+    spgd_jax's native CPU kernels: XLA's cost analysis counts no FLOPs in an FFI call (the 3x3 convolutions would
+    count as none). JAX's trace caches are cleared on the way in and out, so that no program traced inside is reused
     outside, and the environment is restored."""
-    names = (direct_conv.ENV_OFF, group_norm_kernels.ENV_OFF)
+    names = (direct_conv.ENV_OFF, group_norm_kernels.ENV_OFF, attention_kernels.ENV_OFF)
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(dict.fromkeys(names, "0"))
     jax.clear_caches()

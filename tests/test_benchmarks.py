@@ -373,7 +373,7 @@ def test_conv_shapes_times_every_route_of_every_shape(tmp_path):
     assert ("winograd float32" in table) == result["direct"].startswith("/")
 
 
-@pytest.mark.parametrize("kernels", ["group-norm", "direct-conv"])
+@pytest.mark.parametrize("kernels", ["group-norm", "direct-conv", "attention"])
 def test_native_kernels_compares_both_routes_of_the_sampler(tmp_path, kernels):
     from benchmarks import native_kernels as bench
 

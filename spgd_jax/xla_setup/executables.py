@@ -13,7 +13,7 @@ directory:
 function and its settings. The key adds the arguments' tree structure (static fields included), shapes,
 dtypes and shardings, the devices, the jax, jaxlib, flax and numpy versions, the jax config, $XLA_FLAGS
 (when spgd_jax was imported and now), the CPU's convolution and GroupNorm routes (xla_setup.onednn,
-xla_setup.direct_conv, xla_setup.group_norm_kernels) and a digest of spgd_jax's own source, so that an edit of the library, an
+xla_setup.direct_conv, xla_setup.group_norm_kernels, xla_setup.attention_kernels) and a digest of spgd_jax's own source, so that an edit of the library, an
 upgrade or another flag never reads an old program. A callable that cannot be named stably across processes
 must not use the store.
 
@@ -42,7 +42,7 @@ import numpy as np
 from jax.experimental import serialize_executable
 
 from spgd_jax.xla_setup.compile_cache import ENV_OFF
-from spgd_jax.xla_setup import direct_conv, group_norm_kernels, onednn
+from spgd_jax.xla_setup import attention_kernels, direct_conv, group_norm_kernels, onednn
 from spgd_jax.xla_setup.cpu_flags import flags_at_import
 
 __all__ = ["FOLDER", "UNUSED_DAYS", "ExecutableStoreWarning", "load_or_compile", "program_key", "store_dir"]
@@ -95,8 +95,9 @@ def _process() -> tuple:
     convolutions = onednn.fingerprint() if devices[0][1] == "cpu" else None
     group_norms = group_norm_kernels.fingerprint() if devices[0][1] == "cpu" else None  # likewise, GroupNorm's
     float32_convolutions = direct_conv.fingerprint() if devices[0][1] == "cpu" else None  # and float32 convolutions'
+    attentions = attention_kernels.fingerprint() if devices[0][1] == "cpu" else None  # and attention's
     return (_versions(), _source_digest(), jax.devices()[0].client.platform_version, jax.process_count(),
-            tuple(devices), convolutions, group_norms, float32_convolutions)
+            tuple(devices), convolutions, group_norms, float32_convolutions, attentions)
 
 
 def _leaf(leaf: Any) -> tuple:
