@@ -7,6 +7,7 @@ convolutions, and the build in a fresh process (cached, no compiler, turned off)
 from __future__ import annotations
 
 import platform
+import re
 
 import jax
 import jax.numpy as jnp
@@ -171,15 +172,63 @@ def test_wrong_inputs_are_clear_errors(monkeypatch):
 @needs_kernel
 def test_a_wrong_call_of_the_handler_is_a_clear_error():
     call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 4, 4, 16), jnp.float32))
+    token = jnp.zeros((), jnp.int32)
     with pytest.raises(Exception, match="3x3 'same' convolution"):
-        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), flipped=False, winograd=False))
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), token, flipped=False,
+                                   winograd=False))
     with pytest.raises(Exception, match="3x3 'same' convolution"):  # flipped: the kernel is (3, 3, out, in)
-        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), flipped=True, winograd=False))
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), token, flipped=True,
+                                   winograd=False))
     with pytest.raises(Exception, match="winograd needs an even height and width and in channels a multiple of 16"):
-        jax.block_until_ready(call(jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 8, 16)), flipped=False, winograd=True))
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 8, 16)), token, flipped=False,
+                                   winograd=True))
+    with pytest.raises(Exception, match="one token per kernel"):
+        jax.block_until_ready(call(jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 16, 16)), jnp.zeros(2, jnp.int32),
+                                   flipped=True, winograd=False))
     call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 5, 4, 16), jnp.float32))
     with pytest.raises(Exception, match="winograd needs an even height"):
-        jax.block_until_ready(call(jnp.ones((1, 5, 4, 16)), jnp.ones((3, 3, 16, 16)), flipped=False, winograd=True))
+        jax.block_until_ready(call(jnp.ones((1, 5, 4, 16)), jnp.ones((3, 3, 16, 16)), token, flipped=False,
+                                   winograd=True))
+    prepare = jax.ffi.ffi_call(direct_conv.PREPARE_TARGET, jax.ShapeDtypeStruct((), jnp.int32))
+    with pytest.raises(Exception, match=r"spgd_prepare_conv3x3_kernel: the kernel is not \(..., 3, 3, in, out\)"):
+        jax.block_until_ready(prepare(jnp.ones((3, 2, 16, 16)), flipped=True, winograd=False))
+
+
+@needs_kernel
+@pytest.mark.parametrize("flipped, winograd", [(False, True), (True, False), (True, True)])
+def test_a_token_whose_kernel_is_no_longer_kept_prepares_it_again(flipped, winograd):
+    x, kernel = _inputs((2, 16, 16, 16, 32), seed=7)
+    kernel = jnp.swapaxes(kernel, 2, 3) if flipped else kernel  # flipped: the buffer is (3, 3, out, in)
+    out = jax.ShapeDtypeStruct((2, 16, 16, 32), jnp.float32)
+    call = jax.ffi.ffi_call(direct_conv.TARGET, out)
+    expected = _direct._call(x, kernel, flipped, winograd)
+    for token in (-1, 0, 2**31 - 1):  # no preparation has these tokens
+        got = call(x, kernel, jnp.array(token, jnp.int32), flipped=flipped, winograd=winograd)
+        np.testing.assert_array_equal(got, expected)
+
+
+@needs_kernel
+def test_the_kernels_are_prepared_once_outside_a_loop_that_does_not_change_them():
+    # SPGD's loops pass the same weights at every step: their preparation (comparison, flip, Winograd's transform)
+    # depends on nothing else, so XLA hoists it out of the loops, and the convolutions inside take its tokens.
+    x, kernel = _inputs((2, 16, 16, 16, 16), seed=8)
+    conv = _direct.winograd_float32_conv3x3
+
+    def descend(x, kernel):  # the weights an argument, as a Denoiser passes them
+        def step(_, x):
+            return x - 0.1 * jax.grad(lambda x: jnp.sum(jnp.sin(conv(x, kernel))))(x)
+        return lax.fori_loop(0, 3, lambda i, x: lax.fori_loop(0, 2, step, x), x)
+
+    text = jax.jit(descend).lower(x, kernel).compile().as_text()
+    computations = {part.split("\n", 1)[0]: part for part in re.split(r"\n(?=\S)", text)}
+    calling = [name for name, body in computations.items() if direct_conv.PREPARE_TARGET in body]
+    assert len(calling) == 1 and calling[0].startswith("ENTRY"), calling
+    assert computations[calling[0]].count(direct_conv.PREPARE_TARGET) == 2  # Winograd's kernel, the flipped one
+    assert any(direct_conv.TARGET + '"' in body for name, body in computations.items() if name != calling[0])
+    ref = x
+    for _ in range(6):
+        ref = ref - 0.1 * jax.grad(lambda x: jnp.sum(jnp.sin(_lax(x, kernel))))(ref)
+    np.testing.assert_allclose(jax.jit(descend)(x, kernel), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_only_float32_same_3x3_convolutions_on_the_cpu_take_the_route(monkeypatch):

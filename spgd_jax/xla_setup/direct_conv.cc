@@ -5,11 +5,16 @@
 //   x      (..., H, W, C)       float32, row-major (NHWC)
 //   kernel (..., 3, 3, C, D)    float32 (HWIO)
 //   out    (..., H, W, D)       float32
+//   tokens (...)               int32, from spgd_prepare_conv3x3_kernel of the same kernel (below)
 // With the attribute flipped, the call computes the input gradient of the convolution by `kernel`: kernel is then
-// (..., 3, 3, D, C), and the convolution's is that kernel flipped in space with its in/out axes swapped. The
-// handler prepares the kernels it needs (flipped, or in Winograd's form) itself and keeps them (up to kMaxKept),
-// for the next call with the same kernel values: a sampler's loop passes the same weights at every step, where
-// XLA would make the copy every time.
+// (..., 3, 3, D, C), and the convolution's is that kernel flipped in space with its in/out axes swapped.
+// spgd_prepare_conv3x3_kernel(kernel, flipped, winograd) -> tokens prepares the kernels a convolution needs (flipped,
+// in Winograd's form, its out channels padded to 16s), keeps them (up to kMaxKept), and returns one token per
+// kernel (0 where the kernel is used as it is). A kept preparation is found again by the next preparation of the
+// same kernel values (address, shape and a comparison of the values), or by its token: the convolution takes the
+// tokens of its own kernel operand, so it needs no comparison, and where a token's preparation is gone it
+// prepares the kernel again. A preparation depends on the weights only, so XLA hoists it out of a sampler's loops:
+// the weights are compared once per call of the program, not at every step, and no copy is made at every step.
 // The leading dims of x and out are the images. jax.vmap (vmap_method="expand_dims") may add leading dims to
 // the kernel too: its leading dims (product G) then split out's images into G groups, each convolved with its
 // own kernel, and x holds either the same G groups or one group shared by all (size 1 when expanded).
@@ -30,6 +35,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <list>
@@ -289,6 +295,7 @@ void WinogradTiles(ffi::ThreadPool pool, const float* x, const float* u, float* 
 // with zeros to KD, a multiple of 16. Kept with the values it was made from: found again only for a kernel at the
 // same address with the same shape, the same preparation and the same values.
 struct Prepared {
+  int32_t token;  // unique in the process, from 1
   const float* source;
   int64_t rows, cols;  // the source's (3, 3, rows, cols)
   bool flipped, winograd;
@@ -297,13 +304,26 @@ struct Prepared {
 
 constexpr size_t kMaxKept = 256;
 
+std::mutex kept_mutex;
+std::list<std::shared_ptr<const Prepared>> kept;  // most recently used first
+int32_t last_token = 0;
+
+// The kept preparation with this token, or null.
+std::shared_ptr<const Prepared> Kept(int32_t token) {
+  std::lock_guard<std::mutex> lock(kept_mutex);
+  for (auto it = kept.begin(); it != kept.end(); ++it)
+    if ((*it)->token == token) {
+      kept.splice(kept.begin(), kept, it);
+      return kept.front();
+    }
+  return nullptr;
+}
+
 std::shared_ptr<const Prepared> PreparedKernel(const float* kernel, int64_t rows, int64_t cols, bool flipped,
                                                bool winograd) {
-  static std::mutex mutex;
-  static std::list<std::shared_ptr<const Prepared>> kept;  // most recently used first
   const size_t size = 9 * rows * cols;
   {
-    std::lock_guard<std::mutex> lock(mutex);
+    std::lock_guard<std::mutex> lock(kept_mutex);
     for (auto it = kept.begin(); it != kept.end(); ++it) {
       const Prepared& f = **it;
       if (f.source == kernel && f.rows == rows && f.cols == cols && f.flipped == flipped && f.winograd == winograd &&
@@ -314,7 +334,7 @@ std::shared_ptr<const Prepared> PreparedKernel(const float* kernel, int64_t rows
     }
   }
   auto made = std::make_shared<Prepared>(
-      Prepared{kernel, rows, cols, flipped, winograd, std::vector<float>(kernel, kernel + size), {}});
+      Prepared{0, kernel, rows, cols, flipped, winograd, std::vector<float>(kernel, kernel + size), {}});
   std::vector<float> flips;
   const float* conv_kernel = kernel;  // (3, 3, in, out) of the convolution computed
   if (flipped) {
@@ -336,7 +356,8 @@ std::shared_ptr<const Prepared> PreparedKernel(const float* kernel, int64_t rows
     for (int64_t r = 0; r < 9 * in; ++r)
       std::copy(conv_kernel + r * out, conv_kernel + (r + 1) * out, made->data.begin() + r * padded);
   }
-  std::lock_guard<std::mutex> lock(mutex);
+  std::lock_guard<std::mutex> lock(kept_mutex);
+  made->token = last_token = last_token == INT32_MAX ? 1 : last_token + 1;
   kept.push_front(made);
   if (kept.size() > kMaxKept) kept.pop_back();
   return made;
@@ -348,8 +369,27 @@ int64_t Product(ffi::Span<const int64_t> dims, size_t count) {
   return p;
 }
 
+// Whether the convolution by a kernel (..., 3, 3, rows, cols) takes a prepared copy of it.
+bool NeedsPreparation(int64_t rows, int64_t cols, bool flipped, bool winograd) {
+  return flipped || winograd || cols % 16 != 0;  // unflipped, cols are the out channels
+}
+
+ffi::Error Prepare(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::S32> tokens, bool flipped, bool winograd) {
+  auto kd = kernel.dimensions();
+  const size_t kr = kd.size();
+  if (kr < 4 || kd[kr - 4] != 3 || kd[kr - 3] != 3)
+    return ffi::Error::InvalidArgument("spgd_prepare_conv3x3_kernel: the kernel is not (..., 3, 3, in, out)");
+  const int64_t groups = Product(kd, kr - 4), rows = kd[kr - 2], cols = kd[kr - 1];
+  if (tokens->element_count() != static_cast<size_t>(groups))
+    return ffi::Error::InvalidArgument("spgd_prepare_conv3x3_kernel: one token per kernel");
+  for (int64_t g = 0; g < groups; ++g)
+    tokens->typed_data()[g] = NeedsPreparation(rows, cols, flipped, winograd) && rows * cols > 0
+        ? PreparedKernel(kernel.typed_data() + g * 9 * rows * cols, rows, cols, flipped, winograd)->token : 0;
+  return ffi::Error::Success();
+}
+
 ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                   ffi::ResultBuffer<ffi::F32> out, bool flipped, bool winograd) {
+                   ffi::Buffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::F32> out, bool flipped, bool winograd) {
   auto xd = x.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
   if (xd.size() < 4 || kd.size() < 4 || od.size() < 4) return ffi::Error::InvalidArgument("rank below 4");
   size_t xr = xd.size(), kr = kd.size(), orank = od.size();
@@ -374,9 +414,16 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t kernel_size = 9 * pr.in_channels * pr.out_channels;
   std::vector<std::shared_ptr<const Prepared>> prepared;  // held until the convolutions are done
   std::vector<float> grouped;
-  if (flipped || winograd || pr.kernel_channels != pr.out_channels) {
-    for (int64_t g = 0; g < groups; ++g)
-      prepared.push_back(PreparedKernel(kp + g * kernel_size, kd[kr - 2], kd[kr - 1], flipped, winograd));
+  if (NeedsPreparation(kd[kr - 2], kd[kr - 1], flipped, winograd)) {
+    if (tokens.element_count() != static_cast<size_t>(groups))
+      return ffi::Error::InvalidArgument("one token per kernel: spgd_prepare_conv3x3_kernel's of this kernel");
+    for (int64_t g = 0; g < groups; ++g) {
+      auto found = Kept(tokens.typed_data()[g]);  // made from this kernel operand's values: no comparison needed
+      if (found == nullptr || found->rows != kd[kr - 2] || found->cols != kd[kr - 1] || found->flipped != flipped ||
+          found->winograd != winograd)
+        found = PreparedKernel(kp + g * kernel_size, kd[kr - 2], kd[kr - 1], flipped, winograd);
+      prepared.push_back(std::move(found));
+    }
     if (groups == 1) {
       kp = prepared[0]->data.data();
     } else {
@@ -408,11 +455,19 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 // Whether this CPU runs the handler's instructions (AVX-512F).
 extern "C" int SpgdDirectConvSupported() { return __builtin_cpu_supports("avx512f") ? 1 : 0; }
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdPrepareConv3x3Kernel, Prepare,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("flipped")
+                                  .Attr<bool>("winograd"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdDirectConv3x3, Conv3x3,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("flipped")
                                   .Attr<bool>("winograd"));

@@ -6,8 +6,12 @@ The handler holds a block of pixels times output channels in vector registers an
 channels straight from the NHWC input (direct), or (the attribute winograd) computes Winograd's F(2x2, 3x3): 16
 channel products per 2x2 output tile in place of 36, between transforms of the input and output tiles.
 spgd_jax/models/adm/_direct.py calls it for float32 3x3 'same' convolutions traced for the CPU whose output
-channels are a multiple of 16, and for their input gradients (the attribute flipped: the handler flips the kernel
-itself and keeps the copy for the next call with the same values); results differ from XLA's by float32 round-off.
+channels are a multiple of 16, and for their input gradients (the attribute flipped: the convolution of the output
+gradient by the kernel flipped in space, its in/out axes swapped). The kernels a convolution needs (flipped, in
+Winograd's form, padded to 16 output channels) are made by a call of their own, spgd_prepare_conv3x3_kernel, which
+keeps them and returns a token per kernel that the convolution takes: it depends on the weights only, so XLA hoists
+it out of a sampler's loops, and the weights are checked and transformed once per call of the program rather than
+at every step. Results differ from XLA's by float32 round-off.
 
 Compiled on first use with the system's C++ compiler (spgd_jax.xla_setup.native_build, once per machine, kept in
 $XDG_CACHE_HOME/spgd-jax/direct-conv-<digest>/). Where it cannot be had (not Linux on x86-64, a CPU without
@@ -21,14 +25,15 @@ from pathlib import Path
 
 from spgd_jax.xla_setup import native_build
 
-__all__ = ["ENV_OFF", "HANDLERS", "TARGET", "fingerprint", "route"]
+__all__ = ["ENV_OFF", "HANDLERS", "PREPARE_TARGET", "TARGET", "fingerprint", "route"]
 
 ENV_OFF = "SPGD_JAX_DIRECT_CONV"
 TARGET = "spgd_direct_conv3x3"
+PREPARE_TARGET = "spgd_prepare_conv3x3_kernel"
 _FOLDER = Path(__file__).parent
 HANDLERS = native_build.Handlers(
     name="direct-conv", source=_FOLDER / "direct_conv.cc", library="libspgd_direct_conv.so",
-    symbols=((TARGET, "SpgdDirectConv3x3"),), env_off=ENV_OFF, flags=("-O3",), headers=(_FOLDER / "native_tasks.h",),
+    symbols=((TARGET, "SpgdDirectConv3x3"), (PREPARE_TARGET, "SpgdPrepareConv3x3Kernel")), env_off=ENV_OFF, flags=("-O3",), headers=(_FOLDER / "native_tasks.h",),
     machines=("x86_64", "AMD64"), supported="SpgdDirectConvSupported")
 
 

@@ -11,10 +11,12 @@ kernel ran the default prior's convolutions 1.4-3.0x faster than XLA's alone at 
 kernel on the 16-64 px ones (benchmarks/results/conv_shapes_cpu-2core-xeon-s25-b1.md, -b4.md).
 Output channels that are not a multiple of 16 (the UNet's RGB output head, and the input gradient of its first
 convolution) are computed in 16s, the extra ones zero and not stored: 5x the multiplies for 3 channels, still
-faster than XLA's convolution at about 25 GFLOP/s on those shapes. The input gradient is the same kind of convolution of the output gradient with the kernel flipped in space and its
-in/out axes swapped, a copy the handler makes (and transforms, for Winograd) and keeps across calls with the same
-kernel values (XLA:CPU would copy it at every step of a sampler's loop); the kernel gradient is lax's (training
-only). Everything else goes to `_conv.conv_general_dilated`.
+faster than XLA's convolution at about 25 GFLOP/s on those shapes. The input gradient is the same kind of
+convolution of the output gradient with the kernel flipped in space and its in/out axes swapped. The flipped and
+transformed kernels are made by a call of their own on the weights alone (xla_setup.direct_conv), which XLA hoists
+out of a sampler's loops: until session 26 every convolution compared its weights with the kept copy, and the
+`cpu-64` preset's sampler ran 1.10x faster at batch 1 without that (in-process A/B, bit-identical outputs). The
+kernel gradient is lax's (training only). Everything else goes to `_conv.conv_general_dilated`.
 jax.vmap batches the call itself (the handler takes leading batch dims of the input and of the kernel).
 Shapes: x (B, H, W, C), kernel (3, 3, C, D) -> (B, H, W, D), float32.
 """
@@ -51,7 +53,9 @@ def _call(x: jax.Array, kernel: jax.Array, flipped: bool, winograd: bool) -> jax
     out_channels = kernel.shape[2] if flipped else kernel.shape[3]
     winograd = winograd and uses_winograd(*x.shape[-3:])
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (out_channels,), jnp.float32)
-    return jax.ffi.ffi_call(direct_conv.TARGET, out, vmap_method="expand_dims")(x, kernel, flipped=flipped,
+    tokens = jax.ffi.ffi_call(direct_conv.PREPARE_TARGET, jax.ShapeDtypeStruct(kernel.shape[:-4], jnp.int32),
+                              vmap_method="expand_dims")(kernel, flipped=flipped, winograd=winograd)
+    return jax.ffi.ffi_call(direct_conv.TARGET, out, vmap_method="expand_dims")(x, kernel, tokens, flipped=flipped,
                                                                                  winograd=winograd)
 
 
