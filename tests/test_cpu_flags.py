@@ -78,9 +78,9 @@ def test_a_plain_import_compiles_the_sampler_with_the_command_lines_settings():
     assert library == probe("cli", env)  # the command line's own call adds nothing: the same XLA settings
     # Only dots go to the library fusions (YNNPACK); convolutions, reductions and element-wise ops stay XLA's.
     assert library == (0, "dot", " ".join(cpu_flags.CPU_FLAGS))
-    # Turned off, XLA:CPU's defaults hand convolutions and more of the same program to its library fusions.
+    # Turned off, XLA:CPU's defaults hand the same program's convolutions to its library fusions too.
     added, roots, flags = probe("library", {**env, cpu_flags.ENV_OFF: "0"})
-    assert (added, flags) == (0, "") and {"dot", "convolution"} < set(roots.split(","))
+    assert (added, flags) == (0, "") and {"dot", "convolution"} <= set(roots.split(","))
 
 
 LATE_IMPORT = """
