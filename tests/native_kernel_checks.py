@@ -1,13 +1,37 @@
-"""Checks shared by the tests of spgd_jax's native CPU kernels: a library of FFI handlers (native_build.Handlers)
-built once into the cache and loaded by the next process, with XLA's own ops where it cannot be had; and a
-convolution handler batched by jax.vmap over images, kernels or both."""
+"""Checks shared by the tests of spgd_jax's native CPU kernels: each test of an op with two routes run on both
+(its kernels and XLA's ops); a library of FFI handlers (native_build.Handlers) built once into the cache and
+loaded by the next process, with XLA's own ops where it cannot be had; and a convolution handler batched by
+jax.vmap over images, kernels or both."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from cli_helpers import fresh_python
+
+
+def needs(module, what: str):
+    """A skip mark for tests of `module`'s kernels (an xla_setup module with route()) where they cannot be had."""
+    return pytest.mark.skipif(not module.route()[0], reason=f"{what} unavailable: {module.route()[1]}")
+
+
+def both_routes(module, what: str):
+    """A fixture that runs each test using it twice: with `module`'s kernels (skipped where they cannot be had) and
+    with XLA's ops (route() patched off); JAX's caches cleared around, as the route is decided when tracing."""
+
+    @pytest.fixture(params=["kernels", "xla"])
+    def route(request, monkeypatch):
+        if request.param == "kernels" and not module.route()[0]:
+            pytest.skip(f"{what} unavailable: {module.route()[1]}")
+        if request.param == "xla":
+            monkeypatch.setattr(module, "route", lambda: (False, "off for this test"))
+        jax.clear_caches()
+        yield request.param
+        jax.clear_caches()
+
+    return route
 
 
 def assert_built_once_with_fallbacks(report: str, handlers, tmp_path) -> None:

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from custom_vjp_checks import assert_matches_plain
-from native_kernel_checks import assert_built_once_with_fallbacks, assert_stored_gradient_reads_back
+from native_kernel_checks import (assert_built_once_with_fallbacks, assert_stored_gradient_reads_back, both_routes,
+                                  needs)
 
 from spgd_jax.models.adm._attention import attention
 from spgd_jax.xla_setup import attention_kernels
@@ -36,20 +37,8 @@ def _inputs(shape, dtype, keys_shape=None, seed=0):
     return (2.0 * q).astype(dtype), k.astype(dtype), v.astype(dtype), weight  # peaked weights: every term matters
 
 
-needs_kernels = pytest.mark.skipif(not attention_kernels.route()[0],
-                                   reason=f"attention kernels unavailable: {attention_kernels.route()[1]}")
-
-
-@pytest.fixture(params=["kernels", "xla"])
-def route(request, monkeypatch):
-    """Each test of both routes runs with the native kernels (where they can be had) and with XLA's ops."""
-    if request.param == "kernels" and not attention_kernels.route()[0]:
-        pytest.skip(f"attention kernels unavailable: {attention_kernels.route()[1]}")
-    if request.param == "xla":
-        monkeypatch.setattr(attention_kernels, "route", lambda: (False, "off for this test"))
-    jax.clear_caches()  # the route is decided when tracing
-    yield request.param
-    jax.clear_caches()
+needs_kernels = needs(attention_kernels, "attention kernels")
+route = both_routes(attention_kernels, "attention kernels")  # each test that takes it: kernels, XLA's ops
 
 
 def _uses_kernels(fn, *args) -> bool:

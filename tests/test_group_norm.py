@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from custom_vjp_checks import assert_matches_plain
-from native_kernel_checks import assert_built_once_with_fallbacks, assert_stored_gradient_reads_back
+from native_kernel_checks import (assert_built_once_with_fallbacks, assert_stored_gradient_reads_back, both_routes,
+                                  needs)
 
 from spgd_jax.models.adm._config import NORM_EPS, NORM_GROUPS
 from spgd_jax.models.adm import _group_norm
@@ -67,20 +68,8 @@ def test_module_has_flax_group_norms_parameters():
 
 # GroupNorm's native CPU kernels (spgd_jax.xla_setup.group_norm_kernels) against XLA's reductions
 
-needs_kernels = pytest.mark.skipif(not group_norm_kernels.route()[0],
-                                   reason=f"GroupNorm kernels unavailable: {group_norm_kernels.route()[1]}")
-
-
-@pytest.fixture(params=["kernels", "xla"])
-def route(request, monkeypatch):
-    """Each GroupNorm test runs with the native kernels (where they can be had) and with XLA's reductions."""
-    if request.param == "kernels" and not group_norm_kernels.route()[0]:
-        pytest.skip(f"GroupNorm kernels unavailable: {group_norm_kernels.route()[1]}")
-    if request.param == "xla":
-        monkeypatch.setattr(group_norm_kernels, "route", lambda: (False, "off for this test"))
-    jax.clear_caches()  # the route is decided when tracing
-    yield request.param
-    jax.clear_caches()
+needs_kernels = needs(group_norm_kernels, "GroupNorm kernels")
+route = both_routes(group_norm_kernels, "GroupNorm kernels")  # each test that takes it: kernels, XLA's reductions
 
 
 def _uses_kernels(fn, *args) -> bool:

@@ -13,8 +13,8 @@
 //       w recomputed as exp(q[t] . k[s] - lse[t]); dw = g v^T; dlogits = w * (dw - sum_c g * out);
 //       dq = dlogits k, dk = dlogits^T q, dv = w^T g
 // Per (image, head): blocks of kRows queries against all the keys (a (kRows, S) block of weights), the products
-// by the register-blocked microkernel of direct_conv.cc's kind (float32 fused multiply-adds, channels or keys in
-// AVX-512 vectors of 16). Each (image, head) is one task on XLA's intra-op threads, its sums in a fixed order, so
+// by the register-blocked microkernel that direct_conv.cc uses too (native_products.h: float32 fused multiply-adds,
+// channels or keys in AVX-512 vectors of 16). Each (image, head) is one task on XLA's intra-op threads, its sums in a fixed order, so
 // results do not depend on the threads.
 #include <immintrin.h>
 
@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "native_products.h"
 #include "native_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -36,20 +37,6 @@ constexpr int64_t kRows = 24;  // queries per block: a (kRows, S) block of weigh
 constexpr int kP = 8;          // rows of the microkernel
 
 int64_t Up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-// acc[p][z] += sum over k < K of x[p * x_stride + k] * y[k * D + 16 z .. + 16].
-template <int NZ>
-__attribute__((target("avx512f"))) inline void Accumulate(__m512 (&acc)[kP][NZ], const float* x, int64_t x_stride,
-                                                           const float* y, int64_t K, int64_t D) {
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 w[NZ];
-    for (int z = 0; z < NZ; ++z) w[z] = _mm512_loadu_ps(y + k * D + 16 * z);
-    for (int p = 0; p < kP; ++p) {
-      __m512 s = _mm512_set1_ps(x[p * x_stride + k]);
-      for (int z = 0; z < NZ; ++z) acc[p][z] = _mm512_fmadd_ps(s, w[z], acc[p][z]);
-    }
-  }
-}
 
 // out[r, :D] = (add ? out[r, :D] : 0) + sum over k < K of x[r, k] y[k, :D], for r < rows. x (rows rounded up to
 // kP, >= K) with rows x_stride apart, all of them readable; y (K, D) row-major; D a multiple of 16; out's rows
@@ -65,7 +52,7 @@ __attribute__((target("avx512f"))) void Columns(const float* x, int64_t x_stride
       for (int z = 0; z < NZ; ++z)
         acc[p][z] = add && p < count ? _mm512_loadu_ps(out + (r0 + p) * out_stride + d0 + 16 * z)
                                      : _mm512_setzero_ps();
-    Accumulate<NZ>(acc, x + r0 * x_stride, x_stride, y + d0, K, D);
+    spgd::Accumulate<NZ, kP>(acc, x + r0 * x_stride, x_stride, y + d0, K, D);
     for (int p = 0; p < count; ++p)
       for (int z = 0; z < NZ; ++z) _mm512_storeu_ps(out + (r0 + p) * out_stride + d0 + 16 * z, acc[p][z]);
   }

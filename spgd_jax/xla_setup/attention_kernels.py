@@ -31,7 +31,7 @@ _FOLDER = Path(__file__).parent
 HANDLERS = native_build.Handlers(
     name="attention", source=_FOLDER / "attention.cc", library="libspgd_attention.so",
     symbols=((FORWARD_TARGET, "SpgdAttentionForward"), (BACKWARD_TARGET, "SpgdAttentionBackward")), env_off=ENV_OFF,
-    flags=("-O3",), headers=(_FOLDER / "native_tasks.h",), machines=("x86_64", "AMD64"),
+    flags=("-O3",), headers=(_FOLDER / "native_tasks.h", _FOLDER / "native_products.h"), machines=("x86_64", "AMD64"),
     supported="SpgdAttentionSupported")
 
 

@@ -44,6 +44,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "native_products.h"
 #include "native_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -56,20 +57,9 @@ struct Problem {
   int64_t kernel_channels;  // the kernel's out channels: out_channels, or (direct) rounded up to 16 with zeros
 };
 
-// acc[p][z] += sum over c < C of x[p * x_stride + c] * k[c * D + 16 z .. + 16]: P pixels times 16 NZ output
-// channels of a (C, D) kernel, the channels ascending.
-template <int NZ, int P>
-__attribute__((target("avx512f"))) inline void Accumulate(__m512 (&acc)[P][NZ], const float* x, int64_t x_stride,
-                                                           const float* k, int64_t C, int64_t D) {
-  for (int64_t c = 0; c < C; ++c) {
-    __m512 w[NZ];
-    for (int z = 0; z < NZ; ++z) w[z] = _mm512_loadu_ps(k + c * D + 16 * z);
-    for (int p = 0; p < P; ++p) {
-      __m512 v = _mm512_set1_ps(x[p * x_stride + c]);
-      for (int z = 0; z < NZ; ++z) acc[p][z] = _mm512_fmadd_ps(v, w[z], acc[p][z]);
-    }
-  }
-}
+// Accumulate<NZ, P>(acc, x, x_stride, k, C, D) (native_products.h): acc[p][z] += sum over c < C of
+// x[p * x_stride + c] * k[c * D + 16 z .. + 16], P pixels times 16 NZ output channels of a (C, D) kernel.
+using spgd::Accumulate;
 
 // out[p * stride + 16 z ..] = acc[p][z] for the first `count` pixels and the first `channels` channels.
 template <int NZ, int P>

@@ -33,8 +33,9 @@ PREPARE_TARGET = "spgd_prepare_conv3x3_kernel"
 _FOLDER = Path(__file__).parent
 HANDLERS = native_build.Handlers(
     name="direct-conv", source=_FOLDER / "direct_conv.cc", library="libspgd_direct_conv.so",
-    symbols=((TARGET, "SpgdDirectConv3x3"), (PREPARE_TARGET, "SpgdPrepareConv3x3Kernel")), env_off=ENV_OFF, flags=("-O3",), headers=(_FOLDER / "native_tasks.h",),
-    machines=("x86_64", "AMD64"), supported="SpgdDirectConvSupported")
+    symbols=((TARGET, "SpgdDirectConv3x3"), (PREPARE_TARGET, "SpgdPrepareConv3x3Kernel")), env_off=ENV_OFF,
+    flags=("-O3",), headers=(_FOLDER / "native_tasks.h", _FOLDER / "native_products.h"), machines=("x86_64", "AMD64"),
+    supported="SpgdDirectConvSupported")
 
 
 def route() -> tuple[bool, str]:
