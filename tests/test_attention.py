@@ -107,6 +107,21 @@ def test_kernels_are_as_accurate_as_xlas_ops_and_do_not_depend_on_threads(monkey
 
 
 @needs_kernels
+def test_non_finite_logits_give_the_nans_xlas_ops_give(monkeypatch):
+    # A diverged run must stay visibly diverged (the samplers freeze images that turn non-finite).
+    q, k, v, g = _inputs((2, 16, 2, 16), jnp.float32, seed=2)
+    q, k = q.at[1, 3, 0, 5].set(jnp.nan), k.at[0, 7, 1, 2].set(jnp.inf)
+    native = jax.jit(_gradients)(q, k, v, g)
+    monkeypatch.setattr(attention_kernels, "route", lambda: (False, "off for this test"))
+    jax.clear_caches()
+    xla = jax.jit(_gradients)(q, k, v, g)
+    jax.clear_caches()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), native, xla):
+        assert np.isnan(b).any() and np.array_equal(np.isnan(a), np.isnan(b)), name
+        np.testing.assert_allclose(np.where(np.isnan(b), 0, a), np.where(np.isnan(b), 0, b), atol=1e-4, err_msg=name)
+
+
+@needs_kernels
 def test_a_wrong_call_of_a_kernel_is_a_clear_error():
     call = jax.ffi.ffi_call(attention_kernels.FORWARD_TARGET, (jax.ShapeDtypeStruct((2, 5, 2, 16), jnp.float32),
                                                                jax.ShapeDtypeStruct((2, 2, 5), jnp.float32)))

@@ -66,9 +66,9 @@ void Gemm(const float* x, int64_t x_stride, int64_t rows, const float* y, int64_
 }
 
 // exp(x) for x <= 0 (larger x are clamped to 88): Cephes' expf, exp(r) 2^n with |r| <= ln 2 / 2, within a few
-// float32 ulps; 0 below -104.
+// float32 ulps; 0 below -104; NaN stays NaN (max and min return their second operand when either is NaN).
 __attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.0f));
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
