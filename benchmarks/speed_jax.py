@@ -297,6 +297,9 @@ class Timings:
             row["run_s"], row["run_s_all"] = min(times), times
             if row["variant"] == "sample" and (row["dtype"], row["batch"]) == preset.profile:
                 self.profile(row, timed_run)
+            if (row["variant"] == "sample" and preset.profile and row["dtype"] == preset.profile[0]
+                    and row["batch"] in preset.profile_batches):
+                self.batch_profile(row, timed_run)
         except Exception as error:  # noqa: BLE001
             row["status"] = "out of memory" if is_oom(error) else f"error: {type(error).__name__}: {error}"
             traceback.print_exc()
@@ -320,6 +323,24 @@ class Timings:
             entry["error"] = f"{type(error).__name__}: {error}"
             traceback.print_exc()
         self.result["profile"] = entry
+
+    def batch_profile(self, row: dict, timed_run) -> None:
+        """One more run under jax.profiler; its op time by kind, per image-NFE, goes to
+        result['batch_profiles'] (a list, one entry per profiled batch; the trace is not kept)."""
+        folder = self.work / "batch_profile"
+        shutil.rmtree(folder, ignore_errors=True)
+        image_nfe = row["batch"] * self.preset.timed_steps * self.preset.warmup
+        entry = {"dtype": row["dtype"], "batch": row["batch"], "image_nfe": image_nfe}
+        try:
+            with jax.profiler.trace(str(folder), create_perfetto_trace=True):
+                timed_run()
+            summary = trace_summary.summarize(next(folder.rglob("perfetto_trace.json.gz")))
+            entry["ms_per_image_nfe"] = {k["kind"]: k["ms"] / image_nfe for k in summary["kinds"]}
+        except Exception as error:  # noqa: BLE001  (a profile is extra; the timings stand without it)
+            entry["error"] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+        shutil.rmtree(folder, ignore_errors=True)
+        self.result.setdefault("batch_profiles", []).append(entry)
 
     def record(self, row: dict) -> None:
         self.result["rows"].append(row)

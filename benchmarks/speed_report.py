@@ -185,6 +185,7 @@ def report(preset_name: str, preset: Preset, work: Path, out: Path, label: str |
         "rows": rows,
         "roofline": roofline_summary(preset, ji, rows),
         "profile": profile,
+        "batch_profiles": jax_result.get("batch_profiles", []),
         "targets": targets,
         "goals_device": preset.goals_device,
         "skipped": torch_result["skipped"] + jax_result["skipped"],
@@ -209,6 +210,8 @@ def markdown(s: dict) -> str:
     lines += roofline_markdown(s["roofline"], s["work"])
     if s.get("profile"):
         lines += profile_markdown(s["profile"])
+    if s.get("batch_profiles"):
+        lines += batch_profiles_markdown(s["batch_profiles"])
     if s["skipped"]:
         lines += ["", "Skipped: " + "; ".join(s["skipped"]) + "."]
     if s["notes"]:
@@ -326,6 +329,24 @@ def profile_markdown(p: dict) -> list[str]:
               f"trace `{p['trace']}`), summarised by `benchmarks/trace_summary.py` from the "
               f"{p['summary']['source']}'s op executions.", ""]
     return lines + trace_summary.markdown_lines(p["summary"])
+
+
+def batch_profiles_markdown(profiles: list[dict]) -> list[str]:
+    """Op time per image-NFE by kind of op (rows) and batch (columns), from one profiled run per batch: what a
+    larger batch saves per image, and what it costs."""
+    done = sorted((p for p in profiles if "ms_per_image_nfe" in p), key=lambda p: p["batch"])
+    lines = ["", f"## Op time per image-NFE by batch ({profiles[0]['dtype']})", ""]
+    failed = [f"batch {p['batch']}: {p['error']}" for p in profiles if "error" in p]
+    if not done:
+        return lines + ["No profile: " + "; ".join(failed) + "."]
+    kinds = sorted({k for p in done for k in p["ms_per_image_nfe"]}, key=lambda k: -done[-1]["ms_per_image_nfe"].get(k, 0))
+    lines += ["One more run of each sampler row under `jax.profiler`; ms of op time (each op's time includes the idle "
+              "time after it) per image and network evaluation (forward + input gradient).", "",
+              "| kind | " + " | ".join(f"batch {p['batch']}" for p in done) + " |", "|---|" + "---:|" * len(done)]
+    for kind in kinds:
+        lines.append(f"| {kind} | " + " | ".join(f"{p['ms_per_image_nfe'].get(kind, 0.0):.2f}" for p in done) + " |")
+    lines.append("| all | " + " | ".join(f"{sum(p['ms_per_image_nfe'].values()):.2f}" for p in done) + " |")
+    return lines + ([""] + ["No profile at " + "; ".join(failed) + "."] if failed else [])
 
 
 def _flop(count: float) -> str:

@@ -80,6 +80,9 @@ class Preset:
     # (dtype, batch) of the sampler row to profile once more after its timing (jax.profiler trace,
     # summarised by benchmarks/trace_summary.py); None: no profile.
     profile: tuple[str, int] | None = None
+    # Batches of the profile's dtype whose sampler rows are profiled too, for the report's table of op time per
+    # image-NFE by kind of op and batch (what batching saves, and what it costs as activations outgrow caches).
+    profile_batches: tuple[int, ...] = ()
     notes: tuple[str, ...] = ()
     # (batch, goal): issue 15's targets, JAX images/s over the PyTorch reference's, on a goals_device backend
     speedup_goals: tuple[tuple[int, float], ...] = ((1, 5.0), (16, 3.0))
@@ -128,13 +131,15 @@ PRESETS = {
         unet=CPU64, steps=20, warmup=5, timed_steps=4, batches=(1, 2, 4, 8),
         dtypes=("float32", "float32-bf16conv"), torch_batches=(1, 2, 4, 8),
         torch_variants=("reference", "tuned", "tuned-bf16"), ceiling=(("float32", 4),), profile=("float32", 4), notes=(CPU_NOTE, CPU64_NOTE),
+        profile_batches=(1, 2, 4, 8),
         speedup_goals=((1, 2.0), (4, 2.0)), goals_device="cpu",
     ),
     "cpu-default64": Preset(
         description="CPU, the default 64 px prior's UNet (random weights), T=20, N=5, the CPU's default threads",
         unet=DEFAULT64, steps=20, warmup=5, timed_steps=4, batches=(1, 2, 4, 8),
         dtypes=("float32", "bfloat16", "float32-bf16conv"), torch_batches=(1, 4),
-        torch_variants=("reference", "tuned-bf16"), ceiling=(("float32", 4),), notes=(CPU_NOTE,),
+        torch_variants=("reference", "tuned-bf16"), ceiling=(("float32", 4),), profile=("float32", 4),
+        profile_batches=(1, 2, 4, 8), notes=(CPU_NOTE,),
         speedup_goals=((1, 2.0), (4, 2.0)), goals_device="cpu",
     ),
     "gpu-ffhq256": Preset(

@@ -7,8 +7,9 @@ Op executions: on a GPU, the events of the device processes (``/device:GPU:0``: 
 named by their ``hlo_op`` argument where the trace gives one, else by the kernel; the profiler's
 derived summary lines such as "XLA Ops" are skipped so nothing counts twice); on a CPU, the
 XLA:CPU thunks (the host events whose args name an ``hlo_op``). They are grouped by kind
-(convolution, matmul, reduction, copy/transpose, elementwise fusion, other) from the HLO op and
-kernel names, and the busy time (the union of the op intervals) is compared with the span from
+(convolution, matmul, reduction, copy/transpose, library fusion, native kernel (spgd_jax's FFI
+handlers), elementwise fusion, other) from the HLO op and kernel names, and the busy time (the
+union of the op intervals) is compared with the span from
 the first op's start to the last op's end: the gap is time the device waited (launches, host
 work, synchronisation). On a CPU an op's time also counts the idle time after it, until the next
 op starts: XLA:CPU runs convolutions (Eigen) and library dots asynchronously, so their thunk's
@@ -31,6 +32,7 @@ KINDS = (
     ("reduction", ("reduce", "softmax", "norm")),
     ("copy/transpose", ("copy", "transpose", "memcpy", "memset", "dynamic-update-slice", "dynamic_update_slice")),
     ("library fusion (XNNPACK/YNNPACK on CPU)", ("ynn_fusion", "xnn_fusion")),
+    ("native kernel (FFI custom call)", ("ffi_call", "custom-call", "custom_call")),
     ("elementwise fusion", ("fusion", "loop_", "wrapped_")),
 )
 TOP_OPS = 12

@@ -10,6 +10,7 @@ import gzip
 import os
 import sys
 import json
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +152,33 @@ def test_trace_summary_of_a_real_profile(tmp_path):
     assert sum(k["fraction"] for k in s["kinds"]) == pytest.approx(1.0)
 
 
+def test_native_kernels_have_a_kind_of_their_own_and_gpu_custom_calls_keep_theirs():
+    assert trace_summary.op_kind("ffi_call.12", "ffi_call.12") == "native kernel (FFI custom call)"
+    assert trace_summary.op_kind("sm90_xmma_fprop_implicit_gemm", "custom-call.3") == "convolution"
+    assert trace_summary.op_kind("ampere_sgemm_128x64", "custom-call.4") == "matmul"
+
+
+def test_batch_profile_gives_op_time_per_image_nfe_by_kind(tmp_path):
+    preset = speed_setup.PRESETS["cpu-64"]  # timed 4 outer steps x N=5
+    f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+    x = jnp.ones((64, 64))
+    f(x).block_until_ready()
+    timings = SimpleNamespace(work=tmp_path, preset=preset, result={})
+    speed_jax.Timings.batch_profile(timings, {"dtype": "float32", "batch": 2}, lambda: f(x).block_until_ready())
+
+    def broken():
+        raise RuntimeError("no run")
+
+    speed_jax.Timings.batch_profile(timings, {"dtype": "float32", "batch": 4}, broken)
+    done, failed = timings.result["batch_profiles"]
+    assert done["image_nfe"] == 2 * 4 * 5 and sum(done["ms_per_image_nfe"].values()) > 0
+    assert failed["error"] == "RuntimeError: no run" and not (tmp_path / "batch_profile").exists()
+    lines = speed_report.batch_profiles_markdown([failed, done])
+    assert "| kind | batch 2 |" in lines and lines[-1] == "No profile at batch 4: RuntimeError: no run."
+    total = next(line for line in lines if line.startswith("| all |"))
+    assert float(total.split("|")[2]) == pytest.approx(sum(done["ms_per_image_nfe"].values()), abs=0.01)
+
+
 def test_roofline_counts_and_peaks():
     m, k, n = 8, 16, 4
     lowered = jax.jit(lambda a, b: a @ b).lower(jnp.ones((m, k)), jnp.ones((k, n)))
@@ -261,8 +289,16 @@ def test_cpu_report_checks_batch_scaling_the_fastest_torch_and_the_measured_peak
             "peaks": None, "cpu_matmul_gflops": peaks}
     speed_setup.write_json(work / "torch.json", {"info": dict(speed_report._INFO_STUBS["torch"], host=host), "rows": torch_rows,
                                            "xcheck": {}, "skipped": []})
-    speed_setup.write_json(work / "jax.json", {"info": info, "rows": jax_rows, "xcheck": {}, "skipped": []})
-    s = json.loads(speed_report.report("cpu-64", preset, work, out, "cpu-test").with_suffix(".json").read_text())
+    profiles = [{"dtype": "float32", "batch": b, "image_nfe": 20 * b,
+                 "ms_per_image_nfe": {"native kernel (FFI custom call)": 10.0, "elementwise fusion": 3.0 + b / 4}}
+                for b in (8, 1)]
+    speed_setup.write_json(work / "jax.json", {"info": info, "rows": jax_rows, "xcheck": {}, "skipped": [],
+                                               "batch_profiles": profiles})
+    stem = speed_report.report("cpu-64", preset, work, out, "cpu-test")
+    md = stem.with_suffix(".md").read_text()
+    assert ("| kind | batch 1 | batch 8 |\n|---|---:|---:|\n| native kernel (FFI custom call) | 10.00 | 10.00 |\n"
+            "| elementwise fusion | 3.25 | 5.00 |\n| all | 13.25 | 15.00 |") in md
+    s = json.loads(stem.with_suffix(".json").read_text())
     b4 = next(r for r in s["rows"] if r["framework"] == "jax" and r["dtype"] == "float32" and r["batch"] == 4)
     assert b4["speedup_vs_torch_fastest"] == pytest.approx(5.0 / 4.0)  # tuned-bf16 is the fastest at batch 4
     assert b4["fraction_of_peak"] == pytest.approx(b4["tflops"] / 0.230)  # float32: the faster framework's peak
