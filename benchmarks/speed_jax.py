@@ -193,6 +193,16 @@ def xla_ops_only():
         jax.clear_caches()
 
 
+def _traced(folder: Path, timed_run) -> tuple[float, Path]:
+    """timed_run() once more under jax.profiler, its trace written below `folder` (emptied first): the seconds it
+    took with the profiler on, and the Perfetto trace's path."""
+    shutil.rmtree(folder, ignore_errors=True)
+    start = time.perf_counter()
+    with jax.profiler.trace(str(folder), create_perfetto_trace=True):
+        timed_run()
+    return time.perf_counter() - start, next(folder.rglob("perfetto_trace.json.gz"))
+
+
 class Timings:
     """The timed rows: one ahead-of-time compiled program per (dtype, batch, variant), the UNet params passed
     as arguments. result (work/jax.json, rewritten after each row) gathers the rows, the profile and what
@@ -307,15 +317,9 @@ class Timings:
     def profile(self, row: dict, timed_run) -> None:
         """One more run under jax.profiler; the trace's summary goes to result['profile'], the trace beside
         jax.json (perfetto_trace.json.gz)."""
-        folder = self.work / "profile"
-        shutil.rmtree(folder, ignore_errors=True)
         entry = {"dtype": row["dtype"], "batch": row["batch"], "outer_steps": self.preset.timed_steps}
         try:
-            start = time.perf_counter()
-            with jax.profiler.trace(str(folder), create_perfetto_trace=True):
-                timed_run()
-            entry["run_s"] = time.perf_counter() - start
-            trace = next(folder.rglob("perfetto_trace.json.gz"))
+            entry["run_s"], trace = _traced(self.work / "profile", timed_run)
             entry["summary"] = trace_summary.summarize(trace)
             shutil.copy(trace, self.work / "perfetto_trace.json.gz")
             entry["trace"] = "perfetto_trace.json.gz"
@@ -327,14 +331,11 @@ class Timings:
     def batch_profile(self, row: dict, timed_run) -> None:
         """One more run under jax.profiler; its op time by kind, per image-NFE, goes to
         result['batch_profiles'] (a list, one entry per profiled batch; the trace is not kept)."""
-        folder = self.work / "batch_profile"
-        shutil.rmtree(folder, ignore_errors=True)
         image_nfe = row["batch"] * self.preset.timed_steps * self.preset.warmup
         entry = {"dtype": row["dtype"], "batch": row["batch"], "image_nfe": image_nfe}
+        folder = self.work / "batch_profile"
         try:
-            with jax.profiler.trace(str(folder), create_perfetto_trace=True):
-                timed_run()
-            summary = trace_summary.summarize(next(folder.rglob("perfetto_trace.json.gz")))
+            summary = trace_summary.summarize(_traced(folder, timed_run)[1])
             entry["ms_per_image_nfe"] = {k["kind"]: k["ms"] / image_nfe for k in summary["kinds"]}
         except Exception as error:  # noqa: BLE001  (a profile is extra; the timings stand without it)
             entry["error"] = f"{type(error).__name__}: {error}"

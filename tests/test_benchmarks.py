@@ -158,7 +158,7 @@ def test_native_kernels_have_a_kind_of_their_own_and_gpu_custom_calls_keep_their
     assert trace_summary.op_kind("ampere_sgemm_128x64", "custom-call.4") == "matmul"
 
 
-def test_batch_profile_gives_op_time_per_image_nfe_by_kind(tmp_path):
+def test_profiles_give_a_trace_and_op_time_per_image_nfe_by_kind(tmp_path):
     preset = speed_setup.PRESETS["cpu-64"]  # timed 4 outer steps x N=5
     f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
     x = jnp.ones((64, 64))
@@ -170,6 +170,8 @@ def test_batch_profile_gives_op_time_per_image_nfe_by_kind(tmp_path):
         raise RuntimeError("no run")
 
     speed_jax.Timings.batch_profile(timings, {"dtype": "float32", "batch": 4}, broken)
+    speed_jax.Timings.profile(timings, {"dtype": "float32", "batch": 2}, lambda: f(x).block_until_ready())
+    assert timings.result["profile"]["summary"]["ops"] >= 1 and (tmp_path / timings.result["profile"]["trace"]).is_file()
     done, failed = timings.result["batch_profiles"]
     assert done["image_nfe"] == 2 * 4 * 5 and sum(done["ms_per_image_nfe"].values()) > 0
     assert failed["error"] == "RuntimeError: no run" and not (tmp_path / "batch_profile").exists()
