@@ -16,8 +16,8 @@ import pytest
 from native_kernel_checks import assert_built_once_with_fallbacks, assert_conv_vmaps, assert_stored_gradient_reads_back
 from jax import lax
 
-from spgd_jax.models.adm import _conv, _direct, _onednn
-from spgd_jax.xla_setup import direct_conv
+from spgd_jax.models.adm import _conv, _direct, _onednn, _winograd
+from spgd_jax.xla_setup import direct_conv, onednn
 
 needs_kernel = pytest.mark.skipif(not direct_conv.route()[0], reason=f"no direct kernel: {direct_conv.route()[1]}")
 
@@ -155,6 +155,84 @@ def test_runs_inside_scan_and_an_empty_batch(name):
     np.testing.assert_array_equal(conv(x[..., :0], kernel[:, :, :0]), jnp.zeros((b, h, w, 16)))
 
 
+needs_bf16_products = pytest.mark.skipif(not direct_conv.bf16_products()[0],
+                                         reason=f"no bfloat16 products: {direct_conv.bf16_products()[1]}")
+
+
+def _bfloat16_winograd(x, kernel):
+    """Winograd's F(2x2, 3x3) in JAX with its transformed operands rounded to bfloat16 and float32 sums (the
+    bfloat16 route of spgd_jax/models/adm/_winograd.py), with the flipped-kernel input gradient."""
+    return _winograd._winograd(x, kernel, jnp.bfloat16)
+
+
+@needs_bf16_products
+@pytest.mark.parametrize("shape", WINOGRAD_SHAPES)
+def test_bfloat16_products_are_winograds_with_its_operands_rounded_to_bfloat16(shape):
+    x, kernel = _inputs(shape, seed=9)
+    got = jax.jit(_direct.winograd_bfloat16_conv3x3)(x, kernel)
+    assert got.dtype == jnp.float32 and got.shape == shape[:3] + (shape[4],)
+    # The same roundings as the JAX transcription; the sums in another order (float32 round-off).
+    np.testing.assert_allclose(got, _bfloat16_winograd(x, kernel), rtol=0, atol=2e-6 * np.sqrt(9 * shape[3]))
+    # bfloat16's error, not float32's: a thousand times the float32 kernel's.
+    error = np.abs(np.asarray(got) - _float64(x, kernel)).max()
+    assert 1e3 * np.abs(np.asarray(_direct.winograd_float32_conv3x3(x, kernel)) - _float64(x, kernel)).max() < error
+    assert error < 2 ** -7 * np.abs(_float64(x, kernel)).max()
+
+
+@needs_bf16_products
+def test_bfloat16_products_leave_the_shapes_winograd_cannot_take_to_float32_direct_sums():
+    for shape in DIRECT_SHAPES[:4]:
+        x, kernel = _inputs(shape, seed=10)
+        np.testing.assert_array_equal(_direct.winograd_bfloat16_conv3x3(x, kernel), _direct.direct_conv3x3(x, kernel))
+
+
+@needs_bf16_products
+def test_bfloat16_products_gradients_vmap_and_a_kernel_that_changes():
+    x, kernel = _inputs(SIZES["winograd"] + (16, 32), seed=11)
+    weights = jax.random.normal(jax.random.key(12), SIZES["winograd"] + (32,))
+    loss = lambda conv: lambda x: jnp.sum(jnp.sin(conv(x, kernel)) * weights)  # noqa: E731
+    reference = _conv.with_same_3x3_gradient(_bfloat16_winograd)
+    np.testing.assert_allclose(jax.grad(loss(_direct.winograd_bfloat16_conv3x3))(x), jax.grad(loss(reference))(x),
+                               rtol=1e-5, atol=1e-6)
+    assert_conv_vmaps(_direct.winograd_bfloat16_conv3x3, *_inputs(SIZES["winograd"] + (16, 16), seed=13))
+    # A kernel prepared in bfloat16 pairs is not the float32 kernel's preparation, nor that of other values.
+    step = jax.jit(lambda x, k: lax.fori_loop(0, 3, lambda _, c: (jnp.tanh(_direct.winograd_bfloat16_conv3x3(
+        _direct.winograd_float32_conv3x3(c[0], c[1]), c[1])), c[1] * 0.5), (x, k))[0])
+    plain = lambda x, k: lax.fori_loop(0, 3, lambda _, c: (jnp.tanh(reference(  # noqa: E731
+        _direct.winograd_float32_conv3x3(c[0], c[1]), c[1])), c[1] * 0.5), (x, k))[0]
+    kernel = _inputs(SIZES["winograd"] + (16, 16), seed=14)[1]
+    np.testing.assert_allclose(step(x[..., :16], kernel), plain(x[..., :16], kernel), rtol=1e-5, atol=1e-5)
+
+
+def test_float32_convolutions_at_bfloat16_precision_take_one_route(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_direct, "winograd_bfloat16_conv3x3", lambda x, k: calls.append("native") or _lax(x, k))
+    monkeypatch.setattr(_onednn, "onednn_conv3x3", lambda x, k: calls.append("onednn") or _lax(x, k))
+    x, kernel = _inputs((1, 8, 8, 16, 16))
+    conv = lambda x, k: _onednn.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),  # noqa: E731
+                                                     dimension_numbers=_conv.NHWC, precision="bfloat16")
+    for native, amx, onednn_target, expected in [(True, False, "o", "native"), (True, True, "o", "onednn"),
+                                                 (False, False, "o", "onednn"), (False, False, None, None)]:
+        monkeypatch.setattr(direct_conv, "bf16_products", lambda native=native: (native, "stand-in"))
+        monkeypatch.setattr(onednn, "uses_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(onednn, "conv_target", lambda target=onednn_target: target)
+        calls.clear()
+        conv(x, kernel)
+        assert calls == ([expected] if expected else [])
+        assert _onednn.float32_target() == {"native": direct_conv.TARGET, "onednn": "o", None: None}[expected]
+    # bfloat16 networks stay with oneDNN.
+    monkeypatch.setattr(direct_conv, "bf16_products", lambda: (True, "stand-in"))
+    monkeypatch.setattr(onednn, "conv_target", lambda: "o")
+    calls.clear()
+    conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    assert calls == ["onednn"]
+    # Where the CPU lacks the instructions, a direct call says so.
+    monkeypatch.setattr(direct_conv, "bf16_products", lambda: (False, "this CPU lacks AVX512-BF16"))
+    with pytest.raises(RuntimeError, match=r"bfloat16-product convolution kernel is not available here \(this CPU "
+                                           r"lacks AVX512-BF16\)"):
+        _direct._checked_call("winograd_bfloat16_conv3x3", x, kernel, winograd=True, bf16_products=True)
+
+
 def test_wrong_inputs_are_clear_errors(monkeypatch):
     x, kernel = _inputs((1, 8, 8, 4, 16))
     with pytest.raises(TypeError, match="float32 x and kernel, got bfloat16 and float32"):
@@ -175,23 +253,28 @@ def test_a_wrong_call_of_the_handler_is_a_clear_error():
     token = jnp.zeros((), jnp.int32)
     with pytest.raises(Exception, match="3x3 'same' convolution"):
         jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), token, flipped=False,
-                                   winograd=False))
+                                   winograd=False, bf16_products=False))
     with pytest.raises(Exception, match="3x3 'same' convolution"):  # flipped: the kernel is (3, 3, out, in)
         jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), token, flipped=True,
-                                   winograd=False))
+                                   winograd=False, bf16_products=False))
     with pytest.raises(Exception, match="winograd needs an even height and width and in channels a multiple of 16"):
         jax.block_until_ready(call(jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 8, 16)), token, flipped=False,
-                                   winograd=True))
+                                   winograd=True, bf16_products=False))
     with pytest.raises(Exception, match="one token per kernel"):
         jax.block_until_ready(call(jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 16, 16)), jnp.zeros(2, jnp.int32),
-                                   flipped=True, winograd=False))
+                                   flipped=True, winograd=False, bf16_products=False))
     call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 5, 4, 16), jnp.float32))
     with pytest.raises(Exception, match="winograd needs an even height"):
         jax.block_until_ready(call(jnp.ones((1, 5, 4, 16)), jnp.ones((3, 3, 16, 16)), token, flipped=False,
-                                   winograd=True))
+                                   winograd=True, bf16_products=False))
     prepare = jax.ffi.ffi_call(direct_conv.PREPARE_TARGET, jax.ShapeDtypeStruct((), jnp.int32))
     with pytest.raises(Exception, match=r"spgd_prepare_conv3x3_kernel: the kernel is not \(..., 3, 3, in, out\)"):
-        jax.block_until_ready(prepare(jnp.ones((3, 2, 16, 16)), flipped=True, winograd=False))
+        jax.block_until_ready(prepare(jnp.ones((3, 2, 16, 16)), flipped=True, winograd=False, bf16_products=False))
+    with pytest.raises(Exception, match="bfloat16 products are Winograd's only"):
+        jax.block_until_ready(prepare(jnp.ones((3, 3, 16, 16)), flipped=False, winograd=False, bf16_products=True))
+    with pytest.raises(Exception, match="bfloat16 products are Winograd's only"):
+        jax.block_until_ready(call(jnp.ones((1, 5, 4, 16)), jnp.ones((3, 3, 16, 16)), token, flipped=False,
+                                   winograd=False, bf16_products=True))
 
 
 @needs_kernel
@@ -203,7 +286,7 @@ def test_a_token_whose_kernel_is_no_longer_kept_prepares_it_again(flipped, winog
     call = jax.ffi.ffi_call(direct_conv.TARGET, out)
     expected = _direct._call(x, kernel, flipped, winograd)
     for token in (-1, 0, 2**31 - 1):  # no preparation has these tokens
-        got = call(x, kernel, jnp.array(token, jnp.int32), flipped=flipped, winograd=winograd)
+        got = call(x, kernel, jnp.array(token, jnp.int32), flipped=flipped, winograd=winograd, bf16_products=False)
         np.testing.assert_array_equal(got, expected)
 
 

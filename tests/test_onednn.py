@@ -13,7 +13,7 @@ from native_kernel_checks import assert_conv_vmaps
 from jax import lax
 
 from spgd_jax.models.adm import _conv, _direct, _onednn, _winograd
-from spgd_jax.xla_setup import onednn
+from spgd_jax.xla_setup import direct_conv, onednn
 
 pytestmark = pytest.mark.skipif(onednn.conv_target() is None, reason=f"oneDNN unavailable: {onednn.route()[1]}")
 
@@ -152,6 +152,7 @@ def test_only_bfloat16_same_3x3_convolutions_on_the_cpu_take_the_route(monkeypat
 
 def test_float32_takes_the_route_only_at_bfloat16_precision(monkeypatch):
     calls = []
+    monkeypatch.setattr(direct_conv, "bf16_products", lambda: (False, "off for this test"))  # oneDNN's route, not ours
     monkeypatch.setattr(_onednn, "onednn_conv3x3", lambda x, k: calls.append(x.dtype) or _plain(x, k))
     x, kernel = (a.astype(jnp.float32) for a in _inputs((1, 8, 8, 4, 4)))
     conv = lambda x, k, **kw: _onednn.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
@@ -188,10 +189,12 @@ def test_bfloat16_precision_unet_is_close_to_float32_and_retraced():
     with jax.default_matmul_precision("bfloat16"):
         rounded = forward(params, x)  # the same jitted function, traced again under the new precision
         text = forward.lower(params, x).as_text()
-    assert onednn.TARGET in text
+    target = _onednn.float32_target()  # oneDNN's, or spgd_jax's Winograd kernel with bfloat16 products
+    assert f"@{target}(" in text and ("bf16_products = true" in text) == (target == direct_conv.TARGET)
     assert 1e-5 < _rel(rounded, plain) < 2e-2
     np.testing.assert_array_equal(forward(params, x), plain)  # and back: float32 bit for bit
-    assert onednn.TARGET not in forward.lower(params, x).as_text()
+    assert "bf16_products = true" not in (plain_text := forward.lower(params, x).as_text())
+    assert onednn.TARGET not in plain_text
 
 
 _REPORT = """

@@ -56,7 +56,7 @@ def test_program_sweep_equals_the_public_sampler_at_each_value():
 
 
 def test_program_with_bfloat16_convolutions_is_the_public_sampler_at_that_precision():
-    from spgd_jax.xla_setup import onednn
+    from spgd_jax.models.adm import _onednn
 
     params = _params()
     x = np.clip(np.random.default_rng(1).normal(0, 0.5, (2, 16, 16, 3)), -1, 1).astype(np.float32)
@@ -68,7 +68,7 @@ def test_program_with_bfloat16_convolutions_is_the_public_sampler_at_that_precis
     with jax.default_matmul_precision("bfloat16"):
         one = sample(make_denoiser(CONFIG, params), operator.forward, y, keys, config, op_params, x_shape=(16, 16, 3))
     np.testing.assert_allclose(rounded, one.x, rtol=1e-4, atol=2e-6 * np.abs(one.x).max())
-    if onednn.conv_target() is not None:  # elsewhere the precision changes nothing on the CPU
+    if _onednn.float32_target() is not None:  # elsewhere the precision changes nothing on the CPU
         assert not np.allclose(rounded, plain, rtol=1e-4, atol=2e-6 * np.abs(plain).max())
 
 

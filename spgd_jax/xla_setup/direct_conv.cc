@@ -8,8 +8,8 @@
 //   tokens (...)               int32, from spgd_prepare_conv3x3_kernel of the same kernel (below)
 // With the attribute flipped, the call computes the input gradient of the convolution by `kernel`: kernel is then
 // (..., 3, 3, D, C), and the convolution's is that kernel flipped in space with its in/out axes swapped.
-// spgd_prepare_conv3x3_kernel(kernel, flipped, winograd) -> tokens prepares the kernels a convolution needs (flipped,
-// in Winograd's form, its out channels padded to 16s), keeps them (up to kMaxKept), and returns one token per
+// spgd_prepare_conv3x3_kernel(kernel, flipped, winograd, bf16_products) -> tokens prepares the kernels a convolution
+// needs (flipped, in Winograd's form, its out channels padded to 16s), keeps them (up to kMaxKept), and returns one token per
 // kernel (0 where the kernel is used as it is). A kept preparation is found again by the next preparation of the
 // same kernel values (address, shape and a comparison of the values), or by its token: the convolution takes the
 // tokens of its own kernel operand, so it needs no comparison, and where a token's preparation is gone it
@@ -30,6 +30,10 @@
 // the 9 taps' (pixels, C) x (C, D) for 4 output pixels, 2.25x fewer multiplies. The transforms' coefficients are 0,
 // +-1 and +-1/2, so the result is the convolution to float32 round-off, as the direct sums are (in tests, closer to
 // float64's).
+// Winograd with the attribute bf16_products (CPUs with AVX512-BF16: SpgdBf16ProductsSupported): the transformed
+// tiles B^T d B and kernels G g G^T are rounded to bfloat16 (to nearest even) before the 16 products, which sum in
+// float32 two input channels per instruction (AVX512-BF16's dot of pairs); the transforms stay float32. The error
+// is then bfloat16's, that of `jax.default_matmul_precision("bfloat16")`, for about half the products' time.
 // The work (rows, or tiles) is split into tasks on XLA's intra-op threads; every sum is computed by one thread in
 // the same order, so results do not depend on the threads.
 #include <immintrin.h>
@@ -228,27 +232,37 @@ __attribute__((target("avx512f"))) void OutputTile(const float* m, int64_t D, in
 }
 
 // m[(s * 16 + e) * KD ..] = v[(s * 16 + e) * C ..] (C) x u[e] (C, KD) for the 16 slices e and the tiles s < count
-// (blocks of P tiles; the last block's extra rows of v are read, their products not stored).
-template <int NZ, int P>
-__attribute__((target("avx512f"))) void TileProducts(const float* v, const float* u, float* m, int count,
-                                                      const Problem& pr) {
+// (blocks of P tiles; the last block's extra rows of v are read, their products not stored). T: float, or uint16_t
+// for bfloat16 operands, u[e] then in Accumulate's pair layout (C / 2, KD, 2). The bfloat16 instructions are
+// called only where T is uint16_t (and the CPU has them: SpgdBf16ProductsSupported).
+template <int NZ, int P, class T>
+__attribute__((target("avx512f,avx512bf16"))) void TileProducts(const T* v, const T* u, float* m, int count,
+                                                                 const Problem& pr) {
   const int64_t C = pr.in_channels, KD = pr.kernel_channels;
+  constexpr int64_t kLanes = std::is_same_v<T, uint16_t> ? 2 : 1;  // u's values per output channel
   for (int e = 0; e < 16; ++e)
     for (int p0 = 0; p0 < count; p0 += P)
       for (int64_t d0 = 0; d0 < KD; d0 += 16 * NZ) {
         __m512 acc[P][NZ];
         for (int p = 0; p < P; ++p)
           for (int z = 0; z < NZ; ++z) acc[p][z] = _mm512_setzero_ps();
-        Accumulate<NZ, P>(acc, v + (p0 * 16 + e) * C, 16 * C, u + e * C * KD + d0, C, KD);
+        Accumulate<NZ, P>(acc, v + (p0 * 16 + e) * C, 16 * C, u + e * C * KD + kLanes * d0, C, KD);
         Store<NZ, P>(acc, m + (p0 * 16 + e) * KD + d0, 16 * KD, std::min(P, count - p0));
       }
 }
 
+// out[i] = v[i] rounded to bfloat16 (to nearest even, as uint16_t bits) for i < n, n a multiple of 16.
+__attribute__((target("avx512f,avx512bf16"))) void RoundToBfloat16(const float* v, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + i)));
+}
+
 // Tiles are numbered over images, tile rows and tile columns. A chunk of up to `chunk` consecutive tiles of one
 // kernel group is transformed into v (chunk, 16, C), multiplied slice by slice with u (16, C, KD) into m (chunk,
-// 16, KD) and transformed back into out.
-template <int NZ, int P>
-void WinogradTiles(ffi::ThreadPool pool, const float* x, const float* u, float* out, const Batch& b,
+// 16, KD) and transformed back into out. T: the products' operands, float or uint16_t (bfloat16: v is rounded to
+// bfloat16 before the products, u comes so).
+template <int NZ, int P, class T>
+void WinogradTiles(ffi::ThreadPool pool, const float* x, const T* u, float* out, const Batch& b,
                    const Problem& pr) {
   const int64_t C = pr.in_channels, D = pr.out_channels, KD = pr.kernel_channels, W = pr.width;
   const int64_t tile_cols = W / 2, per_image = pr.height / 2 * tile_cols, tiles = b.images * per_image;
@@ -258,8 +272,10 @@ void WinogradTiles(ffi::ThreadPool pool, const float* x, const float* u, float* 
   const int64_t tasks = Tasks(32.0 * tiles * C * KD, std::max<int64_t>(1, tiles / kMinTaskTiles));
   spgd::RunTasks(pool, tasks, [=](int64_t task) {
     thread_local std::vector<float> v, m;
+    thread_local std::vector<uint16_t> v16;
     v.resize(std::max<size_t>(v.size(), 16 * chunk * C));
     m.resize(std::max<size_t>(m.size(), 16 * chunk * KD));
+    if constexpr (std::is_same_v<T, uint16_t>) v16.resize(std::max<size_t>(v16.size(), 16 * chunk * C));
     for (int64_t t = tiles * task / tasks, end = tiles * (task + 1) / tasks; t < end;) {
       const int64_t group = t / per_image / b.n;
       const int64_t stop = std::min({t + chunk, end, (group + 1) * b.n * per_image});
@@ -269,7 +285,14 @@ void WinogradTiles(ffi::ThreadPool pool, const float* x, const float* u, float* 
         InputTile(x + b.Input(image) * image_in, 2 * (tile / tile_cols) - 1, 2 * (tile % tile_cols) - 1, pr,
                   v.data() + s * 16 * C);
       }
-      TileProducts<NZ, P>(v.data(), u + group * 16 * C * KD, m.data(), count, pr);
+      const T* operands;
+      if constexpr (std::is_same_v<T, uint16_t>) {
+        RoundToBfloat16(v.data(), v16.data(), 16 * count * C);
+        operands = v16.data();
+      } else {
+        operands = v.data();
+      }
+      TileProducts<NZ, P>(operands, u + group * 16 * C * KD, m.data(), count, pr);
       for (int s = 0; s < count; ++s) {
         const int64_t image = (t + s) / per_image, tile = (t + s) % per_image;
         OutputTile(m.data() + s * 16 * KD, D, KD,
@@ -282,15 +305,25 @@ void WinogradTiles(ffi::ThreadPool pool, const float* x, const float* u, float* 
 
 // A kernel buffer prepared for the handler's loops: flipped in space with its in/out axes swapped (the input
 // gradient's) or not, in Winograd's form (16, C, KD) or the direct sums' (3, 3, C, KD), its out channels padded
-// with zeros to KD, a multiple of 16. Kept with the values it was made from: found again only for a kernel at the
+// with zeros to KD, a multiple of 16; in Winograd's form with bfloat16 products (bf16), rounded to bfloat16 in
+// Accumulate's pair layout (16, C / 2, KD, 2) instead. Kept with the values it was made from: found again only for a kernel at the
 // same address with the same shape, the same preparation and the same values.
 struct Prepared {
   int32_t token;  // unique in the process, from 1
   const float* source;
   int64_t rows, cols;  // the source's (3, 3, rows, cols)
-  bool flipped, winograd;
+  bool flipped, winograd, bf16;
   std::vector<float> values, data;
+  std::vector<uint16_t> pairs;  // bf16: the bfloat16 bits of data's values, in pairs of input channels
 };
+
+// x rounded to bfloat16 (to nearest even, as _mm512_cvtneps_pbh does; a NaN stays a NaN), as its bits.
+uint16_t Bfloat16(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
 
 constexpr size_t kMaxKept = 256;
 
@@ -310,13 +343,13 @@ std::shared_ptr<const Prepared> Kept(int32_t token) {
 }
 
 std::shared_ptr<const Prepared> PreparedKernel(const float* kernel, int64_t rows, int64_t cols, bool flipped,
-                                               bool winograd) {
+                                               bool winograd, bool bf16) {
   const size_t size = 9 * rows * cols;
   {
     std::lock_guard<std::mutex> lock(kept_mutex);
     for (auto it = kept.begin(); it != kept.end(); ++it) {
       const Prepared& f = **it;
-      if (f.source == kernel && f.rows == rows && f.cols == cols && f.flipped == flipped && f.winograd == winograd &&
+      if (f.source == kernel && f.rows == rows && f.cols == cols && f.flipped == flipped && f.winograd == winograd && f.bf16 == bf16 &&
           std::memcmp(f.values.data(), kernel, sizeof(float) * size) == 0) {
         kept.splice(kept.begin(), kept, it);
         return kept.front();
@@ -324,7 +357,7 @@ std::shared_ptr<const Prepared> PreparedKernel(const float* kernel, int64_t rows
     }
   }
   auto made = std::make_shared<Prepared>(
-      Prepared{0, kernel, rows, cols, flipped, winograd, std::vector<float>(kernel, kernel + size), {}});
+      Prepared{0, kernel, rows, cols, flipped, winograd, bf16, std::vector<float>(kernel, kernel + size), {}, {}});
   std::vector<float> flips;
   const float* conv_kernel = kernel;  // (3, 3, in, out) of the convolution computed
   if (flipped) {
@@ -341,6 +374,14 @@ std::shared_ptr<const Prepared> PreparedKernel(const float* kernel, int64_t rows
   if (winograd) {
     made->data.assign(16 * in * padded, 0.0f);
     WinogradKernel(conv_kernel, in, out, padded, made->data.data());
+    if (bf16) {  // (16, in, padded) -> (16, in / 2, padded, 2)
+      made->pairs.resize(made->data.size());
+      for (int64_t e = 0; e < 16; ++e)
+        for (int64_t c = 0; c < in; ++c)
+          for (int64_t d = 0; d < padded; ++d)
+            made->pairs[((e * in + c - c % 2) * padded + 2 * d) + c % 2] = Bfloat16(made->data[(e * in + c) * padded + d]);
+      made->data.clear();
+    }
   } else {
     made->data.assign(9 * in * padded, 0.0f);
     for (int64_t r = 0; r < 9 * in; ++r)
@@ -359,12 +400,28 @@ int64_t Product(ffi::Span<const int64_t> dims, size_t count) {
   return p;
 }
 
+// The prepared kernels' `values` (Prepared::data or ::pairs) of every group, one after another: one group's in place,
+// several groups' copied into `grouped`.
+template <class T>
+const T* Concatenated(const std::vector<std::shared_ptr<const Prepared>>& prepared, std::vector<T> Prepared::*values,
+                      std::vector<T>& grouped) {
+  if (prepared.size() == 1) return ((*prepared[0]).*values).data();
+  const size_t size = ((*prepared[0]).*values).size();
+  grouped.resize(prepared.size() * size);
+  for (size_t g = 0; g < prepared.size(); ++g)
+    std::copy(((*prepared[g]).*values).begin(), ((*prepared[g]).*values).end(), grouped.begin() + g * size);
+  return grouped.data();
+}
+
 // Whether the convolution by a kernel (..., 3, 3, rows, cols) takes a prepared copy of it.
 bool NeedsPreparation(int64_t rows, int64_t cols, bool flipped, bool winograd) {
   return flipped || winograd || cols % 16 != 0;  // unflipped, cols are the out channels
 }
 
-ffi::Error Prepare(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::S32> tokens, bool flipped, bool winograd) {
+ffi::Error Prepare(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::S32> tokens, bool flipped, bool winograd,
+                   bool bf16_products) {
+  if (bf16_products && !winograd)
+    return ffi::Error::InvalidArgument("spgd_prepare_conv3x3_kernel: bfloat16 products are Winograd's only");
   auto kd = kernel.dimensions();
   const size_t kr = kd.size();
   if (kr < 4 || kd[kr - 4] != 3 || kd[kr - 3] != 3)
@@ -374,12 +431,14 @@ ffi::Error Prepare(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::S32> tok
     return ffi::Error::InvalidArgument("spgd_prepare_conv3x3_kernel: one token per kernel");
   for (int64_t g = 0; g < groups; ++g)
     tokens->typed_data()[g] = NeedsPreparation(rows, cols, flipped, winograd) && rows * cols > 0
-        ? PreparedKernel(kernel.typed_data() + g * 9 * rows * cols, rows, cols, flipped, winograd)->token : 0;
+        ? PreparedKernel(kernel.typed_data() + g * 9 * rows * cols, rows, cols, flipped, winograd, bf16_products)->token
+        : 0;
   return ffi::Error::Success();
 }
 
 ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                   ffi::Buffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::F32> out, bool flipped, bool winograd) {
+                   ffi::Buffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::F32> out, bool flipped, bool winograd,
+                   bool bf16_products) {
   auto xd = x.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
   if (xd.size() < 4 || kd.size() < 4 || od.size() < 4) return ffi::Error::InvalidArgument("rank below 4");
   size_t xr = xd.size(), kr = kd.size(), orank = od.size();
@@ -391,6 +450,7 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("shapes do not make a 3x3 'same' convolution");
   if (winograd && (pr.height % 2 != 0 || pr.width % 2 != 0 || pr.in_channels % 16 != 0))
     return ffi::Error::InvalidArgument("winograd needs an even height and width and in channels a multiple of 16");
+  if (bf16_products && !winograd) return ffi::Error::InvalidArgument("bfloat16 products are Winograd's only");
   int64_t x_images = Product(xd, xr - 3), groups = Product(kd, kr - 4), images = Product(od, orank - 3);
   if (images == 0 || pr.in_channels == 0) {
     std::fill_n(out->typed_data(), out->element_count(), 0.0f);
@@ -404,29 +464,28 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t kernel_size = 9 * pr.in_channels * pr.out_channels;
   std::vector<std::shared_ptr<const Prepared>> prepared;  // held until the convolutions are done
   std::vector<float> grouped;
+  std::vector<uint16_t> grouped_pairs;
+  const uint16_t* pairs = nullptr;  // bf16_products: the kernels in bfloat16 pairs
   if (NeedsPreparation(kd[kr - 2], kd[kr - 1], flipped, winograd)) {
     if (tokens.element_count() != static_cast<size_t>(groups))
       return ffi::Error::InvalidArgument("one token per kernel: spgd_prepare_conv3x3_kernel's of this kernel");
     for (int64_t g = 0; g < groups; ++g) {
       auto found = Kept(tokens.typed_data()[g]);  // made from this kernel operand's values: no comparison needed
       if (found == nullptr || found->rows != kd[kr - 2] || found->cols != kd[kr - 1] || found->flipped != flipped ||
-          found->winograd != winograd)
-        found = PreparedKernel(kp + g * kernel_size, kd[kr - 2], kd[kr - 1], flipped, winograd);
+          found->winograd != winograd || found->bf16 != bf16_products)
+        found = PreparedKernel(kp + g * kernel_size, kd[kr - 2], kd[kr - 1], flipped, winograd, bf16_products);
       prepared.push_back(std::move(found));
     }
-    if (groups == 1) {
-      kp = prepared[0]->data.data();
-    } else {
-      const size_t size = prepared[0]->data.size();
-      grouped.resize(groups * size);
-      for (int64_t g = 0; g < groups; ++g) std::copy(prepared[g]->data.begin(), prepared[g]->data.end(),
-                                                     grouped.begin() + g * size);
-      kp = grouped.data();
-    }
+    if (bf16_products)
+      pairs = Concatenated(prepared, &Prepared::pairs, grouped_pairs);
+    else
+      kp = Concatenated(prepared, &Prepared::data, grouped);
   }
   const auto run = [&](auto nz, auto p) {
     constexpr int NZ = decltype(nz)::value, P = decltype(p)::value;
-    if (winograd)
+    if (bf16_products)
+      WinogradTiles<NZ, P>(pool, xp, pairs, op, batch, pr);
+    else if (winograd)
       WinogradTiles<NZ, P>(pool, xp, kp, op, batch, pr);
     else
       DirectRows<NZ, P>(pool, xp, kp, op, batch, pr);
@@ -445,12 +504,18 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 // Whether this CPU runs the handler's instructions (AVX-512F).
 extern "C" int SpgdDirectConvSupported() { return __builtin_cpu_supports("avx512f") ? 1 : 0; }
 
+// Whether it runs the bfloat16 products too (AVX512-BF16).
+extern "C" int SpgdBf16ProductsSupported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdPrepareConv3x3Kernel, Prepare,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<bool>("flipped")
-                                  .Attr<bool>("winograd"));
+                                  .Attr<bool>("winograd")
+                                  .Attr<bool>("bf16_products"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdDirectConv3x3, Conv3x3,
                               ffi::Ffi::Bind()
@@ -460,4 +525,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdDirectConv3x3, Conv3x3,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("flipped")
-                                  .Attr<bool>("winograd"));
+                                  .Attr<bool>("winograd")
+                                  .Attr<bool>("bf16_products"));

@@ -21,11 +21,13 @@ SPGD_JAX_DIRECT_CONV=0 turns it off.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from pathlib import Path
 
 from spgd_jax.xla_setup import native_build
 
-__all__ = ["ENV_OFF", "HANDLERS", "PREPARE_TARGET", "TARGET", "fingerprint", "route"]
+__all__ = ["ENV_OFF", "HANDLERS", "PREPARE_TARGET", "TARGET", "bf16_products", "fingerprint", "route"]
 
 ENV_OFF = "SPGD_JAX_DIRECT_CONV"
 TARGET = "spgd_direct_conv3x3"
@@ -42,6 +44,20 @@ def route() -> tuple[bool, str]:
     """(True, the library's path) once the handler is registered with XLA:CPU, or (False, why not). Built, loaded
     and registered on the first call of the process (see the module docstring)."""
     return HANDLERS.route()
+
+
+def bf16_products() -> tuple[bool, str]:
+    """(True, the library's path) where the handler also runs Winograd with bfloat16 products (the attribute
+    bf16_products; CPUs with AVX512-BF16), or (False, why not)."""
+    ok, path = route()
+    if ok and not _cpu_has_bf16_products(path):
+        return False, "this CPU lacks AVX512-BF16"
+    return ok, path
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_bf16_products(path: str) -> bool:
+    return bool(ctypes.CDLL(path).SpgdBf16ProductsSupported())
 
 
 def fingerprint() -> str:

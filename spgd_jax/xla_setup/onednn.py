@@ -36,7 +36,7 @@ from pathlib import Path
 
 from spgd_jax.xla_setup import native_build
 
-__all__ = ["ENV_OFF", "TARGET", "OnednnUnavailableWarning", "conv_target", "fingerprint", "route"]
+__all__ = ["ENV_OFF", "TARGET", "OnednnUnavailableWarning", "conv_target", "fingerprint", "route", "uses_amx"]
 
 ENV_OFF = "SPGD_JAX_ONEDNN"
 TARGET = "spgd_onednn_conv2d"
@@ -87,12 +87,18 @@ def _build(library: Path, include: Path, targets: list[Path]) -> Path:
                               [f"-L{library.parent}", f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"])
 
 
+def _implementations(handle: ctypes.CDLL) -> list[str]:
+    """The names of the implementations oneDNN picks for a small bfloat16 convolution with a bfloat16 and a float32
+    out ("" where it has none), e.g. 'brg_conv_fwd:avx512_core_amx'."""
+    implementation = handle.SpgdOnednnConvImplementation
+    implementation.argtypes, implementation.restype = [ctypes.c_int], ctypes.c_char_p
+    return [implementation(f32_out).decode() for f32_out in (0, 1)]
+
+
 def _slow_implementation(handle: ctypes.CDLL) -> str | None:
     """Why oneDNN's convolutions would not pay on this CPU (it has only its reference code for them, as on CPUs
     without AVX-512), else None."""
-    implementation = handle.SpgdOnednnConvImplementation
-    implementation.argtypes, implementation.restype = [ctypes.c_int], ctypes.c_char_p
-    names = [implementation(f32_out).decode() for f32_out in (0, 1)]
+    names = _implementations(handle)
     if all(name and "ref" not in name for name in names):
         return None
     offered = " and ".join(name or "none" for name in names)
@@ -139,6 +145,11 @@ def fingerprint() -> str:
     if any(target.exists() for target in targets):
         route()
     return targets[0].parent.name
+
+
+def uses_amx() -> bool:
+    """Whether oneDNN's bfloat16 convolutions run on this CPU's AMX units (False where there is no route)."""
+    return route()[0] is not None and any("amx" in name for name in _implementations(_LOADED[0]))
 
 
 def conv_target() -> str | None:

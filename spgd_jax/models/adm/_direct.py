@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from spgd_jax.models.adm import _conv
 from spgd_jax.xla_setup import direct_conv
 
-__all__ = ["conv_general_dilated", "direct_conv3x3", "uses_winograd", "winograd_float32_conv3x3"]
+__all__ = ["conv_general_dilated", "direct_conv3x3", "uses_winograd", "winograd_bfloat16_conv3x3",
+           "winograd_float32_conv3x3"]
 
 CHANNEL_MULTIPLE = 16  # Winograd's input transform takes the input channels in AVX-512 vectors of 16 float32
 # Winograd takes images of at least this many 2x2 tiles (16 x 12 px): fewer are too little work to split over two
@@ -47,28 +48,28 @@ def uses_winograd(height: int, width: int, in_channels: int) -> bool:
             and in_channels % CHANNEL_MULTIPLE == 0)
 
 
-def _call(x: jax.Array, kernel: jax.Array, flipped: bool, winograd: bool) -> jax.Array:
+def _call(x: jax.Array, kernel: jax.Array, flipped: bool, winograd: bool, bf16_products: bool = False) -> jax.Array:
     """The handler's convolution of x by kernel, or (flipped) by _conv.flipped(kernel); as Winograd's F(2x2, 3x3)
-    when `winograd` and uses_winograd(x's height, width, channels)."""
+    when `winograd` and uses_winograd(x's height, width, channels), then with bfloat16 products if `bf16_products`."""
     out_channels = kernel.shape[2] if flipped else kernel.shape[3]
     winograd = winograd and uses_winograd(*x.shape[-3:])
+    attributes = dict(flipped=flipped, winograd=winograd, bf16_products=winograd and bf16_products)
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (out_channels,), jnp.float32)
     tokens = jax.ffi.ffi_call(direct_conv.PREPARE_TARGET, jax.ShapeDtypeStruct(kernel.shape[:-4], jnp.int32),
-                              vmap_method="expand_dims")(kernel, flipped=flipped, winograd=winograd)
-    return jax.ffi.ffi_call(direct_conv.TARGET, out, vmap_method="expand_dims")(x, kernel, tokens, flipped=flipped,
-                                                                                 winograd=winograd)
+                              vmap_method="expand_dims")(kernel, **attributes)
+    return jax.ffi.ffi_call(direct_conv.TARGET, out, vmap_method="expand_dims")(x, kernel, tokens, **attributes)
 
 
-def _checked_call(name: str, x: jax.Array, kernel: jax.Array, winograd: bool) -> jax.Array:
-    ok, why = direct_conv.route()
+def _checked_call(name: str, x: jax.Array, kernel: jax.Array, winograd: bool, bf16_products: bool = False) -> jax.Array:
+    ok, why = direct_conv.bf16_products() if bf16_products else direct_conv.route()
     if not ok:
-        raise RuntimeError(f"the native float32 convolution kernel is not available here ({why}); use "
-                           "lax.conv_general_dilated")
+        raise RuntimeError(f"the native {'bfloat16-product' if bf16_products else 'float32'} convolution kernel is "
+                           f"not available here ({why}); use lax.conv_general_dilated")
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise TypeError(f"{name} takes float32 x and kernel, got {x.dtype} and {kernel.dtype}")
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
         raise ValueError(f"{name} takes x (B, H, W, C) and kernel (3, 3, C, D), got {x.shape} and {kernel.shape}")
-    return _call(x, kernel, False, winograd)
+    return _call(x, kernel, False, winograd, bf16_products)
 
 
 @functools.partial(_conv.with_same_3x3_gradient, input_gradient=lambda g, kernel: _call(g, kernel, True, False))
@@ -84,6 +85,17 @@ def winograd_float32_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     float32 where `uses_winograd(H, W, in channels)` (each direction decides for itself: the input gradient's input
     channels are D), else as `direct_conv3x3`. The CPU only, once spgd_jax.xla_setup.direct_conv.route()[0]."""
     return _checked_call("winograd_float32_conv3x3", x, kernel, winograd=True)
+
+
+@functools.partial(_conv.with_same_3x3_gradient,
+                   input_gradient=lambda g, kernel: _call(g, kernel, True, True, bf16_products=True))
+def winograd_bfloat16_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (B, H, W, C), kernel (3, 3, C, D), both float32 -> (B, H, W, D) float32, as Winograd's F(2x2, 3x3) with
+    its transformed operands rounded to bfloat16 and float32 sums where `uses_winograd(H, W, in channels)` (the
+    error of a convolution at jax.default_matmul_precision("bfloat16"), in about half the products' time of
+    `winograd_float32_conv3x3`), else as `direct_conv3x3` (float32). The CPU only, once
+    spgd_jax.xla_setup.direct_conv.bf16_products()[0] (AVX512-BF16)."""
+    return _checked_call("winograd_bfloat16_conv3x3", x, kernel, winograd=True, bf16_products=True)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

@@ -9,7 +9,12 @@ registered (a CPU with AVX512-BF16 or AMX):
   on the call. The operands are rounded to bfloat16 and the float32 sums come back unrounded: what PyTorch's
   CPU autocast does to convolutions, and what that precision means for convolutions on TPUs. Everything else
   (GroupNorm, SiLU, attention, the 1x1 and strided convolutions) stays float32.
-Products accumulate in float32 either way (AMX where the CPU has it). Everything else goes to
+Products accumulate in float32 either way (AMX where the CPU has it). Float32 convolutions at bfloat16 precision
+take spgd_jax's own Winograd kernel instead (`_direct.winograd_bfloat16_conv3x3`: Winograd's F(2x2, 3x3) with its
+transformed operands rounded to bfloat16, AVX512-BF16 dot products, float32 sums) where the CPU has AVX512-BF16
+and oneDNN would not use AMX (`float32_target()`): on a 2-core AMD EPYC (Zen 4: AVX512-BF16, no AMX) oneDNN's
+bfloat16 convolutions ran no faster than spgd_jax's float32 Winograd kernel, and this one 1.5-2.1x faster than
+either on the default prior's shapes (benchmarks/results/bf16_products_cpu-2core-epyc-s28.md). Everything else goes to
 `_winograd.conv_general_dilated` (Winograd for bfloat16, then `_direct` for float32 3x3 convolutions on AVX-512
 CPUs, lax's convolution for the rest): float32 at JAX's default precision never takes this route, so its results
 stay float32 to round-off.
@@ -25,10 +30,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from spgd_jax.models.adm import _conv, _winograd
-from spgd_jax.xla_setup import onednn
+from spgd_jax.models.adm import _conv, _direct, _winograd
+from spgd_jax.xla_setup import direct_conv, onednn
 
-__all__ = ["BFLOAT16_PRECISIONS", "conv_general_dilated", "onednn_conv3x3"]
+__all__ = ["BFLOAT16_PRECISIONS", "conv_general_dilated", "float32_target", "onednn_conv3x3"]
 
 # The precisions (jax.default_matmul_precision's names, or lax.DotAlgorithmPreset's) that let a float32
 # convolution compute from bfloat16 roundings of its operands with float32 sums
@@ -64,15 +69,29 @@ def _bfloat16_operands(dtype, precision) -> bool:
     return dtype == jnp.float32 and getattr(precision, "name", precision) in BFLOAT16_PRECISIONS
 
 
+def float32_target() -> str | None:
+    """The FFI target that float32 3x3 'same' convolutions at bfloat16 precision call on this CPU: spgd_jax's
+    Winograd kernel with AVX512-BF16 products (direct_conv.TARGET, as `_direct.winograd_bfloat16_conv3x3`) where
+    the CPU has those instructions and oneDNN would not use AMX, else oneDNN's (onednn.TARGET) where available,
+    else None (the precision then changes nothing on the CPU). See the module docstring."""
+    if direct_conv.bf16_products()[0] and not onednn.uses_amx():
+        return direct_conv.TARGET
+    return onednn.conv_target()
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """lax.conv_general_dilated; 3x3 'same' convolutions with bfloat16 operands (see the module docstring) run
-    as `onednn_conv3x3` on the CPU when oneDNN's handler is available."""
+    on the CPU as `_direct.winograd_bfloat16_conv3x3` (float32 ones, where `float32_target()` is its target) or
+    as `onednn_conv3x3` (where oneDNN's handler is available)."""
     if (_bfloat16_operands(lhs.dtype, precision)
             and jax.default_backend() == "cpu"
             and _conv.is_same_3x3(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                                  feature_group_count, kwargs)
-            and onednn.conv_target() is not None):
-        return onednn_conv3x3(lhs, rhs.astype(lhs.dtype))
+                                  feature_group_count, kwargs)):
+        target = float32_target() if lhs.dtype == rhs.dtype == jnp.float32 else onednn.conv_target()
+        if target == direct_conv.TARGET:
+            return _direct.winograd_bfloat16_conv3x3(lhs, rhs)
+        if target is not None:
+            return onednn_conv3x3(lhs, rhs.astype(lhs.dtype))
     return _winograd.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                           dimension_numbers, feature_group_count, precision, **kwargs)
