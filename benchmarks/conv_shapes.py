@@ -1,6 +1,6 @@
 """The default prior's 3x3 convolution shapes, one call each, through every route this CPU has: XLA's convolution
 in float32 and bfloat16, spgd-jax's routes (the native float32 kernel's direct sums and its Winograd, oneDNN's
-bfloat16 handler, Winograd with bfloat16 products), and PyTorch's (oneDNN) in
+bfloat16 handler, Winograd with bfloat16 products through XLA's dots and through the native kernel), and PyTorch's (oneDNN) in
 float32 and bfloat16 as a reference (issue 23: where the UNet's convolution time can go).
 
     python -m benchmarks.conv_shapes --tag cpu-2core   # -> benchmarks/results/conv_shapes_TAG.{json,md}
@@ -24,8 +24,8 @@ import numpy as np
 from jax import lax
 
 from benchmarks.speed_setup import loadavg, write_report
-from spgd_jax.models.adm import (direct_conv3x3, onednn_conv3x3, uses_winograd, winograd_conv3x3,
-                                  winograd_float32_conv3x3)
+from spgd_jax.models.adm import (direct_conv3x3, onednn_conv3x3, uses_winograd, winograd_bfloat16_conv3x3,
+                                  winograd_conv3x3, winograd_float32_conv3x3)
 from spgd_jax.xla_setup import direct_conv, onednn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,9 +68,14 @@ def routes(batch: int, size: int, c: int, d: int) -> dict[str, float]:
         if uses_winograd(size, size, c):
             program = jax.jit(winograd_float32_conv3x3)
             found["winograd float32"] = time_ms(lambda: program(x, k).block_until_ready())
+            if direct_conv.bf16_products()[0]:
+                program = jax.jit(winograd_bfloat16_conv3x3)
+                found["winograd bfloat16 products"] = time_ms(lambda: program(x, k).block_until_ready())
     if onednn.conv_target() is not None:
         program = jax.jit(onednn_conv3x3)
         found["onednn bfloat16"] = time_ms(lambda: program(xb, kb).block_until_ready())
+        # float32 in and out, from bfloat16 roundings (jax.default_matmul_precision("bfloat16")'s route)
+        found["onednn float32 at bfloat16"] = time_ms(lambda: program(x, k).block_until_ready())
     if size % 2 == 0:
         program = jax.jit(winograd_conv3x3)
         found["winograd bfloat16"] = time_ms(lambda: program(xb, kb).block_until_ready())

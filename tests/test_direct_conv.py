@@ -181,9 +181,16 @@ def test_bfloat16_products_are_winograds_with_its_operands_rounded_to_bfloat16(s
 
 @needs_bf16_products
 def test_bfloat16_products_leave_the_shapes_winograd_cannot_take_to_float32_direct_sums():
-    for shape in DIRECT_SHAPES[:4]:
+    for shape in DIRECT_SHAPES[1:4]:  # odd sides, one pixel, 96 channels on 2 x 13 px
+        assert not _direct.uses_winograd(*shape[1:4], bf16_products=True)
         x, kernel = _inputs(shape, seed=10)
         np.testing.assert_array_equal(_direct.winograd_bfloat16_conv3x3(x, kernel), _direct.direct_conv3x3(x, kernel))
+    # 8 x 8 px images (16 tiles) with bfloat16 products, not in float32.
+    assert _direct.uses_winograd(8, 8, 64, bf16_products=True) and not _direct.uses_winograd(8, 8, 64)
+    assert not _direct.uses_winograd(8, 6, 64, bf16_products=True)
+    x, kernel = _inputs(DIRECT_SHAPES[0], seed=10)
+    np.testing.assert_allclose(_direct.winograd_bfloat16_conv3x3(x, kernel), _bfloat16_winograd(x, kernel), rtol=0,
+                               atol=2e-6 * 24)
 
 
 @needs_bf16_products

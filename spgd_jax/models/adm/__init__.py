@@ -35,21 +35,27 @@ or more with channels in 16s, direct sums elsewhere; float32 round-off apart fro
 XLA's convolution; SPGD_JAX_DIRECT_CONV=0 keeps XLA's); wrap calls in ``jax.default_matmul_precision("highest")``
 for true float32 arithmetic there. On the CPU, ``jax.default_matmul_precision("bfloat16")``
 makes the float32 network's 3x3 stride-1 convolutions compute from bfloat16 operands
-with float32 sums through oneDNN (like PyTorch's autocast; everything else stays
-float32): on that Xeon SPGD 1.3-1.8x faster than float32, and faster than 'bfloat16'.
+with float32 sums (like PyTorch's autocast; everything else stays float32): through oneDNN
+where it uses AMX (on that Xeon SPGD 1.3-1.8x faster than float32, and faster than 'bfloat16'),
+else as spgd_jax's Winograd kernel with AVX512-BF16 products where the CPU has them (``_direct``;
+on a 2-core AMD EPYC, Zen 4, SPGD 1.25x faster than float32 at batch 4, where oneDNN's were not faster).
 
 The 3x3 convolution routes are public for benchmarks and for users' own networks:
 ``onednn_conv3x3(x, kernel)`` (bfloat16, or float32 from bfloat16 operands; once
 ``spgd_jax.xla_setup.onednn.conv_target()`` is not None),
 ``direct_conv3x3(x, kernel)`` and ``winograd_float32_conv3x3(x, kernel)`` (float32; once
-``spgd_jax.xla_setup.direct_conv.route()[0]``; ``uses_winograd(H, W, C)`` says which the latter computes) and ``winograd_conv3x3(x, kernel)`` (bfloat16 products); x (B, H, W, C), kernel (3, 3, C, D), 'same' padding, stride 1.
+``spgd_jax.xla_setup.direct_conv.route()[0]``; ``uses_winograd(H, W, C)`` says which the latter computes),
+``winograd_bfloat16_conv3x3(x, kernel)`` (float32, Winograd's operands rounded to bfloat16; once
+``spgd_jax.xla_setup.direct_conv.bf16_products()[0]``) and ``winograd_conv3x3(x, kernel)`` (bfloat16 products
+through XLA's dots); x (B, H, W, C), kernel (3, 3, C, D), 'same' padding, stride 1.
 
 Parameter names mirror guided-diffusion's state-dict keys (spgd_jax.convert.guided_diffusion
 maps one to the other).
 """
 
 from spgd_jax.models.adm._config import CONFIGS, DEFAULT_CHANNEL_MULT, NUM_CLASSES, UNetConfig
-from spgd_jax.models.adm._direct import direct_conv3x3, uses_winograd, winograd_float32_conv3x3
+from spgd_jax.models.adm._direct import (direct_conv3x3, uses_winograd, winograd_bfloat16_conv3x3,
+                                         winograd_float32_conv3x3)
 from spgd_jax.models.adm._family import ADM  # the family, registered at its definition
 from spgd_jax.models.adm._network import UNet, init_shapes, param_count, timestep_embedding
 from spgd_jax.models.adm._onednn import onednn_conv3x3
@@ -57,4 +63,5 @@ from spgd_jax.models.adm._winograd import winograd_conv3x3
 
 __all__ = ["ADM", "CONFIGS", "DEFAULT_CHANNEL_MULT", "NUM_CLASSES", "UNet", "UNetConfig", "direct_conv3x3", "init_shapes",
            "onednn_conv3x3",
-           "param_count", "timestep_embedding", "uses_winograd", "winograd_conv3x3", "winograd_float32_conv3x3"]
+           "param_count", "timestep_embedding", "uses_winograd", "winograd_bfloat16_conv3x3", "winograd_conv3x3",
+           "winograd_float32_conv3x3"]

@@ -14,7 +14,7 @@ take spgd_jax's own Winograd kernel instead (`_direct.winograd_bfloat16_conv3x3`
 transformed operands rounded to bfloat16, AVX512-BF16 dot products, float32 sums) where the CPU has AVX512-BF16
 and oneDNN would not use AMX (`float32_target()`): on a 2-core AMD EPYC (Zen 4: AVX512-BF16, no AMX) oneDNN's
 bfloat16 convolutions ran no faster than spgd_jax's float32 Winograd kernel, and this one 1.5-2.1x faster than
-either on the default prior's shapes (benchmarks/results/bf16_products_cpu-2core-epyc-s28.md). Everything else goes to
+either on the default prior's shapes (benchmarks/results/conv_shapes_cpu-2core-epyc-s28.md). Everything else goes to
 `_winograd.conv_general_dilated` (Winograd for bfloat16, then `_direct` for float32 3x3 convolutions on AVX-512
 CPUs, lax's convolution for the rest): float32 at JAX's default precision never takes this route, so its results
 stay float32 to round-off.
