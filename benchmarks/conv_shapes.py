@@ -119,7 +119,8 @@ def main(argv=None) -> int:
             for px, c, d in SHAPES]
     host = f"{os.cpu_count()} CPUs, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     result = {"tag": args.tag, "batch": args.batch, "repeats": args.repeats, "rows": rows, "host": host,
-              "onednn": onednn.route()[1], "direct": direct_conv.route()[1], "load_before": load_before, "load_after": loadavg()}
+              "onednn": onednn.route()[1], "direct": direct_conv.route()[1], "bf16_products": direct_conv.bf16_products()[1],
+              "load_before": load_before, "load_after": loadavg()}
     write_report(Path(args.out), f"conv_shapes_{args.tag}", result, markdown(result))
     return 0
 

@@ -398,13 +398,15 @@ def test_conv_shapes_times_every_route_of_every_shape(tmp_path):
     assert [(r["px"], r["in"], r["out"]) for r in result["rows"]] == list(conv_shapes.SHAPES)
     expected = {"xla float32", "xla bfloat16", "winograd bfloat16", "torch float32", "torch bfloat16"}
     if result["onednn"].startswith("/"):  # the handler's path: the route was set up
-        expected.add("onednn bfloat16")
+        expected |= {"onednn bfloat16", "onednn float32 at bfloat16"}
     for row in result["rows"]:
         native = set()
         if result["direct"].startswith("/"):
             native.add("direct float32")
             if row["in"] % 16 == 0 and row["px"] >= 16:  # Winograd: the square images of 16 px and more
                 native.add("winograd float32")
+                if result["bf16_products"].startswith("/"):  # the CPU has AVX512-BF16
+                    native.add("winograd bfloat16 products")
         assert set(row["ms"]) == expected | native and all(0 < ms < 10_000 for ms in row["ms"].values()), row
     table = (tmp_path / "conv_shapes_t.md").read_text()
     assert "| 64 | 32 -> 32 |" in table and "load average" in table and "GFLOP/s" in table
