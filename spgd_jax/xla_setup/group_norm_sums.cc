@@ -2,8 +2,10 @@
 // reduce-windows, read here once per pass with per-channel vector sums.
 //
 // Built and registered by spgd_jax/xla_setup/group_norm_kernels.py; called by spgd_jax/models/adm/_group_norm.py.
-// Row-major float32 buffers; the leading dims (product N) are the images, P the positions, C the channels, G the
-// groups (C a multiple of G, consecutive channels per group):
+// Row-major float32 buffers; the leading dims (product N, as many as the results have before their last) are
+// the images, the dims after them (product P, at least one) the positions, C the channels, G the groups (C a
+// multiple of G, consecutive channels per group). The activations come in their own shape, e.g. (..., H, W, C):
+// a reshape to (..., P, C) before the call would make XLA:CPU compute them a second time for the call.
 //   spgd_group_norm_moments  x (..., P, C)                    -> mean (..., G), rstd (..., G)
 //       mean = the group's mean; rstd = 1 / sqrt(mean((x - mean)^2) + eps), two passes (attribute eps)
 //   spgd_group_norm_sums     g (..., P, C), x (..., P, C), mean (..., G) -> s1 (..., C), s2 (..., C)
@@ -63,16 +65,15 @@ SPGD_VECTOR_CLONES void AddProducts(const float* g, const float* x, int64_t rows
   }
 }
 
-// (images, positions, channels) of a (..., P, C) buffer.
 struct Layout {
-  int64_t images = 1, positions = 0, channels = 0;
+  int64_t images = 1, positions = 1, channels = 0;
 };
 
-Layout LayoutOf(ffi::Span<const int64_t> dims) {
+// (images, positions, channels) of a (..., P..., C) buffer whose first `image_dims` dims are the images.
+Layout LayoutOf(ffi::Span<const int64_t> dims, size_t image_dims) {
   Layout layout;
-  layout.positions = dims[dims.size() - 2];
   layout.channels = dims[dims.size() - 1];
-  for (size_t i = 0; i + 2 < dims.size(); ++i) layout.images *= dims[i];
+  for (size_t i = 0; i + 1 < dims.size(); ++i) (i < image_dims ? layout.images : layout.positions) *= dims[i];
   return layout;
 }
 
@@ -89,10 +90,10 @@ void ChannelSums(const float* x, const Layout& l, int64_t width, const float* mu
 
 ffi::Error Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> mean,
                    ffi::ResultBuffer<ffi::F32> rstd, float eps) {
-  if (x.dimensions().size() < 2 || mean->dimensions().size() + 1 != x.dimensions().size()) {
-    return ffi::Error::InvalidArgument("spgd_group_norm_moments: x (..., P, C) and mean (..., G) expected");
+  if (mean->dimensions().size() == 0 || mean->dimensions().size() + 1 > x.dimensions().size()) {
+    return ffi::Error::InvalidArgument("spgd_group_norm_moments: x (..., P..., C) and mean (..., G) expected");
   }
-  const Layout l = LayoutOf(x.dimensions());
+  const Layout l = LayoutOf(x.dimensions(), mean->dimensions().size() - 1);
   const int64_t groups = mean->dimensions().back();
   if (groups <= 0 || l.channels % groups != 0 || mean->element_count() != l.images * groups ||
       rstd->element_count() != l.images * groups || l.positions == 0) {
@@ -130,11 +131,11 @@ ffi::Error Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuf
 
 ffi::Error Sums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
                 ffi::ResultBuffer<ffi::F32> s1, ffi::ResultBuffer<ffi::F32> s2) {
-  if (x.dimensions().size() < 2 || mean.dimensions().size() + 1 != x.dimensions().size() ||
+  if (mean.dimensions().size() == 0 || mean.dimensions().size() + 1 > x.dimensions().size() ||
       g.element_count() != x.element_count()) {
-    return ffi::Error::InvalidArgument("spgd_group_norm_sums: g and x (..., P, C), mean (..., G) expected");
+    return ffi::Error::InvalidArgument("spgd_group_norm_sums: g and x (..., P..., C), mean (..., G) expected");
   }
-  const Layout l = LayoutOf(x.dimensions());
+  const Layout l = LayoutOf(x.dimensions(), mean.dimensions().size() - 1);
   const int64_t groups = mean.dimensions().back();
   if (groups <= 0 || l.channels % groups != 0 || mean.element_count() != l.images * groups ||
       s1->element_count() != l.images * l.channels || s2->element_count() != l.images * l.channels) {

@@ -77,8 +77,7 @@ def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     if _native(x):
         shape = (x.shape[0], NORM_GROUPS)
         return jax.ffi.ffi_call(group_norm_kernels.MOMENTS_TARGET, (jax.ShapeDtypeStruct(shape, x.dtype),) * 2,
-                                vmap_method="broadcast_all")(x.reshape(x.shape[0], -1, x.shape[-1]),
-                                                             eps=np.float32(NORM_EPS))
+                                vmap_method="broadcast_all")(x, eps=np.float32(NORM_EPS))
     mean = jnp.mean(_grouped(x), axis=(1, 3))
     return mean, lax.rsqrt(jnp.mean(_grouped(jnp.square(x - _per_channel(x, mean)[0])), axis=(1, 3)) + NORM_EPS)
 
@@ -102,7 +101,7 @@ def _group_norm_bwd(residuals, g):
     b, c = x.shape[0], x.shape[-1]
     if _native(x):
         s1, s2 = jax.ffi.ffi_call(group_norm_kernels.SUMS_TARGET, (jax.ShapeDtypeStruct((b, c), x.dtype),) * 2,
-                                  vmap_method="broadcast_all")(g.reshape(b, -1, c), x.reshape(b, -1, c), mean)
+                                  vmap_method="broadcast_all")(g, x, mean)
         count = x.size // b // NORM_GROUPS
         mean_g = _grouped(s1 * scale).sum(axis=(1, 3)) / count
         mean_gx = _grouped(s2 * scale).sum(axis=(1, 3)) * rstd / count
