@@ -181,10 +181,22 @@ void WinogradKernel(const float* kernel, int64_t C, int64_t D, int64_t KD, float
     }
 }
 
+// v[e * C + c] = value for e = 4 i + j: T = float stores it as it is; T = uint16_t rounds it to bfloat16 (to
+// nearest even, as its bits).
+template <class T>
+__attribute__((target("avx512f,avx512bf16"))) inline void StoreTransformed(T* v, __m512 value) {
+  if constexpr (std::is_same_v<T, uint16_t>)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v), (__m256i)_mm512_cvtneps_pbh(value));
+  else
+    _mm512_storeu_ps(v, value);
+}
+
 // v[e * C + c] for e = 4 i + j: (B^T d B)[i][j] of the 4x4 tile d of x (H, W, C) whose top left pixel is
-// (r0, col0), zero outside the image. B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
-__attribute__((target("avx512f"))) void InputTile(const float* x, int64_t r0, int64_t col0, const Problem& pr,
-                                                   float* v) {
+// (r0, col0), zero outside the image, as the products' operand T (StoreTransformed).
+// B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
+template <class T>
+__attribute__((target("avx512f,avx512bf16"))) void InputTile(const float* x, int64_t r0, int64_t col0,
+                                                              const Problem& pr, T* v) {
   const int64_t H = pr.height, W = pr.width, C = pr.in_channels;
   const bool inside = r0 >= 0 && r0 + 4 <= H && col0 >= 0 && col0 + 4 <= W;
   for (int64_t c0 = 0; c0 < C; c0 += 16) {
@@ -202,11 +214,11 @@ __attribute__((target("avx512f"))) void InputTile(const float* x, int64_t r0, in
       s[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
     }
     for (int i = 0; i < 4; ++i) {
-      float* e = v + 4 * i * C + c0;
-      _mm512_storeu_ps(e, _mm512_sub_ps(s[i][0], s[i][2]));
-      _mm512_storeu_ps(e + C, _mm512_add_ps(s[i][1], s[i][2]));
-      _mm512_storeu_ps(e + 2 * C, _mm512_sub_ps(s[i][2], s[i][1]));
-      _mm512_storeu_ps(e + 3 * C, _mm512_sub_ps(s[i][1], s[i][3]));
+      T* e = v + 4 * i * C + c0;
+      StoreTransformed(e, _mm512_sub_ps(s[i][0], s[i][2]));
+      StoreTransformed(e + C, _mm512_add_ps(s[i][1], s[i][2]));
+      StoreTransformed(e + 2 * C, _mm512_sub_ps(s[i][2], s[i][1]));
+      StoreTransformed(e + 3 * C, _mm512_sub_ps(s[i][1], s[i][3]));
     }
   }
 }
@@ -251,16 +263,10 @@ __attribute__((target("avx512f,avx512bf16"))) void TileProducts(const T* v, cons
       }
 }
 
-// out[i] = v[i] rounded to bfloat16 (to nearest even, as uint16_t bits) for i < n, n a multiple of 16.
-__attribute__((target("avx512f,avx512bf16"))) void RoundToBfloat16(const float* v, uint16_t* out, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v + i)));
-}
-
 // Tiles are numbered over images, tile rows and tile columns. A chunk of up to `chunk` consecutive tiles of one
 // kernel group is transformed into v (chunk, 16, C), multiplied slice by slice with u (16, C, KD) into m (chunk,
 // 16, KD) and transformed back into out. T: the products' operands, float or uint16_t (bfloat16: v is rounded to
-// bfloat16 before the products, u comes so).
+// bfloat16 as it is stored, u comes so).
 template <int NZ, int P, class T>
 void WinogradTiles(ffi::ThreadPool pool, const float* x, const T* u, float* out, const Batch& b,
                    const Problem& pr) {
@@ -271,11 +277,10 @@ void WinogradTiles(ffi::ThreadPool pool, const float* x, const T* u, float* out,
   const int64_t image_in = pr.height * W * C, image_out = pr.height * W * D;
   const int64_t tasks = Tasks(32.0 * tiles * C * KD, std::max<int64_t>(1, tiles / kMinTaskTiles));
   spgd::RunTasks(pool, tasks, [=](int64_t task) {
-    thread_local std::vector<float> v, m;
-    thread_local std::vector<uint16_t> v16;
+    thread_local std::vector<T> v;
+    thread_local std::vector<float> m;
     v.resize(std::max<size_t>(v.size(), 16 * chunk * C));
     m.resize(std::max<size_t>(m.size(), 16 * chunk * KD));
-    if constexpr (std::is_same_v<T, uint16_t>) v16.resize(std::max<size_t>(v16.size(), 16 * chunk * C));
     for (int64_t t = tiles * task / tasks, end = tiles * (task + 1) / tasks; t < end;) {
       const int64_t group = t / per_image / b.n;
       const int64_t stop = std::min({t + chunk, end, (group + 1) * b.n * per_image});
@@ -285,14 +290,7 @@ void WinogradTiles(ffi::ThreadPool pool, const float* x, const T* u, float* out,
         InputTile(x + b.Input(image) * image_in, 2 * (tile / tile_cols) - 1, 2 * (tile % tile_cols) - 1, pr,
                   v.data() + s * 16 * C);
       }
-      const T* operands;
-      if constexpr (std::is_same_v<T, uint16_t>) {
-        RoundToBfloat16(v.data(), v16.data(), 16 * count * C);
-        operands = v16.data();
-      } else {
-        operands = v.data();
-      }
-      TileProducts<NZ, P>(operands, u + group * 16 * C * KD, m.data(), count, pr);
+      TileProducts<NZ, P>(v.data(), u + group * 16 * C * KD, m.data(), count, pr);
       for (int s = 0; s < count; ++s) {
         const int64_t image = (t + s) / per_image, tile = (t + s) % per_image;
         OutputTile(m.data() + s * 16 * KD, D, KD,
