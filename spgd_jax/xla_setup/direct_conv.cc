@@ -181,6 +181,35 @@ void WinogradKernel(const float* kernel, int64_t C, int64_t D, int64_t KD, float
     }
 }
 
+// Winograd F(4x4, 3x3): the kernel (3, 3, C, D) -> u (36, C, KD), u[6 i + j] = (G g G^T)[i][j] for every (c, d),
+// G = [[1/4, 0, 0], [-1/6, -1/6, -1/6], [-1/6, 1/6, -1/6], [1/24, 1/12, 1/6], [1/24, -1/12, 1/6], [0, 0, 1]],
+// computed in float64 and rounded once; u's channels d >= D are left as they are.
+void WinogradKernel4(const float* kernel, int64_t C, int64_t D, int64_t KD, float* u) {
+  const auto transform = [](const double (&g)[3], double (&out)[6]) {
+    out[0] = g[0] / 4;
+    out[1] = -(g[0] + g[1] + g[2]) / 6;
+    out[2] = -(g[0] - g[1] + g[2]) / 6;
+    out[3] = g[0] / 24 + g[1] / 12 + g[2] / 6;
+    out[4] = g[0] / 24 - g[1] / 12 + g[2] / 6;
+    out[5] = g[2];
+  };
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t d = 0; d < D; ++d) {
+      double gg[6][3];
+      for (int j = 0; j < 3; ++j) {
+        double column[3], out[6];
+        for (int i = 0; i < 3; ++i) column[i] = kernel[((i * 3 + j) * C + c) * D + d];
+        transform(column, out);
+        for (int i = 0; i < 6; ++i) gg[i][j] = out[i];
+      }
+      for (int i = 0; i < 6; ++i) {
+        double row[6];
+        transform(gg[i], row);
+        for (int j = 0; j < 6; ++j) u[((i * 6 + j) * C + c) * KD + d] = static_cast<float>(row[j]);
+      }
+    }
+}
+
 // v[e * C + c] = value for e = 4 i + j: T = float stores it as it is; T = uint16_t rounds it to bfloat16 (to
 // nearest even, as its bits).
 template <class T>
@@ -243,58 +272,140 @@ __attribute__((target("avx512f"))) void OutputTile(const float* m, int64_t D, in
   }
 }
 
-// m[(s * 16 + e) * KD ..] = v[(s * 16 + e) * C ..] (C) x u[e] (C, KD) for the 16 slices e and the tiles s < count
+// (B^T d)[0 .. 5] of six values d (a column or a row of a 6x6 tile), B^T = [[4, 0, -5, 0, 1, 0],
+// [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
+__attribute__((target("avx512f"))) inline void InputTransform6(const __m512 (&d)[6], __m512 (&r)[6]) {
+  const __m512 four = _mm512_set1_ps(4.0f), minus_four = _mm512_set1_ps(-4.0f), minus_five = _mm512_set1_ps(-5.0f);
+  const __m512 a = _mm512_fmadd_ps(minus_four, d[2], d[4]), b = _mm512_fmadd_ps(minus_four, d[1], d[3]);
+  const __m512 c = _mm512_sub_ps(d[4], d[2]), e = _mm512_add_ps(_mm512_sub_ps(d[3], d[1]), _mm512_sub_ps(d[3], d[1]));
+  r[0] = _mm512_fmadd_ps(four, d[0], _mm512_fmadd_ps(minus_five, d[2], d[4]));
+  r[1] = _mm512_add_ps(a, b);
+  r[2] = _mm512_sub_ps(a, b);
+  r[3] = _mm512_add_ps(c, e);
+  r[4] = _mm512_sub_ps(c, e);
+  r[5] = _mm512_fmadd_ps(four, d[1], _mm512_fmadd_ps(minus_five, d[3], d[5]));
+}
+
+// v[e * C + c] for e = 6 i + j: (B^T d B)[i][j] of the 6x6 tile d of x (H, W, C) whose top left pixel is
+// (r0, col0), zero outside the image, as the products' operand T (StoreTransformed).
+template <class T>
+__attribute__((target("avx512f,avx512bf16"))) void InputTile4(const float* x, int64_t r0, int64_t col0,
+                                                               const Problem& pr, T* v) {
+  const int64_t H = pr.height, W = pr.width, C = pr.in_channels;
+  const bool inside = r0 >= 0 && r0 + 6 <= H && col0 >= 0 && col0 + 6 <= W;
+  for (int64_t c0 = 0; c0 < C; c0 += 16) {
+    __m512 s[6][6];  // s[i][j] = (B^T d)[i][j]
+    for (int j = 0; j < 6; ++j) {
+      __m512 d[6], r[6];
+      for (int i = 0; i < 6; ++i) {
+        const int64_t row = r0 + i, col = col0 + j;
+        d[i] = inside || (row >= 0 && row < H && col >= 0 && col < W) ? _mm512_loadu_ps(x + (row * W + col) * C + c0)
+                                                                      : _mm512_setzero_ps();
+      }
+      InputTransform6(d, r);
+      for (int i = 0; i < 6; ++i) s[i][j] = r[i];
+    }
+    for (int i = 0; i < 6; ++i) {
+      __m512 r[6];
+      InputTransform6(s[i], r);
+      for (int j = 0; j < 6; ++j) StoreTransformed(v + (6 * i + j) * C + c0, r[j]);
+    }
+  }
+}
+
+// (A^T m)[0 .. 3] of six values m, A^T = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+// [0, 1, -1, 8, -8, 1]].
+__attribute__((target("avx512f"))) inline void OutputTransform6(const __m512 (&m)[6], __m512 (&o)[4]) {
+  const __m512 p = _mm512_add_ps(m[1], m[2]), q = _mm512_sub_ps(m[1], m[2]);
+  const __m512 r = _mm512_add_ps(m[3], m[4]), s = _mm512_sub_ps(m[3], m[4]);
+  o[0] = _mm512_add_ps(_mm512_add_ps(m[0], p), r);
+  o[1] = _mm512_fmadd_ps(_mm512_set1_ps(2.0f), s, q);
+  o[2] = _mm512_fmadd_ps(_mm512_set1_ps(4.0f), r, p);
+  o[3] = _mm512_add_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.0f), s, q), m[5]);
+}
+
+// The 4x4 output pixels of one tile, out (4 rows `row_stride` floats apart, 4 pixels, D): A^T M A of
+// M[e] = m[e * KD ..] (36 slices).
+__attribute__((target("avx512f"))) void OutputTile4(const float* m, int64_t D, int64_t KD, float* out,
+                                                     int64_t row_stride) {
+  for (int64_t d0 = 0; d0 < KD; d0 += 16) {
+    const __mmask16 mask = static_cast<__mmask16>(D - d0 >= 16 ? 0xffff : (1u << (D - d0)) - 1);
+    __m512 s[4][6];  // s[i][j] = (A^T M)[i][j]
+    for (int j = 0; j < 6; ++j) {
+      __m512 column[6], o[4];
+      for (int i = 0; i < 6; ++i) column[i] = _mm512_loadu_ps(m + (6 * i + j) * KD + d0);
+      OutputTransform6(column, o);
+      for (int i = 0; i < 4; ++i) s[i][j] = o[i];
+    }
+    for (int i = 0; i < 4; ++i) {
+      __m512 o[4];
+      OutputTransform6(s[i], o);
+      for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(out + i * row_stride + j * D + d0, mask, o[j]);
+    }
+  }
+}
+
+// m[(s * S + e) * KD ..] = v[(s * S + e) * C ..] (C) x u[e] (C, KD) for the S slices e and the tiles s < count
 // (blocks of P tiles; the last block's extra rows of v are read, their products not stored). T: float, or uint16_t
 // for bfloat16 operands, u[e] then in Accumulate's pair layout (C / 2, KD, 2). The bfloat16 instructions are
 // called only where T is uint16_t (and the CPU has them: SpgdBf16ProductsSupported).
-template <int NZ, int P, class T>
+template <int S, int NZ, int P, class T>
 __attribute__((target("avx512f,avx512bf16"))) void TileProducts(const T* v, const T* u, float* m, int count,
                                                                  const Problem& pr) {
   const int64_t C = pr.in_channels, KD = pr.kernel_channels;
   constexpr int64_t kLanes = std::is_same_v<T, uint16_t> ? 2 : 1;  // u's values per output channel
-  for (int e = 0; e < 16; ++e)
+  for (int e = 0; e < S; ++e)
     for (int p0 = 0; p0 < count; p0 += P)
       for (int64_t d0 = 0; d0 < KD; d0 += 16 * NZ) {
         __m512 acc[P][NZ];
         for (int p = 0; p < P; ++p)
           for (int z = 0; z < NZ; ++z) acc[p][z] = _mm512_setzero_ps();
-        Accumulate<NZ, P>(acc, v + (p0 * 16 + e) * C, 16 * C, u + e * C * KD + kLanes * d0, C, KD);
-        Store<NZ, P>(acc, m + (p0 * 16 + e) * KD + d0, 16 * KD, std::min(P, count - p0));
+        Accumulate<NZ, P>(acc, v + (p0 * S + e) * C, S * C, u + e * C * KD + kLanes * d0, C, KD);
+        Store<NZ, P>(acc, m + (p0 * S + e) * KD + d0, S * KD, std::min(P, count - p0));
       }
 }
 
-// Tiles are numbered over images, tile rows and tile columns. A chunk of up to `chunk` consecutive tiles of one
-// kernel group is transformed into v (chunk, 16, C), multiplied slice by slice with u (16, C, KD) into m (chunk,
-// 16, KD) and transformed back into out. T: the products' operands, float or uint16_t (bfloat16: v is rounded to
-// bfloat16 as it is stored, u comes so).
-template <int NZ, int P, class T>
+// Tiles (M x M output pixels, M = 2: F(2x2, 3x3), or 4: F(4x4, 3x3); S = (M + 2)^2 slices) are numbered over
+// images, tile rows and tile columns. A chunk of up to `chunk` consecutive tiles of one kernel group is transformed
+// into v (chunk, S, C), multiplied slice by slice with u (S, C, KD) into m (chunk, S, KD) and transformed back into
+// out. T: the products' operands, float or uint16_t (bfloat16: v is rounded to bfloat16 as it is stored, u comes
+// so).
+template <int M, int NZ, int P, class T>
 void WinogradTiles(ffi::ThreadPool pool, const float* x, const T* u, float* out, const Batch& b,
                    const Problem& pr) {
+  constexpr int S = (M + 2) * (M + 2);
   const int64_t C = pr.in_channels, D = pr.out_channels, KD = pr.kernel_channels, W = pr.width;
-  const int64_t tile_cols = W / 2, per_image = pr.height / 2 * tile_cols, tiles = b.images * per_image;
+  const int64_t tile_cols = W / M, per_image = pr.height / M * tile_cols, tiles = b.images * per_image;
   // v and m of about 400 KB each at most (they stay in L2); a multiple of 24 tiles, so of every P.
-  const int64_t chunk = std::clamp<int64_t>(12288 / std::max(C, KD) / 24 * 24, 24, 96);
+  const int64_t chunk = std::clamp<int64_t>(196608 / S / std::max(C, KD) / 24 * 24, 24, 96);
   const int64_t image_in = pr.height * W * C, image_out = pr.height * W * D;
-  const int64_t tasks = Tasks(32.0 * tiles * C * KD, std::max<int64_t>(1, tiles / kMinTaskTiles));
+  const int64_t tasks = Tasks(2.0 * S * tiles * C * KD, std::max<int64_t>(1, tiles / kMinTaskTiles));
   spgd::RunTasks(pool, tasks, [=](int64_t task) {
     thread_local std::vector<T> v;
     thread_local std::vector<float> m;
-    v.resize(std::max<size_t>(v.size(), 16 * chunk * C));
-    m.resize(std::max<size_t>(m.size(), 16 * chunk * KD));
+    v.resize(std::max<size_t>(v.size(), S * chunk * C));
+    m.resize(std::max<size_t>(m.size(), S * chunk * KD));
     for (int64_t t = tiles * task / tasks, end = tiles * (task + 1) / tasks; t < end;) {
       const int64_t group = t / per_image / b.n;
       const int64_t stop = std::min({t + chunk, end, (group + 1) * b.n * per_image});
       const int count = static_cast<int>(stop - t);
       for (int s = 0; s < count; ++s) {
         const int64_t image = (t + s) / per_image, tile = (t + s) % per_image;
-        InputTile(x + b.Input(image) * image_in, 2 * (tile / tile_cols) - 1, 2 * (tile % tile_cols) - 1, pr,
-                  v.data() + s * 16 * C);
+        const float* xi = x + b.Input(image) * image_in;
+        const int64_t r0 = M * (tile / tile_cols) - 1, col0 = M * (tile % tile_cols) - 1;
+        if constexpr (M == 2)
+          InputTile(xi, r0, col0, pr, v.data() + s * S * C);
+        else
+          InputTile4(xi, r0, col0, pr, v.data() + s * S * C);
       }
-      TileProducts<NZ, P>(v.data(), u + group * 16 * C * KD, m.data(), count, pr);
+      TileProducts<S, NZ, P>(v.data(), u + group * S * C * KD, m.data(), count, pr);
       for (int s = 0; s < count; ++s) {
         const int64_t image = (t + s) / per_image, tile = (t + s) % per_image;
-        OutputTile(m.data() + s * 16 * KD, D, KD,
-                   out + image * image_out + (2 * (tile / tile_cols) * W + 2 * (tile % tile_cols)) * D, W * D);
+        float* o = out + image * image_out + (M * (tile / tile_cols) * W + M * (tile % tile_cols)) * D;
+        if constexpr (M == 2)
+          OutputTile(m.data() + s * S * KD, D, KD, o, W * D);
+        else
+          OutputTile4(m.data() + s * S * KD, D, KD, o, W * D);
       }
       t = stop;
     }
@@ -310,7 +421,9 @@ struct Prepared {
   int32_t token;  // unique in the process, from 1
   const float* source;
   int64_t rows, cols;  // the source's (3, 3, rows, cols)
-  bool flipped, winograd, bf16;
+  bool flipped;
+  int32_t winograd;  // the Winograd tile (2 or 4), or 0: the direct sums' form
+  bool bf16;
   std::vector<float> values, data;
   std::vector<uint16_t> pairs;  // bf16: the bfloat16 bits of data's values, in pairs of input channels
 };
@@ -341,7 +454,7 @@ std::shared_ptr<const Prepared> Kept(int32_t token) {
 }
 
 std::shared_ptr<const Prepared> PreparedKernel(const float* kernel, int64_t rows, int64_t cols, bool flipped,
-                                               bool winograd, bool bf16) {
+                                               int32_t winograd, bool bf16) {
   const size_t size = 9 * rows * cols;
   {
     std::lock_guard<std::mutex> lock(kept_mutex);
@@ -370,11 +483,12 @@ std::shared_ptr<const Prepared> PreparedKernel(const float* kernel, int64_t rows
   }
   const int64_t in = flipped ? cols : rows, out = flipped ? rows : cols, padded = (out + 15) / 16 * 16;
   if (winograd) {
-    made->data.assign(16 * in * padded, 0.0f);
-    WinogradKernel(conv_kernel, in, out, padded, made->data.data());
-    if (bf16) {  // (16, in, padded) -> (16, in / 2, padded, 2)
+    const int64_t slices = (winograd + 2) * (winograd + 2);
+    made->data.assign(slices * in * padded, 0.0f);
+    (winograd == 2 ? WinogradKernel : WinogradKernel4)(conv_kernel, in, out, padded, made->data.data());
+    if (bf16) {  // (S, in, padded) -> (S, in / 2, padded, 2)
       made->pairs.resize(made->data.size());
-      for (int64_t e = 0; e < 16; ++e)
+      for (int64_t e = 0; e < slices; ++e)
         for (int64_t c = 0; c < in; ++c)
           for (int64_t d = 0; d < padded; ++d)
             made->pairs[((e * in + c - c % 2) * padded + 2 * d) + c % 2] = Bfloat16(made->data[(e * in + c) * padded + d]);
@@ -412,14 +526,16 @@ const T* Concatenated(const std::vector<std::shared_ptr<const Prepared>>& prepar
 }
 
 // Whether the convolution by a kernel (..., 3, 3, rows, cols) takes a prepared copy of it.
-bool NeedsPreparation(int64_t rows, int64_t cols, bool flipped, bool winograd) {
+bool NeedsPreparation(int64_t rows, int64_t cols, bool flipped, int32_t winograd) {
   return flipped || winograd || cols % 16 != 0;  // unflipped, cols are the out channels
 }
 
-ffi::Error Prepare(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::S32> tokens, bool flipped, bool winograd,
+ffi::Error Prepare(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::S32> tokens, bool flipped, int32_t winograd,
                    bool bf16_products) {
-  if (bf16_products && !winograd)
-    return ffi::Error::InvalidArgument("spgd_prepare_conv3x3_kernel: bfloat16 products are Winograd's only");
+  if (winograd != 0 && winograd != 2 && winograd != 4)
+    return ffi::Error::InvalidArgument("spgd_prepare_conv3x3_kernel: winograd is a tile of 2 or 4, or 0");
+  if (bf16_products && winograd != 2)
+    return ffi::Error::InvalidArgument("spgd_prepare_conv3x3_kernel: bfloat16 products are F(2x2, 3x3)'s only");
   auto kd = kernel.dimensions();
   const size_t kr = kd.size();
   if (kr < 4 || kd[kr - 4] != 3 || kd[kr - 3] != 3)
@@ -435,7 +551,7 @@ ffi::Error Prepare(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::S32> tok
 }
 
 ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                   ffi::Buffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::F32> out, bool flipped, bool winograd,
+                   ffi::Buffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::F32> out, bool flipped, int32_t winograd,
                    bool bf16_products) {
   auto xd = x.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
   if (xd.size() < 4 || kd.size() < 4 || od.size() < 4) return ffi::Error::InvalidArgument("rank below 4");
@@ -446,9 +562,12 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (kd[kr - 4] != 3 || kd[kr - 3] != 3 || k_in != pr.in_channels || od[orank - 3] != pr.height ||
       od[orank - 2] != pr.width || od[orank - 1] != pr.out_channels)
     return ffi::Error::InvalidArgument("shapes do not make a 3x3 'same' convolution");
-  if (winograd && (pr.height % 2 != 0 || pr.width % 2 != 0 || pr.in_channels % 16 != 0))
-    return ffi::Error::InvalidArgument("winograd needs an even height and width and in channels a multiple of 16");
-  if (bf16_products && !winograd) return ffi::Error::InvalidArgument("bfloat16 products are Winograd's only");
+  if (winograd != 0 && winograd != 2 && winograd != 4)
+    return ffi::Error::InvalidArgument("winograd is a tile of 2 or 4, or 0 (the direct sums)");
+  if (winograd && (pr.height % winograd != 0 || pr.width % winograd != 0 || pr.in_channels % 16 != 0))
+    return ffi::Error::InvalidArgument("winograd needs a height and width that are multiples of its tile and in "
+                                       "channels a multiple of 16");
+  if (bf16_products && winograd != 2) return ffi::Error::InvalidArgument("bfloat16 products are F(2x2, 3x3)'s only");
   int64_t x_images = Product(xd, xr - 3), groups = Product(kd, kr - 4), images = Product(od, orank - 3);
   if (images == 0 || pr.in_channels == 0) {
     std::fill_n(out->typed_data(), out->element_count(), 0.0f);
@@ -482,9 +601,11 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const auto run = [&](auto nz, auto p) {
     constexpr int NZ = decltype(nz)::value, P = decltype(p)::value;
     if (bf16_products)
-      WinogradTiles<NZ, P>(pool, xp, pairs, op, batch, pr);
-    else if (winograd)
-      WinogradTiles<NZ, P>(pool, xp, kp, op, batch, pr);
+      WinogradTiles<2, NZ, P>(pool, xp, pairs, op, batch, pr);
+    else if (winograd == 2)
+      WinogradTiles<2, NZ, P>(pool, xp, kp, op, batch, pr);
+    else if (winograd == 4)
+      WinogradTiles<4, NZ, P>(pool, xp, kp, op, batch, pr);
     else
       DirectRows<NZ, P>(pool, xp, kp, op, batch, pr);
   };
@@ -512,7 +633,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdPrepareConv3x3Kernel, Prepare,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<bool>("flipped")
-                                  .Attr<bool>("winograd")
+                                  .Attr<int32_t>("winograd")
                                   .Attr<bool>("bf16_products"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdDirectConv3x3, Conv3x3,
@@ -523,5 +644,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdDirectConv3x3, Conv3x3,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("flipped")
-                                  .Attr<bool>("winograd")
+                                  .Attr<int32_t>("winograd")
                                   .Attr<bool>("bf16_products"));

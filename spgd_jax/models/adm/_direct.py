@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from spgd_jax.models.adm import _conv
@@ -42,6 +43,7 @@ WINOGRAD_MIN_TILES = 48
 # With bfloat16 products Winograd takes 8 x 8 px images too: on a 2-core AMD EPYC (Zen 4) a 64 -> 64 channel 8 px
 # convolution took 0.029 ms against the direct sums' 0.038 at batch 1 and 0.053 against 0.131 at batch 4.
 BFLOAT16_WINOGRAD_MIN_TILES = 16
+FLOAT32_WINOGRAD_TILE = 4
 
 
 def uses_winograd(height: int, width: int, in_channels: int, bf16_products: bool = False) -> bool:
@@ -58,7 +60,9 @@ def _call(x: jax.Array, kernel: jax.Array, flipped: bool, winograd: bool, bf16_p
     when `winograd` and uses_winograd(x's height, width, channels), then with bfloat16 products if `bf16_products`."""
     out_channels = kernel.shape[2] if flipped else kernel.shape[3]
     winograd = winograd and uses_winograd(*x.shape[-3:], bf16_products=bf16_products)
-    attributes = dict(flipped=flipped, winograd=winograd, bf16_products=winograd and bf16_products)
+    height, width = x.shape[-3:-1]
+    tile = 0 if not winograd else 2 if bf16_products or height % FLOAT32_WINOGRAD_TILE or width % FLOAT32_WINOGRAD_TILE else FLOAT32_WINOGRAD_TILE
+    attributes = dict(flipped=flipped, winograd=np.int32(tile), bf16_products=winograd and bf16_products)
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (out_channels,), jnp.float32)
     tokens = jax.ffi.ffi_call(direct_conv.PREPARE_TARGET, jax.ShapeDtypeStruct(kernel.shape[:-4], jnp.int32),
                               vmap_method="expand_dims")(kernel, **attributes)
