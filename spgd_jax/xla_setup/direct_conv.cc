@@ -1,5 +1,6 @@
 // spgd_direct_conv3x3: a 3x3 'same' convolution with stride 1 of float32 operands on the CPU (AVX-512), as an
-// XLA FFI handler: a direct convolution or Winograd's F(2x2, 3x3), with no im2col copy of the input.
+// XLA FFI handler: a direct convolution or Winograd's F(2x2, 3x3) or F(4x4, 3x3), with no im2col copy of the
+// input. The attribute winograd is the Winograd output tile (2 or 4), or 0 for the direct sums.
 //
 // Built and registered by spgd_jax/xla_setup/direct_conv.py; called by spgd_jax/models/adm/_direct.py.
 //   x      (..., H, W, C)       float32, row-major (NHWC)
@@ -24,13 +25,17 @@
 // or right of it multiply zeros. A block of P consecutive pixels of a row times 16 * NZ output channels is held in
 // AVX-512 registers for the whole sum. D not a multiple of 16 (an RGB output) is computed in 16s with a kernel
 // padded with zeros, the extra channels not stored.
-// Winograd (the attribute winograd; H and W even, C a multiple of 16): each 2x2 output tile is A^T M A with M = sum
+// Winograd F(2x2, 3x3) (winograd = 2; H and W even, C a multiple of 16): each 2x2 output tile is A^T M A with M = sum
 // over c of (G g G^T) * (B^T d B), d the 4x4 input tile around it (zeros outside the image), g the kernel (Lavin &
 // Gray 2016, "Fast Algorithms for Convolutional Neural Networks"): 16 products of (tiles, C) x (C, D) in place of
 // the 9 taps' (pixels, C) x (C, D) for 4 output pixels, 2.25x fewer multiplies. The transforms' coefficients are 0,
 // +-1 and +-1/2, so the result is the convolution to float32 round-off, as the direct sums are (in tests, closer to
 // float64's).
-// Winograd with the attribute bf16_products (CPUs with AVX512-BF16: SpgdBf16ProductsSupported): the transformed
+// Winograd F(4x4, 3x3) (winograd = 4; H and W multiples of 4, C a multiple of 16): the same with 6x6 input tiles,
+// 36 products for 16 output pixels in place of 144 (4x fewer multiplies than the direct sums). Its transforms'
+// coefficients reach 8 (and 1/24 in the kernel's, computed in float64), so its error is about ten times F(2x2,
+// 3x3)'s: still float32 round-off, about 1e-5 of the output's scale in tests.
+// F(2x2, 3x3) with the attribute bf16_products (CPUs with AVX512-BF16: SpgdBf16ProductsSupported): the transformed
 // tiles B^T d B and kernels G g G^T are rounded to bfloat16 (to nearest even) before the 16 products, which sum in
 // float32 two input channels per instruction (AVX512-BF16's dot of pairs); the transforms stay float32. The error
 // is then bfloat16's, that of `jax.default_matmul_precision("bfloat16")`, for about half the products' time.
@@ -156,8 +161,9 @@ void DirectRows(ffi::ThreadPool pool, const float* x, const float* kernel, float
   });
 }
 
-// Winograd's tasks take at least this many tiles (one task takes all of fewer).
-constexpr int64_t kMinTaskTiles = 24;
+// Winograd's tasks take tiles of at least this many output pixels (one task takes all of fewer): 24 of F(2x2,
+// 3x3)'s, 6 of F(4x4, 3x3)'s.
+constexpr int64_t kMinTaskPixels = 96;
 
 // Winograd F(2x2, 3x3): the kernel (3, 3, C, D) -> u (16, C, KD), u[4 i + j] = (G g G^T)[i][j] for every (c, d),
 // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]; u's channels d >= D are left as they are.
@@ -379,7 +385,7 @@ void WinogradTiles(ffi::ThreadPool pool, const float* x, const T* u, float* out,
   // v and m of about 400 KB each at most (they stay in L2); a multiple of 24 tiles, so of every P.
   const int64_t chunk = std::clamp<int64_t>(196608 / S / std::max(C, KD) / 24 * 24, 24, 96);
   const int64_t image_in = pr.height * W * C, image_out = pr.height * W * D;
-  const int64_t tasks = Tasks(2.0 * S * tiles * C * KD, std::max<int64_t>(1, tiles / kMinTaskTiles));
+  const int64_t tasks = Tasks(2.0 * S * tiles * C * KD, std::max<int64_t>(1, tiles * M * M / kMinTaskPixels));
   spgd::RunTasks(pool, tasks, [=](int64_t task) {
     thread_local std::vector<T> v;
     thread_local std::vector<float> m;
@@ -564,10 +570,10 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("shapes do not make a 3x3 'same' convolution");
   if (winograd != 0 && winograd != 2 && winograd != 4)
     return ffi::Error::InvalidArgument("winograd is a tile of 2 or 4, or 0 (the direct sums)");
+  if (bf16_products && winograd != 2) return ffi::Error::InvalidArgument("bfloat16 products are F(2x2, 3x3)'s only");
   if (winograd && (pr.height % winograd != 0 || pr.width % winograd != 0 || pr.in_channels % 16 != 0))
     return ffi::Error::InvalidArgument("winograd needs a height and width that are multiples of its tile and in "
                                        "channels a multiple of 16");
-  if (bf16_products && winograd != 2) return ffi::Error::InvalidArgument("bfloat16 products are F(2x2, 3x3)'s only");
   int64_t x_images = Product(xd, xr - 3), groups = Product(kd, kr - 4), images = Product(od, orank - 3);
   if (images == 0 || pr.in_channels == 0) {
     std::fill_n(out->typed_data(), out->element_count(), 0.0f);

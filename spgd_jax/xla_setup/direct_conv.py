@@ -3,8 +3,9 @@
 XLA:CPU runs a float32 convolution as Eigen's contraction over image patches, which repacks the input for every
 block it multiplies; on a 2-core Xeon (AVX-512) that ran the default prior's 3x3 convolutions at 90-250 GFLOP/s.
 The handler holds a block of pixels times output channels in vector registers and sums the taps and input
-channels straight from the NHWC input (direct), or (the attribute winograd) computes Winograd's F(2x2, 3x3): 16
-channel products per 2x2 output tile in place of 36, between transforms of the input and output tiles.
+channels straight from the NHWC input (direct), or (the attribute winograd, the output tile) computes Winograd's
+F(2x2, 3x3): 16 channel products per 2x2 output tile in place of 36, or F(4x4, 3x3): 36 per 4x4 tile in place of
+144, between transforms of the input and output tiles.
 spgd_jax/models/adm/_direct.py calls it for float32 3x3 'same' convolutions traced for the CPU whose output
 channels are a multiple of 16, and for their input gradients (the attribute flipped: the convolution of the output
 gradient by the kernel flipped in space, its in/out axes swapped). The kernels a convolution needs (flipped, in

@@ -30,8 +30,9 @@ up (spgd_jax.xla_setup.onednn), as Winograd F(2x2, 3x3) with bfloat16 channel
 products (``_winograd``; on a 2-core AMD EPYC 1.1-1.2x faster at batch 4).
 'float32' leaves convolutions and matmuls at JAX's default precision, which on
 recent NVIDIA GPUs is TF32; on x86-64 CPUs with AVX-512 its 3x3 stride-1 convolutions
-run as spgd_jax's native float32 kernel (``_direct``: Winograd's F(2x2, 3x3) on images of 16 x 12 px
-or more with channels in 16s, direct sums elsewhere; float32 round-off apart from XLA's, faster than
+run as spgd_jax's native float32 kernel (``_direct``: Winograd's F(4x4, 3x3) on images with sides in 4s
+of 8 x 8 px or more and channels in 16s, F(2x2, 3x3) on other even ones of 16 x 12 px or more, direct sums
+elsewhere; float32 round-off apart from XLA's, about 1e-5 of the output's scale, faster than
 XLA's convolution; SPGD_JAX_DIRECT_CONV=0 keeps XLA's); wrap calls in ``jax.default_matmul_precision("highest")``
 for true float32 arithmetic there. On the CPU, ``jax.default_matmul_precision("bfloat16")``
 makes the float32 network's 3x3 stride-1 convolutions compute from bfloat16 operands
@@ -44,7 +45,8 @@ The 3x3 convolution routes are public for benchmarks and for users' own networks
 ``onednn_conv3x3(x, kernel)`` (bfloat16, or float32 from bfloat16 operands; once
 ``spgd_jax.xla_setup.onednn.conv_target()`` is not None),
 ``direct_conv3x3(x, kernel)`` and ``winograd_float32_conv3x3(x, kernel)`` (float32; once
-``spgd_jax.xla_setup.direct_conv.route()[0]``; ``uses_winograd(H, W, C)`` says which the latter computes),
+``spgd_jax.xla_setup.direct_conv.route()[0]``; ``winograd_tile(H, W, C)`` says which the latter computes: 4 for
+Winograd's F(4x4, 3x3), 2 for F(2x2, 3x3), 0 for the direct sums; ``uses_winograd`` whether it is not 0),
 ``winograd_bfloat16_conv3x3(x, kernel)`` (float32, Winograd's operands rounded to bfloat16; once
 ``spgd_jax.xla_setup.direct_conv.bf16_products()[0]``) and ``winograd_conv3x3(x, kernel)`` (bfloat16 products
 through XLA's dots); x (B, H, W, C), kernel (3, 3, C, D), 'same' padding, stride 1.
@@ -55,7 +57,7 @@ maps one to the other).
 
 from spgd_jax.models.adm._config import CONFIGS, DEFAULT_CHANNEL_MULT, NUM_CLASSES, UNetConfig
 from spgd_jax.models.adm._direct import (direct_conv3x3, uses_winograd, winograd_bfloat16_conv3x3,
-                                         winograd_float32_conv3x3)
+                                         winograd_float32_conv3x3, winograd_tile)
 from spgd_jax.models.adm._family import ADM  # the family, registered at its definition
 from spgd_jax.models.adm._network import UNet, init_shapes, param_count, timestep_embedding
 from spgd_jax.models.adm._onednn import onednn_conv3x3
@@ -64,4 +66,4 @@ from spgd_jax.models.adm._winograd import winograd_conv3x3
 __all__ = ["ADM", "CONFIGS", "DEFAULT_CHANNEL_MULT", "NUM_CLASSES", "UNet", "UNetConfig", "direct_conv3x3", "init_shapes",
            "onednn_conv3x3",
            "param_count", "timestep_embedding", "uses_winograd", "winograd_bfloat16_conv3x3", "winograd_conv3x3",
-           "winograd_float32_conv3x3"]
+           "winograd_float32_conv3x3", "winograd_tile"]

@@ -1,11 +1,18 @@
 """Float32 3x3 'same' convolutions on the CPU through spgd_jax's native AVX-512 kernel (xla_setup.direct_conv):
-Winograd's F(2x2, 3x3) where it pays, direct sums elsewhere.
+Winograd's F(4x4, 3x3) or F(2x2, 3x3) where it pays, direct sums elsewhere.
 
 Float32 3x3 stride-1 convolutions with padding 1 (the ADM UNet's) take this route on the CPU backend once the
-handler is registered (x86-64 Linux with AVX-512F), as `winograd_float32_conv3x3`: images with even sides, at
-least 48 tiles of 2x2 pixels (16 x 12 px) and input channels in 16s as Winograd's F(2x2, 3x3) in float32 (2.25x
-fewer multiplies; transforms with coefficients 0, +-1, +-1/2), the others as direct float32 sums
-(`direct_conv3x3`): results differ from XLA's convolution by float32 round-off only. On a 2-core Xeon the direct
+handler is registered (x86-64 Linux with AVX-512F), as `winograd_float32_conv3x3` (`winograd_tile` decides):
+images with sides in 4s of at least 8 x 8 px and input channels in 16s as Winograd's F(4x4, 3x3) in float32 (4x
+fewer multiplies than the direct sums; transforms with coefficients up to 8 and down to 1/24, the kernel's made in
+float64), other images with even sides of at least 48 tiles of 2x2 pixels (16 x 12 px) as F(2x2, 3x3) (2.25x
+fewer; coefficients 0, +-1, +-1/2), the others as direct float32 sums (`direct_conv3x3`). Results differ from
+XLA's convolution by float32 round-off: F(2x2, 3x3)'s by as little as the direct sums', F(4x4, 3x3)'s by about
+ten times that (1e-5 of the output's scale in tests), the price of its larger coefficients. F(4x4, 3x3) took over
+from F(2x2, 3x3) in session 29: on a 2-core AMD EPYC (Zen 4) the default prior's convolutions ran 1.2-1.6x
+faster (64 -> 64 channels at 64 px and batch 8: 5.8 against 8.4 ms) and 8 px images 1.3-2x faster than the
+direct sums; the default prior's float32 SPGD sampler 1.29x faster at batch 4 (in-process A/B, six rounds, load
+1.2-1.3). On a 2-core Xeon the direct
 kernel ran the default prior's convolutions 1.4-3.0x faster than XLA's alone at batch 1 and 1.0-5.5x at batch 4
 (benchmarks/results/conv_shapes_cpu-2core-xeon-s24-b1.md, -b4.md), and Winograd 1.2-1.6x faster than the direct
 kernel on the 16-64 px ones (benchmarks/results/conv_shapes_cpu-2core-xeon-s25-b1.md, -b4.md).
@@ -26,43 +33,53 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from spgd_jax.models.adm import _conv
 from spgd_jax.xla_setup import direct_conv
 
 __all__ = ["conv_general_dilated", "direct_conv3x3", "uses_winograd", "winograd_bfloat16_conv3x3",
-           "winograd_float32_conv3x3"]
+           "winograd_float32_conv3x3", "winograd_tile"]
 
 CHANNEL_MULTIPLE = 16  # Winograd's input transform takes the input channels in AVX-512 vectors of 16 float32
-# Winograd takes images of at least this many 2x2 tiles (16 x 12 px): fewer are too little work to split over two
-# threads at batch 1, and there the direct sums ran as fast (8 px images: 0.10 ms either way). Decided per image,
-# not per batch, so that an image's result does not depend on the images beside it.
+# F(2x2, 3x3) takes images of at least this many 2x2 tiles (16 x 12 px): fewer are too little work to split over
+# two threads at batch 1, and there the direct sums ran as fast (8 px images: 0.10 ms either way, on a Xeon).
+# Decided per image, not per batch, so that an image's result does not depend on the images beside it.
 WINOGRAD_MIN_TILES = 48
-# With bfloat16 products Winograd takes 8 x 8 px images too: on a 2-core AMD EPYC (Zen 4) a 64 -> 64 channel 8 px
-# convolution took 0.029 ms against the direct sums' 0.038 at batch 1 and 0.053 against 0.131 at batch 4.
+# With bfloat16 products F(2x2, 3x3) takes 8 x 8 px images too: on a 2-core AMD EPYC (Zen 4) a 64 -> 64 channel
+# 8 px convolution took 0.029 ms against the direct sums' 0.038 at batch 1 and 0.053 against 0.131 at batch 4.
 BFLOAT16_WINOGRAD_MIN_TILES = 16
-FLOAT32_WINOGRAD_TILE = 4
+# F(4x4, 3x3) (float32 only) takes images of at least this many 4x4 tiles (8 x 8 px): there, on the AMD EPYC, a
+# 128 -> 128 channel convolution took 0.10 ms against F(2x2, 3x3)'s 0.12 and the direct sums' 0.17 at batch 1.
+WINOGRAD4_MIN_TILES = 4
+
+
+def winograd_tile(height: int, width: int, in_channels: int, bf16_products: bool = False) -> int:
+    """The output tile of the Winograd algorithm `winograd_float32_conv3x3` (with bf16_products,
+    `winograd_bfloat16_conv3x3`) computes a convolution of (height, width, in_channels) images with: 4 (F(4x4,
+    3x3); float32, sides in 4s, at least WINOGRAD4_MIN_TILES tiles), 2 (F(2x2, 3x3); even sides, at least
+    WINOGRAD_MIN_TILES, or with bfloat16 products BFLOAT16_WINOGRAD_MIN_TILES, tiles), or 0 (the direct sums).
+    in_channels must be a multiple of CHANNEL_MULTIPLE for either."""
+    if in_channels % CHANNEL_MULTIPLE != 0:
+        return 0
+    if not bf16_products and height % 4 == 0 and width % 4 == 0 and (height // 4) * (width // 4) >= WINOGRAD4_MIN_TILES:
+        return 4
+    min_tiles = BFLOAT16_WINOGRAD_MIN_TILES if bf16_products else WINOGRAD_MIN_TILES
+    return 2 if height % 2 == 0 and width % 2 == 0 and (height // 2) * (width // 2) >= min_tiles else 0
 
 
 def uses_winograd(height: int, width: int, in_channels: int, bf16_products: bool = False) -> bool:
-    """Whether `winograd_float32_conv3x3` (or with bf16_products, `winograd_bfloat16_conv3x3`) computes a
-    convolution of (height, width, in_channels) images as Winograd's F(2x2, 3x3): even height and width, at least
-    WINOGRAD_MIN_TILES (BFLOAT16_WINOGRAD_MIN_TILES) tiles, in_channels a multiple of 16."""
-    min_tiles = BFLOAT16_WINOGRAD_MIN_TILES if bf16_products else WINOGRAD_MIN_TILES
-    return (height % 2 == 0 and width % 2 == 0 and (height // 2) * (width // 2) >= min_tiles
-            and in_channels % CHANNEL_MULTIPLE == 0)
+    """Whether `winograd_tile(...)` is a Winograd algorithm's rather than the direct sums'."""
+    return winograd_tile(height, width, in_channels, bf16_products) > 0
 
 
 def _call(x: jax.Array, kernel: jax.Array, flipped: bool, winograd: bool, bf16_products: bool = False) -> jax.Array:
-    """The handler's convolution of x by kernel, or (flipped) by _conv.flipped(kernel); as Winograd's F(2x2, 3x3)
-    when `winograd` and uses_winograd(x's height, width, channels), then with bfloat16 products if `bf16_products`."""
+    """The handler's convolution of x by kernel, or (flipped) by _conv.flipped(kernel); when `winograd`, as the
+    Winograd algorithm of winograd_tile(x's height, width, channels), with bfloat16 products if `bf16_products`."""
     out_channels = kernel.shape[2] if flipped else kernel.shape[3]
-    winograd = winograd and uses_winograd(*x.shape[-3:], bf16_products=bf16_products)
-    height, width = x.shape[-3:-1]
-    tile = 0 if not winograd else 2 if bf16_products or height % FLOAT32_WINOGRAD_TILE or width % FLOAT32_WINOGRAD_TILE else FLOAT32_WINOGRAD_TILE
-    attributes = dict(flipped=flipped, winograd=np.int32(tile), bf16_products=winograd and bf16_products)
+    tile = winograd_tile(*x.shape[-3:], bf16_products=bf16_products) if winograd else 0
+    attributes = dict(flipped=flipped, winograd=np.int32(tile), bf16_products=tile > 0 and bf16_products)
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (out_channels,), jnp.float32)
     tokens = jax.ffi.ffi_call(direct_conv.PREPARE_TARGET, jax.ShapeDtypeStruct(kernel.shape[:-4], jnp.int32),
                               vmap_method="expand_dims")(kernel, **attributes)
@@ -90,9 +107,9 @@ def direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 @functools.partial(_conv.with_same_3x3_gradient, input_gradient=lambda g, kernel: _call(g, kernel, True, True))
 def winograd_float32_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x (B, H, W, C), kernel (3, 3, C, D), both float32 -> (B, H, W, D) float32, as Winograd's F(2x2, 3x3) in
-    float32 where `uses_winograd(H, W, in channels)` (each direction decides for itself: the input gradient's input
-    channels are D), else as `direct_conv3x3`. The CPU only, once spgd_jax.xla_setup.direct_conv.route()[0]."""
+    """x (B, H, W, C), kernel (3, 3, C, D), both float32 -> (B, H, W, D) float32, as Winograd's F(4x4, 3x3) or
+    F(2x2, 3x3) in float32 where `winograd_tile(H, W, in channels)` says (each direction decides for itself: the
+    input gradient's input channels are D), else as `direct_conv3x3`. The CPU only, once spgd_jax.xla_setup.direct_conv.route()[0]."""
     return _checked_call("winograd_float32_conv3x3", x, kernel, winograd=True)
 
 
