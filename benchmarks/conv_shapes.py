@@ -25,7 +25,7 @@ from jax import lax
 
 from benchmarks.speed_setup import loadavg, write_report
 from spgd_jax.models.adm import (direct_conv3x3, onednn_conv3x3, uses_winograd, winograd_bfloat16_conv3x3,
-                                  winograd_conv3x3, winograd_float32_conv3x3)
+                                  winograd_conv3x3, winograd_float32_conv3x3, winograd_tile)
 from spgd_jax.xla_setup import direct_conv, onednn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,12 +65,12 @@ def routes(batch: int, size: int, c: int, d: int) -> dict[str, float]:
     if direct_conv.route()[0]:
         program = jax.jit(direct_conv3x3)
         found["direct float32"] = time_ms(lambda: program(x, k).block_until_ready())
-        if uses_winograd(size, size, c):
+        if uses_winograd(size, size, c):  # F(4x4, 3x3) or F(2x2, 3x3): winograd_tile(size, size, c)
             program = jax.jit(winograd_float32_conv3x3)
             found["winograd float32"] = time_ms(lambda: program(x, k).block_until_ready())
-            if direct_conv.bf16_products()[0]:
-                program = jax.jit(winograd_bfloat16_conv3x3)
-                found["winograd bfloat16 products"] = time_ms(lambda: program(x, k).block_until_ready())
+        if uses_winograd(size, size, c, bf16_products=True) and direct_conv.bf16_products()[0]:
+            program = jax.jit(winograd_bfloat16_conv3x3)
+            found["winograd bfloat16 products"] = time_ms(lambda: program(x, k).block_until_ready())
     if onednn.conv_target() is not None:
         program = jax.jit(onednn_conv3x3)
         found["onednn bfloat16"] = time_ms(lambda: program(xb, kb).block_until_ready())
@@ -96,7 +96,9 @@ def markdown(result: dict) -> str:
     names = list(dict.fromkeys(name for row in result["rows"] for name in row["ms"]))  # every route, first seen first
     lines = [f"# 3x3 convolutions, one call each ({result['tag']})", "",
              f"Batch {result['batch']}, median ms of {result['repeats']} calls (GFLOP/s in brackets); {result['host']}; "
-             f"oneDNN route: {result['onednn']}; direct float32 route: {result.get('direct', '-')}; load average (1/5/15 min) before {result['load_before']}, after "
+             f"oneDNN route: {result['onednn']}; direct float32 route: {result.get('direct', '-')} (winograd float32: "
+             "F(4x4, 3x3) where the sides are in 4s; winograd bfloat16 products: F(2x2, 3x3)); "
+             f"load average (1/5/15 min) before {result['load_before']}, after "
              f"{result['load_after']}.", "", "| px | in -> out | " + " | ".join(names) + " |",
              "|---|---|" + "---:|" * len(names)]
     for row in result["rows"]:
@@ -115,8 +117,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     args = parser.parse_args(argv)
     load_before = loadavg()
-    rows = [{"px": px, "in": c, "out": d, "ms": {name: round(ms, 4) for name, ms in routes(args.batch, px, c, d).items()}}
-            for px, c, d in SHAPES]
+    rows = [{"px": px, "in": c, "out": d, "winograd_tile": winograd_tile(px, px, c),
+             "ms": {name: round(ms, 4) for name, ms in routes(args.batch, px, c, d).items()}} for px, c, d in SHAPES]
     host = f"{os.cpu_count()} CPUs, jax {jax.__version__}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     result = {"tag": args.tag, "batch": args.batch, "repeats": args.repeats, "rows": rows, "host": host,
               "onednn": onednn.route()[1], "direct": direct_conv.route()[1], "bf16_products": direct_conv.bf16_products()[1],

@@ -403,7 +403,8 @@ def test_conv_shapes_times_every_route_of_every_shape(tmp_path):
         native = set()
         if result["direct"].startswith("/"):
             native.add("direct float32")
-            if row["in"] % 16 == 0 and row["px"] >= 16:  # Winograd: the square images of 16 px and more
+            if row["in"] % 16 == 0:  # Winograd: every square image of 8 px and more, channels in 16s
+                assert row["winograd_tile"] == 4  # F(4x4, 3x3): sides in 4s
                 native.add("winograd float32")
                 if result["bf16_products"].startswith("/"):  # the CPU has AVX512-BF16
                     native.add("winograd bfloat16 products")

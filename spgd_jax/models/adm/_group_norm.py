@@ -18,7 +18,11 @@ slower); silu and the scale-shift folded into this gradient (2% slower). So on t
 spgd_jax.xla_setup.group_norm_kernels has its handlers, the sums over the positions are native kernels instead:
 the forward's mean and rstd, and the backward's per-channel sums s1 = sum(g) and s2 = sum(g * (x - mean_g)), from
 which mean_g(g') = sum_c(scale * s1) / n, mean_g(g' * xhat) = rstd * sum_c(scale * s2) / n, and the parameters'
-gradients sum(rstd * s2) and sum(s1) over the images. Both routes agree to float32 round-off.
+gradients sum(rstd * s2) and sum(s1) over the images. Both routes agree to float32 round-off. The kernels take
+the activations in their own shape (B, ..., C): a reshape to (B, positions, C) before the call made XLA:CPU
+compute a fused producer (the output blocks' skip concatenation, a residual sum) once more for the call, and
+without it the default prior's SPGD sampler ran 1.09x faster with bfloat16 convolutions at batch 8 and 1.07x in
+float32 at batch 4 on a 2-core AMD EPYC (in-process A/B, six rounds, load 1.2-1.6; session 29).
 
 Per-group values (mean, rstd and the backward's two means, (B, G)) reach the activations as per-channel arrays
 (B, C) made once. XLA:CPU fuses a broadcast from (B, G) to the activations into the element-wise loop that uses
