@@ -226,36 +226,26 @@ __attribute__((target("avx512f,avx512bf16"))) inline void StoreTransformed(T* v,
     _mm512_storeu_ps(v, value);
 }
 
-// v[e * C + c] for e = 4 i + j: (B^T d B)[i][j] of the 4x4 tile d of x (H, W, C) whose top left pixel is
-// (r0, col0), zero outside the image, as the products' operand T (StoreTransformed).
+// Whether the n x n tile of x whose top left pixel is (r0, col0) lies inside the image.
+inline bool TileInside(int64_t r0, int64_t col0, int n, const Problem& pr) {
+  return r0 >= 0 && r0 + n <= pr.height && col0 >= 0 && col0 + n <= pr.width;
+}
+
+// The 16 channels from c0 of pixel (r, col) of x (H, W, C), zero outside the image (`inside`: known inside).
+__attribute__((target("avx512f"))) inline __m512 Pixel(const float* x, int64_t r, int64_t col, int64_t c0,
+                                                        const Problem& pr, bool inside) {
+  return inside || (r >= 0 && r < pr.height && col >= 0 && col < pr.width)
+             ? _mm512_loadu_ps(x + (r * pr.width + col) * pr.in_channels + c0)
+             : _mm512_setzero_ps();
+}
+
+// (B^T d)[0 .. 3] of four values d (a column or a row of a 4x4 tile), F(2x2, 3x3)'s
 // B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
-template <class T>
-__attribute__((target("avx512f,avx512bf16"))) void InputTile(const float* x, int64_t r0, int64_t col0,
-                                                              const Problem& pr, T* v) {
-  const int64_t H = pr.height, W = pr.width, C = pr.in_channels;
-  const bool inside = r0 >= 0 && r0 + 4 <= H && col0 >= 0 && col0 + 4 <= W;
-  for (int64_t c0 = 0; c0 < C; c0 += 16) {
-    __m512 d[4][4], s[4][4];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) {
-        const int64_t r = r0 + i, col = col0 + j;
-        d[i][j] = inside || (r >= 0 && r < H && col >= 0 && col < W) ? _mm512_loadu_ps(x + (r * W + col) * C + c0)
-                                                                      : _mm512_setzero_ps();
-      }
-    for (int j = 0; j < 4; ++j) {
-      s[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-      s[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-      s[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-      s[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
-    }
-    for (int i = 0; i < 4; ++i) {
-      T* e = v + 4 * i * C + c0;
-      StoreTransformed(e, _mm512_sub_ps(s[i][0], s[i][2]));
-      StoreTransformed(e + C, _mm512_add_ps(s[i][1], s[i][2]));
-      StoreTransformed(e + 2 * C, _mm512_sub_ps(s[i][2], s[i][1]));
-      StoreTransformed(e + 3 * C, _mm512_sub_ps(s[i][1], s[i][3]));
-    }
-  }
+__attribute__((target("avx512f"))) inline void InputTransform(const __m512 (&d)[4], __m512 (&r)[4]) {
+  r[0] = _mm512_sub_ps(d[0], d[2]);
+  r[1] = _mm512_add_ps(d[1], d[2]);
+  r[2] = _mm512_sub_ps(d[2], d[1]);
+  r[3] = _mm512_sub_ps(d[1], d[3]);
 }
 
 // The 2x2 output pixels of one tile, out (2 rows `row_stride` floats apart, 2 pixels, D): A^T M A of
@@ -278,9 +268,9 @@ __attribute__((target("avx512f"))) void OutputTile(const float* m, int64_t D, in
   }
 }
 
-// (B^T d)[0 .. 5] of six values d (a column or a row of a 6x6 tile), B^T = [[4, 0, -5, 0, 1, 0],
+// (B^T d)[0 .. 5] of six values d (a column or a row of a 6x6 tile), F(4x4, 3x3)'s B^T = [[4, 0, -5, 0, 1, 0],
 // [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
-__attribute__((target("avx512f"))) inline void InputTransform6(const __m512 (&d)[6], __m512 (&r)[6]) {
+__attribute__((target("avx512f"))) inline void InputTransform(const __m512 (&d)[6], __m512 (&r)[6]) {
   const __m512 four = _mm512_set1_ps(4.0f), minus_four = _mm512_set1_ps(-4.0f), minus_five = _mm512_set1_ps(-5.0f);
   const __m512 a = _mm512_fmadd_ps(minus_four, d[2], d[4]), b = _mm512_fmadd_ps(minus_four, d[1], d[3]);
   const __m512 c = _mm512_sub_ps(d[4], d[2]), e = _mm512_add_ps(_mm512_sub_ps(d[3], d[1]), _mm512_sub_ps(d[3], d[1]));
@@ -292,29 +282,26 @@ __attribute__((target("avx512f"))) inline void InputTransform6(const __m512 (&d)
   r[5] = _mm512_fmadd_ps(four, d[1], _mm512_fmadd_ps(minus_five, d[3], d[5]));
 }
 
-// v[e * C + c] for e = 6 i + j: (B^T d B)[i][j] of the 6x6 tile d of x (H, W, C) whose top left pixel is
-// (r0, col0), zero outside the image, as the products' operand T (StoreTransformed).
-template <class T>
-__attribute__((target("avx512f,avx512bf16"))) void InputTile4(const float* x, int64_t r0, int64_t col0,
-                                                               const Problem& pr, T* v) {
-  const int64_t H = pr.height, W = pr.width, C = pr.in_channels;
-  const bool inside = r0 >= 0 && r0 + 6 <= H && col0 >= 0 && col0 + 6 <= W;
+// v[e * C + c] for e = N i + j: (B^T d B)[i][j] of the N x N tile d of x (H, W, C) whose top left pixel is
+// (r0, col0), zero outside the image, as the products' operand T (StoreTransformed): N = 4 for F(2x2, 3x3), 6 for
+// F(4x4, 3x3) (InputTransform's B^T), first B^T down each column, then along each row.
+template <int N, class T>
+__attribute__((target("avx512f,avx512bf16"))) void InputTile(const float* x, int64_t r0, int64_t col0,
+                                                              const Problem& pr, T* v) {
+  const int64_t C = pr.in_channels;
+  const bool inside = TileInside(r0, col0, N, pr);
   for (int64_t c0 = 0; c0 < C; c0 += 16) {
-    __m512 s[6][6];  // s[i][j] = (B^T d)[i][j]
-    for (int j = 0; j < 6; ++j) {
-      __m512 d[6], r[6];
-      for (int i = 0; i < 6; ++i) {
-        const int64_t row = r0 + i, col = col0 + j;
-        d[i] = inside || (row >= 0 && row < H && col >= 0 && col < W) ? _mm512_loadu_ps(x + (row * W + col) * C + c0)
-                                                                      : _mm512_setzero_ps();
-      }
-      InputTransform6(d, r);
-      for (int i = 0; i < 6; ++i) s[i][j] = r[i];
+    __m512 s[N][N];  // s[i][j] = (B^T d)[i][j]
+    for (int j = 0; j < N; ++j) {
+      __m512 d[N], r[N];
+      for (int i = 0; i < N; ++i) d[i] = Pixel(x, r0 + i, col0 + j, c0, pr, inside);
+      InputTransform(d, r);
+      for (int i = 0; i < N; ++i) s[i][j] = r[i];
     }
-    for (int i = 0; i < 6; ++i) {
-      __m512 r[6];
-      InputTransform6(s[i], r);
-      for (int j = 0; j < 6; ++j) StoreTransformed(v + (6 * i + j) * C + c0, r[j]);
+    for (int i = 0; i < N; ++i) {
+      __m512 r[N];
+      InputTransform(s[i], r);
+      for (int j = 0; j < N; ++j) StoreTransformed(v + (N * i + j) * C + c0, r[j]);
     }
   }
 }
@@ -399,10 +386,7 @@ void WinogradTiles(ffi::ThreadPool pool, const float* x, const T* u, float* out,
         const int64_t image = (t + s) / per_image, tile = (t + s) % per_image;
         const float* xi = x + b.Input(image) * image_in;
         const int64_t r0 = M * (tile / tile_cols) - 1, col0 = M * (tile % tile_cols) - 1;
-        if constexpr (M == 2)
-          InputTile(xi, r0, col0, pr, v.data() + s * S * C);
-        else
-          InputTile4(xi, r0, col0, pr, v.data() + s * S * C);
+        InputTile<M + 2>(xi, r0, col0, pr, v.data() + s * S * C);
       }
       TileProducts<S, NZ, P>(v.data(), u + group * S * C * KD, m.data(), count, pr);
       for (int s = 0; s < count; ++s) {
