@@ -21,15 +21,19 @@ from pathlib import Path
 
 from spgd_jax.xla_setup import native_build
 
-__all__ = ["ENV_OFF", "HANDLERS", "MOMENTS_TARGET", "SUMS_TARGET", "fingerprint", "route"]
+__all__ = ["ENV_OFF", "HANDLERS", "MOMENTS_TARGET", "SILU_GRAD_TARGET", "SILU_TARGET", "SUMS_TARGET", "fingerprint",
+           "route"]
 
 ENV_OFF = "SPGD_JAX_GROUP_NORM_KERNELS"
 MOMENTS_TARGET = "spgd_group_norm_moments"
 SUMS_TARGET = "spgd_group_norm_sums"
+SILU_TARGET = "spgd_group_norm_silu"
+SILU_GRAD_TARGET = "spgd_group_norm_silu_grad"
 _FOLDER = Path(__file__).parent
 HANDLERS = native_build.Handlers(
     name="group-norm", source=_FOLDER / "group_norm_sums.cc", library="libspgd_group_norm.so",
-    symbols=((MOMENTS_TARGET, "SpgdGroupNormMoments"), (SUMS_TARGET, "SpgdGroupNormSums")), env_off=ENV_OFF,
+    symbols=((MOMENTS_TARGET, "SpgdGroupNormMoments"), (SUMS_TARGET, "SpgdGroupNormSums"),
+             (SILU_TARGET, "SpgdGroupNormSilu"), (SILU_GRAD_TARGET, "SpgdGroupNormSiluGrad")), env_off=ENV_OFF,
     flags=("-O3", "-fopenmp-simd"), headers=(_FOLDER / "native_tasks.h",))
 
 

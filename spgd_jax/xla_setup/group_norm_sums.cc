@@ -1,5 +1,5 @@
-// GroupNorm32's sums over the positions on the CPU, as two XLA FFI handlers: what XLA:CPU splits into chains of
-// reduce-windows, read here once per pass with per-channel vector sums.
+// GroupNorm32's passes over the activations on the CPU, as four XLA FFI handlers: what XLA:CPU splits into chains
+// of reduce-windows, or into several loops that each store a full-size array, read here once per pass.
 //
 // Built and registered by spgd_jax/xla_setup/group_norm_kernels.py; called by spgd_jax/models/adm/_group_norm.py.
 // Row-major float32 buffers; the leading dims (product N, as many as the results have before their last) are
@@ -10,11 +10,19 @@
 //       mean = the group's mean; rstd = 1 / sqrt(mean((x - mean)^2) + eps), two passes (attribute eps)
 //   spgd_group_norm_sums     g (..., P, C), x (..., P, C), mean (..., G) -> s1 (..., C), s2 (..., C)
 //       per channel, s1 = sum_p g and s2 = sum_p g * (x - mean of its group)
-// Sums run in float32 vectors over blocks of positions and in float64 across the blocks; each (image, half of
-// the groups or channels) is one task on XLA's intra-op thread pool, so results do not depend on the threads.
+//   spgd_group_norm_silu     x (..., P, C), m, a, b (..., C) -> h (..., P, C)
+//       h = silu(y) = y * sigmoid(y), y = (x - m) * a + b per channel: the normalisation (and a scale-shift)
+//       as one affine map per image and channel, and SiLU, in one pass
+//   spgd_group_norm_silu_grad g (..., P, C), x, m, a, b          -> dx (..., P, C), s1 (..., C), s2 (..., C)
+//       dy = g * silu'(y) (y recomputed from x), dx = dy * a, s1 = sum_p dy, s2 = sum_p dy * (x - m)
+// The sigmoid is 1 / (1 + e^-y) with e^t from Cephes' expf (ExpClamped): within a few float32 ulp of XLA's.
+// Each task on XLA's intra-op thread pool takes whole rows: one of up to 8 consecutive parts of an image's
+// positions (PositionParts, decided by the shape alone). Sums run in float32 vectors over blocks of 64 positions,
+// in float64 across the blocks and then across the parts in order, so results do not depend on the threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -33,11 +41,13 @@ constexpr int64_t kBlock = 64;  // positions summed in float32 before the float6
 #define SPGD_VECTOR_CLONES
 #endif
 
-// acc[j] += sum over `rows` rows (`stride` apart) of x[j], or of (x[j] - mu[j])^2 when `mu` is given.
-SPGD_VECTOR_CLONES void AddRows(const float* x, int64_t rows, int64_t stride, int64_t width, const float* mu,
-                                float* acc) {
+// The row loops below run over `rows` consecutive rows of `width` channels; the per-channel values (mu, m, a, b)
+// and the sums (acc) have `width` entries.
+
+// acc[j] += sum of x[j], or of (x[j] - mu[j])^2 when `mu` is given.
+SPGD_VECTOR_CLONES void AddRows(const float* x, int64_t rows, int64_t width, const float* mu, float* acc) {
   for (int64_t k = 0; k < rows; ++k) {
-    const float* row = x + k * stride;
+    const float* row = x + k * width;
     if (mu == nullptr) {
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) acc[j] += row[j];
@@ -51,16 +61,70 @@ SPGD_VECTOR_CLONES void AddRows(const float* x, int64_t rows, int64_t stride, in
   }
 }
 
-// acc1[j] += sum of g[j]; acc2[j] += sum of g[j] * (x[j] - mu[j]), over `rows` rows `stride` apart.
-SPGD_VECTOR_CLONES void AddProducts(const float* g, const float* x, int64_t rows, int64_t stride, int64_t width,
-                                    const float* mu, float* acc1, float* acc2) {
+// acc1[j] += sum of g[j]; acc2[j] += sum of g[j] * (x[j] - mu[j]).
+SPGD_VECTOR_CLONES void AddProducts(const float* g, const float* x, int64_t rows, int64_t width, const float* mu,
+                                    float* acc1, float* acc2) {
   for (int64_t k = 0; k < rows; ++k) {
-    const float* gr = g + k * stride;
-    const float* xr = x + k * stride;
+    const float* gr = g + k * width;
+    const float* xr = x + k * width;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
       acc1[j] += gr[j];
       acc2[j] += gr[j] * (xr[j] - mu[j]);
+    }
+  }
+}
+
+// e^t for t clamped to [-87, 88] (the clamp keeps 2^n a normal float): Cephes' expf, t = n ln 2 + r with
+// |r| <= ln 2 / 2 and a degree-6 polynomial for e^r; branch-free, so that the loops below vectorise.
+inline float ExpClamped(float t) {
+  t = t < -87.0f ? -87.0f : (t > 88.0f ? 88.0f : t);  // (NaN stays NaN: y carries it on)
+  const float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rounded to an integer: 1.5 * 2^23
+  const float r = (t - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+inline float Sigmoid(float y) { return 1.0f / (1.0f + ExpClamped(-y)); }
+
+// h[j] = silu((x[j] - m[j]) * a[j] + b[j]).
+SPGD_VECTOR_CLONES void SiluRows(const float* x, int64_t rows, int64_t width, const float* m, const float* a,
+                                 const float* b, float* h) {
+  for (int64_t k = 0; k < rows; ++k) {
+    const float* xr = x + k * width;
+    float* hr = h + k * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const float y = (xr[j] - m[j]) * a[j] + b[j];
+      hr[j] = y * Sigmoid(y);
+    }
+  }
+}
+
+// dx[j] = dy * a[j], acc1[j] += dy, acc2[j] += dy * (x[j] - m[j]), dy = g[j] * silu'(y) at y = (x[j] - m[j]) * a[j]
+// + b[j].
+SPGD_VECTOR_CLONES void SiluGradRows(const float* g, const float* x, int64_t rows, int64_t width, const float* m,
+                                     const float* a, const float* b, float* dx, float* acc1, float* acc2) {
+  for (int64_t k = 0; k < rows; ++k) {
+    const float* gr = g + k * width;
+    const float* xr = x + k * width;
+    float* dxr = dx + k * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      const float d = xr[j] - m[j], y = d * a[j] + b[j], s = Sigmoid(y);
+      const float dy = gr[j] * (s * (1.0f + y * (1.0f - s)));
+      dxr[j] = dy * a[j];
+      acc1[j] += dy;
+      acc2[j] += dy * d;
     }
   }
 }
@@ -77,15 +141,50 @@ Layout LayoutOf(ffi::Span<const int64_t> dims, size_t image_dims) {
   return layout;
 }
 
-// Sums of `width` channels over the positions, blocked: total[j] (float64) of AddRows' sums.
-void ChannelSums(const float* x, const Layout& l, int64_t width, const float* mu, std::vector<double>& total,
-                 std::vector<float>& acc) {
-  std::fill(total.begin(), total.end(), 0.0);
-  for (int64_t k = 0; k < l.positions; k += kBlock) {
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    AddRows(x + k * l.channels, std::min(kBlock, l.positions - k), l.channels, width, mu, acc.data());
-    for (int64_t j = 0; j < width; ++j) total[j] += acc[j];
-  }
+// Tasks of whole rows: each image's positions in this many consecutive parts, about 8192 values each and at most
+// 8. The count depends on the shape only, so sums over the parts, added in order, do not depend on the threads.
+int64_t PositionParts(const Layout& l) { return std::clamp<int64_t>(l.positions * l.channels / 8192, 1, 8); }
+
+// Per-channel sums over every image's positions into total (images, S * C), S sums per channel: block(image, k,
+// rows, acc) adds the S sums of positions k .. k + rows - 1 of that image into acc (S * C floats, zeroed before).
+// float32 over blocks of kBlock positions, float64 across the blocks and the parts; tasks of PositionParts.
+template <int S, class Block>
+void BlockedSums(ffi::ThreadPool pool, const Layout& l, Block block, std::vector<double>& total) {
+  const int64_t parts = PositionParts(l), width = S * l.channels;
+  std::vector<double> partial(l.images * parts * width, 0.0);
+  spgd::RunTasks(pool, l.images * parts, [&](int64_t task) {
+    const int64_t image = task / parts, part = task % parts;
+    const int64_t p0 = part * l.positions / parts, p1 = (part + 1) * l.positions / parts;
+    double* sum = partial.data() + task * width;
+    std::vector<float> acc(width);
+    for (int64_t k = p0; k < p1; k += kBlock) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      block(image, k, std::min(kBlock, p1 - k), acc.data());
+      for (int64_t j = 0; j < width; ++j) sum[j] += acc[j];
+    }
+  });
+  total.assign(l.images * width, 0.0);
+  for (int64_t image = 0; image < l.images; ++image)
+    for (int64_t part = 0; part < parts; ++part)
+      for (int64_t j = 0; j < width; ++j) total[image * width + j] += partial[(image * parts + part) * width + j];
+}
+
+// BlockedSums<2>'s total (images, 2, C) as float32 s1 and s2 (images, C).
+void SplitSums(const std::vector<double>& total, const Layout& l, float* s1, float* s2) {
+  for (int64_t image = 0; image < l.images; ++image)
+    for (int64_t j = 0; j < l.channels; ++j) {
+      s1[image * l.channels + j] = float(total[2 * image * l.channels + j]);
+      s2[image * l.channels + j] = float(total[(2 * image + 1) * l.channels + j]);
+    }
+}
+
+// Per-channel sums over every image's positions of x, or of (x - mu)^2 with mu (images, C) given, into
+// total (images, C).
+void ChannelSums(ffi::ThreadPool pool, const float* x, const Layout& l, const float* mu, std::vector<double>& total) {
+  const int64_t C = l.channels;
+  BlockedSums<1>(pool, l, [&](int64_t image, int64_t k, int64_t rows, float* acc) {
+    AddRows(x + (image * l.positions + k) * C, rows, C, mu == nullptr ? nullptr : mu + image * C, acc);
+  }, total);
 }
 
 ffi::Error Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> mean,
@@ -99,33 +198,25 @@ ffi::Error Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuf
       rstd->element_count() != l.images * groups || l.positions == 0) {
     return ffi::Error::InvalidArgument("spgd_group_norm_moments: C must be a multiple of G, P > 0");
   }
-  const int64_t per_group = l.channels / groups, parts = groups >= 2 ? 2 : 1;
-  const float* xs = x.typed_data();
-  float* means = mean->typed_data();
+  const int64_t per_group = l.channels / groups;
+  const double count = double(l.positions) * double(per_group);
+  std::vector<double> total(l.images * l.channels);
+  std::vector<float> mu(l.images * l.channels);
+  // Each group's sum of total's channels, divided by count, into out (images, G) and its channels' mu.
+  auto per_group_means = [&](float* out, float* spread) {
+    for (int64_t i = 0; i < l.images * groups; ++i) {
+      double sum = 0;
+      for (int64_t j = 0; j < per_group; ++j) sum += total[i * per_group + j];
+      out[i] = float(sum / count);
+      if (spread != nullptr) std::fill(spread + i * per_group, spread + (i + 1) * per_group, out[i]);
+    }
+  };
+  ChannelSums(pool, x.typed_data(), l, nullptr, total);
+  per_group_means(mean->typed_data(), mu.data());
+  ChannelSums(pool, x.typed_data(), l, mu.data(), total);
   float* rstds = rstd->typed_data();
-  spgd::RunTasks(pool, l.images * parts, [&](int64_t task) {
-    const int64_t image = task / parts, part = task % parts;
-    const int64_t g0 = part * groups / parts, g1 = (part + 1) * groups / parts;
-    const int64_t c0 = g0 * per_group, width = (g1 - g0) * per_group;
-    const float* xi = xs + image * l.positions * l.channels + c0;
-    const double count = double(l.positions) * double(per_group);
-    std::vector<double> total(width);
-    std::vector<float> acc(width), mu(width);
-    ChannelSums(xi, l, width, nullptr, total, acc);
-    for (int64_t g = g0; g < g1; ++g) {
-      double sum = 0;
-      for (int64_t j = 0; j < per_group; ++j) sum += total[(g - g0) * per_group + j];
-      const float m = float(sum / count);
-      std::fill(mu.begin() + (g - g0) * per_group, mu.begin() + (g - g0 + 1) * per_group, m);
-      means[image * groups + g] = m;
-    }
-    ChannelSums(xi, l, width, mu.data(), total, acc);
-    for (int64_t g = g0; g < g1; ++g) {
-      double sum = 0;
-      for (int64_t j = 0; j < per_group; ++j) sum += total[(g - g0) * per_group + j];
-      rstds[image * groups + g] = 1.0f / std::sqrt(float(sum / count) + eps);
-    }
-  });
+  per_group_means(rstds, nullptr);
+  for (int64_t i = 0; i < l.images * groups; ++i) rstds[i] = 1.0f / std::sqrt(rstds[i] + eps);
   return ffi::Error::Success();
 }
 
@@ -141,36 +232,65 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::
       s1->element_count() != l.images * l.channels || s2->element_count() != l.images * l.channels) {
     return ffi::Error::InvalidArgument("spgd_group_norm_sums: C must be a multiple of G");
   }
-  const int64_t per_group = l.channels / groups;
-  // Two halves of the channels where each is at least a 64-byte line wide.
-  const int64_t parts = l.channels >= 32 ? 2 : 1;
-  const float* gs = g.typed_data();
-  const float* xs = x.typed_data();
-  const float* means = mean.typed_data();
-  float* out1 = s1->typed_data();
-  float* out2 = s2->typed_data();
+  const int64_t per_group = l.channels / groups, C = l.channels;
+  std::vector<float> mu(l.images * C);
+  for (int64_t j = 0; j < l.images * C; ++j) mu[j] = mean.typed_data()[j / per_group];
+  std::vector<double> total;
+  BlockedSums<2>(pool, l, [&](int64_t image, int64_t k, int64_t rows, float* acc) {
+    const int64_t at = (image * l.positions + k) * C;
+    AddProducts(g.typed_data() + at, x.typed_data() + at, rows, C, mu.data() + image * C, acc, acc + C);
+  }, total);
+  SplitSums(total, l, s1->typed_data(), s2->typed_data());
+  return ffi::Error::Success();
+}
+
+// x (..., P..., C)'s layout into l, checked against its per-channel values m, a, b (..., C); an error names `name`.
+ffi::Error SiluLayout(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> a,
+                      ffi::Buffer<ffi::F32> b, Layout& l) {
+  const auto per_channel = m.dimensions();
+  if (per_channel.size() == 0 || per_channel.size() + 1 > x.dimensions().size() ||
+      per_channel.back() != x.dimensions().back() || a.element_count() != m.element_count() ||
+      b.element_count() != m.element_count()) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": x (..., P..., C) and m, a, b (..., C) expected");
+  }
+  l = LayoutOf(x.dimensions(), per_channel.size() - 1);
+  if (m.element_count() != l.images * l.channels || l.positions == 0) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": m, a, b must have x's images and channels, P > 0");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Silu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> a,
+                ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> h) {
+  Layout l;
+  if (ffi::Error error = SiluLayout("spgd_group_norm_silu", x, m, a, b, l); error.failure()) return error;
+  const int64_t parts = PositionParts(l), C = l.channels;
   spgd::RunTasks(pool, l.images * parts, [&](int64_t task) {
     const int64_t image = task / parts, part = task % parts;
-    const int64_t c0 = part * l.channels / parts, width = (part + 1) * l.channels / parts - c0;
-    const int64_t offset = image * l.positions * l.channels + c0;
-    std::vector<double> total1(width, 0.0), total2(width, 0.0);
-    std::vector<float> acc1(width), acc2(width), mu(width);
-    for (int64_t j = 0; j < width; ++j) mu[j] = means[image * groups + (c0 + j) / per_group];
-    for (int64_t k = 0; k < l.positions; k += kBlock) {
-      std::fill(acc1.begin(), acc1.end(), 0.0f);
-      std::fill(acc2.begin(), acc2.end(), 0.0f);
-      AddProducts(gs + offset + k * l.channels, xs + offset + k * l.channels, std::min(kBlock, l.positions - k),
-                  l.channels, width, mu.data(), acc1.data(), acc2.data());
-      for (int64_t j = 0; j < width; ++j) {
-        total1[j] += acc1[j];
-        total2[j] += acc2[j];
-      }
-    }
-    for (int64_t j = 0; j < width; ++j) {
-      out1[image * l.channels + c0 + j] = float(total1[j]);
-      out2[image * l.channels + c0 + j] = float(total2[j]);
-    }
+    const int64_t p0 = part * l.positions / parts, p1 = (part + 1) * l.positions / parts;
+    const int64_t offset = (image * l.positions + p0) * C, values = image * C;
+    SiluRows(x.typed_data() + offset, p1 - p0, C, m.typed_data() + values, a.typed_data() + values,
+             b.typed_data() + values, h->typed_data() + offset);
   });
+  return ffi::Error::Success();
+}
+
+ffi::Error SiluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x,
+                    ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> s1, ffi::ResultBuffer<ffi::F32> s2) {
+  Layout l;
+  if (ffi::Error error = SiluLayout("spgd_group_norm_silu_grad", x, m, a, b, l); error.failure()) return error;
+  if (g.element_count() != x.element_count()) {
+    return ffi::Error::InvalidArgument("spgd_group_norm_silu_grad: g must have x's shape");
+  }
+  const int64_t C = l.channels;
+  std::vector<double> total;
+  BlockedSums<2>(pool, l, [&](int64_t image, int64_t k, int64_t rows, float* acc) {
+    const int64_t at = (image * l.positions + k) * C, values = image * C;
+    SiluGradRows(g.typed_data() + at, x.typed_data() + at, rows, C, m.typed_data() + values,
+                 a.typed_data() + values, b.typed_data() + values, dx->typed_data() + at, acc, acc + C);
+  }, total);
+  SplitSums(total, l, s1->typed_data(), s2->typed_data());
   return ffi::Error::Success();
 }
 
@@ -190,5 +310,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdGroupNormSums, Sums,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdGroupNormSilu, Silu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdGroupNormSiluGrad, SiluGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

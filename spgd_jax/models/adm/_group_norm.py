@@ -48,7 +48,7 @@ from jax import lax
 from spgd_jax.models.adm._config import NORM_EPS, NORM_GROUPS
 from spgd_jax.xla_setup import group_norm_kernels
 
-__all__ = ["GroupNorm32", "group_norm"]
+__all__ = ["GroupNorm32", "group_norm", "group_norm_silu"]
 
 
 def _grouped(x: jax.Array) -> jax.Array:
@@ -123,12 +123,88 @@ def _group_norm_bwd(residuals, g):
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
+def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                    scale_shift: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """ADM's normalise-then-activate: silu(y), y = group_norm(x, scale, bias) in float32 returned in x's dtype, or
+    y * (1 + s) + t for scale_shift = (s, t) (B, 1, ..., 1, C) in x's dtype (the ResBlock's scale-shift norm).
+    x (B, ..., C), C a multiple of NORM_GROUPS; scale, bias (C,) float32. Same shape and dtype as x.
+
+    Where the CPU kernels compute float32 x's sums (_native), one kernel pass makes the result and one its
+    gradient (module docstring); elsewhere it is exactly the composition of group_norm, the scale-shift and
+    silu."""
+    if not _native(x):
+        y = group_norm(x.astype(jnp.float32), scale, bias).astype(x.dtype)
+        if scale_shift is not None:
+            y = y * (1 + scale_shift[0]) + scale_shift[1]
+        return nn.silu(y)
+    batch, channels = x.shape[0], x.shape[-1]
+    mean_c, rstd_c = _per_channel(x, *_moments_with_gradient(x))
+    a = rstd_c.reshape(batch, channels) * scale
+    b = jnp.broadcast_to(bias, (batch, channels))
+    if scale_shift is not None:
+        s, t = (v.reshape(batch, channels) for v in scale_shift)
+        a, b = a * (1 + s), b * (1 + s) + t
+    return _affine_silu(x, mean_c.reshape(batch, channels), a, b)
+
+
+@jax.custom_vjp
+def _moments_with_gradient(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """_moments (native) with its gradient: d mean / dx = 1 / n, d rstd / dx = -rstd^3 (x - mean) / n, n the
+    positions times the group's channels."""
+    return _moments(x)
+
+
+def _moments_fwd(x):
+    mean, rstd = _moments(x)
+    return (mean, rstd), (x, mean, rstd)
+
+
+def _moments_bwd(residuals, cotangents):
+    x, mean, rstd = residuals
+    d_mean, d_rstd = cotangents
+    count = x.size // x.shape[0] // NORM_GROUPS
+    d_mean_c, coefficient_c, mean_c = _per_channel(x, d_mean / count, -d_rstd * rstd ** 3 / count, mean)
+    return (d_mean_c + coefficient_c * (x - mean_c),)
+
+
+_moments_with_gradient.defvjp(_moments_fwd, _moments_bwd)
+
+
+@jax.custom_vjp
+def _affine_silu(x: jax.Array, m: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """silu((x - m) * a + b) by the kernel spgd_group_norm_silu: x (B, ..., C) float32, m, a, b (B, C)."""
+    return jax.ffi.ffi_call(group_norm_kernels.SILU_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            vmap_method="broadcast_all")(x, m, a, b)
+
+
+def _affine_silu_fwd(x, m, a, b):
+    return _affine_silu(x, m, a, b), (x, m, a, b)
+
+
+def _affine_silu_bwd(residuals, g):
+    """dx = dy * a, dm = -a * sum(dy), da = sum(dy * (x - m)), db = sum(dy) over the positions, dy = g * silu'(y),
+    by the kernel spgd_group_norm_silu_grad."""
+    x, m, a, b = residuals
+    per_channel = jax.ShapeDtypeStruct(m.shape, m.dtype)
+    dx, s1, s2 = jax.ffi.ffi_call(group_norm_kernels.SILU_GRAD_TARGET,
+                                  (jax.ShapeDtypeStruct(x.shape, x.dtype), per_channel, per_channel),
+                                  vmap_method="broadcast_all")(g, x, m, a, b)
+    return dx, -a * s1, s2, s1
+
+
+_affine_silu.defvjp(_affine_silu_fwd, _affine_silu_bwd)
+
+
 class GroupNorm32(nn.Module):
-    """group_norm with parameters 'scale' (ones) and 'bias' (zeros), (C,) float32: flax nn.GroupNorm's names."""
+    """group_norm with parameters 'scale' (ones) and 'bias' (zeros), (C,) float32: flax nn.GroupNorm's names.
+    Called with silu=True, group_norm_silu (with scale_shift) instead."""
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, silu: bool = False,
+                 scale_shift: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         channels = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        if silu:
+            return group_norm_silu(x, scale, bias, scale_shift)
         return group_norm(x.astype(jnp.float32), scale, bias)

@@ -42,6 +42,12 @@ def _norm(h: jax.Array, name: str) -> jax.Array:
     return GroupNorm32(name=name)(h).astype(h.dtype)
 
 
+def _norm_silu(h: jax.Array, name: str, scale_shift: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """silu(_norm(h)), or silu(_norm(h) * (1 + scale) + shift) for scale_shift = (scale, shift) (B, 1, 1, C), in
+    h's dtype (GroupNorm32 with silu=True)."""
+    return GroupNorm32(name=name)(h, silu=True, scale_shift=scale_shift)
+
+
 def _conv3(features: int, dtype: Any, name: str, strides: int = 1, zero: bool = False) -> nn.Conv:
     """3x3 convolution with torch's padding=1 (explicit, so stride 2 matches torch)."""
     return nn.Conv(
@@ -96,7 +102,7 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         cfg, dtype = self.config, self.config.compute_dtype
-        h = nn.silu(_norm(x, "in_layers_0"))
+        h = _norm_silu(x, "in_layers_0")
         if self.updown:
             resample = _upsample_nearest if self.updown == "up" else _avgpool2
             h, x = resample(h), resample(x)
@@ -106,11 +112,9 @@ class ResBlock(nn.Module):
         emb_out = nn.Dense(emb_width, dtype=dtype, kernel_init=_torch_kernel_init, name="emb_layers_1")(nn.silu(emb))
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]
         if cfg.use_scale_shift_norm:
-            scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = _norm(h, "out_layers_0") * (1 + scale) + shift
+            h = _norm_silu(h, "out_layers_0", tuple(jnp.split(emb_out, 2, axis=-1)))
         else:
-            h = _norm(h + emb_out, "out_layers_0")
-        h = nn.silu(h)
+            h = _norm_silu(h + emb_out, "out_layers_0")
         if cfg.dropout > 0:
             h = nn.Dropout(cfg.dropout, deterministic=not train)(h)
         h = _conv3(self.out_channels, dtype, "out_layers_3", zero=True)(h)
@@ -272,7 +276,7 @@ class UNet(nn.Module):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
             h = _Block(layers, cfg, name=f"output_blocks_{i}")(h, emb, train)
 
-        h = nn.silu(_norm(h.astype(jnp.float32), "out_0"))
+        h = _norm_silu(h.astype(jnp.float32), "out_0")
         return _conv3(cfg.out_channels, jnp.float32, "out_2", zero=True)(h)
 
 
