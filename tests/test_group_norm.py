@@ -1,6 +1,7 @@
-"""GroupNorm32's hand-written gradient (spgd_jax.models.adm._group_norm) against jax.grad of flax's plain one, on
-both of its routes: the native CPU kernels of its sums (spgd_jax.xla_setup.group_norm_kernels) and XLA's
-reductions; the kernels' accuracy, vmap, errors, build and cache."""
+"""GroupNorm32's hand-written gradient (spgd_jax.models.adm._group_norm) against jax.grad of flax's plain one, and
+GroupNorm32 + SiLU (+ the scale-shift) against jax.grad of their composition, on both routes: the native CPU
+kernels (spgd_jax.xla_setup.group_norm_kernels) and XLA's ops; the kernels' accuracy, vmap, errors, build and
+cache."""
 
 import platform
 import re
@@ -16,7 +17,7 @@ from native_kernel_checks import (assert_built_once_with_fallbacks, assert_store
 
 from spgd_jax.models.adm._config import NORM_EPS, NORM_GROUPS
 from spgd_jax.models.adm import _group_norm
-from spgd_jax.models.adm._group_norm import GroupNorm32, group_norm
+from spgd_jax.models.adm._group_norm import GroupNorm32, group_norm, group_norm_silu
 from spgd_jax.xla_setup import group_norm_kernels
 
 
@@ -82,6 +83,83 @@ def _gradients(x, scale, bias, g):
     return (y, *vjp(g))
 
 
+def plain_norm_silu(x, scale, bias, shift_scale, shift):
+    return nn.silu(plain(x, scale, bias) * (1 + shift_scale) + shift)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 64), (1, 4, 6, 96), (3, 16, 32)])
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_norm_then_silu_matches_the_plain_composition(shape, scale_shift, route):
+    keys = jax.random.split(jax.random.key(9), 6)
+    x = 3.0 * jax.random.normal(keys[0], shape) + 1.5
+    scale, bias = jax.random.normal(keys[1], shape[-1:]), jax.random.normal(keys[2], shape[-1:])
+    per_image = (shape[0],) + (1,) * (len(shape) - 2) + shape[-1:]
+    if scale_shift:  # the ResBlock's out_layers: silu(norm(x) * (1 + s) + t), s and t per image and channel
+        args = (x, scale, bias, 0.5 * jax.random.normal(keys[3], per_image), jax.random.normal(keys[4], per_image))
+        ours, reference = (lambda x, scale, bias, s, t: group_norm_silu(x, scale, bias, (s, t))), plain_norm_silu
+    else:
+        args = (x, scale, bias)
+        ours, reference = group_norm_silu, lambda x, scale, bias: nn.silu(plain(x, scale, bias))
+    assert _uses_kernels(ours, *args) == (route == "kernels")
+    assert (group_norm_kernels.SILU_TARGET in jax.jit(ours).lower(*args).as_text()) == (route == "kernels")
+    assert_matches_plain(ours, reference, args, jax.random.normal(keys[5], shape))
+
+
+def test_norm_then_silu_keeps_a_bfloat16_input_on_xlas_ops():
+    x = jax.random.normal(jax.random.key(10), (2, 4, 4, 64)).astype(jnp.bfloat16)
+    scale, bias = jnp.full((64,), 1.5), jnp.full((64,), -0.25)
+    out = jax.jit(group_norm_silu)(x, scale, bias)
+    assert out.dtype == jnp.bfloat16
+    assert group_norm_kernels.SILU_TARGET not in jax.jit(group_norm_silu).lower(x, scale, bias).as_text()
+    expected = nn.silu(group_norm(x.astype(jnp.float32), scale, bias).astype(jnp.bfloat16))
+    np.testing.assert_array_equal(out, expected)
+
+
+@needs_kernels
+def test_silu_kernels_extremes_and_float64():
+    # the kernel's sigmoid (Cephes' expf) far out in both tails, at zero and for NaN, against float64
+    y = jnp.array([-200.0, -88.0, -87.5, -30.0, -5.0, -1e-3, 0.0, 1e-3, 2.0, 17.0, 87.5, 88.0, 200.0, jnp.nan])
+    x = jnp.tile(y[:, None], (1, 32)).reshape(1, 14, 32)  # one image, 14 positions, 32 channels
+    zeros, ones = jnp.zeros((1, 32)), jnp.ones((1, 32))
+    h = np.asarray(jax.jit(_group_norm._affine_silu)(x, zeros, ones, zeros))[0, :, 0]
+    y64 = np.asarray(y, np.float64)
+    with np.errstate(over="ignore"):
+        expected = y64 / (1 + np.exp(-y64))
+    assert np.isnan(h[-1])
+    np.testing.assert_allclose(h[:-1], expected[:-1], rtol=2e-7, atol=1e-30)
+    g = jnp.ones_like(x)
+    dx, dm, da, db = jax.jit(_group_norm._affine_silu_bwd)((x, zeros, ones, zeros), g)
+    with np.errstate(over="ignore"):
+        s = 1 / (1 + np.exp(-y64))
+    np.testing.assert_allclose(np.asarray(dx)[0, :-1, 0], (s + y64 * s * (1 - s))[:-1], rtol=1e-6, atol=1e-30)
+    assert np.isnan(np.asarray(dx)[0, -1, 0]) and np.isnan(np.asarray(db)).all()
+
+
+def test_norm_then_silu_under_vmap(route):
+    keys = jax.random.split(jax.random.key(11), 5)
+    x = jax.random.normal(keys[0], (3, 2, 6, 6, 64)) + 1.0
+    scale, bias = jax.random.normal(keys[1], (64,)), jax.random.normal(keys[2], (64,))
+    shift_scale, shift = jax.random.normal(keys[3], (3, 2, 1, 1, 64)), jax.random.normal(keys[4], (3, 2, 1, 1, 64))
+
+    def value_and_grad(x, s, t):
+        return jax.value_and_grad(lambda x: jnp.sum(jnp.sin(group_norm_silu(x, scale, bias, (s, t)))))(x)
+
+    batched = jax.jit(jax.vmap(value_and_grad))(x, shift_scale, shift)
+    for i in range(3):
+        for got, expected in zip(batched, jax.jit(value_and_grad)(x[i], shift_scale[i], shift[i])):
+            np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_module_normalise_then_silu_shares_the_norms_parameters():
+    x = jax.random.normal(jax.random.key(12), (2, 4, 4, 64))
+    variables = GroupNorm32().init(jax.random.key(0), x)
+    described = lambda tree: jax.tree_util.tree_map(lambda a: (a.shape, a.dtype, float(a.sum())), tree)  # noqa: E731
+    assert described(variables) == described(GroupNorm32().init(jax.random.key(0), x, silu=True))
+    variables = jax.tree_util.tree_map(lambda a: a + 0.5, variables)
+    np.testing.assert_allclose(GroupNorm32().apply(variables, x, silu=True),
+                               nn.silu(GroupNorm32().apply(variables, x)), atol=1e-5)
+
+
 @needs_kernels
 def test_kernels_agree_with_xlas_reductions_to_round_off(monkeypatch):
     keys = jax.random.split(jax.random.key(5), 4)
@@ -137,6 +215,17 @@ def test_a_wrong_call_of_a_kernel_is_a_clear_error():
     call = jax.ffi.ffi_call(group_norm_kernels.SUMS_TARGET, (jax.ShapeDtypeStruct((2, 64), jnp.float32),) * 2)
     with pytest.raises(Exception, match="spgd_group_norm_sums: C must be a multiple of G"):
         jax.block_until_ready(call(jnp.ones((2, 5, 64)), jnp.ones((2, 5, 64)), jnp.ones((2, 7))))
+
+
+@needs_kernels
+def test_a_wrong_call_of_a_silu_kernel_is_a_clear_error():
+    call = jax.ffi.ffi_call(group_norm_kernels.SILU_TARGET, jax.ShapeDtypeStruct((2, 5, 64), jnp.float32))
+    with pytest.raises(Exception, match="spgd_group_norm_silu: x .* and m, a, b .* expected"):
+        jax.block_until_ready(call(jnp.ones((2, 5, 64)), jnp.ones((2, 32)), jnp.ones((2, 32)), jnp.ones((2, 32))))
+    grad = jax.ffi.ffi_call(group_norm_kernels.SILU_GRAD_TARGET, (jax.ShapeDtypeStruct((2, 5, 64), jnp.float32),
+                                                                   *(jax.ShapeDtypeStruct((2, 64), jnp.float32),) * 2))
+    with pytest.raises(Exception, match="spgd_group_norm_silu_grad: g must have x's shape"):
+        jax.block_until_ready(grad(jnp.ones((2, 4, 64)), jnp.ones((2, 5, 64)), *(jnp.ones((2, 64)),) * 3))
 
 
 _REPORT = """
