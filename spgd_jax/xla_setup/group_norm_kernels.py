@@ -1,17 +1,22 @@
-"""GroupNorm32's sums on the CPU: the two FFI handlers of group_norm_sums.cc, built once and registered.
+"""GroupNorm32's passes on the CPU: the four FFI handlers of group_norm_sums.cc, built once and registered.
 
 XLA:CPU splits each of GroupNorm's sums over the positions into a chain of reduce-windows over a stored operand,
 and these chains were about a fifth of the default prior's SPGD step on a 2-core Xeon (issue 23). The handlers
 read the activations once per pass with per-channel vector sums (float32 over 64 positions, float64 across),
 on XLA's intra-op threads: the forward moments (mean and 1/std per image and group) and the backward's two
-sums per channel. spgd_jax/models/adm/_group_norm.py calls them for float32 GroupNorms traced for the CPU;
-results differ from XLA's reductions by float32 round-off only. The default prior's whole SPGD sampler, both
-routes alternating in one process on a 2-core Xeon, ran 9 % (float32, batch 1), 7 % (float32, batch 4) and 12 %
-(bfloat16 convolutions, batch 8) faster with them (benchmarks/results/group_norm_kernels_cpu-2core-xeon.md).
+sums per channel; and GroupNorm followed by SiLU, the ResBlocks' normalise-then-activate, as one pass each way
+(the normalisation as an affine map per image and channel, then silu; its gradient with the two sums).
+spgd_jax/models/adm/_group_norm.py calls them for float32 GroupNorms traced for the CPU; results differ from
+XLA's ops by float32 round-off only. The default prior's whole SPGD sampler, both routes alternating in one
+process on a 2-core Xeon, ran 9 % (float32, batch 1), 7 % (float32, batch 4) and 12 % (bfloat16 convolutions,
+batch 8) faster with the sums (benchmarks/results/group_norm_kernels_cpu-2core-xeon.md); with GroupNorm + SiLU
+as kernels and the sums in tasks of whole rows (an image's positions in up to 8 parts; the moments 3x faster at
+batch 4 than in tasks of half the channels) 1.06-1.10x more on a 2-core AMD EPYC (session 30, alternating
+processes, batches 1, 4 and 8, load 0.7-1.4).
 
 They are compiled on first use with the system's C++ compiler (spgd_jax.xla_setup.native_build: about 3 s,
 once per machine, kept in $XDG_CACHE_HOME/spgd-jax/group-norm-<digest>/). Where they cannot be had (not Linux,
-no compiler, a failed build) GroupNorm runs as XLA's reductions, silently: `route()` says why.
+no compiler, a failed build) GroupNorm runs as XLA's ops, silently: `route()` says why.
 SPGD_JAX_GROUP_NORM_KERNELS=0 turns them off.
 """
 
