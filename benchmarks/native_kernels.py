@@ -1,7 +1,7 @@
 """spgd_jax's native CPU kernels against XLA's own ops: the whole SPGD sampler of a speed preset, both routes
-compiled in one process and timed in turn, A B A B (issue 23). The kernels: GroupNorm's sums
-(spgd_jax.xla_setup.group_norm_kernels, against XLA's reductions), the direct float32 3x3 convolution
-(spgd_jax.xla_setup.direct_conv, against XLA's convolution) or float32 attention
+compiled in one process and timed in turn, A B A B (issue 23). The kernels: GroupNorm's sums and GroupNorm
++ SiLU (spgd_jax.xla_setup.group_norm_kernels, against XLA's reductions and loops), the direct float32 3x3
+convolution (spgd_jax.xla_setup.direct_conv, against XLA's convolution) or float32 attention
 (spgd_jax.xla_setup.attention_kernels, against XLA's ops).
 
     python -m benchmarks.native_kernels --kernels group-norm --tag cpu-2core
@@ -34,7 +34,7 @@ from spgd_jax.xla_setup import attention_kernels, direct_conv, group_norm_kernel
 REPO = Path(__file__).resolve().parents[1]
 # name -> (the module of the kernels, an FFI target that a program using them calls, XLA's side, default cases)
 KERNELS = {
-    "group-norm": (group_norm_kernels, group_norm_kernels.MOMENTS_TARGET, "XLA's reductions",
+    "group-norm": (group_norm_kernels, group_norm_kernels.MOMENTS_TARGET, "XLA's reductions and loops",
                    (("float32", 1), ("float32", 4), ("float32-bf16conv", 8))),
     "direct-conv": (direct_conv, direct_conv.TARGET, "XLA's convolution", (("float32", 1), ("float32", 4))),
     "attention": (attention_kernels, attention_kernels.FORWARD_TARGET, "XLA's ops",
