@@ -10,6 +10,7 @@ import gzip
 import os
 import sys
 import json
+import re
 from types import SimpleNamespace
 
 import jax
@@ -453,11 +454,16 @@ def test_versus_torch_takes_each_ratio_from_one_rounds_times(tmp_path):
         fastest = min(s for n, s in seconds.items() if n.startswith("torch")) / \
             min(s for n, s in seconds.items() if n.startswith("jax"))
         assert abs(one["ratios"]["fastest PyTorch / fastest JAX"] - fastest) <= 1e-2 * fastest
+        gain = (seconds["jax float32 b1"] / seconds["jax float32 b4"]) / \
+            (seconds["torch reference b1"] / seconds["torch reference b4"])
+        assert abs(one["ratios"]["batching's gain from batch 1 to 4, jax float32 / reference"] - gain) <= 1e-2 * gain
     for name, median in result["median_ratios"].items():
         assert median == float(np.median([r["ratios"][name] for r in result["rounds"]]))
     medians = result["median_s_per_image"]
     assert result["rising"]["float32"] == (medians["jax float32 b1"] > medians["jax float32 b4"] > medians["jax float32 b8"])
     table = (tmp_path / "versus_torch_t.md").read_text()
     assert "| reference / jax float32, batch 4 |" in table and ">= 1.5x" in table and "load average" in table
+    assert re.search(r"\| batching's gain from batch 1 to 4, jax float32 / reference \|.* \| >= 1.0x \| (yes|no) \|",
+                     table)
     with pytest.raises(SystemExit):
         versus_torch.main(["--tag", "t", "--out", str(tmp_path), "--batches", "1,2"])  # no batch 4 or 8
