@@ -150,6 +150,19 @@ def test_norm_then_silu_under_vmap(route):
             np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_scale_shift_of_the_wrong_shape_is_a_clear_error(route):
+    x = jnp.ones((2, 4, 4, 64))
+    with pytest.raises(ValueError, match=r"scale-shift's shift has shape \(2, 4, 4, 64\); it must broadcast to "
+                                         r"\(2, 1, 1, 64\)"):
+        group_norm_silu(x, jnp.ones(64), jnp.zeros(64), (jnp.zeros((2, 1, 1, 64)), jnp.zeros((2, 4, 4, 64))))
+    with pytest.raises(ValueError, match="pass silu=True"):
+        GroupNorm32().init(jax.random.key(0), x, scale_shift=(jnp.zeros((2, 1, 1, 64)),) * 2)
+    # one scale-shift for every image broadcasts, as in the composition
+    ours = group_norm_silu(x + jnp.arange(64.0), jnp.ones(64), jnp.zeros(64), (jnp.full((64,), 0.5), jnp.ones(64)))
+    np.testing.assert_allclose(ours, nn.silu(group_norm(x + jnp.arange(64.0), jnp.ones(64), jnp.zeros(64)) * 1.5 + 1),
+                               atol=1e-5)
+
+
 def test_module_normalise_then_silu_shares_the_norms_parameters():
     x = jax.random.normal(jax.random.key(12), (2, 4, 4, 64))
     variables = GroupNorm32().init(jax.random.key(0), x)

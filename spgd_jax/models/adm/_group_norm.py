@@ -143,7 +143,13 @@ def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array,
 
     Where the CPU kernels compute float32 x's sums (_native), one kernel pass makes the result and one its
     gradient (module docstring); elsewhere it is exactly the composition of group_norm, the scale-shift and
-    silu."""
+    silu. s and t broadcast to (B, 1, ..., 1, C) (one value per image and channel); other shapes are a
+    ValueError."""
+    per_image = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+    for name, value in zip(("scale", "shift"), scale_shift or ()):
+        if np.broadcast_shapes(np.shape(value), per_image) != per_image:
+            raise ValueError(f"group_norm_silu: the scale-shift's {name} has shape {np.shape(value)}; it must "
+                             f"broadcast to {per_image}, one value per image and channel of x {x.shape}")
     if not _native(x):
         y = group_norm(x.astype(jnp.float32), scale, bias).astype(x.dtype)
         if scale_shift is not None:
@@ -154,7 +160,7 @@ def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array,
     a = rstd_c.reshape(batch, channels) * scale
     b = jnp.broadcast_to(bias, (batch, channels))
     if scale_shift is not None:
-        s, t = (v.reshape(batch, channels) for v in scale_shift)
+        s, t = (jnp.broadcast_to(v, per_image).reshape(batch, channels) for v in scale_shift)
         a, b = a * (1 + s), b * (1 + s) + t
     return _affine_silu(x, mean_c.reshape(batch, channels), a, b)
 
@@ -219,4 +225,6 @@ class GroupNorm32(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         if silu:
             return group_norm_silu(x, scale, bias, scale_shift)
+        if scale_shift is not None:
+            raise ValueError("GroupNorm32: scale_shift is applied between the norm and SiLU; pass silu=True")
         return group_norm(x.astype(jnp.float32), scale, bias)
