@@ -105,6 +105,52 @@ def test_norm_then_silu_matches_the_plain_composition(shape, scale_shift, route)
     assert_matches_plain(ours, reference, args, jax.random.normal(keys[5], shape))
 
 
+def _joined_concatenations(fn, *args) -> int:
+    """How many concatenations in fn's lowered gradient program make an array of the joined activations' shape
+    (2, 8, 8, 96)."""
+    text = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*args).as_text()
+    return sum("concatenate" in line and "tensor<2x8x8x96xf32>" in line.split("->")[-1] for line in text.splitlines())
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_norm_then_silu_of_parts_is_that_of_the_joined_activations(scale_shift, route):
+    # an output block's h and skip (64 + 32 channels: groups of 3 channels, one straddles the two parts)
+    keys = jax.random.split(jax.random.key(12), 7)
+    h, skip = 2.0 * jax.random.normal(keys[0], (2, 8, 8, 64)) + 1.0, jax.random.normal(keys[1], (2, 8, 8, 32))
+    scale, bias = jax.random.normal(keys[2], (96,)), jax.random.normal(keys[3], (96,))
+    shift = (0.5 * jax.random.normal(keys[4], (2, 1, 1, 96)), jax.random.normal(keys[5], (2, 1, 1, 96))) \
+        if scale_shift else None
+    weight = jax.random.normal(keys[6], (2, 8, 8, 96))
+
+    def loss(h, skip, scale, bias, parts):
+        x = (h, skip) if parts else jnp.concatenate([h, skip], axis=-1)
+        return jnp.sum(jnp.sin(group_norm_silu(x, scale, bias, shift)) * weight)
+
+    in_parts, joined = (jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)(
+        h, skip, scale, bias, parts) for parts in (True, False))
+    # the kernels read the parts in place with the same sums in the same order: the same bits either way
+    np.testing.assert_array_equal(in_parts[0], joined[0])
+    for got, expected in zip(in_parts[1], joined[1]):
+        np.testing.assert_array_equal(got, expected)
+    # ... and on the CPU route the joined activations are never stored, forward or backward
+    parts_loss = lambda h, skip: loss(h, skip, scale, bias, True)  # noqa: E731
+    assert _joined_concatenations(parts_loss, h, skip) == (0 if route == "kernels" else 1)
+    assert _joined_concatenations(lambda h, skip: loss(h, skip, scale, bias, False), h, skip) == 1
+
+
+def test_channel_parts_keeps_what_the_kernels_take_and_joins_the_rest(route):
+    parts = (jnp.ones((2, 4, 4, 64)), jnp.zeros((2, 4, 4, 32)))
+    kept = _group_norm.channel_parts(parts)
+    assert len(kept) == (2 if route == "kernels" else 1)
+    np.testing.assert_array_equal(jnp.concatenate(kept, axis=-1), jnp.concatenate(parts, axis=-1))
+    assert len(_group_norm.channel_parts(tuple(jnp.ones((2, 4, 4, 16)) for _ in range(6)))) == 1  # > 4 parts
+    assert len(_group_norm.channel_parts(tuple(p.astype(jnp.bfloat16) for p in parts))) == 1  # XLA's ops
+    with pytest.raises(ValueError, match="activations in parts must share their leading dims and dtype"):
+        _group_norm.channel_parts((jnp.ones((2, 4, 4, 64)), jnp.ones((2, 4, 5, 32))))
+    with pytest.raises(ValueError, match="activations in parts must share their leading dims and dtype"):
+        group_norm_silu((jnp.ones((2, 4, 4, 64)), jnp.ones((2, 4, 4, 32), jnp.bfloat16)), jnp.ones(96), jnp.zeros(96))
+
+
 def test_norm_then_silu_keeps_a_bfloat16_input_on_xlas_ops():
     x = jax.random.normal(jax.random.key(10), (2, 4, 4, 64)).astype(jnp.bfloat16)
     scale, bias = jnp.full((64,), 1.5), jnp.full((64,), -0.25)
@@ -121,14 +167,14 @@ def test_silu_kernels_extremes_and_float64():
     y = jnp.array([-200.0, -88.0, -87.5, -30.0, -5.0, -1e-3, 0.0, 1e-3, 2.0, 17.0, 87.5, 88.0, 200.0, jnp.nan])
     x = jnp.tile(y[:, None], (1, 32)).reshape(1, 14, 32)  # one image, 14 positions, 32 channels
     zeros, ones = jnp.zeros((1, 32)), jnp.ones((1, 32))
-    h = np.asarray(jax.jit(_group_norm._affine_silu)(x, zeros, ones, zeros))[0, :, 0]
+    h = np.asarray(jax.jit(_group_norm._affine_silu)((x,), zeros, ones, zeros))[0, :, 0]
     y64 = np.asarray(y, np.float64)
     with np.errstate(over="ignore"):
         expected = y64 / (1 + np.exp(-y64))
     assert np.isnan(h[-1])
     np.testing.assert_allclose(h[:-1], expected[:-1], rtol=2e-7, atol=1e-30)
     g = jnp.ones_like(x)
-    dx, dm, da, db = jax.jit(_group_norm._affine_silu_bwd)((x, zeros, ones, zeros), g)
+    (dx,), dm, da, db = jax.jit(_group_norm._affine_silu_bwd)(((x,), zeros, ones, zeros), g)
     with np.errstate(over="ignore"):
         s = 1 / (1 + np.exp(-y64))
     np.testing.assert_allclose(np.asarray(dx)[0, :-1, 0], (s + y64 * s * (1 - s))[:-1], rtol=1e-6, atol=1e-30)
@@ -232,13 +278,21 @@ def test_a_wrong_call_of_a_kernel_is_a_clear_error():
 
 @needs_kernels
 def test_a_wrong_call_of_a_silu_kernel_is_a_clear_error():
+    # arguments m, a, b (..., C), then x's parts (..., P..., C_q); results s1, s2 (..., C), then dx's parts
     call = jax.ffi.ffi_call(group_norm_kernels.SILU_TARGET, jax.ShapeDtypeStruct((2, 5, 64), jnp.float32))
     with pytest.raises(Exception, match="spgd_group_norm_silu: x .* and m, a, b .* expected"):
-        jax.block_until_ready(call(jnp.ones((2, 5, 64)), jnp.ones((2, 32)), jnp.ones((2, 32)), jnp.ones((2, 32))))
-    grad = jax.ffi.ffi_call(group_norm_kernels.SILU_GRAD_TARGET, (jax.ShapeDtypeStruct((2, 5, 64), jnp.float32),
-                                                                   *(jax.ShapeDtypeStruct((2, 64), jnp.float32),) * 2))
+        jax.block_until_ready(call(jnp.ones((2, 32)), jnp.ones((2, 32)), jnp.ones((2, 32)), jnp.ones((2, 5, 64))))
+    with pytest.raises(Exception, match="spgd_group_norm_silu: x's parts .* must have the same images and positions"):
+        jax.block_until_ready(call(*(jnp.ones((2, 64)),) * 3, jnp.ones((2, 5, 32)), jnp.ones((2, 4, 32))))
+    grad = jax.ffi.ffi_call(group_norm_kernels.SILU_GRAD_TARGET, (*(jax.ShapeDtypeStruct((2, 64), jnp.float32),) * 2,
+                                                                   jax.ShapeDtypeStruct((2, 5, 64), jnp.float32)))
     with pytest.raises(Exception, match="spgd_group_norm_silu_grad: g must have x's shape"):
-        jax.block_until_ready(grad(jnp.ones((2, 4, 64)), jnp.ones((2, 5, 64)), *(jnp.ones((2, 64)),) * 3))
+        jax.block_until_ready(grad(jnp.ones((2, 4, 64)), *(jnp.ones((2, 64)),) * 3, jnp.ones((2, 5, 64))))
+    two_parts = jax.ffi.ffi_call(group_norm_kernels.SILU_GRAD_TARGET, (
+        *(jax.ShapeDtypeStruct((2, 64), jnp.float32),) * 2, jax.ShapeDtypeStruct((2, 5, 64), jnp.float32)))
+    with pytest.raises(Exception, match="spgd_group_norm_silu_grad: dx must have x's parts"):
+        jax.block_until_ready(two_parts(jnp.ones((2, 5, 64)), *(jnp.ones((2, 64)),) * 3, jnp.ones((2, 5, 32)),
+                                        jnp.ones((2, 5, 32))))
 
 
 _REPORT = """

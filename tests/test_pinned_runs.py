@@ -24,7 +24,10 @@ Xeon's recording (both changes and the machine's). It was recorded again in sess
 machine): GroupNorm32 followed by SiLU (and the scale-shift between them) became native CPU kernels both ways
 (spgd_jax.xla_setup.group_norm_kernels, tested against jax.grad of the composition; their sigmoid's e^x is
 Cephes' expf) and the GroupNorm sums run in tasks of whole rows, which moved the outputs by 3.3e-6 (SPGD) and
-1.9e-6 (DPS) of their scale. A denoiser given
+1.9e-6 (DPS) of their scale. It was recorded again in session 31 (2026-12-07, same kind of machine): the output
+blocks' ResBlocks take their input's two halves unjoined (the GroupNorm kernels read them in place, the 1x1 skip
+convolution is the sum of one per half), which moved the outputs by 2.8e-6 (SPGD) and 1.6e-6 (DPS) of their
+scale. A denoiser given
 as a plain function
 (its weights closed over, so constants of the compiled program, as then) must reproduce them bit for bit
 on the kind of machine that wrote them (RECORDED_ON): a refactoring changes no arithmetic; a change that

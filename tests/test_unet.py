@@ -12,6 +12,7 @@ import json
 import math
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from custom_vjp_checks import assert_matches_plain
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from spgd_jax.models import adm as unet
-from spgd_jax.models.adm._network import AttentionBlock, _avgpool2
+from spgd_jax.models.adm._network import (AttentionBlock, ResBlock, _avgpool2, _SkipConnection,
+                                          _torch_kernel_init)
 from spgd_jax.convert.adm_names import flax_path, torch_key
 from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
 
@@ -345,6 +347,48 @@ def test_jit_plain_and_vmap_agree(tiny_model):
     # Each image is processed independently of the rest of the batch.
     one_by_one = jax.jit(jax.vmap(lambda xi, ti: apply(xi[None], ti[None])[0]))(x, t)
     np.testing.assert_allclose(one_by_one, plain, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_output_block_resblock_takes_its_halves_as_torch_takes_their_concatenation(dtype):
+    # An output block's first ResBlock gets (h, skip) unjoined: on the CPU kernels' route (float32) the GroupNorm
+    # reads both in place and the 1x1 skip convolution is the sum of one per half; elsewhere they are joined
+    # first. Either way it is the ResBlock of their concatenation, with the same parameters (nn.Conv's names,
+    # shapes and initial values).
+    cfg = dataclasses.replace(TINY, dtype=dtype)
+    keys = jax.random.split(jax.random.key(3), 6)
+    h, skip = jax.random.normal(keys[0], (2, 8, 8, 64)), 2.0 * jax.random.normal(keys[1], (2, 8, 8, 32))
+    h, skip = h.astype(cfg.compute_dtype), skip.astype(cfg.compute_dtype)  # as the UNet computes them
+    emb = jax.random.normal(keys[2], (2, 4 * cfg.num_channels))
+    block = ResBlock(64, cfg)
+    params = block.init(keys[3], jnp.concatenate([h, skip], axis=-1), emb, False)
+    jax.tree.map(np.testing.assert_array_equal, block.init(keys[3], (h, skip), emb, False), params)
+    assert params["params"]["skip_connection"]["kernel"].shape == (1, 1, 96, 64)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(keys[4], p.shape), params)  # no zero layers
+    weight = jax.random.normal(keys[5], (2, 8, 8, 64))
+
+    def loss(h, skip, parts):
+        out = block.apply(params, (h, skip) if parts else jnp.concatenate([h, skip], axis=-1), emb, False)
+        return jnp.sum(out.astype(jnp.float32) * weight), out
+
+    (_, in_parts), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)(h, skip, True)
+    (_, joined), expected = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)(h, skip, False)
+    scale = float(jnp.abs(joined.astype(jnp.float32)).max())
+    # float32: the skip convolution's sum in two parts moves the output by round-off (1.2e-7 of its scale
+    # measured), the gradients not at all (each half's from its own rows of the kernel); bfloat16: one program
+    np.testing.assert_allclose(in_parts, joined, rtol=0, atol=(1e-6 if dtype == "float32" else 0) * scale)
+    for got, reference in zip(grads, expected):
+        np.testing.assert_allclose(got, reference, rtol=0, atol=1e-6 * float(jnp.abs(reference).max()))
+
+
+def test_skip_connection_of_one_part_is_flax_conv():
+    x = jax.random.normal(jax.random.key(4), (2, 8, 8, 96))
+    conv = nn.Conv(64, (1, 1), padding=((0, 0), (0, 0)), kernel_init=_torch_kernel_init)
+    skip = _SkipConnection(64, jnp.float32)
+    params = conv.init(jax.random.key(5), x)
+    jax.tree.map(np.testing.assert_array_equal, skip.init(jax.random.key(5), (x,)), params)
+    params = jax.tree.map(lambda p: p + 0.1, params)
+    np.testing.assert_array_equal(jax.jit(skip.apply)(params, (x,)), jax.jit(conv.apply)(params, x))
 
 
 def test_bfloat16_compute_is_close_and_params_stay_float32(tiny_model):

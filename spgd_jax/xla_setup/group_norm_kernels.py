@@ -12,7 +12,9 @@ process on a 2-core Xeon, ran 9 % (float32, batch 1), 7 % (float32, batch 4) and
 batch 8) faster with the sums (benchmarks/results/group_norm_kernels_cpu-2core-xeon.md); with GroupNorm + SiLU
 as kernels and the sums in tasks of whole rows (an image's positions in up to 8 parts; the moments 3x faster at
 batch 4 than in tasks of half the channels) 1.06-1.10x more on a 2-core AMD EPYC (session 30, alternating
-processes, batches 1, 4 and 8, load 0.7-1.4).
+processes, batches 1, 4 and 8, load 0.7-1.4). The moments and GroupNorm + SiLU take the activations in up to 4
+parts side by side along the channels (the UNet's output blocks pass their input's two halves unjoined:
+1.01-1.05x, session 31).
 
 They are compiled on first use with the system's C++ compiler (spgd_jax.xla_setup.native_build: about 3 s,
 once per machine, kept in $XDG_CACHE_HOME/spgd-jax/group-norm-<digest>/). Where they cannot be had (not Linux,

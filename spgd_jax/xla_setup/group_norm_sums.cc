@@ -6,14 +6,17 @@
 // the images, the dims after them (product P, at least one) the positions, C the channels, G the groups (C a
 // multiple of G, consecutive channels per group). The activations come in their own shape, e.g. (..., H, W, C):
 // a reshape to (..., P, C) before the call would make XLA:CPU compute them a second time for the call.
-//   spgd_group_norm_moments  x (..., P, C)                    -> mean (..., G), rstd (..., G)
+// x... (the last arguments) are the activations in 1 to kMaxParts parts side by side along the channels, (..., P...,
+// C_q) with the same leading dims and sum C_q = C: the UNet's output blocks pass the skip concatenation's halves
+// as they are, so that the concatenation is never stored. Results are the same as for the joined x.
+//   spgd_group_norm_moments  x...                             -> mean (..., G), rstd (..., G)
 //       mean = the group's mean; rstd = 1 / sqrt(mean((x - mean)^2) + eps), two passes (attribute eps)
 //   spgd_group_norm_sums     g (..., P, C), x (..., P, C), mean (..., G) -> s1 (..., C), s2 (..., C)
 //       per channel, s1 = sum_p g and s2 = sum_p g * (x - mean of its group)
-//   spgd_group_norm_silu     x (..., P, C), m, a, b (..., C) -> h (..., P, C)
+//   spgd_group_norm_silu     m, a, b (..., C), x...           -> h (..., P, C)
 //       h = silu(y) = y * sigmoid(y), y = (x - m) * a + b per channel: the normalisation (and a scale-shift)
 //       as one affine map per image and channel, and SiLU, in one pass
-//   spgd_group_norm_silu_grad g (..., P, C), x, m, a, b          -> dx (..., P, C), s1 (..., C), s2 (..., C)
+//   spgd_group_norm_silu_grad g (..., P, C), m, a, b, x...     -> s1 (..., C), s2 (..., C), dx... (x's parts)
 //       dy = g * silu'(y) (y recomputed from x), dx = dy * a, s1 = sum_p dy, s2 = sum_p dy * (x - m)
 // The sigmoid is 1 / (1 + e^-y) with e^t from Cephes' expf (ExpClamped): within a few float32 ulp of XLA's.
 // Each task on XLA's intra-op thread pool takes whole rows: one of up to 8 consecutive parts of an image's
@@ -34,6 +37,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlock = 64;  // positions summed in float32 before the float64 total
+constexpr int kMaxParts = 4;    // the activations' parts along the channels, at most
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SPGD_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -41,13 +45,15 @@ constexpr int64_t kBlock = 64;  // positions summed in float32 before the float6
 #define SPGD_VECTOR_CLONES
 #endif
 
-// The row loops below run over `rows` consecutive rows of `width` channels; the per-channel values (mu, m, a, b)
-// and the sums (acc) have `width` entries.
+// The row loops below run over `rows` consecutive rows of `width` channels, each operand's rows its `..._stride`
+// floats apart (the width, or C for a part of a row); the per-channel values (mu, m, a, b) and the sums (acc) have
+// `width` entries.
 
 // acc[j] += sum of x[j], or of (x[j] - mu[j])^2 when `mu` is given.
-SPGD_VECTOR_CLONES void AddRows(const float* x, int64_t rows, int64_t width, const float* mu, float* acc) {
+SPGD_VECTOR_CLONES void AddRows(const float* x, int64_t x_stride, int64_t rows, int64_t width, const float* mu,
+                                float* acc) {
   for (int64_t k = 0; k < rows; ++k) {
-    const float* row = x + k * width;
+    const float* row = x + k * x_stride;
     if (mu == nullptr) {
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) acc[j] += row[j];
@@ -97,11 +103,11 @@ inline float ExpClamped(float t) {
 inline float Sigmoid(float y) { return 1.0f / (1.0f + ExpClamped(-y)); }
 
 // h[j] = silu((x[j] - m[j]) * a[j] + b[j]).
-SPGD_VECTOR_CLONES void SiluRows(const float* x, int64_t rows, int64_t width, const float* m, const float* a,
-                                 const float* b, float* h) {
+SPGD_VECTOR_CLONES void SiluRows(const float* x, int64_t x_stride, int64_t rows, int64_t width, const float* m,
+                                 const float* a, const float* b, float* h, int64_t h_stride) {
   for (int64_t k = 0; k < rows; ++k) {
-    const float* xr = x + k * width;
-    float* hr = h + k * width;
+    const float* xr = x + k * x_stride;
+    float* hr = h + k * h_stride;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
       const float y = (xr[j] - m[j]) * a[j] + b[j];
@@ -112,12 +118,13 @@ SPGD_VECTOR_CLONES void SiluRows(const float* x, int64_t rows, int64_t width, co
 
 // dx[j] = dy * a[j], acc1[j] += dy, acc2[j] += dy * (x[j] - m[j]), dy = g[j] * silu'(y) at y = (x[j] - m[j]) * a[j]
 // + b[j].
-SPGD_VECTOR_CLONES void SiluGradRows(const float* g, const float* x, int64_t rows, int64_t width, const float* m,
-                                     const float* a, const float* b, float* dx, float* acc1, float* acc2) {
+SPGD_VECTOR_CLONES void SiluGradRows(const float* g, int64_t g_stride, const float* x, int64_t x_stride, int64_t rows,
+                                     int64_t width, const float* m, const float* a, const float* b, float* dx,
+                                     float* acc1, float* acc2) {
   for (int64_t k = 0; k < rows; ++k) {
-    const float* gr = g + k * width;
-    const float* xr = x + k * width;
-    float* dxr = dx + k * width;
+    const float* gr = g + k * g_stride;
+    const float* xr = x + k * x_stride;
+    float* dxr = dx + k * x_stride;
 #pragma omp simd
     for (int64_t j = 0; j < width; ++j) {
       const float d = xr[j] - m[j], y = d * a[j] + b[j], s = Sigmoid(y);
@@ -139,6 +146,54 @@ Layout LayoutOf(ffi::Span<const int64_t> dims, size_t image_dims) {
   layout.channels = dims[dims.size() - 1];
   for (size_t i = 0; i + 1 < dims.size(); ++i) (i < image_dims ? layout.images : layout.positions) *= dims[i];
   return layout;
+}
+
+// The activations' parts (x... of the header): part q is (images, positions, width[q]) at data[q], channels
+// offset[q] .. offset[q] + width[q] - 1 of the joined x. T: const float (arguments) or float (results).
+template <class T>
+struct Parts {
+  int count = 0;
+  T* data[kMaxParts] = {};
+  int64_t width[kMaxParts] = {}, offset[kMaxParts] = {};
+  // Part q's first value of position p of image i (row stride width[q]).
+  T* At(int q, int64_t image, int64_t p, const Layout& l) const {
+    return data[q] + (image * l.positions + p) * width[q];
+  }
+};
+
+// Adds a part of dims `dims` to `parts`, checking it against the first part's images and positions (of
+// `image_dims` leading dims); the joined layout into l. An error names `name`.
+ffi::Error AddPart(const char* name, const float* data, ffi::Span<const int64_t> dims, size_t image_dims,
+                   Parts<const float>& parts, Layout& l) {
+  if (dims.size() < image_dims + 2) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": x (..., P..., C) expected");
+  }
+  const Layout part = LayoutOf(dims, image_dims);
+  if (parts.count == kMaxParts || (parts.count > 0 && (part.images != l.images || part.positions != l.positions))) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": x's parts (at most 4) must have the same images and "
+                                       "positions");
+  }
+  if (parts.count == 0) l = Layout{part.images, part.positions, 0};
+  parts.data[parts.count] = data;
+  parts.width[parts.count] = part.channels;
+  parts.offset[parts.count] = l.channels;
+  l.channels += part.channels;
+  ++parts.count;
+  return ffi::Error::Success();
+}
+
+// x's parts from the remaining arguments, the joined layout into l.
+ffi::Error ArgParts(const char* name, ffi::RemainingArgs args, size_t image_dims, Parts<const float>& parts,
+                    Layout& l) {
+  if (args.size() == 0) return ffi::Error::InvalidArgument(std::string(name) + ": x expected");
+  for (size_t q = 0; q < args.size(); ++q) {
+    auto x = args.get<ffi::Buffer<ffi::F32>>(q);
+    if (!x.has_value()) return ffi::Error::InvalidArgument(std::string(name) + ": x must be float32");
+    if (ffi::Error error = AddPart(name, x->typed_data(), x->dimensions(), image_dims, parts, l); error.failure()) {
+      return error;
+    }
+  }
+  return ffi::Error::Success();
 }
 
 // Tasks of whole rows: each image's positions in this many consecutive parts, about 8192 values each and at most
@@ -180,20 +235,28 @@ void SplitSums(const std::vector<double>& total, const Layout& l, float* s1, flo
 
 // Per-channel sums over every image's positions of x, or of (x - mu)^2 with mu (images, C) given, into
 // total (images, C).
-void ChannelSums(ffi::ThreadPool pool, const float* x, const Layout& l, const float* mu, std::vector<double>& total) {
-  const int64_t C = l.channels;
+void ChannelSums(ffi::ThreadPool pool, const Parts<const float>& x, const Layout& l, const float* mu,
+                 std::vector<double>& total) {
   BlockedSums<1>(pool, l, [&](int64_t image, int64_t k, int64_t rows, float* acc) {
-    AddRows(x + (image * l.positions + k) * C, rows, C, mu == nullptr ? nullptr : mu + image * C, acc);
+    for (int q = 0; q < x.count; ++q) {
+      const float* part_mu = mu == nullptr ? nullptr : mu + image * l.channels + x.offset[q];
+      AddRows(x.At(q, image, k, l), x.width[q], rows, x.width[q], part_mu, acc + x.offset[q]);
+    }
   }, total);
 }
 
-ffi::Error Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> mean,
+ffi::Error Moments(ffi::ThreadPool pool, ffi::RemainingArgs x_parts, ffi::ResultBuffer<ffi::F32> mean,
                    ffi::ResultBuffer<ffi::F32> rstd, float eps) {
-  if (mean->dimensions().size() == 0 || mean->dimensions().size() + 1 > x.dimensions().size()) {
+  const auto results = mean->dimensions();
+  Parts<const float> x;
+  Layout l;
+  if (results.size() == 0) {
     return ffi::Error::InvalidArgument("spgd_group_norm_moments: x (..., P..., C) and mean (..., G) expected");
   }
-  const Layout l = LayoutOf(x.dimensions(), mean->dimensions().size() - 1);
-  const int64_t groups = mean->dimensions().back();
+  if (ffi::Error error = ArgParts("spgd_group_norm_moments", x_parts, results.size() - 1, x, l); error.failure()) {
+    return error;
+  }
+  const int64_t groups = results.back();
   if (groups <= 0 || l.channels % groups != 0 || mean->element_count() != l.images * groups ||
       rstd->element_count() != l.images * groups || l.positions == 0) {
     return ffi::Error::InvalidArgument("spgd_group_norm_moments: C must be a multiple of G, P > 0");
@@ -211,9 +274,9 @@ ffi::Error Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuf
       if (spread != nullptr) std::fill(spread + i * per_group, spread + (i + 1) * per_group, out[i]);
     }
   };
-  ChannelSums(pool, x.typed_data(), l, nullptr, total);
+  ChannelSums(pool, x, l, nullptr, total);
   per_group_means(mean->typed_data(), mu.data());
-  ChannelSums(pool, x.typed_data(), l, mu.data(), total);
+  ChannelSums(pool, x, l, mu.data(), total);
   float* rstds = rstd->typed_data();
   per_group_means(rstds, nullptr);
   for (int64_t i = 0; i < l.images * groups; ++i) rstds[i] = 1.0f / std::sqrt(rstds[i] + eps);
@@ -244,51 +307,79 @@ ffi::Error Sums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
-// x (..., P..., C)'s layout into l, checked against its per-channel values m, a, b (..., C); an error names `name`.
-ffi::Error SiluLayout(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> a,
-                      ffi::Buffer<ffi::F32> b, Layout& l) {
+// x's parts and their joined layout into x and l, checked against the per-channel values m, a, b (..., C); an
+// error names `name`.
+ffi::Error SiluLayout(const char* name, ffi::RemainingArgs x_parts, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> a,
+                      ffi::Buffer<ffi::F32> b, Parts<const float>& x, Layout& l) {
   const auto per_channel = m.dimensions();
-  if (per_channel.size() == 0 || per_channel.size() + 1 > x.dimensions().size() ||
-      per_channel.back() != x.dimensions().back() || a.element_count() != m.element_count() ||
-      b.element_count() != m.element_count()) {
+  if (per_channel.size() == 0 || a.element_count() != m.element_count() || b.element_count() != m.element_count()) {
     return ffi::Error::InvalidArgument(std::string(name) + ": x (..., P..., C) and m, a, b (..., C) expected");
   }
-  l = LayoutOf(x.dimensions(), per_channel.size() - 1);
+  if (ffi::Error error = ArgParts(name, x_parts, per_channel.size() - 1, x, l); error.failure()) return error;
+  if (per_channel.back() != l.channels) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": x (..., P..., C) and m, a, b (..., C) expected");
+  }
   if (m.element_count() != l.images * l.channels || l.positions == 0) {
     return ffi::Error::InvalidArgument(std::string(name) + ": m, a, b must have x's images and channels, P > 0");
   }
   return ffi::Error::Success();
 }
 
-ffi::Error Silu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> a,
-                ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> h) {
+ffi::Error Silu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                ffi::RemainingArgs x_parts, ffi::ResultBuffer<ffi::F32> h) {
+  Parts<const float> x;
   Layout l;
-  if (ffi::Error error = SiluLayout("spgd_group_norm_silu", x, m, a, b, l); error.failure()) return error;
+  if (ffi::Error error = SiluLayout("spgd_group_norm_silu", x_parts, m, a, b, x, l); error.failure()) return error;
+  if (h->element_count() != l.images * l.positions * l.channels) {
+    return ffi::Error::InvalidArgument("spgd_group_norm_silu: h must have x's size");
+  }
   const int64_t parts = PositionParts(l), C = l.channels;
   spgd::RunTasks(pool, l.images * parts, [&](int64_t task) {
     const int64_t image = task / parts, part = task % parts;
     const int64_t p0 = part * l.positions / parts, p1 = (part + 1) * l.positions / parts;
-    const int64_t offset = (image * l.positions + p0) * C, values = image * C;
-    SiluRows(x.typed_data() + offset, p1 - p0, C, m.typed_data() + values, a.typed_data() + values,
-             b.typed_data() + values, h->typed_data() + offset);
+    for (int q = 0; q < x.count; ++q) {
+      const int64_t values = image * C + x.offset[q];
+      SiluRows(x.At(q, image, p0, l), x.width[q], p1 - p0, x.width[q], m.typed_data() + values,
+               a.typed_data() + values, b.typed_data() + values,
+               h->typed_data() + (image * l.positions + p0) * C + x.offset[q], C);
+    }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error SiluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x,
-                    ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> s1, ffi::ResultBuffer<ffi::F32> s2) {
+ffi::Error SiluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> a,
+                    ffi::Buffer<ffi::F32> b, ffi::RemainingArgs x_parts, ffi::ResultBuffer<ffi::F32> s1,
+                    ffi::ResultBuffer<ffi::F32> s2, ffi::RemainingRets dx_parts) {
+  Parts<const float> x;
   Layout l;
-  if (ffi::Error error = SiluLayout("spgd_group_norm_silu_grad", x, m, a, b, l); error.failure()) return error;
-  if (g.element_count() != x.element_count()) {
+  if (ffi::Error error = SiluLayout("spgd_group_norm_silu_grad", x_parts, m, a, b, x, l); error.failure()) {
+    return error;
+  }
+  if (g.element_count() != l.images * l.positions * l.channels) {
     return ffi::Error::InvalidArgument("spgd_group_norm_silu_grad: g must have x's shape");
   }
+  Parts<float> dx;
+  Layout dx_layout;
+  for (size_t q = 0; q < dx_parts.size(); ++q) {
+    auto part = dx_parts.get<ffi::Buffer<ffi::F32>>(q);
+    if (!part.has_value() || static_cast<int>(q) >= x.count || (*part)->element_count() !=
+        l.images * l.positions * x.width[q]) {
+      return ffi::Error::InvalidArgument("spgd_group_norm_silu_grad: dx must have x's parts");
+    }
+    dx.data[q] = (*part)->typed_data();
+    dx.width[q] = x.width[q];
+    ++dx.count;
+  }
+  if (dx.count != x.count) return ffi::Error::InvalidArgument("spgd_group_norm_silu_grad: dx must have x's parts");
   const int64_t C = l.channels;
   std::vector<double> total;
   BlockedSums<2>(pool, l, [&](int64_t image, int64_t k, int64_t rows, float* acc) {
-    const int64_t at = (image * l.positions + k) * C, values = image * C;
-    SiluGradRows(g.typed_data() + at, x.typed_data() + at, rows, C, m.typed_data() + values,
-                 a.typed_data() + values, b.typed_data() + values, dx->typed_data() + at, acc, acc + C);
+    for (int q = 0; q < x.count; ++q) {
+      const int64_t values = image * C + x.offset[q];
+      SiluGradRows(g.typed_data() + (image * l.positions + k) * C + x.offset[q], C, x.At(q, image, k, l),
+                   x.width[q], rows, x.width[q], m.typed_data() + values, a.typed_data() + values,
+                   b.typed_data() + values, dx.At(q, image, k, l), acc + x.offset[q], acc + C + x.offset[q]);
+    }
   }, total);
   SplitSums(total, l, s1->typed_data(), s2->typed_data());
   return ffi::Error::Success();
@@ -299,7 +390,7 @@ ffi::Error SiluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdGroupNormMoments, Moments,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("eps"));
@@ -319,7 +410,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdGroupNormSilu, Silu,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdGroupNormSiluGrad, SiluGrad,
@@ -329,7 +420,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdGroupNormSiluGrad, SiluGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingRets());

@@ -13,7 +13,7 @@ from spgd_jax.models.adm._attention import attention
 from spgd_jax.models.adm._config import NUM_CLASSES, UNetConfig
 from spgd_jax.models.adm import _onednn
 from spgd_jax.models.adm._conv import conv_general_dilated
-from spgd_jax.models.adm._group_norm import GroupNorm32
+from spgd_jax.models.adm._group_norm import GroupNorm32, channel_parts
 
 __all__ = ["UNet", "init_shapes", "param_count", "timestep_embedding"]
 
@@ -42,9 +42,10 @@ def _norm(h: jax.Array, name: str) -> jax.Array:
     return GroupNorm32(name=name)(h).astype(h.dtype)
 
 
-def _norm_silu(h: jax.Array, name: str, scale_shift: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+def _norm_silu(h: jax.Array | tuple[jax.Array, ...], name: str,
+               scale_shift: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """silu(_norm(h)), or silu(_norm(h) * (1 + scale) + shift) for scale_shift = (scale, shift) (B, 1, 1, C), in
-    h's dtype (GroupNorm32 with silu=True)."""
+    h's dtype (GroupNorm32 with silu=True); h may be a tuple of parts side by side along the channels."""
     return GroupNorm32(name=name)(h, silu=True, scale_shift=scale_shift)
 
 
@@ -92,20 +93,48 @@ def _avgpool2_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
 _avgpool2.defvjp(_avgpool2_fwd, _avgpool2_bwd)
 
 
+class _SkipConnection(nn.Module):
+    """The ResBlock's 1x1 convolution: nn.Conv's parameters ('kernel' (1, 1, C, D), 'bias' (D,), float32) and
+    values, of an input given in parts side by side along the channels (channel_parts): the sum of each part's
+    convolution with its rows of the kernel, so that the parts are never joined (one part: nn.Conv's ops)."""
+
+    features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, parts: tuple[jax.Array, ...]) -> jax.Array:
+        channels = sum(part.shape[-1] for part in parts)
+        kernel = self.param("kernel", _torch_kernel_init, (1, 1, channels, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+        y, start = None, 0
+        for part in parts:
+            width = part.shape[-1]
+            term = conv_general_dilated(part.astype(self.dtype), kernel[:, :, start:start + width], (1, 1),
+                                        ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y, start = term if y is None else y + term, start + width
+        return y + bias.reshape((1, 1, 1, -1))
+
+
 class ResBlock(nn.Module):
-    """guided-diffusion ResBlock; updown is '', 'up' (nearest x2) or 'down' (2x2 average pool)."""
+    """guided-diffusion ResBlock; updown is '', 'up' (nearest x2) or 'down' (2x2 average pool). Its input x may be
+    a tuple of parts side by side along the channels (an output block's h and skip, joined by torch's
+    concatenation), taken as channel_parts says."""
 
     out_channels: int
     config: UNetConfig
     updown: str = ""
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array | tuple[jax.Array, ...], emb: jax.Array, train: bool) -> jax.Array:
         cfg, dtype = self.config, self.config.compute_dtype
-        h = _norm_silu(x, "in_layers_0")
+        parts = channel_parts(x if isinstance(x, tuple) else (x,))
+        if self.updown and len(parts) > 1:
+            parts = (jnp.concatenate(parts, axis=-1),)
+        h = _norm_silu(parts, "in_layers_0")
         if self.updown:
             resample = _upsample_nearest if self.updown == "up" else _avgpool2
-            h, x = resample(h), resample(x)
+            h, parts = resample(h), (resample(parts[0]),)
         h = _conv3(self.out_channels, dtype, "in_layers_2")(h)
 
         emb_width = 2 * self.out_channels if cfg.use_scale_shift_norm else self.out_channels
@@ -119,11 +148,9 @@ class ResBlock(nn.Module):
             h = nn.Dropout(cfg.dropout, deterministic=not train)(h)
         h = _conv3(self.out_channels, dtype, "out_layers_3", zero=True)(h)
 
-        if x.shape[-1] != self.out_channels:
-            skip = nn.Conv(self.out_channels, (1, 1), padding=((0, 0), (0, 0)), dtype=dtype, kernel_init=_torch_kernel_init,
-                           conv_general_dilated=conv_general_dilated, name="skip_connection")
-            x = skip(x)
-        return x + h
+        if sum(part.shape[-1] for part in parts) != self.out_channels:
+            return _SkipConnection(self.out_channels, dtype, name="skip_connection")(parts) + h
+        return jnp.concatenate(parts, axis=-1) + h if len(parts) > 1 else parts[0] + h
 
 
 class AttentionBlock(nn.Module):
@@ -162,10 +189,14 @@ class _Block(nn.Module):
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, h: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, h: jax.Array | tuple[jax.Array, ...], emb: jax.Array, train: bool) -> jax.Array:
+        """h (B, H, W, C), or for an output block its input's parts (h, skip), which its first layer, a ResBlock,
+        takes as they are."""
         dtype = self.config.compute_dtype
         for j, (kind, *args) in enumerate(self.layers):
             name = str(j)
+            if isinstance(h, tuple) and kind != "res":
+                h = jnp.concatenate(h, axis=-1)
             if kind == "conv":
                 h = _conv3(args[0], dtype, name)(h)
             elif kind == "res":
@@ -273,8 +304,8 @@ class UNet(nn.Module):
         h = AttentionBlock(cfg.heads(mid), cfg, name="middle_block_1")(h)
         h = ResBlock(mid, cfg, name="middle_block_2")(h, emb, train)
         for i, layers in enumerate(output_plan):
-            h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = _Block(layers, cfg, name=f"output_blocks_{i}")(h, emb, train)
+            # torch.cat([h, skip], dim=1), left to the block's first ResBlock (channel_parts)
+            h = _Block(layers, cfg, name=f"output_blocks_{i}")((h, skips.pop()), emb, train)
 
         h = _norm_silu(h.astype(jnp.float32), "out_0")
         return _conv3(cfg.out_channels, jnp.float32, "out_2", zero=True)(h)
