@@ -9,13 +9,19 @@ in turn, `timed_steps` outer steps of the preset each (scaled to T
 like benchmarks/speed.py), and computes its ratios from that round's times alone: the reference's s/image over
 JAX's at batch 1 and 4 (float32, and with bfloat16 convolutions), the fastest PyTorch program's over the
 fastest JAX program's, JAX's images/s from batch 1 to 8, and JAX's gain in images/s from batch 1 to 4 over the
-reference's. The report gives each round and the medians.
+reference's. That gain is split in two (float32): taking each program's s/image at batch b as a cost per image
+plus a cost per call shared by the batch, t(b) = c + o / b, batches 1 and 4 give c = (4 t(4) - t(1)) / 3 and
+o = 4 (t(1) - t(4)) / 3, and the report gives the reference's over JAX's for each. Batching gains as much for
+both programs exactly when o / c is the same for both: a program that cuts its per-call cost more than its
+per-image cost (little Python or dispatch per operation) gains less from a batch. The report gives each round
+and the medians.
 Run it on a quiet machine: the load average is recorded beside the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -39,7 +45,7 @@ PAUSE_S = 0.5  # between programs: the other framework's threads stop spinning
 # fastest, and images/s rising from batch 1 to 4 at least as much as the reference's
 GOALS = (("reference", 2.0), ("fastest", 1.5), ("batching's gain", 1.0))
 
-__all__ = ["main", "ratios"]
+__all__ = ["costs", "main", "ratios"]
 
 
 def _jax_runner(timings: Timings, compute: str, batch: int):
@@ -82,6 +88,12 @@ class _TorchProcess:
         self.process.wait(timeout=60)
 
 
+def costs(batch1: float, batch4: float) -> tuple[float, float]:
+    """(c, o): the cost per image and per call in s of a program that takes batch1 and batch4 s/image at batch 1
+    and 4, with t(b) = c + o / b."""
+    return (4 * batch4 - batch1) / 3, 4 * (batch1 - batch4) / 3
+
+
 def ratios(seconds: dict[str, float]) -> dict[str, float]:
     """One round's figures from its s/image per program ('jax COMPUTE bB', 'torch VARIANT bB')."""
     found = {}
@@ -94,6 +106,10 @@ def ratios(seconds: dict[str, float]) -> dict[str, float]:
         found[f"batching's gain from batch 1 to 4, jax {compute} / reference"] = \
             (seconds[f"jax {compute} b1"] / seconds[f"jax {compute} b4"]) / \
             (seconds["torch reference b1"] / seconds["torch reference b4"])
+    reference = costs(seconds["torch reference b1"], seconds["torch reference b4"])
+    ours = costs(seconds["jax float32 b1"], seconds["jax float32 b4"])
+    for name, theirs, mine in zip(("image", "call"), reference, ours):
+        found[f"cost per {name} (from batch 1 and 4), reference / jax float32"] = theirs / mine if mine else math.inf
     torch_best = min((s, name) for name, s in seconds.items() if name.startswith("torch"))
     jax_best = min((s, name) for name, s in seconds.items() if name.startswith("jax"))
     found["fastest PyTorch / fastest JAX"] = torch_best[0] / jax_best[0]

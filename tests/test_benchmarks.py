@@ -457,6 +457,12 @@ def test_versus_torch_takes_each_ratio_from_one_rounds_times(tmp_path):
         gain = (seconds["jax float32 b1"] / seconds["jax float32 b4"]) / \
             (seconds["torch reference b1"] / seconds["torch reference b4"])
         assert abs(one["ratios"]["batching's gain from batch 1 to 4, jax float32 / reference"] - gain) <= 1e-2 * gain
+        # t(b) = c + o / b through batch 1 and 4 (c per image, o per call), the reference's over JAX's
+        for name, index in (("image", 0), ("call", 1)):
+            fit = [versus_torch.costs(seconds[f"{p} b1"], seconds[f"{p} b4"])[index]
+                   for p in ("torch reference", "jax float32")]
+            assert np.isclose(one["ratios"][f"cost per {name} (from batch 1 and 4), reference / jax float32"],
+                              fit[0] / fit[1], rtol=1e-2)
     for name, median in result["median_ratios"].items():
         assert median == float(np.median([r["ratios"][name] for r in result["rounds"]]))
     medians = result["median_s_per_image"]
@@ -467,3 +473,11 @@ def test_versus_torch_takes_each_ratio_from_one_rounds_times(tmp_path):
                      table)
     with pytest.raises(SystemExit):
         versus_torch.main(["--tag", "t", "--out", str(tmp_path), "--batches", "1,2"])  # no batch 4 or 8
+
+
+def test_costs_per_image_and_per_call_fit_both_batches():
+    from benchmarks.versus_torch import costs
+
+    c, o = costs(8.0, 6.0)  # t(b) = c + o / b
+    assert (c + o, c + o / 4) == (8.0, 6.0) and o > 0
+    assert costs(5.0, 5.0) == (5.0, 0.0)
