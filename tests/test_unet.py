@@ -349,8 +349,8 @@ def test_jit_plain_and_vmap_agree(tiny_model):
     np.testing.assert_allclose(one_by_one, plain, atol=atol, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_output_block_resblock_takes_its_halves_as_torch_takes_their_concatenation(dtype):
+@pytest.mark.parametrize("dtype,updown", [("float32", ""), ("bfloat16", ""), ("float32", "up")])
+def test_output_block_resblock_takes_its_halves_as_torch_takes_their_concatenation(dtype, updown):
     # An output block's first ResBlock gets (h, skip) unjoined: on the CPU kernels' route (float32) the GroupNorm
     # reads both in place and the 1x1 skip convolution is the sum of one per half; elsewhere they are joined
     # first. Either way it is the ResBlock of their concatenation, with the same parameters (nn.Conv's names,
@@ -360,12 +360,12 @@ def test_output_block_resblock_takes_its_halves_as_torch_takes_their_concatenati
     h, skip = jax.random.normal(keys[0], (2, 8, 8, 64)), 2.0 * jax.random.normal(keys[1], (2, 8, 8, 32))
     h, skip = h.astype(cfg.compute_dtype), skip.astype(cfg.compute_dtype)  # as the UNet computes them
     emb = jax.random.normal(keys[2], (2, 4 * cfg.num_channels))
-    block = ResBlock(64, cfg)
+    block = ResBlock(64, cfg, updown)  # with "up" the halves are joined before the resampling
     params = block.init(keys[3], jnp.concatenate([h, skip], axis=-1), emb, False)
     jax.tree.map(np.testing.assert_array_equal, block.init(keys[3], (h, skip), emb, False), params)
     assert params["params"]["skip_connection"]["kernel"].shape == (1, 1, 96, 64)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(keys[4], p.shape), params)  # no zero layers
-    weight = jax.random.normal(keys[5], (2, 8, 8, 64))
+    weight = jax.random.normal(keys[5], (2, 16, 16, 64) if updown else (2, 8, 8, 64))
 
     def loss(h, skip, parts):
         out = block.apply(params, (h, skip) if parts else jnp.concatenate([h, skip], axis=-1), emb, False)
