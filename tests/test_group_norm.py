@@ -112,11 +112,13 @@ def _joined_concatenations(fn, *args) -> int:
     return sum("concatenate" in line and "tensor<2x8x8x96xf32>" in line.split("->")[-1] for line in text.splitlines())
 
 
-@pytest.mark.parametrize("scale_shift", [True, False])
-def test_norm_then_silu_of_parts_is_that_of_the_joined_activations(scale_shift, route):
-    # an output block's h and skip (64 + 32 channels: groups of 3 channels, one straddles the two parts)
+@pytest.mark.parametrize("scale_shift,widths", [(True, (64, 32)), (False, (64, 32)), (False, (40, 56))])
+def test_norm_then_silu_of_parts_is_that_of_the_joined_activations(scale_shift, widths, route):
+    # an output block's h and skip (64 + 32 channels: groups of 3 channels, one straddles the two parts); parts
+    # not in 16s of channels (the kernels' vectors)
     keys = jax.random.split(jax.random.key(12), 7)
-    h, skip = 2.0 * jax.random.normal(keys[0], (2, 8, 8, 64)) + 1.0, jax.random.normal(keys[1], (2, 8, 8, 32))
+    h = 2.0 * jax.random.normal(keys[0], (2, 8, 8, widths[0])) + 1.0
+    skip = jax.random.normal(keys[1], (2, 8, 8, widths[1]))
     scale, bias = jax.random.normal(keys[2], (96,)), jax.random.normal(keys[3], (96,))
     shift = (0.5 * jax.random.normal(keys[4], (2, 1, 1, 96)), jax.random.normal(keys[5], (2, 1, 1, 96))) \
         if scale_shift else None
@@ -128,10 +130,13 @@ def test_norm_then_silu_of_parts_is_that_of_the_joined_activations(scale_shift, 
 
     in_parts, joined = (jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)(
         h, skip, scale, bias, parts) for parts in (True, False))
-    # the kernels read the parts in place with the same sums in the same order: the same bits either way
-    np.testing.assert_array_equal(in_parts[0], joined[0])
+    # the kernels read the parts in place with the same sums in the same order: the same bits either way where
+    # the parts come in 16s of channels (the kernels' vectors; the UNet's do), else float32 round-off (a vector
+    # loop's remainder)
+    exact = all(width % 16 == 0 for width in widths)
+    np.testing.assert_allclose(in_parts[0], joined[0], rtol=0, atol=0 if exact else 1e-7 * float(jnp.abs(weight).sum()))
     for got, expected in zip(in_parts[1], joined[1]):
-        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=0 if exact else 1e-6 * float(jnp.abs(expected).max()))
     # ... and on the CPU route the joined activations are never stored, forward or backward
     parts_loss = lambda h, skip: loss(h, skip, scale, bias, True)  # noqa: E731
     assert _joined_concatenations(parts_loss, h, skip) == (0 if route == "kernels" else 1)
@@ -242,9 +247,15 @@ def test_kernels_agree_with_xlas_reductions_to_round_off(monkeypatch):
 def test_moments_over_many_positions_match_float64():
     # 256 x 256 positions (ffhq256's first GroupNorm) with a large mean: one float32 sum over the positions is
     # off by 1.2e-4 here; the kernels' float64 totals across blocks are not.
-    x = 0.5 * jax.random.normal(jax.random.key(6), (2, 256 * 256, 64)) + 20.0
+    # 64 channels, and 288 (in blocks of 128 channels, then 32)
+    for x in (0.5 * jax.random.normal(jax.random.key(6), (2, 256 * 256, 64)) + 20.0,
+              0.5 * jax.random.normal(jax.random.key(7), (2, 64 * 64, 288)) + 20.0):
+        _assert_moments_match_float64(x)
+
+
+def _assert_moments_match_float64(x):
     mean, rstd = jax.jit(_group_norm._moments)(x)
-    grouped = np.asarray(x, np.float64).reshape(2, -1, NORM_GROUPS, 2)
+    grouped = np.asarray(x, np.float64).reshape(2, -1, NORM_GROUPS, x.shape[-1] // NORM_GROUPS)
     expected_mean = grouped.mean(axis=(1, 3), keepdims=True)
     expected_rstd = 1 / np.sqrt(((grouped - expected_mean) ** 2).mean(axis=(1, 3), keepdims=True) + NORM_EPS)
     expected_mean, expected_rstd = expected_mean.reshape(2, NORM_GROUPS), expected_rstd.reshape(2, NORM_GROUPS)

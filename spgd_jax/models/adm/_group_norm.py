@@ -40,7 +40,8 @@ The output blocks' ResBlocks normalise torch's concatenation of h and the skip a
 group_norm_silu takes such activations as a tuple of parts (channel_parts): on the CPU route the kernels read
 each part in place and write each part's gradient, so that neither the concatenation (written, then read by
 every pass) nor its gradient's split is stored; the sums are the same, in the same order, as for the joined
-activations (bit-identical results). With the 1x1 skip convolution as a sum of one per part
+activations (bit-identical results where the parts come in 16s of channels, as the UNet's do; else the vector
+loops' remainders differ by float32 round-off). With the 1x1 skip convolution as a sum of one per part
 (_network._SkipConnection), the default prior's SPGD sampler ran 1.05x faster in float32 at batch 4, 1.03x at
 batch 8 and 1.01-1.03x at batch 1 (in-process A/B, 10-12 rounds, load 0.5-1.7; session 31, a 2-core AMD EPYC).
 Elsewhere the parts are joined first.
