@@ -33,8 +33,8 @@ from spgd_jax.models.adm import CONFIGS, UNet, UNetConfig
 # the tiny configs and 7.3e-6 for the 64 px UNet against deepinv's DiffUNet; since GroupNorm + SiLU became native
 # kernels (session 30, same machine) 5.3e-6 for the tiny configs and the 64 px UNet, 7.9e-6 (from 6.5e-6) for
 # the converted ffhq256 UNet; since the output blocks take their two halves unjoined (session 31, same machine:
-# the 1x1 skip convolution a sum of two) 5.7e-6 for the tiny configs, 5.9e-6 for the 64 px UNet and 6.1e-6 for
-# the converted ffhq256 UNet.
+# the 1x1 skip convolution a sum of two; the SiLU gradient kernel's sums in registers) 5.3e-6 for the tiny
+# configs, 5.9e-6 for the 64 px UNet and 6.1e-6 for the converted ffhq256 UNet.
 # A 1e-3 relative error in one conv kernel gives 3e-5 to 5e-4, GroupNorm eps 1e-6 for 1e-5 2.3e-5.
 RTOL = 1e-5
 

@@ -27,7 +27,9 @@ Cephes' expf) and the GroupNorm sums run in tasks of whole rows, which moved the
 1.9e-6 (DPS) of their scale. It was recorded again in session 31 (2026-12-07, same kind of machine): the output
 blocks' ResBlocks take their input's two halves unjoined (the GroupNorm kernels read them in place, the 1x1 skip
 convolution is the sum of one per half), which moved the outputs by 2.8e-6 (SPGD) and 1.6e-6 (DPS) of their
-scale. A denoiser given
+scale, and once more in the same session: the SiLU gradient kernel's sums stay in registers (its arithmetic written
+for 16 values at once, which GCC contracts into fused multiply-adds a little differently; as close to float64),
+2.6e-6 (SPGD) and 4.8e-7 (DPS). A denoiser given
 as a plain function
 (its weights closed over, so constants of the compiled program, as then) must reproduce them bit for bit
 on the kind of machine that wrote them (RECORDED_ON): a refactoring changes no arithmetic; a change that

@@ -150,6 +150,27 @@ inline float ExpClamped(float t) {
 
 inline float Sigmoid(float y) { return 1.0f / (1.0f + ExpClamped(-y)); }
 
+// ExpClamped and Sigmoid on 16 values at once, the same operations in the same order.
+typedef int32_t Int16 __attribute__((vector_size(64)));
+inline Vec16 Splat(float value) { return Vec16{} + value; }
+__attribute__((always_inline)) inline Vec16 ExpClamped(Vec16 t) {
+  t = t < -87.0f ? Splat(-87.0f) : (t > 88.0f ? Splat(88.0f) : t);
+  const Vec16 n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const Vec16 r = (t - n * 0.693359375f) + n * 2.12194440e-4f;
+  Vec16 p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const Int16 bits = (__builtin_convertvector(n, Int16) + 127) << 23;
+  Vec16 two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+__attribute__((always_inline)) inline Vec16 Sigmoid(Vec16 y) { return 1.0f / (1.0f + ExpClamped(-y)); }
+
 // h[j] = silu((x[j] - m[j]) * a[j] + b[j]).
 SPGD_VECTOR_CLONES void SiluRows(const float* x, int64_t x_stride, int64_t rows, int64_t width, const float* m,
                                  const float* a, const float* b, float* h, int64_t h_stride) {
@@ -164,11 +185,52 @@ SPGD_VECTOR_CLONES void SiluRows(const float* x, int64_t x_stride, int64_t rows,
   }
 }
 
+// SiluGradRows of 16 * NV channels, their sums kept in registers across the rows: the row loop's operations per
+// channel, on 16 values at once (GCC contracts them into fused multiply-adds a little differently: float32
+// round-off apart, as close to float64; 1.2-1.45x faster).
+template <int NV>
+__attribute__((always_inline)) inline void SiluGradRowsInRegisters(const float* g, int64_t g_stride, const float* x,
+                                                                   int64_t x_stride, int64_t rows, const float* m,
+                                                                   const float* a, const float* b, float* dx,
+                                                                   float* acc1, float* acc2) {
+  Vec16 sum1[NV], sum2[NV], mv[NV], av[NV], bv[NV];
+  for (int v = 0; v < NV; ++v) {
+    sum1[v] = Load16(acc1 + 16 * v), sum2[v] = Load16(acc2 + 16 * v);
+    mv[v] = Load16(m + 16 * v), av[v] = Load16(a + 16 * v), bv[v] = Load16(b + 16 * v);
+  }
+  for (int64_t k = 0; k < rows; ++k)
+    for (int v = 0; v < NV; ++v) {
+      const Vec16 d = Load16(x + k * x_stride + 16 * v) - mv[v], y = d * av[v] + bv[v], s = Sigmoid(y);
+      const Vec16 dy = Load16(g + k * g_stride + 16 * v) * (s * (1.0f + y * (1.0f - s)));
+      Store16(dx + k * x_stride + 16 * v, dy * av[v]);
+      sum1[v] += dy;
+      sum2[v] += dy * d;
+    }
+  for (int v = 0; v < NV; ++v) Store16(acc1 + 16 * v, sum1[v]), Store16(acc2 + 16 * v, sum2[v]);
+}
+
 // dx[j] = dy * a[j], acc1[j] += dy, acc2[j] += dy * (x[j] - m[j]), dy = g[j] * silu'(y) at y = (x[j] - m[j]) * a[j]
 // + b[j].
 SPGD_VECTOR_CLONES void SiluGradRows(const float* g, int64_t g_stride, const float* x, int64_t x_stride, int64_t rows,
                                      int64_t width, const float* m, const float* a, const float* b, float* dx,
                                      float* acc1, float* acc2) {
+  int64_t j0 = 0;
+  while (width - j0 >= 16) {  // up to 64 channels at a time in registers
+    const int64_t vectors = std::min<int64_t>(4, (width - j0) / 16);
+#define SPGD_SILU_GRAD_CHUNK(NV)                                                                                 \
+  SiluGradRowsInRegisters<NV>(g + j0, g_stride, x + j0, x_stride, rows, m + j0, a + j0, b + j0, dx + j0, acc1 + j0, \
+                              acc2 + j0)
+    switch (vectors) {
+      case 1: SPGD_SILU_GRAD_CHUNK(1); break;
+      case 2: SPGD_SILU_GRAD_CHUNK(2); break;
+      case 3: SPGD_SILU_GRAD_CHUNK(3); break;
+      default: SPGD_SILU_GRAD_CHUNK(4); break;
+    }
+#undef SPGD_SILU_GRAD_CHUNK
+    j0 += 16 * vectors;
+  }
+  if (j0 >= width) return;
+  g += j0, x += j0, m += j0, a += j0, b += j0, dx += j0, acc1 += j0, acc2 += j0, width -= j0;  // fewer than 16
   for (int64_t k = 0; k < rows; ++k) {
     const float* gr = g + k * g_stride;
     const float* xr = x + k * x_stride;
