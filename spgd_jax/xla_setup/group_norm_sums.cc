@@ -19,7 +19,7 @@
 //       as one affine map per image and channel, and SiLU, in one pass
 //   spgd_group_norm_silu_grad g (..., P, C), m, a, b, x...     -> s1 (..., C), s2 (..., C), dx... (x's parts)
 //       dy = g * silu'(y) (y recomputed from x), dx = dy * a, s1 = sum_p dy, s2 = sum_p dy * (x - m)
-// The sigmoid is 1 / (1 + e^-y) with e^t from Cephes' expf (ExpClamped): within a few float32 ulp of XLA's.
+// The sigmoid is 1 / (1 + e^-y) with e^t from Cephes' expf (ExpClampedOf): within a few float32 ulp of XLA's.
 // Each task on XLA's intra-op thread pool takes whole rows: one of up to 8 consecutive parts of an image's
 // positions (PositionParts, decided by the shape alone). Sums run in float32 vectors over blocks of 64 positions,
 // in float64 across the blocks and then across the parts in order, so results do not depend on the threads.
@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "native_tasks.h"
@@ -129,47 +130,35 @@ SPGD_VECTOR_CLONES void AddProducts(const float* g, const float* x, int64_t rows
   }
 }
 
+typedef int32_t Int16 __attribute__((vector_size(64)));  // 16 int32 values, Vec16's bits
+
 // e^t for t clamped to [-87, 88] (the clamp keeps 2^n a normal float): Cephes' expf, t = n ln 2 + r with
-// |r| <= ln 2 / 2 and a degree-6 polynomial for e^r; branch-free, so that the loops below vectorise.
-inline float ExpClamped(float t) {
-  t = t < -87.0f ? -87.0f : (t > 88.0f ? 88.0f : t);  // (NaN stays NaN: y carries it on)
-  const float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rounded to an integer: 1.5 * 2^23
-  const float r = (t - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+// |r| <= ln 2 / 2 and a degree-6 polynomial for e^r; branch-free, so that the loops below vectorise. T: float
+// (I: int32_t), or Vec16 (I: Int16) for 16 values at once, the same operations in the same order.
+template <class T, class I>
+__attribute__((always_inline)) inline T ExpClampedOf(T t) {
+  t = t < -87.0f ? T{} - 87.0f : (t > 88.0f ? T{} + 88.0f : t);  // (NaN stays NaN: y carries it on)
+  const T n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // rounded to an integer: 1.5 * 2^23
+  const T r = (t - n * 0.693359375f) + n * 2.12194440e-4f;
+  T p = T{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
+  I bits;
+  if constexpr (std::is_same_v<T, float>)
+    bits = (static_cast<int32_t>(n) + 127) << 23;
+  else
+    bits = (__builtin_convertvector(n, I) + 127) << 23;
+  T two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
   return p * two_n;
 }
 
-inline float Sigmoid(float y) { return 1.0f / (1.0f + ExpClamped(-y)); }
-
-// ExpClamped and Sigmoid on 16 values at once, the same operations in the same order.
-typedef int32_t Int16 __attribute__((vector_size(64)));
-inline Vec16 Splat(float value) { return Vec16{} + value; }
-__attribute__((always_inline)) inline Vec16 ExpClamped(Vec16 t) {
-  t = t < -87.0f ? Splat(-87.0f) : (t > 88.0f ? Splat(88.0f) : t);
-  const Vec16 n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const Vec16 r = (t - n * 0.693359375f) + n * 2.12194440e-4f;
-  Vec16 p = Splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const Int16 bits = (__builtin_convertvector(n, Int16) + 127) << 23;
-  Vec16 two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
-}
-__attribute__((always_inline)) inline Vec16 Sigmoid(Vec16 y) { return 1.0f / (1.0f + ExpClamped(-y)); }
+inline float Sigmoid(float y) { return 1.0f / (1.0f + ExpClampedOf<float, int32_t>(-y)); }
+__attribute__((always_inline)) inline Vec16 Sigmoid(Vec16 y) { return 1.0f / (1.0f + ExpClampedOf<Vec16, Int16>(-y)); }
 
 // h[j] = silu((x[j] - m[j]) * a[j] + b[j]).
 SPGD_VECTOR_CLONES void SiluRows(const float* x, int64_t x_stride, int64_t rows, int64_t width, const float* m,
