@@ -11,7 +11,8 @@ JAX's at batch 1 and 4 (float32, and with bfloat16 convolutions), the fastest Py
 fastest JAX program's, JAX's images/s from batch 1 to 8, and JAX's gain in images/s from batch 1 to 4 over the
 reference's. That gain is split in two (float32): taking each program's s/image at batch b as a cost per image
 plus a cost per call shared by the batch, t(b) = c + o / b, batches 1 and 4 give c = (4 t(4) - t(1)) / 3 and
-o = 4 (t(1) - t(4)) / 3, and the report gives the reference's over JAX's for each. Batching gains as much for
+o = 4 (t(1) - t(4)) / 3, and the report gives the reference's over JAX's for each (none, "-", in a round where
+the noise makes either program's c or o zero or negative: the fit says nothing there). Batching gains as much for
 both programs exactly when o / c is the same for both: a program that cuts its per-call cost more than its
 per-image cost (little Python or dispatch per operation) gains less from a batch. The report gives each round
 and the medians.
@@ -21,7 +22,6 @@ Run it on a quiet machine: the load average is recorded beside the figures.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
@@ -94,7 +94,7 @@ def costs(batch1: float, batch4: float) -> tuple[float, float]:
     return (4 * batch4 - batch1) / 3, 4 * (batch1 - batch4) / 3
 
 
-def ratios(seconds: dict[str, float]) -> dict[str, float]:
+def ratios(seconds: dict[str, float]) -> dict[str, float | None]:
     """One round's figures from its s/image per program ('jax COMPUTE bB', 'torch VARIANT bB')."""
     found = {}
     for compute in JAX_COMPUTES:
@@ -108,12 +108,23 @@ def ratios(seconds: dict[str, float]) -> dict[str, float]:
             (seconds["torch reference b1"] / seconds["torch reference b4"])
     reference = costs(seconds["torch reference b1"], seconds["torch reference b4"])
     ours = costs(seconds["jax float32 b1"], seconds["jax float32 b4"])
-    for name, theirs, mine in zip(("image", "call"), reference, ours):
-        found[f"cost per {name} (from batch 1 and 4), reference / jax float32"] = theirs / mine if mine else math.inf
+    for name, theirs, mine in zip(("image", "call"), reference, ours):  # None where the round's noise beats the cost
+        found[f"cost per {name} (from batch 1 and 4), reference / jax float32"] = \
+            theirs / mine if theirs > 0 and mine > 0 else None
     torch_best = min((s, name) for name, s in seconds.items() if name.startswith("torch"))
     jax_best = min((s, name) for name, s in seconds.items() if name.startswith("jax"))
     found["fastest PyTorch / fastest JAX"] = torch_best[0] / jax_best[0]
     return found
+
+
+def _figure(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of the rounds that have the figure; None where none has it."""
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None
 
 
 def markdown(result: dict) -> str:
@@ -133,10 +144,10 @@ def markdown(result: dict) -> str:
               "|---|" + "---:|" * (len(result["rounds"]) + 1) + "---|---|"]
     for name, median in result["median_ratios"].items():
         goal = next((g for prefix, g in GOALS if name.startswith(prefix)), None)
-        cells = [f"{r['ratios'][name]:.2f}" for r in result["rounds"]]
-        met = "-" if goal is None else "yes" if median >= goal else "no"
+        cells = [_figure(r["ratios"][name]) for r in result["rounds"]]
+        met = "-" if goal is None or median is None else "yes" if median >= goal else "no"
         target = f">= {goal}x" if goal else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{median:.2f}** | {target} | {met} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{_figure(median)}** | {target} | {met} |")
     rising = result["rising"]
     steps = ", ".join(map(str, result["batches"]))
     lines += ["", f"JAX images/s rising at every step of the batch ({steps}), in the medians: " +
@@ -176,16 +187,16 @@ def main(argv=None) -> int:
             time.sleep(PAUSE_S)
             batch, run = runners[name]
             seconds[name] = run() * scale / batch
-        rounds.append({"s_per_image": {n: round(seconds[n], 4) for n in runners}, "ratios": ratios(seconds),
+        rounds.append({"s_per_image": {n: seconds[n] for n in runners}, "ratios": ratios(seconds),
                        "load": loadavg()})
-        print(f"round {index + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in rounds[-1]["ratios"].items()), flush=True)
+        print(f"round {index + 1}: " + ", ".join(f"{k} {_figure(v)}" for k, v in rounds[-1]["ratios"].items()), flush=True)
     baseline.close()
     median_s = {n: float(np.median([r["s_per_image"][n] for r in rounds])) for n in runners}
     rising = {compute: all(median_s[f"jax {compute} b{a}"] > median_s[f"jax {compute} b{b}"]
                            for a, b in zip(batches, batches[1:])) for compute in JAX_COMPUTES}
     result = {"tag": args.tag, "preset": args.preset, "steps": preset.steps, "warmup": preset.warmup,
               "timed_steps": preset.timed_steps, "batches": batches, "rounds": rounds, "median_s_per_image": median_s,
-              "median_ratios": {k: float(np.median([r["ratios"][k] for r in rounds])) for k in rounds[0]["ratios"]},
+              "median_ratios": {k: _median([r["ratios"][k] for r in rounds]) for k in rounds[0]["ratios"]},
               "rising": rising, "load_before": load_before, "load_after": loadavg(),
               "host": f"{host_info()['cpu']} ({os.cpu_count()} CPUs), jax {jax.__version__}, "
                       f"torch {metadata.version('torch')} (in a process of its own), "
