@@ -456,6 +456,27 @@ def test_versus_torch_gives_no_cost_split_where_a_rounds_noise_beats_the_cost():
     assert f"| {per_call} | - | **-** | - | - |" in versus_torch.markdown(result)
 
 
+def test_versus_torch_decides_rising_from_each_rounds_steps():
+    from benchmarks import versus_torch
+
+    # Batch 2's median s/image (2.31, from a slow round) is above batch 1's (2.27, from a fast one); in three rounds
+    # of five batch 2 is faster: the step's median ratio says rising, and a step that falls says not.
+    rounds = [(3.0, 2.6, 2.2), (2.27, 1.83, 1.7), (2.05, 2.3, 1.6), (3.1, 2.62, 2.1), (2.2, 2.31, 2.25)]
+    medians = {}
+    for compute in versus_torch.JAX_COMPUTES:
+        for (a, b), name in (((0, 1), "batch 2 / batch 1"), ((1, 2), "batch 4 / batch 2")):
+            medians[f"jax {compute} images/s, {name}"] = float(np.median([r[a] / r[b] for r in rounds]))
+    assert np.median([r[0] for r in rounds]) < np.median([r[1] for r in rounds])  # the s/image medians fall
+    assert versus_torch.rising(medians, "float32", [1, 2, 4])
+    medians["jax float32 images/s, batch 4 / batch 2"] = 0.99
+    assert not versus_torch.rising(medians, "float32", [1, 2, 4])
+    seconds = {f"jax {c} b{b}": 2.0 / b for c in versus_torch.JAX_COMPUTES for b in (1, 2, 4, 8)} | \
+        {f"torch {v} b{b}": 4.0 for v, b in versus_torch.TORCH_PROGRAMS}
+    found = versus_torch.ratios(seconds)
+    assert [found[f"jax float32 images/s, batch {b} / batch {a}"] for a, b in ((1, 8), (1, 2), (2, 4), (4, 8))] == \
+        [8.0, 2.0, 2.0, 2.0]
+
+
 def test_versus_torch_takes_each_ratio_from_one_rounds_times(tmp_path):
     from benchmarks import versus_torch
 
@@ -485,8 +506,9 @@ def test_versus_torch_takes_each_ratio_from_one_rounds_times(tmp_path):
     for name, median in result["median_ratios"].items():
         known = [r["ratios"][name] for r in result["rounds"] if r["ratios"][name] is not None]
         assert median == (float(np.median(known)) if known else None)
-    medians = result["median_s_per_image"]
-    assert result["rising"]["float32"] == (medians["jax float32 b1"] > medians["jax float32 b4"] > medians["jax float32 b8"])
+    steps = [float(np.median([r["s_per_image"][f"jax float32 b{a}"] / r["s_per_image"][f"jax float32 b{b}"]
+                              for r in result["rounds"]])) for a, b in ((1, 4), (4, 8))]
+    assert result["rising"]["float32"] == (min(steps) > 1)  # each step's median of the rounds' ratios
     table = (tmp_path / "versus_torch_t.md").read_text()
     assert "| reference / jax float32, batch 4 |" in table and ">= 1.5x" in table and "load average" in table
     assert re.search(r"\| batching's gain from batch 1 to 4, jax float32 / reference \|.* \| >= 1.0x \| (yes|no) \|",
