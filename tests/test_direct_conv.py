@@ -59,6 +59,9 @@ def _lax(x, kernel):
                                     precision=lax.Precision.HIGHEST)
 
 
+PLAIN = dict(bias=False, residual=False)  # the handler's attributes for a call with nothing added to its output
+
+
 def _inputs(shape, seed=0):
     b, h, w, c, d = shape
     kx, kk = jax.random.split(jax.random.key(seed))
@@ -279,28 +282,28 @@ def test_a_wrong_call_of_the_handler_is_a_clear_error():
     direct, f2, f4 = np.int32(0), np.int32(2), np.int32(4)
     with pytest.raises(Exception, match="3x3 'same' convolution"):
         jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), token, flipped=False,
-                                   winograd=direct, bf16_products=False))
+                                   winograd=direct, bf16_products=False, **PLAIN))
     with pytest.raises(Exception, match="3x3 'same' convolution"):  # flipped: the kernel is (3, 3, out, in)
         jax.block_until_ready(call(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 3, 16)), token, flipped=True,
-                                   winograd=direct, bf16_products=False))
+                                   winograd=direct, bf16_products=False, **PLAIN))
     sides_error = "winograd needs a height and width that are multiples of its tile and in channels a multiple of 16"
     with pytest.raises(Exception, match=sides_error):
         jax.block_until_ready(call(jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 8, 16)), token, flipped=False,
-                                   winograd=f2, bf16_products=False))
+                                   winograd=f2, bf16_products=False, **PLAIN))
     with pytest.raises(Exception, match="winograd is a tile of 2 or 4, or 0"):
         jax.block_until_ready(call(jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 16, 16)), token, flipped=False,
-                                   winograd=np.int32(3), bf16_products=False))
+                                   winograd=np.int32(3), bf16_products=False, **PLAIN))
     with pytest.raises(Exception, match="one token per kernel"):
         jax.block_until_ready(call(jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 16, 16)), jnp.zeros(2, jnp.int32),
-                                   flipped=True, winograd=direct, bf16_products=False))
+                                   flipped=True, winograd=direct, bf16_products=False, **PLAIN))
     call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 5, 4, 16), jnp.float32))
     with pytest.raises(Exception, match=sides_error):
         jax.block_until_ready(call(jnp.ones((1, 5, 4, 16)), jnp.ones((3, 3, 16, 16)), token, flipped=False,
-                                   winograd=f2, bf16_products=False))
+                                   winograd=f2, bf16_products=False, **PLAIN))
     call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 6, 4, 16), jnp.float32))
     with pytest.raises(Exception, match=sides_error):  # even, not in 4s
         jax.block_until_ready(call(jnp.ones((1, 6, 4, 16)), jnp.ones((3, 3, 16, 16)), token, flipped=False,
-                                   winograd=f4, bf16_products=False))
+                                   winograd=f4, bf16_products=False, **PLAIN))
     prepare = jax.ffi.ffi_call(direct_conv.PREPARE_TARGET, jax.ShapeDtypeStruct((), jnp.int32))
     with pytest.raises(Exception, match=r"spgd_prepare_conv3x3_kernel: the kernel is not \(..., 3, 3, in, out\)"):
         jax.block_until_ready(prepare(jnp.ones((3, 2, 16, 16)), flipped=True, winograd=direct, bf16_products=False))
@@ -310,7 +313,7 @@ def test_a_wrong_call_of_the_handler_is_a_clear_error():
                                           bf16_products=True))
         with pytest.raises(Exception, match=r"bfloat16 products are F\(2x2, 3x3\)'s only"):
             jax.block_until_ready(call(jnp.ones((1, 6, 4, 16)), jnp.ones((3, 3, 16, 16)), token, flipped=False,
-                                       winograd=winograd, bf16_products=True))
+                                       winograd=winograd, bf16_products=True, **PLAIN))
     with pytest.raises(Exception, match="winograd is a tile of 2 or 4, or 0"):
         jax.block_until_ready(prepare(jnp.ones((3, 3, 16, 16)), flipped=False, winograd=np.int32(1),
                                       bf16_products=False))
@@ -328,8 +331,103 @@ def test_a_token_whose_kernel_is_no_longer_kept_prepares_it_again(flipped, tile)
     expected = _direct._call(x, kernel, flipped, tile > 0)
     for token in (-1, 0, 2**31 - 1):  # no preparation has these tokens
         got = call(x, kernel, jnp.array(token, jnp.int32), flipped=flipped, winograd=np.int32(tile),
-                   bf16_products=False)
+                   bf16_products=False, **PLAIN)
         np.testing.assert_array_equal(got, expected)
+
+
+def _plus_inputs(shape, seed):
+    x, kernel = _inputs(shape, seed)
+    kb, kr = jax.random.split(jax.random.key(seed + 1))
+    return x, kernel, jax.random.normal(kb, kernel.shape[-1:]), jax.random.normal(kr, x.shape[:-1] + kernel.shape[-1:])
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,bf16", [(DIRECT_SHAPES[1], False), (DIRECT_SHAPES[8], False),
+                                        (WINOGRAD_SHAPES[0], False), (WINOGRAD_SHAPES[6], False),
+                                        (WINOGRAD4_SHAPES[1], False), (WINOGRAD4_SHAPES[5], False),
+                                        (WINOGRAD_SHAPES[0], True), (WINOGRAD_SHAPES[5], True)])
+def test_bias_and_residual_added_in_the_call_are_the_additions_after_it_bit_for_bit(shape, bf16):
+    if bf16 and not direct_conv.bf16_products()[0]:
+        pytest.skip("no AVX512-BF16")
+    x, kernel, bias, residual = _plus_inputs(shape, seed=11)
+    conv = _direct.winograd_bfloat16_conv3x3 if bf16 else _direct.winograd_float32_conv3x3
+
+    def after(x, kernel, bias, residual):  # what nn.Conv and the ResBlock's residual addition compute
+        y = conv(x, kernel) + bias
+        return y if residual is None else residual + y
+
+    for r in (residual, None):
+        np.testing.assert_array_equal(_direct.conv3x3_plus(x, kernel, bias, r, bf16), after(x, kernel, bias, r))
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)) * jnp.arange(a[3].size).reshape(a[3].shape) / a[3].size)
+    fused = jax.grad(loss(lambda *a: _direct.conv3x3_plus(*a, bf16)), argnums=(0, 1, 2, 3))(x, kernel, bias, residual)
+    plain = jax.grad(loss(after), argnums=(0, 1, 2, 3))(x, kernel, bias, residual)
+    for name, got, want in zip(("x", "kernel", "bias", "residual"), fused, plain):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.abs(want).max()), err_msg=name)
+    np.testing.assert_array_equal(fused[0], plain[0])  # the input gradient: the same call
+    np.testing.assert_array_equal(fused[3], plain[3])
+
+
+@needs_kernel
+def test_bias_and_residual_follow_vmaps_images_and_kernels():
+    x, kernel, bias, residual = _plus_inputs((3, 16, 16, 16, 32), seed=12)
+    expected = (_direct.winograd_float32_conv3x3(x, kernel) + bias) + residual
+    per_image = jax.vmap(lambda xi, ri: _direct.conv3x3_plus(xi[None], kernel, bias, ri[None])[0])(x, residual)
+    np.testing.assert_array_equal(per_image, expected)
+    # kernels and biases batched, x and the residual shared: each kernel's images take the same residual
+    kernels, biases = jnp.stack([kernel, -kernel]), jnp.stack([bias, 2 * bias])
+    grouped = jax.vmap(lambda k, b: _direct.conv3x3_plus(x, k, b, residual))(kernels, biases)
+    for g in range(2):
+        want = (_direct.winograd_float32_conv3x3(x, kernels[g]) + biases[g]) + residual
+        np.testing.assert_array_equal(grouped[g], want)
+
+
+@needs_kernel
+def test_the_networks_convolution_plus_takes_the_native_call_where_the_convolution_would(monkeypatch):
+    import flax.linen as nn
+    from spgd_jax.models.adm import _network
+
+    x, kernel, bias, residual = _plus_inputs((2, 16, 16, 16, 32), seed=14)
+    after = lambda precision: _onednn.conv_general_dilated(  # noqa: E731
+        x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_conv.NHWC, precision=precision) + bias + residual
+    for precision in (None, "bfloat16"):
+        text = jax.jit(lambda *a: _onednn.conv3x3_plus(*a, precision=precision)).lower(
+            x, kernel, bias, residual).as_text()
+        native = precision is None or _onednn.float32_target() == direct_conv.TARGET
+        assert ("bias = true" in text and "residual = true" in text) == native, precision
+        np.testing.assert_array_equal(_onednn.conv3x3_plus(x, kernel, bias, residual, precision), after(precision))
+    # the module: nn.Conv's parameters and values, plus the residual
+    module = _network._Conv3x3Plus(32, jnp.float32)
+    params = module.init(jax.random.key(0), x)
+    reference = nn.Conv(32, (3, 3), padding=((1, 1), (1, 1)), conv_general_dilated=_onednn.conv_general_dilated)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference.init(jax.random.key(0), x))
+    np.testing.assert_array_equal(module.apply(params, x, residual), reference.apply(params, x) + residual)
+    monkeypatch.setattr(direct_conv, "route", lambda: (False, "off for this test"))  # elsewhere: the additions
+    text = jax.jit(lambda *a: _onednn.conv3x3_plus(*a)).lower(x, kernel, bias, residual).as_text()
+    assert direct_conv.TARGET not in text
+    np.testing.assert_allclose(_onednn.conv3x3_plus(x, kernel, bias, residual), after(None), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_wrong_addends_are_clear_errors():
+    x, kernel, bias, residual = _plus_inputs((1, 8, 8, 16, 16), seed=13)
+    with pytest.raises(ValueError, match=r"a float32 bias \(16,\), got float32 \(8,\)"):
+        _direct.conv3x3_plus(x, kernel, bias[:8], residual)
+    with pytest.raises(ValueError, match=r"a float32 residual shaped as the output \(1, 8, 8, 16\), got float32 "
+                                         r"\(1, 8, 4, 16\)"):
+        _direct.conv3x3_plus(x, kernel, bias, residual[:, :, :4])
+    call = jax.ffi.ffi_call(direct_conv.TARGET, jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32))
+    token, direct = jnp.zeros((), jnp.int32), np.int32(0)
+    attributes = dict(flipped=False, winograd=direct, bf16_products=False)
+    with pytest.raises(Exception, match="one operand after the tokens per addend"):
+        jax.block_until_ready(call(x, kernel, token, bias, bias=True, residual=True, **attributes))
+    with pytest.raises(Exception, match=r"the bias is not \(..., out channels\), one per kernel"):
+        jax.block_until_ready(call(x, kernel, token, bias[:8], bias=True, residual=False, **attributes))
+    with pytest.raises(Exception, match="the residual is not shaped as the output"):
+        jax.block_until_ready(call(x, kernel, token, residual[:, :4], bias=False, residual=True, **attributes))
+    # no input channels: no products, the output is the addends alone
+    empty = call(jnp.zeros((1, 8, 8, 0)), jnp.zeros((3, 3, 0, 16)), token, bias, residual, bias=True, residual=True,
+                 **attributes)
+    np.testing.assert_array_equal(empty, (jnp.zeros(16) + bias) + residual)
 
 
 @needs_kernel

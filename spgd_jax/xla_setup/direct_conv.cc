@@ -7,6 +7,9 @@
 //   kernel (..., 3, 3, C, D)    float32 (HWIO)
 //   out    (..., H, W, D)       float32
 //   tokens (...)               int32, from spgd_prepare_conv3x3_kernel of the same kernel (below)
+//   then, with the attribute bias, bias (..., D) float32 (one per kernel), and with the attribute residual,
+//   residual (..., H, W, D) float32 (one per image, or one group's images): out is (conv + bias) + residual,
+//   added to each tile or row of the output as it is written (the same bits as XLA's additions after the call).
 // With the attribute flipped, the call computes the input gradient of the convolution by `kernel`: kernel is then
 // (..., 3, 3, D, C), and the convolution's is that kernel flipped in space with its in/out axes swapped.
 // spgd_prepare_conv3x3_kernel(kernel, flipped, winograd, bf16_products) -> tokens prepares the kernels a convolution
@@ -139,6 +142,38 @@ struct Batch {
   int64_t Input(int64_t image) const { return x_grouped ? image : image % n; }
 };
 
+// What the call adds to its output, where present: a bias per output channel (one per kernel group) and a
+// residual shaped like the output (one per image, or one per image of a group shared by the groups as x is), as
+// (out + bias) + residual: XLA's order for nn.Conv's bias and a residual added after it, so the same bits.
+struct Addends {
+  const float* bias = nullptr;      // (groups, D)
+  const float* residual = nullptr;  // (images or n, H, W, D)
+  bool residual_grouped = true;     // one residual per image (else image % n)
+  bool Any() const { return bias != nullptr || residual != nullptr; }
+  // Image `image`'s bias (D) and residual (from `offset` in its image of `image_out` floats), or null.
+  const float* Bias(int64_t image, const Batch& b, int64_t D) const {
+    return bias == nullptr ? nullptr : bias + image / b.n * D;
+  }
+  const float* Residual(int64_t image, const Batch& b, int64_t image_out, int64_t offset) const {
+    return residual == nullptr ? nullptr : residual + (residual_grouped ? image : image % b.n) * image_out + offset;
+  }
+};
+
+// out[p * D + d] = (out[p * D + d] + bias[d]) + residual[p * D + d] for `count` consecutive pixels of D
+// channels, bias and residual each where not null: run on output pixels just written, while they are in cache.
+__attribute__((target("avx512f"))) void AddTo(float* out, const float* bias, const float* residual, int64_t count,
+                                               int64_t D) {
+  for (int64_t p = 0; p < count; ++p)
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const __mmask16 mask = static_cast<__mmask16>(D - d0 >= 16 ? 0xffff : (1u << (D - d0)) - 1);
+      float* o = out + p * D + d0;
+      __m512 v = _mm512_maskz_loadu_ps(mask, o);
+      if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + d0));
+      if (residual != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, residual + p * D + d0));
+      _mm512_mask_storeu_ps(o, mask, v);
+    }
+}
+
 // Tasks for `flops` of work: about 2 MFLOP each at least (tens of microseconds), at most 8 and at most `units`.
 int64_t Tasks(double flops, int64_t units) {
   return std::clamp<int64_t>(static_cast<int64_t>(flops / 2e6), 1, std::min<int64_t>(8, units));
@@ -146,7 +181,7 @@ int64_t Tasks(double flops, int64_t units) {
 
 template <int NZ, int P>
 void DirectRows(ffi::ThreadPool pool, const float* x, const float* kernel, float* out, const Batch& b,
-                const Problem& pr) {
+                const Problem& pr, const Addends& add) {
   const int64_t rows = b.images * pr.height;
   const int64_t tasks = Tasks(18.0 * rows * pr.width * pr.in_channels * pr.out_channels, rows);
   const int64_t image_in = pr.height * pr.width * pr.in_channels, image_out = pr.height * pr.width * pr.out_channels;
@@ -157,6 +192,11 @@ void DirectRows(ffi::ThreadPool pool, const float* x, const float* kernel, float
       const int64_t image = r / pr.height, h = r % pr.height;
       Row<NZ, P>(x + b.Input(image) * image_in, kernel + image / b.n * kernel_size,
                  out + image * image_out + h * pr.width * pr.out_channels, h, pr, strip.data());
+      if (add.Any()) {
+        const int64_t offset = h * pr.width * pr.out_channels;
+        AddTo(out + image * image_out + offset, add.Bias(image, b, pr.out_channels),
+              add.Residual(image, b, image_out, offset), pr.width, pr.out_channels);
+      }
     }
   });
 }
@@ -365,7 +405,7 @@ __attribute__((target("avx512f,avx512bf16"))) void TileProducts(const T* v, cons
 // so).
 template <int M, int NZ, int P, class T>
 void WinogradTiles(ffi::ThreadPool pool, const float* x, const T* u, float* out, const Batch& b,
-                   const Problem& pr) {
+                   const Problem& pr, const Addends& add) {
   constexpr int S = (M + 2) * (M + 2);
   const int64_t C = pr.in_channels, D = pr.out_channels, KD = pr.kernel_channels, W = pr.width;
   const int64_t tile_cols = W / M, per_image = pr.height / M * tile_cols, tiles = b.images * per_image;
@@ -391,11 +431,15 @@ void WinogradTiles(ffi::ThreadPool pool, const float* x, const T* u, float* out,
       TileProducts<S, NZ, P>(v.data(), u + group * S * C * KD, m.data(), count, pr);
       for (int s = 0; s < count; ++s) {
         const int64_t image = (t + s) / per_image, tile = (t + s) % per_image;
-        float* o = out + image * image_out + (M * (tile / tile_cols) * W + M * (tile % tile_cols)) * D;
+        const int64_t offset = (M * (tile / tile_cols) * W + M * (tile % tile_cols)) * D;
+        float* o = out + image * image_out + offset;
         if constexpr (M == 2)
           OutputTile(m.data() + s * S * KD, D, KD, o, W * D);
         else
           OutputTile4(m.data() + s * S * KD, D, KD, o, W * D);
+        if (add.Any())
+          for (int i = 0; i < M; ++i)  // the tile's rows of M pixels
+            AddTo(o + i * W * D, add.Bias(image, b, D), add.Residual(image, b, image_out, offset + i * W * D), M, D);
       }
       t = stop;
     }
@@ -541,8 +585,8 @@ ffi::Error Prepare(ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::S32> tok
 }
 
 ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                   ffi::Buffer<ffi::S32> tokens, ffi::ResultBuffer<ffi::F32> out, bool flipped, int32_t winograd,
-                   bool bf16_products) {
+                   ffi::Buffer<ffi::S32> tokens, ffi::RemainingArgs addends, ffi::ResultBuffer<ffi::F32> out,
+                   bool flipped, int32_t winograd, bool bf16_products, bool bias, bool residual) {
   auto xd = x.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
   if (xd.size() < 4 || kd.size() < 4 || od.size() < 4) return ffi::Error::InvalidArgument("rank below 4");
   size_t xr = xd.size(), kr = kd.size(), orank = od.size();
@@ -559,13 +603,40 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("winograd needs a height and width that are multiples of its tile and in "
                                        "channels a multiple of 16");
   int64_t x_images = Product(xd, xr - 3), groups = Product(kd, kr - 4), images = Product(od, orank - 3);
-  if (images == 0 || pr.in_channels == 0) {
-    std::fill_n(out->typed_data(), out->element_count(), 0.0f);
-    return ffi::Error::Success();
-  }
+  if (images == 0) return ffi::Error::Success();
   if (images % groups != 0 || (x_images != images && x_images * groups != images))
     return ffi::Error::InvalidArgument("batch dims of x, kernel and out do not match");
   const Batch batch{images, images / groups, x_images == images};
+  if (addends.size() != static_cast<size_t>(bias) + static_cast<size_t>(residual))
+    return ffi::Error::InvalidArgument("one operand after the tokens per addend: the bias, then the residual");
+  Addends add;
+  if (bias) {
+    auto operand = addends.get<ffi::Buffer<ffi::F32>>(0);
+    if (!operand.has_value()) return ffi::Error::InvalidArgument("the bias is not a float32 buffer");
+    auto bd = operand->dimensions();
+    if (bd.size() == 0 || bd[bd.size() - 1] != pr.out_channels || Product(bd, bd.size() - 1) != groups)
+      return ffi::Error::InvalidArgument("the bias is not (..., out channels), one per kernel");
+    add.bias = operand->typed_data();
+  }
+  if (residual) {
+    auto operand = addends.get<ffi::Buffer<ffi::F32>>(bias ? 1 : 0);
+    if (!operand.has_value()) return ffi::Error::InvalidArgument("the residual is not a float32 buffer");
+    auto rd = operand->dimensions();
+    const int64_t residual_images = rd.size() < 3 ? -1 : Product(rd, rd.size() - 3);
+    if (rd.size() < 3 || rd[rd.size() - 3] != pr.height || rd[rd.size() - 2] != pr.width ||
+        rd[rd.size() - 1] != pr.out_channels || (residual_images != images && residual_images != batch.n))
+      return ffi::Error::InvalidArgument("the residual is not shaped as the output (or one group's images)");
+    add.residual = operand->typed_data();
+    add.residual_grouped = residual_images == images;
+  }
+  if (pr.in_channels == 0) {  // no products: the output is the addends alone
+    const int64_t image_out = pr.height * pr.width * pr.out_channels;
+    std::fill_n(out->typed_data(), out->element_count(), 0.0f);
+    for (int64_t image = 0; add.Any() && image < images; ++image)
+      AddTo(out->typed_data() + image * image_out, add.Bias(image, batch, pr.out_channels),
+            add.Residual(image, batch, image_out, 0), pr.height * pr.width, pr.out_channels);
+    return ffi::Error::Success();
+  }
   const float *xp = x.typed_data(), *kp = kernel.typed_data();
   float* op = out->typed_data();
   const int64_t kernel_size = 9 * pr.in_channels * pr.out_channels;
@@ -591,13 +662,13 @@ ffi::Error Conv3x3(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const auto run = [&](auto nz, auto p) {
     constexpr int NZ = decltype(nz)::value, P = decltype(p)::value;
     if (bf16_products)
-      WinogradTiles<2, NZ, P>(pool, xp, pairs, op, batch, pr);
+      WinogradTiles<2, NZ, P>(pool, xp, pairs, op, batch, pr, add);
     else if (winograd == 2)
-      WinogradTiles<2, NZ, P>(pool, xp, kp, op, batch, pr);
+      WinogradTiles<2, NZ, P>(pool, xp, kp, op, batch, pr, add);
     else if (winograd == 4)
-      WinogradTiles<4, NZ, P>(pool, xp, kp, op, batch, pr);
+      WinogradTiles<4, NZ, P>(pool, xp, kp, op, batch, pr, add);
     else
-      DirectRows<NZ, P>(pool, xp, kp, op, batch, pr);
+      DirectRows<NZ, P>(pool, xp, kp, op, batch, pr, add);
   };
   if (pr.kernel_channels % 64 == 0)
     run(std::integral_constant<int, 4>(), std::integral_constant<int, 6>());
@@ -632,7 +703,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpgdDirectConv3x3, Conv3x3,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("flipped")
                                   .Attr<int32_t>("winograd")
-                                  .Attr<bool>("bf16_products"));
+                                  .Attr<bool>("bf16_products")
+                                  .Attr<bool>("bias")
+                                  .Attr<bool>("residual"));

@@ -24,6 +24,8 @@ transformed kernels are made by a call of their own on the weights alone (xla_se
 out of a sampler's loops: until session 26 every convolution compared its weights with the kept copy, and the
 `cpu-64` preset's sampler ran 1.10x faster at batch 1 without that (in-process A/B, bit-identical outputs). The
 kernel gradient is lax's (training only). Everything else goes to `_conv.conv_general_dilated`.
+`conv3x3_plus` adds a bias and a residual to the output in the same call, tile by tile as it is written (the
+ResBlocks' convolutions: the same bits as the additions after it, without their pass over the output).
 jax.vmap batches the call itself (the handler takes leading batch dims of the input and of the kernel).
 Shapes: x (B, H, W, C), kernel (3, 3, C, D) -> (B, H, W, D), float32.
 """
@@ -39,7 +41,7 @@ import numpy as np
 from spgd_jax.models.adm import _conv
 from spgd_jax.xla_setup import direct_conv
 
-__all__ = ["conv_general_dilated", "direct_conv3x3", "uses_winograd", "winograd_bfloat16_conv3x3",
+__all__ = ["conv3x3_plus", "conv_general_dilated", "direct_conv3x3", "uses_winograd", "winograd_bfloat16_conv3x3",
            "winograd_float32_conv3x3", "winograd_tile"]
 
 CHANNEL_MULTIPLE = 16  # Winograd's input transform takes the input channels in AVX-512 vectors of 16 float32
@@ -74,19 +76,24 @@ def uses_winograd(height: int, width: int, in_channels: int, bf16_products: bool
     return winograd_tile(height, width, in_channels, bf16_products) > 0
 
 
-def _call(x: jax.Array, kernel: jax.Array, flipped: bool, winograd: bool, bf16_products: bool = False) -> jax.Array:
+def _call(x: jax.Array, kernel: jax.Array, flipped: bool, winograd: bool, bf16_products: bool = False,
+          bias: jax.Array | None = None, residual: jax.Array | None = None) -> jax.Array:
     """The handler's convolution of x by kernel, or (flipped) by _conv.flipped(kernel); when `winograd`, as the
-    Winograd algorithm of winograd_tile(x's height, width, channels), with bfloat16 products if `bf16_products`."""
+    Winograd algorithm of winograd_tile(x's height, width, channels), with bfloat16 products if `bf16_products`;
+    plus bias (D,) and then residual (shaped as the output) where given, added as the output is written."""
     out_channels = kernel.shape[2] if flipped else kernel.shape[3]
     tile = winograd_tile(*x.shape[-3:], bf16_products=bf16_products) if winograd else 0
     attributes = dict(flipped=flipped, winograd=np.int32(tile), bf16_products=tile > 0 and bf16_products)
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (out_channels,), jnp.float32)
     tokens = jax.ffi.ffi_call(direct_conv.PREPARE_TARGET, jax.ShapeDtypeStruct(kernel.shape[:-4], jnp.int32),
                               vmap_method="expand_dims")(kernel, **attributes)
-    return jax.ffi.ffi_call(direct_conv.TARGET, out, vmap_method="expand_dims")(x, kernel, tokens, **attributes)
+    addends = [a for a in (bias, residual) if a is not None]
+    return jax.ffi.ffi_call(direct_conv.TARGET, out, vmap_method="expand_dims")(
+        x, kernel, tokens, *addends, bias=bias is not None, residual=residual is not None, **attributes)
 
 
-def _checked_call(name: str, x: jax.Array, kernel: jax.Array, winograd: bool, bf16_products: bool = False) -> jax.Array:
+def _checked_call(name: str, x: jax.Array, kernel: jax.Array, winograd: bool, bf16_products: bool = False,
+                  bias: jax.Array | None = None, residual: jax.Array | None = None) -> jax.Array:
     ok, why = direct_conv.bf16_products() if bf16_products else direct_conv.route()
     if not ok:
         raise RuntimeError(f"the native {'bfloat16-product' if bf16_products else 'float32'} convolution kernel is "
@@ -95,7 +102,13 @@ def _checked_call(name: str, x: jax.Array, kernel: jax.Array, winograd: bool, bf
         raise TypeError(f"{name} takes float32 x and kernel, got {x.dtype} and {kernel.dtype}")
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
         raise ValueError(f"{name} takes x (B, H, W, C) and kernel (3, 3, C, D), got {x.shape} and {kernel.shape}")
-    return _call(x, kernel, False, winograd, bf16_products)
+    out_shape = x.shape[:-1] + kernel.shape[-1:]
+    if bias is not None and (bias.dtype != jnp.float32 or bias.shape != kernel.shape[-1:]):
+        raise ValueError(f"{name} takes a float32 bias {kernel.shape[-1:]}, got {bias.dtype} {bias.shape}")
+    if residual is not None and (residual.dtype != jnp.float32 or residual.shape != out_shape):
+        raise ValueError(f"{name} takes a float32 residual shaped as the output {out_shape}, got {residual.dtype} "
+                         f"{residual.shape}")
+    return _call(x, kernel, False, winograd, bf16_products, bias, residual)
 
 
 @functools.partial(_conv.with_same_3x3_gradient, input_gradient=lambda g, kernel: _call(g, kernel, True, False))
@@ -122,6 +135,41 @@ def winograd_bfloat16_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     the products' time of `winograd_float32_conv3x3`), else as `direct_conv3x3` (float32). The CPU only, once
     spgd_jax.xla_setup.direct_conv.bf16_products()[0] (AVX512-BF16)."""
     return _checked_call("winograd_bfloat16_conv3x3", x, kernel, winograd=True, bf16_products=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def conv3x3_plus(x: jax.Array, kernel: jax.Array, bias: jax.Array, residual: jax.Array | None,
+                 bf16_products: bool = False) -> jax.Array:
+    """(winograd_float32_conv3x3(x, kernel) + bias) + residual (with bf16_products, winograd_bfloat16_conv3x3's),
+    in one call: the handler adds bias (D,) and residual (B, H, W, D, or None) to each tile of the output as it is
+    written, in the order of the additions after the call, so the same bits without a pass of their own. All
+    float32; the gradient: the input's as the convolution's, the residual's g, the bias's g summed over the images
+    and pixels, the kernel's lax's (each only where differentiated)."""
+    return _checked_call("conv3x3_plus", x, kernel, winograd=True, bf16_products=bf16_products, bias=bias,
+                         residual=residual)
+
+
+def _conv3x3_plus_forward(x, kernel, bias, residual, bf16_products):
+    residual_value = None if residual is None else residual.value
+    out = _checked_call("conv3x3_plus", x.value, kernel.value, winograd=True, bf16_products=bf16_products,
+                        bias=bias.value, residual=residual_value)
+    return out, (x.value if kernel.perturbed else None, kernel.value, bias.perturbed,
+                 residual is not None and residual.perturbed)
+
+
+def _conv3x3_plus_backward(bf16_products, residuals, g):
+    x, kernel, bias_perturbed, residual_perturbed = residuals
+    dx = _call(g, kernel, True, True, bf16_products)
+    dkernel = None
+    if x is not None:
+        _, kernel_vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                                       dimension_numbers=_conv.NHWC), kernel)
+        dkernel = kernel_vjp(g)[0]
+    dbias = g.sum(axis=tuple(range(g.ndim - 1))) if bias_perturbed else None
+    return dx, dkernel, dbias, g if residual_perturbed else None
+
+
+conv3x3_plus.defvjp(_conv3x3_plus_forward, _conv3x3_plus_backward, symbolic_zeros=True)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

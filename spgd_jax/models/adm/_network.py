@@ -116,6 +116,24 @@ class _SkipConnection(nn.Module):
         return y + bias.reshape((1, 1, 1, -1))
 
 
+class _Conv3x3Plus(nn.Module):
+    """The ResBlock's 3x3 convolutions: nn.Conv's parameters ('kernel' (3, 3, C, D), 'bias' (D,), float32), init and
+    values, of x (B, H, W, C), plus a residual (B, H, W, D) added after the bias where given:
+    `_onednn.conv3x3_plus`, one pass of the native float32 kernel on the CPU (the same bits as the additions)."""
+
+    features: int
+    dtype: Any
+    zero: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, residual: jax.Array | None = None) -> jax.Array:
+        kernel_init = _zeros if self.zero else _torch_kernel_init
+        kernel = self.param("kernel", kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        return _onednn.conv3x3_plus(x, kernel, bias, residual)
+
+
 class ResBlock(nn.Module):
     """guided-diffusion ResBlock; updown is '', 'up' (nearest x2) or 'down' (2x2 average pool). Its input x may be
     a tuple of parts side by side along the channels (an output block's h and skip, joined by torch's
@@ -135,7 +153,7 @@ class ResBlock(nn.Module):
         if self.updown:
             resample = _upsample_nearest if self.updown == "up" else _avgpool2
             h, parts = resample(h), (resample(parts[0]),)
-        h = _conv3(self.out_channels, dtype, "in_layers_2")(h)
+        h = _Conv3x3Plus(self.out_channels, dtype, name="in_layers_2")(h)
 
         emb_width = 2 * self.out_channels if cfg.use_scale_shift_norm else self.out_channels
         emb_out = nn.Dense(emb_width, dtype=dtype, kernel_init=_torch_kernel_init, name="emb_layers_1")(nn.silu(emb))
@@ -146,11 +164,11 @@ class ResBlock(nn.Module):
             h = _norm_silu(h + emb_out, "out_layers_0")
         if cfg.dropout > 0:
             h = nn.Dropout(cfg.dropout, deterministic=not train)(h)
-        h = _conv3(self.out_channels, dtype, "out_layers_3", zero=True)(h)
-
         if sum(part.shape[-1] for part in parts) != self.out_channels:
-            return _SkipConnection(self.out_channels, dtype, name="skip_connection")(parts) + h
-        return jnp.concatenate(parts, axis=-1) + h if len(parts) > 1 else parts[0] + h
+            skip = _SkipConnection(self.out_channels, dtype, name="skip_connection")(parts)
+        else:
+            skip = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+        return _Conv3x3Plus(self.out_channels, dtype, zero=True, name="out_layers_3")(h, skip)
 
 
 class AttentionBlock(nn.Module):

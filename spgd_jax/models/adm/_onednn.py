@@ -95,3 +95,24 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
             return onednn_conv3x3(lhs, rhs.astype(lhs.dtype))
     return _winograd.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                           dimension_numbers, feature_group_count, precision, **kwargs)
+
+
+def conv3x3_plus(x: jax.Array, kernel: jax.Array, bias: jax.Array, residual: jax.Array | None = None,
+                 precision=None) -> jax.Array:
+    """(conv_general_dilated(x, kernel) + bias) + residual for a 3x3 'same' stride-1 convolution, x (B, H, W, C),
+    kernel (3, 3, C, D), bias (D,), residual (B, H, W, D) or None, all of one dtype: in one call where the
+    convolution runs on spgd_jax's native kernel in float32 (`_direct.conv3x3_plus`, the same bits, without the
+    additions' pass over the output), else as those additions after `conv_general_dilated`."""
+    out_shape = x.shape[:-1] + kernel.shape[-1:]
+    native = (x.dtype == kernel.dtype == bias.dtype == jnp.float32 and jax.default_backend() == "cpu"
+              and x.ndim == 4 and kernel.shape[:3] == (3, 3, x.shape[-1]) and x.shape[-1] > 0
+              and (residual is None or (residual.shape == out_shape and residual.dtype == jnp.float32)))
+    if native and _bfloat16_operands(x.dtype, precision) and float32_target() is not None:
+        native, bf16_products = float32_target() == direct_conv.TARGET, True
+    else:
+        native, bf16_products = native and direct_conv.route()[0], False
+    if native:
+        return _direct.conv3x3_plus(x, kernel, bias, residual, bf16_products)
+    y = conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_conv.NHWC,
+                             precision=precision) + bias
+    return y if residual is None else y + residual
