@@ -10,6 +10,7 @@ import shutil
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import flax
 import jax
@@ -251,6 +252,23 @@ class Timings:
             if variant == "sample":
                 return jax.jit(sampler).lower(self.unet_params, y, self.key, mask)
             return jax.jit(nfe).lower(self.unet_params, y, y, mask)
+
+    def public_call(self, dtype: str, batch: int) -> Callable[[], jax.Array]:
+        """The sampler as a library user runs it: spgd_jax.sample on concrete arrays, outside any jit (on a CPU
+        the batch then runs in parts side by side, spgd_jax.sharding.cpu_parts), under the precision that
+        COMPUTE[dtype] sets; returns a call that runs it once and gives x (batch, S, S, 3), ready."""
+        dtype, precision = COMPUTE[dtype]
+        denoiser = make_denoiser(self.preset.unet, self.unet_params, dtype=dtype)
+        inputs = make_inputs(batch, self.size)
+        y, params = jax.device_put(inputs["y"]), {"mask": jax.device_put(inputs["mask"])}
+        size = self.size
+
+        def call() -> jax.Array:
+            with jax.default_matmul_precision(precision):
+                result = sample(denoiser, self.operator.forward, y, self.key, self.config, params, x_shape=(size, size, 3))
+            return jax.block_until_ready(result.x)
+
+        return call
 
     def lower_item(self, dtype: str, batch: int, variant: str = "sample") -> dict:
         """A row to be: its framework, variant, dtype, batch, the lowered program and trace_s (seconds)."""

@@ -3,8 +3,8 @@
 
     python -m benchmarks.versus_torch --tag cpu-2core   # -> benchmarks/results/versus_torch_TAG.{json,md}
 
-Every program is set up once (JAX: compiled ahead of time in this process; PyTorch: one untimed run in a
-process of its own, benchmarks.speed_torch.serve). Then each round runs every program once, PyTorch's and JAX's
+Every program is set up once (JAX: one untimed call of spgd_jax.sample in this process, as a library user
+calls it; PyTorch: one untimed run in a process of its own, benchmarks.speed_torch.serve). Then each round runs every program once, PyTorch's and JAX's
 in turn, `timed_steps` outer steps of the preset each (scaled to T
 like benchmarks/speed.py), and computes its ratios from that round's times alone: the reference's s/image over
 JAX's at batch 1 and 4 (float32, and with bfloat16 convolutions), the fastest PyTorch program's over the
@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from benchmarks.speed_jax import Timings
-from benchmarks.speed_setup import PRESETS, host_info, loadavg, make_inputs, write_report
+from benchmarks.speed_setup import PRESETS, host_info, loadavg, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 JAX_COMPUTES, JAX_BATCHES = ("float32", "float32-bf16conv"), (1, 2, 4, 8)
@@ -50,15 +50,14 @@ __all__ = ["costs", "main", "ratios", "rising"]
 
 
 def _jax_runner(timings: Timings, compute: str, batch: int):
-    """A call that runs the compiled sampler once (timed_steps outer steps) and returns its seconds."""
-    inputs = make_inputs(batch, timings.size)
-    args = (timings.unet_params, jax.device_put(inputs["y"]), timings.key, jax.device_put(inputs["mask"]))
-    compiled = timings.lower(compute, batch, "sample").compile()
-    jax.block_until_ready(compiled(*args))
+    """A call that runs the sampler once (timed_steps outer steps) through the public API, as a library user
+    calls it (Timings.public_call: on a CPU the batch in parts side by side), and returns its seconds."""
+    call = timings.public_call(compute, batch)
+    call()  # traces and compiles
 
     def run() -> float:
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        call()
         return time.perf_counter() - start
 
     return run

@@ -1,4 +1,5 @@
-"""A batch of independent images across all devices: each device computes its own slice, with no communication.
+"""A batch of independent images across all devices, and across a CPU's cores: each computes its own slice,
+with no communication.
 
     out = sharding.map_images(fn, images, params, shared=weights)   # fn(weights, images, params) per device
 
@@ -11,6 +12,14 @@ Multi-host (several processes, e.g. one per GPU host): call `jax.distributed.ini
 process first; `batch_mesh()` then spans every device of every process, each process passes its own
 images (the same number in every process) and gets back the results for those images.
 
+On a CPU a batch also runs in parts side by side: `map_parts(fn, images, parts=cpu_parts(B))` calls fn on each
+slice from a thread of its own, at once. One call of a compiled program leaves a core idle whenever it waits
+(each operation's hand-off to XLA's threads, the small layers' single-threaded work); two calls fill each
+other's gaps. `spgd_jax.sample`, `sweep` and `map_images` on a CPU device do this for concrete batches (not
+inside the caller's jit). Measured on a 2-core AMD EPYC, the default prior's SPGD sampler: batch 4 in two
+calls of 2 1.10-1.27x faster than in one call, batch 2 in two of 1 1.18x, batch 8 in two of 4 1.12x.
+SPGD_JAX_CPU_PARTS=n sets the most parts (default 2; 1 runs every batch in one call).
+
 Training (data parallel) uses the same mesh: put the batch with `shard_batch(batch, mesh)`, the
 parameters and optimiser state with `replicate(tree, mesh)`, and `jax.jit` the step: XLA then splits
 the batch over the devices and averages the gradients across them.
@@ -18,19 +27,26 @@ the batch over the devices and averages the gradients across them.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
+import os
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spgd_jax.xla_setup import executables
 
-__all__ = ["BATCH_AXIS", "batch_mesh", "shard_batch", "replicate", "map_images"]
+__all__ = ["BATCH_AXIS", "CPU_PARTS", "batch_mesh", "cpu_parts", "map_images", "map_parts", "replicate",
+           "shard_batch"]
 
 BATCH_AXIS = "batch"
+CPU_PARTS = 2  # the most parts of a batch on a CPU (measured on 2 cores), unless $SPGD_JAX_CPU_PARTS says
+ENV_PARTS = "SPGD_JAX_CPU_PARTS"
 
 
 def batch_mesh(devices: list | None = None) -> Mesh:
@@ -67,6 +83,84 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
+def cpu_parts(batch: int) -> int:
+    """How many equal parts `map_parts` runs a batch of `batch` independent images in on this process's CPU:
+    the largest divisor of batch that is at most $SPGD_JAX_CPU_PARTS (default CPU_PARTS) and at most the
+    cores this process may use; 1 (one call) where JAX's default backend is not the CPU. ValueError when
+    $SPGD_JAX_CPU_PARTS is not a whole number >= 1."""
+    if jax.default_backend() != "cpu":
+        return 1
+    text = os.environ.get(ENV_PARTS, "").strip()
+    try:
+        most = int(text) if text else CPU_PARTS
+    except ValueError:
+        most = 0
+    if most < 1:
+        raise ValueError(f"{ENV_PARTS}={text!r}: give the most parts a CPU batch runs in, a whole number >= 1 "
+                         f"(1 runs every batch in one call), or unset it for the default {CPU_PARTS}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = min(most, cores, batch)
+    return max(d for d in range(1, max(limit, 1) + 1) if batch % d == 0)
+
+
+def map_parts(fn: Callable, *per_image: Any, parts: int, in_axes: int | tuple[int, ...] = 0, out_axis: int = 0
+              ) -> Any:
+    """fn(*slice_k) for k < parts, the calls run at once from threads, and their results joined.
+
+    Every leaf of per_image is cut into `parts` equal slices along its image axis (in_axes: one axis per
+    argument, or one for all; None arguments stay None), and every leaf of fn's results is joined along
+    out_axis (NumPy or JAX arrays, as fn returns them). fn must treat images independently; each call waits
+    for its results, so that the calls' programs run side by side (JAX traces and compiles fn once for
+    all). parts 1: fn(*per_image) on the calling thread."""
+    if parts == 1:
+        return fn(*per_image)
+    axes = (in_axes,) * len(per_image) if isinstance(in_axes, int) else tuple(in_axes)
+    settings = _thread_settings()
+
+    def part(k: int) -> Any:
+        cut = lambda leaf, axis: leaf[(slice(None),) * axis + (slice(k * (size := leaf.shape[axis] // parts),
+                                                                         (k + 1) * size),)]
+        args = [jax.tree_util.tree_map(functools.partial(cut, axis=axis), arg) for arg, axis in zip(per_image, axes)]
+        return jax.block_until_ready(fn(*args))
+
+    def later(k: int) -> Any:  # on a thread of the pool, under the caller's JAX settings; None if they differ
+        with _settings_applied(settings) as same:
+            return part(k) if same else None
+
+    with concurrent.futures.ThreadPoolExecutor(parts - 1) as pool:
+        futures = [pool.submit(later, k) for k in range(1, parts)]
+        results = [part(0)] + [future.result() for future in futures]
+    results = [part(k) if result is None else result for k, result in enumerate(results)]
+    join = lambda *leaves: (jnp.concatenate if isinstance(leaves[0], jax.Array) else np.concatenate)(leaves, out_axis)
+    return jax.tree_util.tree_map(join, *results)
+
+
+def _thread_settings() -> tuple[dict, Any]:
+    """This thread's own JAX settings (those set by context managers such as jax.default_matmul_precision) and
+    the tracing context they make, which another thread needs to trace and compile the same program."""
+    from jax._src import config  # no public API reads a thread's settings
+
+    states = getattr(config, "config_states", {})
+    local = {name: state.get_local() for name, state in states.items()}
+    return {name: value for name, value in local.items() if value is not config.config_ext.unset}, config.trace_context()
+
+
+@contextlib.contextmanager
+def _settings_applied(settings: tuple[dict, Any]):
+    """The settings of _thread_settings on this thread; yields whether its tracing context is then the same."""
+    from jax._src import config
+
+    values, context = settings
+    with contextlib.ExitStack() as stack:
+        try:
+            for name, value in values.items():
+                stack.enter_context(config.config_states[name](value))
+            same = config.trace_context() == context
+        except (AttributeError, KeyError, TypeError, ValueError):  # a setting this JAX sets otherwise
+            same = False
+        yield same
+
+
 def _pad(leaf: np.ndarray, size: int) -> np.ndarray:
     extra = size - leaf.shape[0]
     return np.concatenate([leaf, np.repeat(leaf[-1:], extra, axis=0)]) if extra else leaf
@@ -92,6 +186,7 @@ def map_images(fn: Callable, *args: Any, shared: Any = None, mesh: Mesh | None =
     identity: optional strings and numbers (a tuple) that name fn, and everything it closes over, the same
     way in every process. Given one, the compiled computation is also kept on disk while JAX's persistent
     cache is on, and a later process reads it back without tracing fn (spgd_jax.xla_setup.executables).
+    On a mesh of one CPU device the images run in cpu_parts(B) parts side by side (map_parts).
     """
     mesh = batch_mesh() if mesh is None else mesh
     leaves = jax.tree_util.tree_leaves(args)
@@ -101,13 +196,20 @@ def map_images(fn: Callable, *args: Any, shared: Any = None, mesh: Mesh | None =
     (batch,) = sizes
     local = _local_devices(mesh)
     padded = -(-batch // local) * local
-    args = shard_batch(jax.tree_util.tree_map(lambda a: _pad(np.asarray(a), padded), args), mesh)
-    args = (replicate(shared, mesh), *args)
-    program = _compiled(fn, mesh, out_axis, len(args) - 1)
-    if identity is not None:
-        program = executables.load_or_compile(program, args, ("map_images", identity, out_axis))
-    out = program(*args)
+    args = jax.tree_util.tree_map(lambda a: _pad(np.asarray(a), padded), args)
+    one_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+    parts = cpu_parts(padded) if one_cpu else 1
+    shared = replicate(shared, mesh)
+    program = _compiled(fn, mesh, out_axis, len(args))
     spec = PartitionSpec(*([None] * out_axis + [BATCH_AXIS]))
-    out = multihost_utils.global_array_to_host_local_array(out, mesh, spec)
+    if identity is not None:
+        first = shard_batch(jax.tree_util.tree_map(lambda a: a[: padded // parts], args), mesh)
+        program = executables.load_or_compile(program, (shared, *first), ("map_images", identity, out_axis))
+
+    def run(*part):
+        out = program(shared, *shard_batch(part, mesh))
+        return jax.tree_util.tree_map(np.asarray, multihost_utils.global_array_to_host_local_array(out, mesh, spec))
+
+    out = map_parts(run, *args, parts=parts, out_axis=out_axis)
     index = (slice(None),) * out_axis + (slice(0, batch),)
-    return jax.tree_util.tree_map(lambda a: np.asarray(a)[index], out)
+    return jax.tree_util.tree_map(lambda a: a[index], out)

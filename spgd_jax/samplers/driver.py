@@ -163,12 +163,41 @@ def _per_device(forward, x_shape, sweeping, part) -> Callable:
 
 
 def _views(forward, x_shape, sweeping, arguments, steps, progress) -> SampleResult:
-    """sample's and sweep's compiled call: the whole run, or segments with progress between them."""
+    """sample's and sweep's compiled call: the whole run, or segments with progress between them. On a CPU a
+    batch of concrete images runs in sharding.cpu_parts(B) calls side by side, each on its slice of the images
+    (the same per-image keys; each image's result equals the whole batch's to float32 round-off)."""
+    denoiser, y, key, config, params = arguments
+    parts, keys = _cpu_parts(y, key, params)
+
+    def call(segment, carry):
+        part, start = (None, None) if segment is None else (segment[1:], segment[0])
+        one = lambda y, key, params, carry: _compiled(denoiser, forward, y, key, config, params, x_shape, sweeping,
+                                                      part, start, carry)
+        axis = 1 if sweeping else 0  # a sweep's carry and results are (L, B, ...)
+        return sharding.map_parts(one, y, keys, params, carry, parts=parts, in_axes=(0, 0, 0, axis), out_axis=axis)
+
     if progress is None:
-        return _compiled(arguments[0], forward, *arguments[1:], x_shape, sweeping)
-    call = lambda segment, carry: _compiled(arguments[0], forward, *arguments[1:], x_shape, sweeping, segment[1:],
-                                            segment[0], carry)
+        return call(None, None)
     return run_in_segments(call, steps, progress)
+
+
+def _cpu_parts(y, key, params) -> tuple[int, jax.Array]:
+    """(parts, key): sharding.cpu_parts(B) and the images' own keys for a batch of concrete, well-formed
+    arguments (key then the (B,) image keys, which split with the images); (1, key) inside the caller's
+    transformations, and for any argument that the whole call would reject (it then says why)."""
+    leaves = jax.tree_util.tree_leaves((y, key, params))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return 1, key
+    try:
+        keys = typed_key(key)
+    except TypeError:
+        return 1, key
+    batch = np.shape(y)[0] if y is not None and np.ndim(y) else (keys.shape[0] if keys.ndim == 1 else None)
+    per_image = jax.tree_util.tree_leaves((y, params))
+    if batch is None or batch < 2 or any(np.ndim(leaf) == 0 or np.shape(leaf)[0] != batch for leaf in per_image):
+        return 1, key
+    parts = sharding.cpu_parts(batch)
+    return (1, key) if parts == 1 else (parts, image_keys(keys, batch))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 6, 7, 8))

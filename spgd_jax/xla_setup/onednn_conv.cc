@@ -30,7 +30,8 @@ struct Plan {
   dnnl::convolution_forward::primitive_desc pd;
   dnnl::convolution_forward conv;
   dnnl::memory::desc kernel_desc;  // HWIO, as XLA holds it
-  dnnl::reorder kernel_reorder;    // HWIO -> the layout the convolution chose
+  dnnl::reorder::primitive_desc reorder_pd;
+  dnnl::reorder kernel_reorder;  // HWIO -> the layout the convolution chose
 };
 
 dnnl::engine& cpu_engine() {
@@ -51,12 +52,16 @@ const Plan& plan_for(const Key& key) {
   dnnl::memory::desc src({n, c, h, w}, type, Tag::nhwc), dst({n, d, h, w}, out_type, Tag::nhwc);
   dnnl::memory::desc kernel({d, c, kh, kw}, type, Tag::hwio), any_kernel({d, c, kh, kw}, type, Tag::any);
   dnnl::memory::dims pad{(kh - 1) / 2, (kw - 1) / 2};
+  // Each call brings its own scratchpad: with oneDNN's own (one per primitive) two calls at once, from two
+  // threads (spgd_jax.sharding.map_parts), would share it and spoil each other's results.
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::convolution_forward::primitive_desc pd(cpu_engine(), dnnl::prop_kind::forward_inference,
                                                dnnl::algorithm::convolution_direct, src, any_kernel, dst,
-                                               {1, 1}, pad, pad);
-  dnnl::reorder kernel_reorder(dnnl::memory(kernel, cpu_engine(), nullptr),
-                               dnnl::memory(pd.weights_desc(), cpu_engine(), nullptr));
-  return plans.emplace(key, Plan{pd, dnnl::convolution_forward(pd), kernel, kernel_reorder}).first->second;
+                                               {1, 1}, pad, pad, attr);
+  dnnl::reorder::primitive_desc reorder_pd(cpu_engine(), kernel, cpu_engine(), pd.weights_desc(), attr);
+  return plans.emplace(key, Plan{pd, dnnl::convolution_forward(pd), kernel, reorder_pd, dnnl::reorder(reorder_pd)})
+      .first->second;
 }
 
 int64_t product(ffi::Span<const int64_t> dims, size_t count) {
@@ -88,14 +93,18 @@ ffi::Error Conv2d(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyB
     const Plan& p = plan_for(Key{n, h, w, c, d, kh, kw, f32_out});
     dnnl::stream stream(cpu_engine());
     dnnl::memory reordered(p.pd.weights_desc(), cpu_engine());
+    dnnl::memory conv_scratch(p.pd.scratchpad_desc(), cpu_engine()), reorder_scratch(p.reorder_pd.scratchpad_desc(),
+                                                                                     cpu_engine());
     for (int64_t g = 0; g < groups; ++g) {
       auto* xp = static_cast<char*>(x.untyped_data()) + (x_grouped ? g * n * h * w * c * item : 0);
       auto* kp = static_cast<char*>(kernel.untyped_data()) + g * kh * kw * c * d * item;
       auto* op = static_cast<char*>(out->untyped_data()) + g * n * h * w * d * out_item;
       dnnl::memory src(p.pd.src_desc(), cpu_engine(), xp), dst(p.pd.dst_desc(), cpu_engine(), op);
       dnnl::memory hwio(p.kernel_desc, cpu_engine(), kp);
-      p.kernel_reorder.execute(stream, hwio, reordered);
-      p.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, reordered}, {DNNL_ARG_DST, dst}});
+      p.kernel_reorder.execute(stream, {{DNNL_ARG_FROM, hwio}, {DNNL_ARG_TO, reordered},
+                                        {DNNL_ARG_SCRATCHPAD, reorder_scratch}});
+      p.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, reordered}, {DNNL_ARG_DST, dst},
+                              {DNNL_ARG_SCRATCHPAD, conv_scratch}});
     }
     stream.wait();
   } catch (const dnnl::error& e) {
