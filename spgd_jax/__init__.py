@@ -19,7 +19,7 @@ The core, pure JAX (every function works inside jit, vmap and grad; no files):
                        RED-Diff, DAPS; Euler for unconditional samples), their registry, presets, the
                        one driver (sample, sweep, sample_sharded)
   spgd_jax.metrics     PSNR, SSIM, LPIPS;  spgd_jax.classical  prior-free restorations (the yardstick)
-  spgd_jax.sharding    a batch of independent images over devices and hosts
+  spgd_jax.sharding    a batch of independent images over devices and hosts, and over a CPU's cores
 The applications, around it: spgd_jax.io (checkpoints, images, plots, atomic files), spgd_jax.restore and
 spgd_jax.train (the command lines), spgd_jax.convert (PyTorch checkpoints; needs torch).
 Importing spgd_jax loads nothing else until a name of it is used (then none of PIL, matplotlib or orbax). It

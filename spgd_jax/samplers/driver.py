@@ -72,6 +72,8 @@ def sample(denoiser: Callable, forward: Callable | None, y: jax.Array | None, ke
     The whole run is one jax.jit with the denoiser (a Denoiser pytree, or any callable: then static, by
     identity) and the config's step size as traced arguments; forward is static (pass the same object to
     reuse the compilation). Without progress, `sample` also works inside the caller's jit, vmap and grad.
+    On a CPU, a batch of concrete arrays runs in sharding.cpu_parts(B) calls side by side from threads (each
+    image with the same key; results equal one call's to float32 round-off); SPGD_JAX_CPU_PARTS=1: one call.
     Precision is JAX's: called under jax.default_matmul_precision("bfloat16"), a float32 ADM UNet computes its
     3x3 convolutions from bfloat16 operands where the CPU has oneDNN's route (--conv-precision bfloat16).
     Returns SampleResult(x (B,H,W,C), diverged (B,) bool, diverged_step (B,) int32, trajectory or None, ...).
