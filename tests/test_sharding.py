@@ -23,7 +23,7 @@ import pytest
 from cli_helpers import FAST, picture, random_faces, tiny_weights
 from sampler_toys import SHAPE, conv_denoiser, gaussian_denoiser, matrix_forward, random_problem
 from spgd_jax import restore, sharding
-from spgd_jax.samplers import SPGDConfig, sample, sample_sharded, sweep
+from spgd_jax.samplers import EulerConfig, SPGDConfig, sample, sample_sharded, sweep
 
 FOUR_DEVICES = textwrap.dedent("""
     import sys
@@ -207,6 +207,14 @@ def test_sample_runs_a_concrete_cpu_batch_in_parts_equal_to_one_call(monkeypatch
     for index, lr in enumerate(lrs):
         one = sample(denoiser, matrix_forward, y, key, dataclasses.replace(config, lr=lr), matrices, x_shape=SHAPE)
         jax.tree_util.tree_map(close, jax.tree_util.tree_map(lambda a: a[index], swept), one)
+
+    # unconditional sampling: the batch comes from the keys, which split with the images
+    keys = jax.random.split(key, 4)
+    generated = sample(denoiser, None, None, keys, EulerConfig(steps=3), x_shape=SHAPE)
+    assert calls[-1] == 2
+    monkeypatch.setenv(sharding.ENV_PARTS, "1")
+    jax.tree_util.tree_map(close, generated, sample(denoiser, None, None, keys, EulerConfig(steps=3), x_shape=SHAPE))
+    monkeypatch.delenv(sharding.ENV_PARTS)
 
     # inside the caller's jit: one program, no parts
     del calls[:]
