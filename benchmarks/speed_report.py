@@ -287,7 +287,9 @@ def timings_markdown(rows: list[dict]) -> list[str]:
         "",
         "## Timings",
         "",
-        "Variants: JAX `sample` = spgd_jax.sample, the whole run in one compiled call; JAX `nfe only` = the same "
+        "Variants: JAX `sample` = spgd_jax.sample, the whole run in one compiled call (as inside your own jit; on a "
+        "CPU, spgd_jax.sample called on concrete arrays runs a batch as two such calls side by side, which "
+        "benchmarks.versus_torch times); JAX `nfe only` = the same "
         "number of likelihood gradients (UNet forward + backward) as separate compiled calls outside any loop, "
         "a reference point (its s/image: the run at that NFE rate; see the notes).",
         "",
