@@ -193,14 +193,6 @@ def test_sample_runs_a_concrete_cpu_batch_in_parts_equal_to_one_call(monkeypatch
     # an image's key or y swapped between the parts moves x by O(1)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=3e-5 * np.abs(np.asarray(b, float)).max())
     jax.tree_util.tree_map(close, split, whole)
-    lrs = [0.5, 2.0]  # a sweep: results (L, B, ...), joined along the image axis 1
-    swept = sample_sharded(conv_denoiser(), matrix_forward, y, jax.random.key(1), config, matrices, x_shape=SHAPE,
-                           mesh=mesh, step_sizes=lrs)
-    monkeypatch.delenv(sharding.ENV_PARTS)
-    swept_in_parts = sample_sharded(conv_denoiser(), matrix_forward, y, jax.random.key(1), config, matrices,
-                                    x_shape=SHAPE, mesh=mesh, step_sizes=lrs, progress=lambda i: None)
-    assert calls[-1] == 2 and swept_in_parts.x.shape == (2, 4) + SHAPE
-    jax.tree_util.tree_map(close, swept_in_parts, swept)
     assert split.x.shape == (4,) + SHAPE and split.trajectory.shape == (4, 2) + SHAPE
     monkeypatch.delenv(sharding.ENV_PARTS)
 
