@@ -117,11 +117,14 @@ def map_parts(fn: Callable, *per_image: Any, parts: int, in_axes: int | tuple[in
     axes = (in_axes,) * len(per_image) if isinstance(in_axes, int) else tuple(in_axes)
     settings = _thread_settings()
 
-    def part(k: int) -> Any:
-        cut = lambda leaf, axis: leaf[(slice(None),) * axis + (slice(k * (size := leaf.shape[axis] // parts),
-                                                                         (k + 1) * size),)]
-        args = [jax.tree_util.tree_map(functools.partial(cut, axis=axis), arg) for arg, axis in zip(per_image, axes)]
-        return jax.block_until_ready(fn(*args))
+    def cut(leaf, axis: int, k: int):
+        size = leaf.shape[axis] // parts
+        return leaf[(slice(None),) * axis + (slice(k * size, (k + 1) * size),)]
+
+    # cut here, so that the threads run fn alone (each slicing op compiled once, on this thread)
+    pieces = [[jax.tree_util.tree_map(functools.partial(cut, axis=axis, k=k), arg) for arg, axis in zip(per_image, axes)]
+              for k in range(parts)]
+    part = lambda k: jax.block_until_ready(fn(*pieces[k]))
 
     def later(k: int) -> Any:  # on a thread of the pool, under the caller's JAX settings; None if they differ
         with _settings_applied(settings) as same:

@@ -180,6 +180,7 @@ def test_sample_runs_a_concrete_cpu_batch_in_parts_equal_to_one_call(monkeypatch
         return real(fn, *args, parts=parts, **kwargs)
 
     monkeypatch.setattr(sharding, "map_parts", spy)
+    monkeypatch.setattr(sharding.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # on any machine
     matrices, _, y, _ = random_problem(4)
     key = jax.random.key(3)
     config = SPGDConfig(lr=1.0, steps=4, warmup=2, trajectory_every=2)
@@ -221,6 +222,9 @@ def test_sample_runs_a_concrete_cpu_batch_in_parts_equal_to_one_call(monkeypatch
     jitted = jax.jit(lambda y: sample(denoiser, matrix_forward, y, key, config, matrices, x_shape=SHAPE).x)
     jax.tree_util.tree_map(close, jitted(y), whole.x)
     assert calls == [1]
+    with jax.disable_jit():  # op by op: one call
+        sample(denoiser, matrix_forward, y, key, dataclasses.replace(config, steps=2), matrices, x_shape=SHAPE)
+    assert calls == [1, 1]
     # arguments the whole call rejects: its message, not an error from cutting them
     with pytest.raises(ValueError, match="leading batch axis B = 4"):
         sample(denoiser, matrix_forward, y, key, config, matrices[:2], x_shape=SHAPE)
@@ -230,6 +234,7 @@ def test_map_images_on_one_cpu_device_runs_in_parts(monkeypatch):
     calls = []
     real = sharding.map_parts
     monkeypatch.setattr(sharding, "map_parts", lambda fn, *a, parts, **k: calls.append(parts) or real(fn, *a, parts=parts, **k))
+    monkeypatch.setattr(sharding.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # on any machine
     matrices, _, y, _ = random_problem(4)
     config = SPGDConfig(lr=1.0, steps=3, warmup=2)
     mesh = sharding.batch_mesh(jax.devices()[:1])

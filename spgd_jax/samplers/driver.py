@@ -186,9 +186,10 @@ def _views(forward, x_shape, sweeping, arguments, steps, progress) -> SampleResu
 def _cpu_parts(y, key, params) -> tuple[int, jax.Array]:
     """(parts, key): sharding.cpu_parts(B) and the images' own keys for a batch of concrete, well-formed
     arguments (key then the (B,) image keys, which split with the images); (1, key) inside the caller's
-    transformations, and for any argument that the whole call would reject (it then says why)."""
+    transformations or jax.disable_jit() (op by op: nothing to run side by side), and for any argument that the
+    whole call would reject (it then says why)."""
     leaves = jax.tree_util.tree_leaves((y, key, params))
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    if jax.config.jax_disable_jit or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return 1, key
     try:
         keys = typed_key(key)
